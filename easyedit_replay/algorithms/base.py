@@ -1,0 +1,108 @@
+"""What an algorithm contributes to the shared editing loop: an update rule.
+
+Everything else (requests, context templates, anchor optimization, targets, keys,
+statistics, the layer loop, transactions) lives in :mod:`easyedit_replay.editor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..targets import TargetSite
+
+
+@dataclass
+class Site:
+    """One rewritten weight per edit layer.
+
+    ``rewrite_template`` names the module whose weight is rewritten (keys are its
+    inputs); ``target`` names the module output the residual is measured on.
+    """
+
+    rewrite_template: str
+    target: TargetSite
+
+
+@dataclass
+class UpdateInputs:
+    """Everything an update rule sees for one site of one layer.
+
+    Shapes: ``keys [d_in, m]`` (m = requests; already averaged over context
+    templates), ``error [d_out, m]`` = target - current in the model dtype,
+    ``divisor`` the share (``n - i``, its sqrt, or 1), ``cov [d_in, d_in]`` the
+    second moment ``E[k k^T]`` (float32).
+    """
+
+    step: int
+    layer: int
+    site_index: int
+    weight_name: str
+    keys: torch.Tensor
+    error: torch.Tensor
+    divisor: float
+    cov: torch.Tensor
+    hparams: Any
+    state: Dict[str, Any]
+    device: torch.device
+
+
+class Algorithm:
+    """Base class: subclasses set ``name``, ``hparams_class`` and implement :meth:`update`."""
+
+    name: str = ""
+    hparams_class = None
+    sqrt_share: bool = False
+
+    # -- request normalization / anchor objective
+    def leading_space(self, model) -> bool:
+        """Whether a space is prepended to ``target_new`` (EasyEdit MEMIT: always)."""
+        return True
+
+    def anchor_templates(self, hp) -> List[str]:
+        """Module templates whose outputs receive the anchor deltas."""
+        return [hp.layer_module_tmp]
+
+    def anchor_objective(self, hp) -> Dict[str, Any]:
+        """Extra keyword arguments of :func:`anchor.optimize_anchors` (PMET's NLL factor)."""
+        return {}
+
+    def sites(self, hp) -> List[Site]:
+        """Rewritten weights per layer, in the order they are edited."""
+        return [Site(hp.rewrite_module_tmp, TargetSite(hp.layer_module_tmp, 0))]
+
+    # -- statistics and per-batch state
+    def prepare(self, model, tok, hp, covs: Dict[str, torch.Tensor], options: Dict[str, Any]) -> Dict[str, Any]:
+        """Per-batch state computed before any weight is written (e.g. projections).
+
+        ``covs`` maps each rewritten module name to its second moment; ``options``
+        are the extra keyword arguments of the ``apply_*`` call (e.g. AlphaEdit's
+        ``reset_cache``)."""
+        return {}
+
+    def update(self, inp: UpdateInputs) -> torch.Tensor:
+        """The weight update ``[d_out, d_in]`` for one site (float64 unless stated)."""
+        raise NotImplementedError
+
+    def finalize(self, model, tok, hp, state, context) -> Optional[Any]:
+        """Called with every update written, before weights are restored; returns
+        pending state that :meth:`commit` stores once the edit has succeeded."""
+        return None
+
+    def commit(self, model, hp, pending) -> None:
+        """Store ``pending`` (only after a successful edit)."""
+
+
+def match_shape(update: torch.Tensor, shape: torch.Size, where: str = "") -> torch.Tensor:
+    """EasyEdit's ``upd_matrix_match_shape``: transpose for GPT-2/GPT-J style Conv1D weights.
+
+    Raises:
+        ValueError: neither the update nor its transpose has the weight's shape.
+    """
+    if update.shape == shape:
+        return update
+    if update.T.shape == shape:
+        return update.T
+    raise ValueError(f"update of shape {tuple(update.shape)} does not fit weight {where} of shape {tuple(shape)}")

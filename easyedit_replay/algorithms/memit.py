@@ -1,0 +1,46 @@
+"""MEMIT's update rule (Meng et al., 2023, eq. 14; EasyEdit ``memit_main.execute_memit``).
+
+``dW = R K^T (lambda C + K K^T)^-1`` with ``R = error / (n - i)``, all in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..hparams import ReplayHyperParams
+from .base import Algorithm, UpdateInputs
+
+
+@dataclass(kw_only=True)
+class MEMITHyperParams(ReplayHyperParams):
+    """EasyEdit's ``MEMITHyperParams`` fields plus the replay fields."""
+
+    ALG_NAMES = ("MEMIT_REPLAY", "MEMIT_SPREAD")
+
+
+def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:
+    """``resid @ solve(weight * cov + K K^T, K)^T``.
+
+    Args:
+        keys: ``[d_in, m]`` float64.
+        resid: ``[d_out, m]`` float64.
+        cov: ``[d_in, d_in]`` second moment (any float dtype; used in float64).
+        weight: ``mom2_update_weight`` (lambda).
+
+    Returns:
+        ``[d_out, d_in]`` float64 update.
+    """
+    adj_k = torch.linalg.solve(weight * cov.double() + keys @ keys.T, keys)
+    return resid @ adj_k.T
+
+
+class MEMIT(Algorithm):
+    name = "MEMIT"
+    hparams_class = MEMITHyperParams
+
+    def update(self, inp: UpdateInputs) -> torch.Tensor:
+        keys = inp.keys.double().to(inp.device)
+        resid = inp.error.double().to(inp.device) / inp.divisor
+        return memit_solve(keys, resid, inp.cov.to(inp.device), inp.hparams.mom2_update_weight)

@@ -1,0 +1,354 @@
+"""Anchor optimization at any layer, batched over requests.
+
+The objective is EasyEdit's ``compute_z`` (MEMIT/EMMET/AlphaEdit) and, with two
+sites, ``compute_zs`` (PMET): a delta is added to a module's output at the lookup
+token of every rewriting prompt (context template + prompt + target tokens but
+the last) and of the KL prompt ``"{subject} is a"``; the loss is
+
+    nll_factor * mean_templates NLL(target_new | prompt)          (read at v_loss_layer
+                                                                   through ln_f / lm_head)
+    + kl_factor * KL(current || initial) on the KL prompt's next token
+    + v_weight_decay * sum_sites |delta| / |h|^2
+
+Adam with ``v_lr`` for ``v_num_grad_steps`` steps; after each step each delta is
+clamped to ``clamp_norm_factor * |h|``; a request stops when its loss drops below
+0.05 (PMET: also when the target is the argmax and the KL is <= 0.01).
+
+Batching: the anchors of all requests of a chunk are optimized in one loop with
+one forward/backward over all their prompts per step. Each request has its own
+delta, its own loss term (the total is the SUM, so every delta sees exactly its
+own gradient), its own clamp and its own early stop; Adam is elementwise, so the
+result equals optimizing each request alone up to float rounding of the batched
+forward pass. Requests that stopped are dropped from later forward passes and
+their deltas are frozen.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from .errors import NumericalError, RequestError
+from .keys import EditRequest, _escape, flat_templates, input_device, lookup_index, pad_id_of, pad_right, token_ids
+from .tracing import Trace, add_at_positions, resolve_module, run
+
+EARLY_STOP_LOSS = 5e-2
+
+
+@dataclass
+class AnchorResult:
+    """Optimized anchors of ``R`` requests at ``S`` sites of one layer.
+
+    Attributes:
+        layer: the anchor layer.
+        sites: formatted module names where the deltas are added (``S`` of them).
+        init: ``[S, R, d]`` the sites' outputs at the lookup token of the bare prompt
+            before editing (model dtype).
+        delta: ``[S, R, d]`` float32 optimized deltas.
+        nll: ``[R]`` per-token NLL of ``target_new`` (mean over context templates)
+            at the final delta, as read at ``v_loss_layer``.
+        steps: ``[R]`` forward passes used per request.
+    """
+
+    layer: int
+    sites: List[str]
+    init: torch.Tensor
+    delta: torch.Tensor
+    nll: torch.Tensor
+    steps: torch.Tensor
+
+    @property
+    def value(self) -> torch.Tensor:
+        """``init + delta`` in the model dtype: EasyEdit's ``target`` (MEMIT's z)."""
+        return self.init + self.delta.to(device=self.init.device, dtype=self.init.dtype)
+
+
+@contextmanager
+def frozen_parameters(model):
+    """Disable ``requires_grad`` on every parameter for the block; restore the flags after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _max_positions(model) -> Optional[int]:
+    for attr in ("n_positions", "max_sequence_length", "max_position_embeddings", "seq_length"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def target_token_ids(tok, target: str) -> List[int]:
+    """Token ids of ``target_new`` as ``compute_z`` builds them (no special tokens, a
+    leading BOS/UNK dropped)."""
+    ids = list(tok.encode(target, add_special_tokens=False))
+    if ids and ids[0] in (tok.bos_token_id, tok.unk_token_id):
+        ids = ids[1:]
+    return ids
+
+
+@dataclass
+class _Row:
+    request: int
+    ids: List[int]
+    lookup: int
+    kl: bool
+    first: bool  # the first context template of its request (records h)
+    target: List[int]
+
+
+def _build_rows(tok, requests: Sequence[EditRequest], templates, fact_token: str, max_pos: Optional[int]) -> List[_Row]:
+    rows: List[_Row] = []
+    for r, req in enumerate(requests):
+        target = target_token_ids(tok, req.target_new)
+        if not target:
+            raise RequestError(f"requests[{r}].target_new = {req.target_new!r} tokenizes to no tokens; give a non-empty target")
+        suffix = _escape(tok.decode(target[:-1]))
+        for t, ctx in enumerate(flat_templates(templates)):
+            prompt_t = ctx.format(req.prompt)
+            full_t = prompt_t + suffix
+            ids = token_ids(tok, full_t.format(req.subject))
+            look = lookup_index(tok, full_t, req.subject, fact_token, prompt_end=prompt_t)
+            if len(ids) < len(target) or not 0 <= look < len(ids):
+                raise RequestError(f"requests[{r}]: prompt {req.text!r} is too short for target {req.target_new!r}")
+            rows.append(_Row(r, ids, look, False, t == 0, target))
+        kl_t = "{} is a"
+        ids = token_ids(tok, kl_t.format(req.subject))
+        rows.append(_Row(r, ids, lookup_index(tok, kl_t, req.subject, fact_token), True, False, target))
+        longest = max(len(row.ids) for row in rows if row.request == r)
+        if max_pos is not None and longest > max_pos:
+            raise RequestError(
+                f"requests[{r}]: a rewriting prompt has {longest} tokens, more than the model's "
+                f"context of {max_pos}; shorten the prompt or the context templates"
+            )
+    return rows
+
+
+def optimize_anchors(
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hparams,
+    layer: int,
+    site_templates: Sequence[str],
+    templates: List[List[str]],
+    nll_factor: float = 1.0,
+    adaptive_nll: bool = False,
+    progress: bool = False,
+) -> AnchorResult:
+    """Optimize one anchor per request at ``layer`` (any layer), batched.
+
+    Args:
+        requests: ``R`` prepared requests.
+        hparams: uses ``v_num_grad_steps, v_lr, v_loss_layer, v_weight_decay,
+            clamp_norm_factor, kl_factor, fact_token, layer_module_tmp, ln_f_module,
+            lm_head_module, anchor_batch_size``.
+        layer: the anchor layer (the last edit layer for spreading, the first for replay).
+        site_templates: module templates where deltas are added, e.g.
+            ``[layer_module_tmp]`` (MEMIT) or ``[attn_module_tmp, mlp_module_tmp]`` (PMET).
+        templates: context templates (``[["{}"], [...]]``).
+        nll_factor: weight of the NLL term (PMET's ``nll_loss_factor``).
+        adaptive_nll: PMET's rule: once the target is the argmax everywhere, the NLL
+            weight drops to ``0.1 * nll_factor`` and a KL <= 0.01 stops the request.
+
+    Returns:
+        :class:`AnchorResult` with ``init``/``delta`` of shape ``[S, R, d]``.
+
+    Raises:
+        RequestError: a target that tokenizes to nothing, or prompts longer than the
+            model's context.
+        NumericalError: a non-finite loss or delta.
+
+    Source: EasyEdit ``memit/compute_z.py::compute_z`` and ``pmet/compute_zs.py``.
+    """
+    sites = [t.format(layer) for t in site_templates]
+    loss_layer = max(int(hparams.v_loss_layer), int(layer))
+    loss_name = hparams.layer_module_tmp.format(loss_layer)
+    for name in sites + [loss_name]:
+        resolve_module(model, name, "layer_module_tmp")
+    ln_f = resolve_module(model, hparams.ln_f_module, "ln_f_module")
+    head = resolve_module(model, hparams.lm_head_module, "lm_head_module")
+    templates_rows = _build_rows(tok, requests, templates, hparams.fact_token, _max_positions(model))
+    chunk = max(1, int(getattr(hparams, "anchor_batch_size", 16) or 16))
+    parts = []
+    with frozen_parameters(model):
+        for start in range(0, len(requests), chunk):
+            idx = range(start, min(start + chunk, len(requests)))
+            rows = [row for row in templates_rows if row.request in idx]
+            for row in rows:
+                row.request -= start
+            parts.append(
+                _optimize_chunk(model, tok, rows, len(idx), hparams, sites, loss_name, ln_f, head,
+                                nll_factor, adaptive_nll, progress)
+            )
+    init = torch.cat([p[0] for p in parts], 1)
+    delta = torch.cat([p[1] for p in parts], 1)
+    nll = torch.cat([p[2] for p in parts])
+    steps = torch.cat([p[3] for p in parts])
+    return AnchorResult(layer, sites, init, delta, nll, steps)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, loss_name, ln_f, head,
+                    nll_factor, adaptive_nll, progress):
+    dev = input_device(model)
+    pad = pad_id_of(tok)
+    site_dev = next(resolve_module(model, sites[0]).parameters(), torch.empty(0, device=dev)).device
+    hidden = _hidden_size(model)
+    S = len(sites)
+    delta = torch.zeros((S, n_req, hidden), dtype=torch.float32, device=site_dev, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    init = [None] * S
+    kl_init = None
+    lm_w = head.weight
+    lm_b = getattr(head, "bias", None)
+    keep_arg = _accepts_logits_to_keep(model)
+
+    active = torch.ones(n_req, dtype=torch.bool)
+    factor = torch.full((n_req,), float(nll_factor))
+    final_nll = torch.full((n_req,), float("nan"))
+    steps = torch.zeros(n_req, dtype=torch.long)
+    n_steps = int(hparams.v_num_grad_steps)
+    iterator = range(n_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"anchors ({n_req} requests)", leave=False)
+    for it in iterator:
+        live = [i for i, row in enumerate(rows) if active[row.request]]
+        batch = [rows[i] for i in live]
+        ids, mask = pad_right([row.ids for row in batch], pad, dev)
+        row_req = torch.tensor([row.request for row in batch])
+        looks = torch.tensor([row.lookup for row in batch])
+        b_rows = torch.arange(len(batch))
+        first = [i for i, row in enumerate(batch) if row.first]
+        first_req = [batch[i].request for i in first]
+
+        def make_edit(s):
+            def edit(h):
+                if init[s] is None:
+                    rec = torch.empty((n_req, h.shape[-1]), dtype=h.dtype, device=h.device)
+                    rec[first_req] = h[first, looks[first].to(h.device)].detach()
+                    init[s] = rec
+                return add_at_positions(h, b_rows, looks, delta[s][row_req.to(delta.device)])
+
+            return edit
+
+        kl_idx = [i for i, row in enumerate(batch) if row.kl]
+        kl_positions = sorted({batch[i].lookup for i in kl_idx})
+        extra = {}
+        if keep_arg:
+            extra["logits_to_keep"] = torch.tensor(kl_positions, device=dev)
+        trace = Trace(model, outputs=[loss_name], edits={s: make_edit(i) for i, s in enumerate(sites)}, detach=False)
+        out = run(model, trace, input_ids=ids, attention_mask=mask, **extra)
+        logits = out.logits
+        if keep_arg:
+            pos_col = {p: j for j, p in enumerate(kl_positions)}
+            kl_logits = logits[kl_idx, [pos_col[batch[i].lookup] for i in kl_idx]]
+        else:
+            kl_logits = logits[kl_idx, [batch[i].lookup for i in kl_idx]]
+        kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
+        kl_req = [batch[i].request for i in kl_idx]
+        if kl_init is None:
+            kl_init = torch.empty((n_req, kl_logp.shape[-1]), dtype=kl_logp.dtype, device=kl_logp.device)
+            kl_init[kl_req] = kl_logp.detach()
+
+        # NLL of the target tokens, read at the loss layer through ln_f and the unembedding.
+        rew = [i for i, row in enumerate(batch) if not row.kl]
+        lab_rows, lab_pos, lab_tok, lab_owner = [], [], [], []
+        for j, i in enumerate(rew):
+            row = batch[i]
+            n = len(row.target)
+            start = len(row.ids) - n
+            lab_rows += [i] * n
+            lab_pos += list(range(start, start + n))
+            lab_tok += row.target
+            lab_owner += [j] * n
+        h_loss = trace.outputs[loss_name]
+        sel = h_loss[torch.tensor(lab_rows, device=h_loss.device), torch.tensor(lab_pos, device=h_loss.device)]
+        head_logits = ln_f(sel) @ lm_w.T.to(sel.device)
+        if lm_b is not None:
+            head_logits = head_logits + lm_b.to(sel.device)
+        logp = torch.log_softmax(head_logits.float(), dim=-1)
+        tok_t = torch.tensor(lab_tok, device=logp.device)
+        owner = torch.tensor(lab_owner, device=logp.device)
+        tok_logp = logp.gather(1, tok_t[:, None])[:, 0]
+        n_rew = len(rew)
+        lengths = torch.tensor([len(batch[i].target) for i in rew], device=logp.device, dtype=logp.dtype)
+        nll_row = -torch.zeros(n_rew, device=logp.device, dtype=logp.dtype).index_add(0, owner, tok_logp) / lengths
+        rew_req = torch.tensor([batch[i].request for i in rew], device=logp.device)
+        counts = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, torch.ones_like(nll_row))
+        nll_req = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, nll_row) / counts.clamp(min=1)
+
+        kl_val = (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(-1)
+        kl_req_t = torch.zeros(n_req, device=logp.device).index_add(0, torch.tensor(kl_req, device=logp.device), kl_val)
+
+        wd = torch.zeros(n_req, device=logp.device)
+        for s in range(S):
+            wd = wd + (delta[s].norm(dim=-1) / init[s].float().norm(dim=-1) ** 2).to(logp.device)
+        wd = hparams.v_weight_decay * wd
+        loss_req = factor.to(logp.device) * nll_req + hparams.kl_factor * kl_req_t + wd
+        if not torch.isfinite(loss_req[active.to(loss_req.device)]).all():
+            bad = [i for i in range(n_req) if active[i] and not torch.isfinite(loss_req[i])]
+            raise NumericalError(f"anchor optimization at layer sites {sites}: non-finite loss for request(s) {bad} at step {it}")
+
+        loss_d = loss_req.detach().cpu()
+        done = active & (loss_d < EARLY_STOP_LOSS)
+        if adaptive_nll:
+            max_logp = logp.detach().max(-1).values
+            max_row = torch.zeros(n_rew, device=logp.device).index_add(0, owner, max_logp) / lengths
+            maxprob_req = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, max_row.exp())
+            prob_req = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, (-nll_row.detach()).exp())
+            maxprob_req, prob_req = (maxprob_req / counts.clamp(min=1)).cpu(), (prob_req / counts.clamp(min=1)).cpu()
+            argmax = maxprob_req == prob_req
+            kl_small = kl_req_t.detach().cpu() <= 0.01
+            done |= active & ~done & argmax & kl_small
+            factor = torch.where(argmax, 0.1 * nll_factor, float(nll_factor))
+        if it == n_steps - 1:
+            done = active.clone()
+        final_nll[done] = nll_req.detach().cpu()[done]
+        steps[done] = it + 1
+        active = active & ~done
+        if not active.any():
+            break
+        total = loss_req[active.to(loss_req.device)].sum()
+        opt.zero_grad()
+        total.backward()
+        frozen = delta.detach()[:, ~active.to(delta.device)].clone()
+        opt.step()
+        with torch.no_grad():
+            delta[:, ~active.to(delta.device)] = frozen
+            for s in range(S):
+                max_norm = hparams.clamp_norm_factor * init[s].float().norm(dim=-1).to(delta.device)
+                norms = delta[s].norm(dim=-1)
+                scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+                scale = torch.where(active.to(delta.device), scale, torch.ones_like(scale))
+                delta[s] *= scale[:, None]
+    result_delta = delta.detach()
+    if not torch.isfinite(result_delta).all():
+        raise NumericalError(f"anchor optimization produced a non-finite delta at sites {sites}")
+    return torch.stack(init, 0), result_delta, final_nll, steps
+
+
+def _hidden_size(model) -> int:
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int):
+            return value
+    return model.get_input_embeddings().weight.shape[1]

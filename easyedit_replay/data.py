@@ -1,0 +1,119 @@
+"""Edit datasets in EasyEdit's formats, turned into canonical records.
+
+A canonical record is an EasyEdit request dict with the subject filled into the
+prompt: ``case_id, prompt, subject, target_new, ground_truth, rephrase_prompt,
+locality_prompt, locality_ground_truth``. It can be passed to the editors as is.
+
+Formats read (detected from the first item):
+
+- KnowEdit CounterFact (``prompt, target_new, subject, ground_truth,
+  rephrase_prompt, locality_prompt, locality_ground_truth``), which is also the
+  format of our bundled demo edits;
+- EasyEdit ZsRE (``subject, src, alt, answers, rephrase, loc, loc_ans``);
+- the original MEMIT CounterFact (``requested_rewrite``, ``paraphrase_prompts``,
+  ``neighborhood_prompts``).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional, Union
+
+from .errors import RequestError
+
+DEMO_FILE = "demo_edits.json"
+
+
+def demo_path() -> Path:
+    """Path of the bundled demo edits (our own facts, KnowEdit CounterFact format)."""
+    return Path(str(resources.files("easyedit_replay") / "data" / DEMO_FILE))
+
+
+def _first(x):
+    if isinstance(x, (list, tuple)):
+        return x[0] if x else None
+    return x
+
+
+def _from_knowedit(item: dict, i: int) -> dict:
+    return {
+        "case_id": item.get("case_id", i),
+        "prompt": item["prompt"],
+        "subject": item["subject"],
+        "target_new": _first(item["target_new"]),
+        "ground_truth": _first(item.get("ground_truth")),
+        "rephrase_prompt": _first(item.get("rephrase_prompt")),
+        "locality_prompt": _first(item.get("locality_prompt")),
+        "locality_ground_truth": _first(item.get("locality_ground_truth")),
+    }
+
+
+def _from_zsre(item: dict, i: int) -> dict:
+    return {
+        "case_id": item.get("case_id", i),
+        "prompt": item["src"],
+        "subject": item["subject"],
+        "target_new": item["alt"],
+        "ground_truth": _first(item.get("answers")) or item.get("pred"),
+        "rephrase_prompt": item.get("rephrase"),
+        "locality_prompt": item.get("loc"),
+        "locality_ground_truth": item.get("loc_ans"),
+    }
+
+
+def _from_memit_counterfact(item: dict, i: int) -> dict:
+    rw = item["requested_rewrite"]
+    return {
+        "case_id": item.get("case_id", i),
+        "prompt": rw["prompt"].format(rw["subject"]),
+        "subject": rw["subject"],
+        "target_new": rw["target_new"]["str"],
+        "ground_truth": rw["target_true"]["str"],
+        "rephrase_prompt": _first(item.get("paraphrase_prompts")),
+        "locality_prompt": _first(item.get("neighborhood_prompts")),
+        "locality_ground_truth": rw["target_true"]["str"],
+    }
+
+
+def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None) -> List[dict]:
+    """Read ``path`` (default: the bundled demo edits) and return canonical records.
+
+    Args:
+        n: keep the first ``n`` records (all when None).
+
+    Raises:
+        RequestError: unreadable file, unknown format, or an item missing a field
+            (the message names the item index and the field).
+    """
+    path = Path(path) if path is not None else demo_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RequestError(f"--data {str(path)!r}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"--data {str(path)!r} is not valid JSON ({exc})") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise RequestError(f"--data {str(path)!r}: expected a non-empty JSON list of edits")
+    first = data[0]
+    if "requested_rewrite" in first:
+        convert = _from_memit_counterfact
+    elif "src" in first and "alt" in first:
+        convert = _from_zsre
+    elif "prompt" in first and "target_new" in first:
+        convert = _from_knowedit
+    else:
+        raise RequestError(
+            f"--data {str(path)!r}: unknown format (keys {sorted(first)}); expected EasyEdit's "
+            f"CounterFact (prompt, subject, target_new, ...) or ZsRE (src, subject, alt, ...)"
+        )
+    records = []
+    for i, item in enumerate(data[: n if n is not None else len(data)]):
+        try:
+            records.append(convert(item, i))
+        except (KeyError, TypeError) as exc:
+            raise RequestError(f"--data {str(path)!r}: item {i} lacks field {exc}") from None
+    return records

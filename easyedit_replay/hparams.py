@@ -1,0 +1,275 @@
+"""Hyperparameter dataclasses: EasyEdit's fields plus the replay fields, YAML loading,
+and validation with clear errors.
+
+The field names and meanings are EasyEdit's (``MEMITHyperParams`` and friends),
+so a stock YAML loads after changing ``alg_name``. Fields we add all have
+defaults:
+
+- ``replay_share``: ``"remaining"`` (default; layer ``l_i`` takes
+  ``1/(n-i+1)`` of its local residual, the stock share) or ``"full"`` (each layer
+  aims at its replayed target outright). Only used in replay mode.
+- ``anchor_batch_size``: requests optimized together in one anchor loop.
+- ``mom2_batch_tokens``: cap on tokens per statistics sample (EasyEdit's
+  ``batch_tokens`` of ``layer_stats``); ``None`` = the model's context length.
+- ``context_seed``: seed of the context-template sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+from .errors import HyperParamsError, field_error
+
+MODES = ("replay", "spread")
+REPLAY_SHARES = ("remaining", "full")
+MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+def _to_float_if_numeric(config: dict) -> dict:
+    """EasyEdit's ``construct_float_from_scientific_notation``: "5e-1" -> 0.5."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+@dataclass(kw_only=True)
+class ReplayHyperParams:
+    """Fields shared by MEMIT, PMET, EMMET and AlphaEdit (EasyEdit names), plus ours.
+
+    Loaded with :meth:`from_hparams` (a YAML path) or :meth:`from_dict`.
+    """
+
+    # Method (EasyEdit)
+    layers: List[int]
+    layer_selection: str = "all"
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int
+    v_lr: float
+    v_loss_layer: int
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    mom2_adjustment: bool = True
+    mom2_update_weight: float
+    # Module templates (EasyEdit)
+    rewrite_module_tmp: str
+    layer_module_tmp: str
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+    # Statistics (EasyEdit)
+    mom2_dataset: str
+    mom2_n_samples: int
+    mom2_dtype: str = "float32"
+    alg_name: str
+    device: Union[int, str] = 0
+    model_name: str
+    stats_dir: str = "./data/stats"
+    max_length: int = 40
+    batch_size: int = 1
+    model_parallel: bool = False
+    # easyedit-replay
+    replay_share: str = "remaining"
+    anchor_batch_size: int = 16
+    mom2_batch_tokens: Optional[int] = None
+    context_seed: int = 0
+
+    ALG_NAMES: ClassVar[Tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, config: Dict[str, Any], source: str = "hparams"):
+        """Build and validate from a mapping (YAML contents).
+
+        Raises:
+            HyperParamsError: unknown or missing fields, a wrong ``alg_name``, or any
+                value :meth:`validate` rejects. The message names the field and the fix.
+        """
+        if not isinstance(config, dict) or not config:
+            raise HyperParamsError(f"{source}: expected a mapping of hyperparameters, got {type(config).__name__}")
+        config = _to_float_if_numeric(config)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in config if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, list(known), n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise HyperParamsError(
+                f"{source}: unknown field(s) {', '.join(hints)} for {cls.__name__}; "
+                f"remove them or fix the spelling"
+            )
+        required = [
+            f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise HyperParamsError(f"{source}: missing required field(s) {missing} for {cls.__name__}; add them to the YAML")
+        alg = config.get("alg_name")
+        if cls.ALG_NAMES and alg not in cls.ALG_NAMES:
+            raise field_error(HyperParamsError, "alg_name", alg, f"{cls.__name__} loads {list(cls.ALG_NAMES)}", source)
+        hp = cls(**config)
+        hp.validate()
+        return hp
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: Union[str, Path]):
+        """Load a YAML file (``.yaml`` is appended when missing), like EasyEdit."""
+        path = str(hparams_name_or_path)
+        if not path.endswith((".yaml", ".yml")):
+            path += ".yaml"
+        try:
+            with open(path) as stream:
+                config = yaml.safe_load(stream)
+        except FileNotFoundError:
+            raise HyperParamsError(f"hparams file {path!r} does not exist; pass the path of a YAML file") from None
+        return cls.from_dict(config, source=path)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def mode(self) -> str:
+        """``"replay"`` or ``"spread"``, from the ``alg_name`` suffix."""
+        return "spread" if str(self.alg_name).upper().endswith("_SPREAD") else "replay"
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Model-independent checks. Raises :class:`HyperParamsError` naming the field."""
+        err = lambda name, fix: field_error(HyperParamsError, name, getattr(self, name), fix)  # noqa: E731
+        if not isinstance(self.layers, (list, tuple)) or not self.layers:
+            raise err("layers", "must be a non-empty list of layer indices, e.g. [4, 5, 6, 7, 8]")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
+            raise err("layers", "must contain integers only")
+        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            raise err("layers", f"must be strictly increasing; use {sorted(set(self.layers))}")
+        if min(self.layers) < 0:
+            raise err("layers", "must be non-negative layer indices")
+        from .keys import FACT_TOKENS
+
+        if self.fact_token not in FACT_TOKENS:
+            raise err("fact_token", f"must be one of {list(FACT_TOKENS)}")
+        for name in ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))
+                value = int(value)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise err(name, "must be a positive integer")
+        for name in ("v_lr", "clamp_norm_factor"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise err(name, "must be a positive number")
+        for name in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise err(name, "must be a non-negative number")
+        if not isinstance(self.v_loss_layer, int) or isinstance(self.v_loss_layer, bool):
+            if _is_number(self.v_loss_layer) and float(self.v_loss_layer).is_integer():
+                self.v_loss_layer = int(self.v_loss_layer)
+            else:
+                raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
+        if self.mom2_dtype not in MOM2_DTYPES:
+            raise err("mom2_dtype", f"must be one of {list(MOM2_DTYPES)}")
+        if self.replay_share not in REPLAY_SHARES:
+            raise err("replay_share", f"must be one of {list(REPLAY_SHARES)}")
+        if self.mom2_batch_tokens is not None and (
+            not isinstance(self.mom2_batch_tokens, int) or self.mom2_batch_tokens <= 0
+        ):
+            raise err("mom2_batch_tokens", "must be a positive integer or null")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value.count("{}") != 1:
+                raise err(name, "must be a module name template with one {} for the layer index, e.g. 'model.layers.{}'")
+        for name in ("ln_f_module", "lm_head_module", "mom2_dataset"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise err(name, "must be a non-empty string")
+
+    def validate_for_model(self, model) -> None:
+        """Checks against a model: layer ranges and module templates that resolve.
+
+        Raises:
+            HyperParamsError: a layer outside ``[0, num_layers)`` or a template that
+                names no module of ``model``.
+        """
+        from .tracing import resolve_module, resolve_parameter
+
+        n = num_layers(model)
+        if n is not None:
+            if max(self.layers) >= n:
+                raise field_error(HyperParamsError, "layers", self.layers, f"the model has {n} layers (0..{n - 1})")
+            if not 0 <= self.v_loss_layer < n:
+                raise field_error(HyperParamsError, "v_loss_layer", self.v_loss_layer, f"must be in 0..{n - 1} (usually {n - 1})")
+        for layer in self.layers:
+            resolve_module(model, self.layer_module_tmp.format(layer), "layer_module_tmp")
+            for template in self.rewrite_templates():
+                resolve_parameter(model, template.format(layer) + ".weight", "rewrite_module_tmp")
+        resolve_module(model, self.ln_f_module, "ln_f_module")
+        lm = resolve_module(model, self.lm_head_module, "lm_head_module")
+        if getattr(lm, "weight", None) is None:
+            raise field_error(HyperParamsError, "lm_head_module", self.lm_head_module, "must name a module with a weight (the unembedding)")
+
+    def rewrite_templates(self) -> List[str]:
+        """Templates of the rewritten modules (PMET overrides this with two sites)."""
+        return [self.rewrite_module_tmp]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def num_layers(model) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def hparams_class_for(alg_name: str):
+    """The dataclass that loads ``alg_name`` (e.g. ``MEMIT_REPLAY``)."""
+    from .algorithms import get_algorithm
+
+    return get_algorithm(alg_name).hparams_class
+
+
+def load_hparams(path_or_dict: Union[str, Path, Dict[str, Any]], **overrides):
+    """Load any plugin YAML (or mapping); the class is chosen by ``alg_name``.
+
+    ``overrides`` replace fields before validation (e.g. ``alg_name="MEMIT_SPREAD"``).
+    """
+    if isinstance(path_or_dict, dict):
+        config, source = dict(path_or_dict), "hparams"
+    else:
+        source = str(path_or_dict)
+        if not source.endswith((".yaml", ".yml")):
+            source += ".yaml"
+        try:
+            with open(source) as stream:
+                config = yaml.safe_load(stream)
+        except FileNotFoundError:
+            raise HyperParamsError(f"hparams file {source!r} does not exist; pass the path of a YAML file") from None
+        if not isinstance(config, dict):
+            raise HyperParamsError(f"{source}: expected a mapping of hyperparameters")
+    config.update(overrides)
+    if "alg_name" not in config:
+        raise HyperParamsError(f"{source}: missing field 'alg_name'; set it to e.g. MEMIT_REPLAY")
+    return hparams_class_for(str(config["alg_name"])).from_dict(config, source=source)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real SmolLM2 model, the bundled hyperparameters, ../shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EASYEDIT_REPLAY_SHARED", ROOT.parent / "shared"))
+SHARED_DATA = SHARED / "data"
+
+requires_shared = pytest.mark.skipif(
+    not SHARED_DATA.exists(), reason=f"../shared/data is absent ({SHARED_DATA}); it exists in CI and in the team's checkouts"
+)
+
+
+@pytest.fixture(scope="session")
+def model_tok():
+    """SmolLM2-135M-Instruct on CPU, float32 (converted once into the cache)."""
+    from easyedit_replay.models import load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, tok = load_model("smollm2-135m")
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def stats_dir():
+    from easyedit_replay.models import cache_root
+
+    return str(cache_root() / "stats")
+
+
+@pytest.fixture()
+def hparams(stats_dir):
+    """The bundled MEMIT_REPLAY YAML for SmolLM2 with a short anchor optimization."""
+    from easyedit_replay.cli import default_hparams_path
+    from easyedit_replay.hparams import load_hparams
+
+    return load_hparams(default_hparams_path(), stats_dir=stats_dir)
+
+
+@pytest.fixture(scope="session")
+def templates():
+    """Fixed context templates (injected), so tests do not depend on sampling."""
+    return [["{}"], ["The following is true. {}", "I read this yesterday. {}"]]
+
+
+@pytest.fixture(scope="session")
+def demo_records():
+    from easyedit_replay.data import load_records
+
+    return load_records()

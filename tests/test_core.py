@@ -1,0 +1,177 @@
+"""Core: target construction, single-layer identity, transactional edits, the demo edit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.editor import apply_edit, compute_edit
+from easyedit_replay.errors import RequestError
+from easyedit_replay.evaluate import evaluate_records, greedy_generate
+from easyedit_replay.keys import lookup_index, prepare_requests, token_ids
+from easyedit_replay.targets import TargetSite, build_targets
+from easyedit_replay.tracing import add_at_positions, hidden_of, with_hidden
+
+
+def with_fields(hp, **changes):
+    return type(hp).from_dict({**hp.to_dict(), **changes})
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before):
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed"
+
+
+def test_replay_targets_equal_a_real_forward_pass(model_tok, hparams, templates, demo_records):
+    """z^{l_i} of replay == hidden states of the unedited model, run prompt by prompt,
+    with the anchor delta added at the first edit layer's lookup token."""
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=4)
+    reqs = prepare_requests(demo_records[:3])
+    anchor = optimize_anchors(model, tok, reqs, hp, hp.layers[0], [hp.layer_module_tmp], templates)
+    assert float(anchor.delta.norm()) > 1.0  # the anchor moved: the test can fail
+    targets = build_targets(model, tok, reqs, hp, anchor, "replay", [TargetSite(hp.layer_module_tmp)], [hp.layer_module_tmp])
+
+    for r, req in enumerate(reqs):
+        ids = torch.tensor([token_ids(tok, req.text)])
+        look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
+        recorded = {}
+        hooks = []
+        first = model.get_submodule(hp.layer_module_tmp.format(hp.layers[0]))
+        hooks.append(first.register_forward_hook(
+            lambda m, a, out, d=anchor.delta[0, r]: with_hidden(
+                out, add_at_positions(hidden_of(out), torch.tensor([0]), torch.tensor([look]), d[None]))
+        ))
+        for layer in hp.layers[1:]:
+            mod = model.get_submodule(hp.layer_module_tmp.format(layer))
+            hooks.append(mod.register_forward_hook(lambda m, a, out, l=layer: recorded.__setitem__(l, hidden_of(out)[0, look].clone())))
+        with torch.no_grad():
+            model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        for layer in hp.layers[1:]:
+            z = targets.values[(layer, hp.layer_module_tmp)][r]
+            ref = recorded[layer]
+            assert float((z - ref).abs().max() / ref.abs().max()) < 1e-5, layer
+        # The first layer's target is the anchor itself.
+        assert torch.equal(targets.values[(hp.layers[0], hp.layer_module_tmp)][r], anchor.value[0, r])
+    # Replayed targets differ from the unedited states: the delta travelled forward.
+    plain = build_targets(model, tok, reqs, hp, dataclasses.replace(anchor, delta=torch.zeros_like(anchor.delta)),
+                          "replay", [TargetSite(hp.layer_module_tmp)], [hp.layer_module_tmp])
+    last = (hp.layers[-1], hp.layer_module_tmp)
+    assert float((targets.values[last] - plain.values[last]).norm()) > 1.0
+
+
+def test_single_edit_layer_replay_equals_spread(model_tok, hparams, templates, demo_records):
+    model, tok = model_tok
+    before = snapshot(model)
+    updates = {}
+    for alg in ("MEMIT_SPREAD", "MEMIT_REPLAY"):
+        hp = with_fields(hparams, alg_name=alg, layers=[5], v_num_grad_steps=3)
+        plan = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+        updates[alg] = plan.updates
+        assert plan.anchor.layer == 5
+    assert_unchanged(model, before)  # compute_edit leaves the model as it found it
+    (name,) = updates["MEMIT_SPREAD"]
+    assert float(updates["MEMIT_SPREAD"][name].norm()) > 0
+    assert torch.equal(updates["MEMIT_SPREAD"][name], updates["MEMIT_REPLAY"][name])
+
+
+def test_spread_and_replay_differ_with_several_layers(model_tok, hparams, templates, demo_records):
+    model, tok = model_tok
+    plans = {}
+    for alg in ("MEMIT_SPREAD", "MEMIT_REPLAY"):
+        hp = with_fields(hparams, alg_name=alg, layers=[4, 6], v_num_grad_steps=3)
+        plans[alg] = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+    assert plans["MEMIT_SPREAD"].anchor.layer == 6 and plans["MEMIT_REPLAY"].anchor.layer == 4
+    assert [r.measure_layer for r in plans["MEMIT_SPREAD"].records] == [6, 6]
+    assert [r.measure_layer for r in plans["MEMIT_REPLAY"].records] == [4, 6]
+
+
+def test_failure_after_first_layer_restores_every_weight(model_tok, hparams, templates, demo_records, monkeypatch):
+    from easyedit_replay.algorithms.memit import MEMIT
+
+    model, tok = model_tok
+    before = snapshot(model)
+    calls = []
+    original = MEMIT.update
+
+    def failing(self, inp):
+        calls.append(inp.layer)
+        if len(calls) == 2:  # the first layer has been written by now
+            raise RuntimeError("injected failure")
+        return original(self, inp)
+
+    monkeypatch.setattr(MEMIT, "update", failing)
+    hp = with_fields(hparams, v_num_grad_steps=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        apply_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+    assert calls == hp.layers[:2]
+    assert_unchanged(model, before)
+
+    calls.clear()
+
+    def interrupted(self, inp):
+        calls.append(inp.layer)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, inp)
+
+    monkeypatch.setattr(MEMIT, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+    assert_unchanged(model, before)
+
+
+def test_bad_request_is_a_clear_error_and_changes_nothing(model_tok, hparams, templates, demo_records):
+    model, tok = model_tok
+    before = snapshot(model)
+    bad = dict(demo_records[1], subject="Atlantis")
+    with pytest.raises(RequestError, match=r"requests\[1\]\.subject = 'Atlantis'.*does not occur in the prompt"):
+        apply_edit(model, tok, [demo_records[0], bad], hparams, context_templates=templates)
+    assert_unchanged(model, before)
+
+
+def test_return_orig_weights_and_copy(model_tok, hparams, templates, demo_records):
+    model, tok = model_tok
+    before = snapshot(model)
+    hp = with_fields(hparams, v_num_grad_steps=2, layers=[4, 5])
+    edited, orig = apply_edit(model, tok, demo_records[:1], hp, copy=True, return_orig_weights=True,
+                              context_templates=templates)
+    assert edited is not model
+    assert_unchanged(model, before)
+    assert sorted(orig) == [f"model.layers.{l}.mlp.down_proj.weight" for l in (4, 5)]
+    for name, w in orig.items():
+        assert torch.equal(w, before[name])
+        assert not torch.equal(edited.get_parameter(name), w)
+
+
+@pytest.mark.slow
+def test_memit_replay_batch_edit_of_demo_edits(model_tok, hparams, demo_records):
+    """target_new becomes the greedy continuation and locality predictions survive."""
+    model, tok = model_tok
+    records = demo_records[:8]
+    baseline = evaluate_records(model, tok, records)
+    before = snapshot(model)
+    pre = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=3)
+    assert sum(g.strip().startswith(r["target_new"]) for g, r in zip(pre, records)) == 0
+    try:
+        apply_edit(model, tok, records, hparams)
+        post = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=3)
+        rows = evaluate_records(model, tok, records, baseline)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(before[n])
+    hits = sum(g.strip().startswith(r["target_new"]) for g, r in zip(post, records))
+    specificity = sum(r["specificity"] for r in rows) / len(rows)
+    print("greedy hits", hits, "of", len(records), "specificity", specificity)
+    assert hits >= 7
+    assert specificity >= 0.75
