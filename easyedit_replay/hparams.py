@@ -133,15 +133,8 @@ class ReplayHyperParams:
     @classmethod
     def from_hparams(cls, hparams_name_or_path: Union[str, Path]):
         """Load a YAML file (``.yaml`` is appended when missing), like EasyEdit."""
-        path = str(hparams_name_or_path)
-        if not path.endswith((".yaml", ".yml")):
-            path += ".yaml"
-        try:
-            with open(path) as stream:
-                config = yaml.safe_load(stream)
-        except FileNotFoundError:
-            raise HyperParamsError(f"hparams file {path!r} does not exist; pass the path of a YAML file") from None
-        return cls.from_dict(config, source=path)
+        config, source = read_yaml(hparams_name_or_path)
+        return cls.from_dict(config, source=source)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,24 +244,37 @@ def hparams_class_for(alg_name: str):
     return get_algorithm(alg_name).hparams_class
 
 
+def read_yaml(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
+    """Read a hyperparameter YAML (``.yaml`` appended when missing): ``(mapping, path)``.
+
+    Raises:
+        HyperParamsError: missing file or a YAML that is not a mapping.
+    """
+    source = str(path)
+    if not source.endswith((".yaml", ".yml")):
+        source += ".yaml"
+    try:
+        with open(source) as stream:
+            config = yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise HyperParamsError(f"hparams file {source!r} does not exist; pass the path of a YAML file") from None
+    if not isinstance(config, dict):
+        raise HyperParamsError(f"{source}: expected a mapping of hyperparameters, got {type(config).__name__}")
+    return config, source
+
+
 def load_hparams(path_or_dict: Union[str, Path, Dict[str, Any]], **overrides):
     """Load any plugin YAML (or mapping); the class is chosen by ``alg_name``.
 
     ``overrides`` replace fields before validation (e.g. ``alg_name="MEMIT_SPREAD"``).
+
+    Raises:
+        HyperParamsError: see :meth:`ReplayHyperParams.from_dict`.
     """
     if isinstance(path_or_dict, dict):
         config, source = dict(path_or_dict), "hparams"
     else:
-        source = str(path_or_dict)
-        if not source.endswith((".yaml", ".yml")):
-            source += ".yaml"
-        try:
-            with open(source) as stream:
-                config = yaml.safe_load(stream)
-        except FileNotFoundError:
-            raise HyperParamsError(f"hparams file {source!r} does not exist; pass the path of a YAML file") from None
-        if not isinstance(config, dict):
-            raise HyperParamsError(f"{source}: expected a mapping of hyperparameters")
+        config, source = read_yaml(path_or_dict)
     config.update(overrides)
     if "alg_name" not in config:
         raise HyperParamsError(f"{source}: missing field 'alg_name'; set it to e.g. MEMIT_REPLAY")
