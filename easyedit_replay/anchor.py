@@ -269,32 +269,10 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
             kl_init = torch.empty((n_req, kl_logp.shape[-1]), dtype=kl_logp.dtype, device=kl_logp.device)
             kl_init[kl_req] = kl_logp.detach()
 
-        # NLL of the target tokens, read at the loss layer through ln_f and the unembedding.
-        rew = [i for i, row in enumerate(batch) if not row.kl]
-        lab_rows, lab_pos, lab_tok, lab_owner = [], [], [], []
-        for j, i in enumerate(rew):
-            row = batch[i]
-            n = len(row.target)
-            start = len(row.ids) - n
-            lab_rows += [i] * n
-            lab_pos += list(range(start, start + n))
-            lab_tok += row.target
-            lab_owner += [j] * n
-        h_loss = trace.outputs[loss_name]
-        sel = h_loss[torch.tensor(lab_rows, device=h_loss.device), torch.tensor(lab_pos, device=h_loss.device)]
-        head_logits = ln_f(sel) @ lm_w.T.to(sel.device)
-        if lm_b is not None:
-            head_logits = head_logits + lm_b.to(sel.device)
-        logp = torch.log_softmax(head_logits.float(), dim=-1)
-        tok_t = torch.tensor(lab_tok, device=logp.device)
-        owner = torch.tensor(lab_owner, device=logp.device)
-        tok_logp = logp.gather(1, tok_t[:, None])[:, 0]
-        n_rew = len(rew)
-        lengths = torch.tensor([len(batch[i].target) for i in rew], device=logp.device, dtype=logp.dtype)
-        nll_row = -torch.zeros(n_rew, device=logp.device, dtype=logp.dtype).index_add(0, owner, tok_logp) / lengths
-        rew_req = torch.tensor([batch[i].request for i in rew], device=logp.device)
-        counts = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, torch.ones_like(nll_row))
-        nll_req = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, nll_row) / counts.clamp(min=1)
+        nll = _target_nll(batch, trace.outputs[loss_name], ln_f, lm_w, lm_b, n_req)
+        logp, owner, lengths, nll_row, rew_req, counts, nll_req = (
+            nll.logp, nll.owner, nll.lengths, nll.nll_row, nll.rew_req, nll.counts, nll.nll_req)
+        n_rew = len(nll_row)
 
         kl_val = (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(-1)
         kl_req_t = torch.zeros(n_req, device=logp.device).index_add(0, torch.tensor(kl_req, device=logp.device), kl_val)
@@ -344,6 +322,68 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
     if not torch.isfinite(result_delta).all():
         raise NumericalError(f"anchor optimization produced a non-finite delta at sites {sites}")
     return torch.stack(init, 0), result_delta, final_nll, steps
+
+
+@dataclass
+class _NLL:
+    logp: torch.Tensor      # [P, V] log-probabilities at every target position
+    owner: torch.Tensor     # [P] index of the rewriting row of each position
+    lengths: torch.Tensor   # [n_rows] target length per rewriting row
+    nll_row: torch.Tensor   # [n_rows] per-token NLL per rewriting row
+    rew_req: torch.Tensor   # [n_rows] request of each rewriting row
+    counts: torch.Tensor    # [n_req] rewriting rows per request
+    nll_req: torch.Tensor   # [n_req] mean NLL over each request's rewriting rows
+
+
+def _target_nll(batch: List[_Row], h_loss: torch.Tensor, ln_f, lm_w, lm_b, n_req: int) -> _NLL:
+    """NLL of the target tokens, read from ``h_loss`` (the loss layer's output,
+    ``[B, T, d]``) through ``ln_f`` and the unembedding, as ``compute_z`` does."""
+    rew = [i for i, row in enumerate(batch) if not row.kl]
+    lab_rows, lab_pos, lab_tok, lab_owner = [], [], [], []
+    for j, i in enumerate(rew):
+        row = batch[i]
+        n = len(row.target)
+        start = len(row.ids) - n
+        lab_rows += [i] * n
+        lab_pos += list(range(start, start + n))
+        lab_tok += row.target
+        lab_owner += [j] * n
+    dev = h_loss.device
+    sel = h_loss[torch.tensor(lab_rows, device=dev), torch.tensor(lab_pos, device=dev)]
+    head_logits = ln_f(sel) @ lm_w.T.to(sel.device)
+    if lm_b is not None:
+        head_logits = head_logits + lm_b.to(sel.device)
+    logp = torch.log_softmax(head_logits.float(), dim=-1)
+    tok_t = torch.tensor(lab_tok, device=logp.device)
+    owner = torch.tensor(lab_owner, device=logp.device)
+    tok_logp = logp.gather(1, tok_t[:, None])[:, 0]
+    lengths = torch.tensor([len(batch[i].target) for i in rew], device=logp.device, dtype=logp.dtype)
+    nll_row = -torch.zeros(len(rew), device=logp.device, dtype=logp.dtype).index_add(0, owner, tok_logp) / lengths
+    rew_req = torch.tensor([batch[i].request for i in rew], device=logp.device)
+    counts = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, torch.ones_like(nll_row))
+    nll_req = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, nll_row) / counts.clamp(min=1)
+    return _NLL(logp, owner, lengths, nll_row, rew_req, counts, nll_req)
+
+
+def target_nll(model, tok, requests: Sequence[EditRequest], hparams, templates: List[List[str]]) -> torch.Tensor:
+    """``[R]`` the anchor objective's NLL term for the model as it is (no delta):
+    per-token NLL of ``target_new`` over the rewriting prompts (context templates),
+    read at ``v_loss_layer`` through ``ln_f_module``/``lm_head_module``.
+
+    Compare with :attr:`AnchorResult.nll` to see how much of the optimized effect a
+    weight update realizes.
+    """
+    rows = _build_rows(tok, requests, templates, hparams.fact_token, _max_positions(model))
+    rows = [row for row in rows if not row.kl]
+    loss_name = hparams.layer_module_tmp.format(int(hparams.v_loss_layer))
+    ln_f = resolve_module(model, hparams.ln_f_module, "ln_f_module")
+    head = resolve_module(model, hparams.lm_head_module, "lm_head_module")
+    ids, mask = pad_right([row.ids for row in rows], pad_id_of(tok), input_device(model))
+    with torch.no_grad():
+        trace = Trace(model, outputs=[loss_name], stop_when_done=True)
+        run(model, trace, input_ids=ids, attention_mask=mask)
+        nll = _target_nll(rows, trace.outputs[loss_name], ln_f, head.weight, getattr(head, "bias", None), len(requests))
+    return nll.nll_req.cpu()
 
 
 def _hidden_size(model) -> int:

@@ -25,88 +25,64 @@ def default_hparams_path(model: str = "smollm2-135m", alg: str = "MEMIT_REPLAY")
     return Path(__file__).resolve().parent / "configs" / alg / f"{model}.yaml"
 
 
-def _fmt(x, width=8, digits=3) -> str:
-    return f"{x:>{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
+    """Base algorithms that have a bundled ``<ALG>_REPLAY/<model>.yaml``, in the paper's order."""
+    from .algorithms import RULES
 
-
-def render_table(rows: List[Dict], columns: List[tuple]) -> str:
-    """Plain-text table; ``columns`` are ``(key, header)``; values are floats or strings."""
-    widths = [max(len(h), 8) for _, h in columns]
-    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, ((_, h), w) in enumerate(zip(columns, widths)))]
-    for row in rows:
-        cells = []
-        for i, ((key, _), w) in enumerate(zip(columns, widths)):
-            v = row.get(key)
-            cells.append(str(v).ljust(w) if i == 0 else (_fmt(v, w) if not isinstance(v, str) else v.rjust(w)))
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
-COLUMNS = [
-    ("mode", "mode"),
-    ("efficacy_acc", "efficacy acc"),
-    ("efficacy_win", "eff P(new)>P(true)"),
-    ("generalization_acc", "general. acc"),
-    ("generalization_win", "gen P(new)>P(true)"),
-    ("specificity", "specificity"),
-    ("seconds", "edit time s"),
-]
+    order = ["MEMIT", "PMET", "EMMET", "AlphaEdit"]
+    names = sorted(RULES, key=lambda b: order.index(b) if b in order else len(order))
+    return [b for b in names if default_hparams_path(model, f"{b}_REPLAY").exists()]
 
 
 def cmd_compare(args) -> int:
-    import torch
-
     from .data import load_records
-    from .editor import apply_edit, resolve_templates, weight_transaction
-    from .evaluate import evaluate_records, summarize
+    from .experiment import CompareConfig, render_text, run_comparison, table_rows, write_outputs
     from .hparams import load_hparams
     from .models import cache_root, load_model
-    from .stats import second_moments
-    from .tracing import resolve_parameter
 
-    hp_path = args.hparams or default_hparams_path()
-    base_hp = load_hparams(hp_path, **({"context_seed": args.seed} if args.seed is not None else {}))
+    overrides = {"context_seed": args.seed} if args.seed is not None else {}
     if args.layers:
-        base_hp = type(base_hp).from_dict({**base_hp.to_dict(), "layers": [int(x) for x in args.layers.split(",")]})
-    stats_dir = args.stats_dir or (base_hp.stats_dir if args.hparams else str(cache_root() / "stats"))
-    base = base_hp.alg_name.rsplit("_", 1)[0]
-    model_name = args.model or base_hp.model_name
+        overrides["layers"] = [int(x) for x in args.layers.split(",")]
+    if args.steps:
+        overrides["v_num_grad_steps"] = args.steps
+    if args.hparams:
+        hp = load_hparams(args.hparams, **overrides)
+        by_alg = {hp.alg_name.rsplit("_", 1)[0]: hp}
+        stats_dir = args.stats_dir or hp.stats_dir
+    else:
+        algs = args.algs.split(",") if args.algs else bundled_algorithms()
+        by_alg = {}
+        for alg in algs:
+            path = default_hparams_path("smollm2-135m", f"{alg}_REPLAY")
+            if not path.exists():
+                raise ReplayError(f"--algs {alg}: no bundled YAML {path.name} for {alg}; pass --hparams")
+            by_alg[alg] = load_hparams(path, **overrides)
+        stats_dir = args.stats_dir or str(cache_root() / "stats")
+    model_name = args.model or next(iter(by_alg.values())).model_name
     print(f"loading {model_name} ...", file=sys.stderr)
     model, tok = load_model(model_name, device=args.device)
     records = load_records(args.data, args.n)
-    print(f"{len(records)} edits from {args.data or 'the bundled demo set'}; {base} layers {base_hp.layers}",
+    how = f"sequentially in batches of {args.batch_size or len(records)}" if args.sequential else (
+        f"in independent batches of {args.batch_size}" if args.batch_size else "in one batch")
+    print(f"{len(records)} edits from {args.data or 'the bundled demo set'}; {', '.join(by_alg)}; {how}",
           file=sys.stderr)
-
-    # Statistics and context templates are shared by both modes: compute them before timing.
-    covs_modules = [t.format(l) for l in base_hp.layers for t in base_hp.rewrite_templates()]
-    base_hp.stats_dir = stats_dir
-    second_moments(model, tok, base_hp, covs_modules, progress=True)
-    templates = resolve_templates(model, tok, base_hp)
-    baseline = evaluate_records(model, tok, records)
-    names = [f"{t.format(l)}.weight" for l in base_hp.layers for t in base_hp.rewrite_templates()]
-    params = {n: resolve_parameter(model, n) for n in names}
-    results = {"unedited": {"summary": summarize(baseline), "per_edit": baseline, "seconds": None}}
-    for mode in args.modes.split(","):
-        hp = type(base_hp).from_dict({**base_hp.to_dict(), "alg_name": f"{base}_{mode.upper()}"})
-        with weight_transaction(params, restore_always=True):
-            start = time.perf_counter()
-            apply_edit(model, tok, records, hp, context_templates=templates, progress=not args.quiet)
-            seconds = time.perf_counter() - start
-            rows = evaluate_records(model, tok, records, baseline)
-        results[mode] = {"summary": summarize(rows), "per_edit": rows, "seconds": seconds}
-        print(f"{mode}: edited {len(records)} requests in {seconds:.1f} s", file=sys.stderr)
-    table_rows = [{"mode": m, **r["summary"], "seconds": r["seconds"]} for m, r in results.items()]
+    cfg = CompareConfig(modes=tuple(args.modes.split(",")), batch_size=args.batch_size, sequential=args.sequential,
+                        fluency=not args.no_fluency, target_accuracy=not args.no_target_accuracy,
+                        seed=args.seed or 0, progress=not args.quiet)
+    results = run_comparison(model, tok, records, by_alg, cfg, stats_dir=stats_dir)
+    results.update(model=model_name, data=str(args.data or "demo"),
+                   hparams={k: v.to_dict() for k, v in by_alg.items()}, records=records)
+    title = f"{model_name}: {len(records)} edits ({args.data or 'bundled demo'}), {how}"
     print()
-    print(f"{model_name} | {len(records)} edits | {base} layers {base_hp.layers} | one batch edit per mode")
-    print(render_table(table_rows, COLUMNS))
+    print(title)
+    print(render_text(table_rows(results)))
+    print("cells: mean over edits [95% bootstrap interval]; target error: mean over edit layers of |h - target| / |target|")
+    if args.out:
+        files = write_outputs(results, args.out, title)
+        print(f"report: {files['report']}", file=sys.stderr)
     if args.json:
-        payload = {
-            "model": model_name, "data": str(args.data or "demo"), "n": len(records),
-            "hparams": base_hp.to_dict(), "context_templates": templates, "records": records,
-            "results": results,
-        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
         print(f"per-edit numbers written to {args.json}", file=sys.stderr)
     return 0
 
@@ -161,17 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compare", help="edit the same requests with spread and replay; print the metrics")
-    c.add_argument("--hparams", help="plugin YAML (default: the bundled MEMIT_REPLAY/smollm2-135m.yaml)")
+    c.add_argument("--algs", help="comma-separated base algorithms (default: every one with a bundled SmolLM2 YAML)")
+    c.add_argument("--hparams", help="one plugin YAML instead of the bundled ones (its alg_name picks the algorithm)")
     c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name)")
     c.add_argument("--data", help="edits in EasyEdit's CounterFact or ZsRE format (default: bundled demo edits)")
     c.add_argument("--n", type=int, help="use the first N edits")
-    c.add_argument("--seed", type=int, help="context-template seed (default: the YAML's context_seed)")
+    c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
     c.add_argument("--modes", default="spread,replay", help="comma-separated modes (default: spread,replay)")
+    c.add_argument("--batch-size", type=int, help="edits per batch (default: all in one batch)")
+    c.add_argument("--sequential", action="store_true", help="apply the batches one after another to the same model")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
+    c.add_argument("--steps", type=int, help="override v_num_grad_steps")
+    c.add_argument("--out", help="directory for report.md, results.json and PNG plots")
     c.add_argument("--json", help="write all per-edit numbers to this file")
-    c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for the bundled YAML)")
+    c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
+    c.add_argument("--no-target-accuracy", action="store_true", help="skip the per-layer target diagnostics")
+    c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for bundled YAMLs)")
     c.add_argument("--device", default="cpu")
-    c.add_argument("--quiet", action="store_true", help="no per-step progress bars")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("export-model", help="write a Hugging Face copy of a bundled model alias")

@@ -27,7 +27,7 @@ import torch
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Site, UpdateInputs, match_shape
 from .anchor import AnchorResult, optimize_anchors
-from .errors import HyperParamsError, NumericalError
+from .errors import HyperParamsError, NumericalError, RequestError
 from .keys import (
     EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
     sample_context_templates, template_probes, validate_templates, flat_templates,
@@ -66,6 +66,10 @@ class EditPlan:
     records: List[LayerRecord]
     pending: Any = None
     seconds: float = 0.0
+    # For diagnostics: target-site states of the unedited model and the residual
+    # handed to each layer, keyed by (layer, site template), ``[R, d]`` float32.
+    unedited: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    residuals: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 @contextmanager
@@ -91,6 +95,26 @@ def _restore(params, saved):
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise NumericalError(f"non-finite {what}; no weight was changed. Check the request, the statistics and v_lr")
+
+
+def check_prompt_lengths(model, tok, reqs: Sequence[EditRequest]) -> None:
+    """Reject prompts longer than the model's context before any computation.
+
+    Raises:
+        RequestError: naming the request and both lengths.
+    """
+    from .anchor import _max_positions
+
+    limit = _max_positions(model)
+    if limit is None:
+        return
+    for i, r in enumerate(reqs):
+        n = len(tok(r.text)["input_ids"])
+        if n >= limit:
+            raise RequestError(
+                f"requests[{i}].prompt has {n} tokens, more than the model's context of {limit} "
+                f"(with the target appended); shorten the prompt"
+            )
 
 
 def resolve_templates(model, tok, hparams, context_templates=None) -> List[List[str]]:
@@ -142,6 +166,7 @@ def compute_edit(
     hparams.validate()
     hparams.validate_for_model(model)
     reqs = prepare_requests(requests, leading_space=rule.leading_space(model))
+    check_prompt_lengths(model, tok, reqs)
     templates = resolve_templates(model, tok, hparams, context_templates)
     layers = list(hparams.layers)
     sites = rule.sites(hparams)
@@ -171,6 +196,10 @@ def compute_edit(
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
     n_keys = len(key_probes)
+    site_names = {(l, s.target.template): s.target.template.format(l) for l in layers for s in sites}
+    reads = read_at_lookup(model, tok, now_probes, outputs=list(site_names.values()))
+    unedited = {key: reads["out:" + name].float() for key, name in site_names.items()}
+    residuals: Dict[Tuple[int, str], torch.Tensor] = {}
     updates: Dict[str, torch.Tensor] = {}
     records: List[LayerRecord] = []
     pending = None
@@ -201,6 +230,7 @@ def compute_edit(
                     orig = originals[wname]
                     weight.copy_((orig.to(device=upd.device, dtype=upd.dtype) + upd).to(weight.dtype))
                 updates[wname] = upd.detach()
+                residuals[(layer, site.target.template)] = (error.double() / targets.divisor(step)).float()
                 records.append(LayerRecord(
                     step, layer, wname, measure,
                     float(error.float().norm(dim=-1).mean()),
@@ -210,7 +240,7 @@ def compute_edit(
                 log.debug("layer %d %s: |error| %.3f |upd| %.3f", layer, wname, records[-1].error_norm, records[-1].update_norm)
         pending = rule.finalize(model, tok, hparams, state, dict(requests=reqs, templates=templates))
     return EditPlan(hparams.alg_name, mode, reqs, templates, anchor, targets, updates, records, pending,
-                    time.perf_counter() - started)
+                    time.perf_counter() - started, unedited, residuals)
 
 
 _LAST_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -65,23 +65,23 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
     return out
 
 
-def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 16) -> List[str]:
-    """Greedy continuations (decoded new text only)."""
+def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 32) -> List[str]:
+    """Greedy continuations (the decoded new text only), batched with the KV cache.
+
+    Prompts are left-padded here whatever the tokenizer's ``padding_side``.
+    """
     dev = input_device(model)
     pad = pad_id_of(tok)
     texts = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             seqs = [token_ids(tok, p) for p in prompts[start : start + batch_size]]
-            lens = [len(s) for s in seqs]
-            for _ in range(max_new_tokens):
-                ids, mask = pad_right(seqs, pad, dev)
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
-                nxt = logits[torch.arange(len(seqs), device=logits.device), last].argmax(-1).tolist()
-                for s, t in zip(seqs, nxt):
-                    s.append(t)
-            texts += [tok.decode(s[n:], skip_special_tokens=True) for s, n in zip(seqs, lens)]
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=dev)
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=dev)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, pad_token_id=pad)
+            texts += [tok.decode(row[width:], skip_special_tokens=True) for row in out]
     return texts
 
 

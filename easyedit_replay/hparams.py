@@ -194,6 +194,11 @@ class ReplayHyperParams:
         for name in ("ln_f_module", "lm_head_module", "mom2_dataset"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise err(name, "must be a non-empty string")
+        from .stats import known_corpus
+
+        if not known_corpus(self.mom2_dataset):
+            raise err("mom2_dataset", "is neither a known corpus ('bundled', 'self_generated', 'wikipedia', "
+                      "'wikitext', 'wikitext2') nor an existing .txt file or folder")
 
     def validate_for_model(self, model) -> None:
         """Checks against a model: layer ranges and module templates that resolve.

@@ -276,19 +276,24 @@ def sample_context_templates(model, tok, seed: int = 0, length: int = 10, top_k:
         return _TEMPLATE_CACHE[key]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     dev = input_device(model)
-    out = []
+    seqs = [token_ids(tok, prefix) for prefix in TEMPLATE_PREFIXES]
     with torch.no_grad():
-        for prefix in TEMPLATE_PREFIXES:
-            ids = token_ids(tok, prefix)
-            while len(ids) < length:
-                logits = model(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0, -1]
-                probs = torch.softmax(logits.float().cpu(), dim=-1)
+        # All prefixes advance together: one right-padded forward pass per sampled token.
+        while any(len(s) < length for s in seqs):
+            ids, mask = pad_right(seqs, pad_id_of(tok), dev)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for i, s in enumerate(seqs):
+                if len(s) >= length:
+                    continue
+                probs = torch.softmax(logits[i, len(s) - 1].float().cpu(), dim=-1)
                 top = torch.topk(probs, top_k)
                 choice = torch.multinomial(top.values / top.values.sum(), 1, generator=gen)
-                ids.append(int(top.indices[choice]))
-            text = tok.decode(ids, skip_special_tokens=True)
-            text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("<|endoftext|>", "")
-            out.append(text.replace("{", " ").replace("}", " ") + ". {}")
+                s.append(int(top.indices[choice]))
+    out = []
+    for s in seqs:
+        text = tok.decode(s, skip_special_tokens=True)
+        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("<|endoftext|>", "")
+        out.append(text.replace("{", " ").replace("}", " ") + ". {}")
     templates = [["{}"], out]
     _TEMPLATE_CACHE[key] = templates
     return templates

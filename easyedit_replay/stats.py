@@ -102,6 +102,13 @@ def context_length(model) -> int:
     return npos
 
 
+def known_corpus(mom2_dataset: str) -> bool:
+    """Whether ``mom2_dataset`` names a corpus this module can read."""
+    if mom2_dataset in HF_DATASETS or mom2_dataset in (SELF_GENERATED, BUNDLED):
+        return True
+    return Path(mom2_dataset).expanduser().exists()
+
+
 def dataset_name(mom2_dataset: str) -> str:
     """The ``ds_name`` used in the cache path: EasyEdit's names unchanged; for a local
     path, its file or folder name (without ``.txt``)."""

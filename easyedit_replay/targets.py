@@ -87,13 +87,15 @@ class Targets:
         return math.sqrt(remaining) if self.sqrt_share else float(remaining)
 
     def local_error(self, step: int, site: TargetSite, current: torch.Tensor) -> torch.Tensor:
-        """``[R, d]`` ``target - current`` in the target's dtype (before the share).
+        """``[R, d]`` ``target - current`` (before the share), in the model dtype or float32
+        if that is wider (fp16/bf16 models).
 
         ``current`` is ``[R, d]``, measured at :meth:`measure_layer` with the layers
         before ``layers[step]`` already edited.
         """
         z = self.target(step, site)
-        return z - current.to(device=z.device, dtype=z.dtype)
+        dtype = torch.promote_types(z.dtype, torch.float32)  # half-precision models: subtract in float32
+        return z.to(dtype) - current.to(device=z.device, dtype=dtype)
 
     def residual(self, step: int, site: TargetSite, current: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
         """``[R, d]`` residual handed to the update rule: ``(target - current) / divisor``,

@@ -70,7 +70,7 @@ def test_one_pass_equals_per_layer(model_tok):
     # Hand check: the second moment is the sum of k k^T over non-padding tokens.
     ids = tok(texts[0])["input_ids"][:128]
     seen = {}
-    h = model.get_submodule(mods[0]).register_forward_hook(lambda m, a, o: seen.setdefault("k", a[0][0].detach()))
+    h = model.get_submodule(mods[0]).register_forward_hook(lambda m, a, o: seen.__setitem__("k", a[0][0].detach()))
     with torch.no_grad():
         model(input_ids=torch.tensor([ids]))
     h.remove()

@@ -1,0 +1,98 @@
+"""Target accuracy: how close each edit layer gets to the state it was asked to reach.
+
+After an edit, for every edit layer ``l_i`` (and every target site) and every
+request, the edited model is run on the bare prompt and its state ``h^{l_i}`` at
+the lookup token is compared with that layer's target ``t^{l_i}``:
+
+    relative error = |h^{l_i} - t^{l_i}| / |t^{l_i}|
+
+Targets (see METHOD.md):
+
+- replay: ``t^{l_i} = z^{l_i}``, the replayed state (the anchor itself at ``l_1``).
+- spread: the implicit per-layer target of backward spreading. Layer ``l_i`` was
+  asked to add the residual ``r_i`` to its output, on the assumption that what it
+  adds reaches later layers unchanged; so the state it aims at, together with the
+  layers before it, is ``t^{l_i} = h_0^{l_i} + sum_{j <= i} r_j`` (``h_0`` = the
+  unedited model's state). At the last edit layer the target is the anchor ``z``
+  itself (with the stock share ``r_n`` closes the remaining gap to ``z``).
+
+The last edit layer's row is the error against the anchor-derived final target
+(``z`` for spreading, ``z^{l_n}`` for replay). Also reported: the NLL of
+``target_new`` that the optimized anchor achieved and the NLL the edited model
+achieves on the same rewriting prompts (how much of the optimized effect the
+weight update realizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import torch
+
+from .anchor import target_nll
+from .keys import bare_probes, read_at_lookup
+
+
+@dataclass
+class TargetAccuracy:
+    """Per-layer target errors of one edit (one target site).
+
+    ``relative_error`` is ``[n_layers, R]``; ``anchor_nll``/``edited_nll`` are ``[R]``.
+    """
+
+    mode: str
+    site: str
+    layers: List[int]
+    relative_error: torch.Tensor
+    anchor_nll: torch.Tensor
+    edited_nll: torch.Tensor
+
+    def mean_by_layer(self) -> List[float]:
+        return [float(x) for x in self.relative_error.mean(1)]
+
+    def to_dict(self) -> Dict:
+        return {
+            "mode": self.mode, "site": self.site, "layers": self.layers,
+            "relative_error": self.relative_error.tolist(),
+            "mean_by_layer": self.mean_by_layer(),
+            "final_error": self.relative_error[-1].tolist(),
+            "anchor_nll": self.anchor_nll.tolist(), "edited_nll": self.edited_nll.tolist(),
+        }
+
+
+def layer_targets(plan, site_template: str) -> Dict[int, torch.Tensor]:
+    """``{layer: [R, d]}`` targets of every edit layer (see the module docstring)."""
+    layers = plan.targets.layers
+    if plan.mode == "replay":
+        return {l: plan.targets.values[(l, site_template)].float() for l in layers}
+    out, total = {}, None
+    for layer in layers[:-1]:
+        r = plan.residuals[(layer, site_template)]
+        total = r if total is None else total + r
+        out[layer] = plan.unedited[(layer, site_template)] + total
+    out[layers[-1]] = plan.targets.values[(layers[-1], site_template)].float()
+    return out
+
+
+def target_accuracy(model, tok, plan, hparams) -> List[TargetAccuracy]:
+    """Measure target accuracy of ``plan`` on ``model`` (which must carry the edit).
+
+    Returns one :class:`TargetAccuracy` per target site (MEMIT-style: one).
+    """
+    probes = bare_probes(tok, plan.requests, hparams.fact_token)
+    sites = sorted({tmp for (_, tmp) in plan.targets.values})
+    names = {(l, s): s.format(l) for l in plan.targets.layers for s in sites}
+    reads = read_at_lookup(model, tok, probes, outputs=list(names.values()))
+    edited_nll = target_nll(model, tok, plan.requests, hparams, plan.templates)
+    out = []
+    for site in sites:
+        targets = layer_targets(plan, site)
+        errors = []
+        for layer in plan.targets.layers:
+            h = reads["out:" + names[(layer, site)]].float().cpu()
+            t = targets[layer].float().cpu()
+            errors.append((h - t).norm(dim=-1) / t.norm(dim=-1))
+        out.append(TargetAccuracy(plan.mode, site, list(plan.targets.layers), torch.stack(errors),
+                                  plan.anchor.nll.float().cpu(), edited_nll.float().cpu()))
+    return out

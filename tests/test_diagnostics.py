@@ -1,0 +1,110 @@
+"""Target-accuracy diagnostics and the comparison report."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from easyedit_replay.diagnostics import layer_targets, target_accuracy
+from easyedit_replay.editor import apply_edit, last_plan, weight_transaction
+from easyedit_replay.experiment import bootstrap
+from easyedit_replay.keys import lookup_index, token_ids
+from easyedit_replay.tracing import hidden_of, resolve_parameter
+
+from .test_core import with_fields
+
+
+def _edited(model, tok, hparams, templates, records, alg):
+    hp = with_fields(hparams, alg_name=alg, layers=[3, 5, 7], v_num_grad_steps=4)
+    names = [f"model.layers.{l}.mlp.down_proj.weight" for l in hp.layers]
+    return hp, {n: resolve_parameter(model, n) for n in names}
+
+
+def test_zero_when_the_state_equals_the_target_and_hand_computation(model_tok, hparams, templates, demo_records):
+    model, tok = model_tok
+    hp, params = _edited(model, tok, hparams, templates, demo_records, "MEMIT_REPLAY")
+    with weight_transaction(params, restore_always=True):
+        apply_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+        plan = last_plan(model)
+        (acc,) = target_accuracy(model, tok, plan, hp)
+        assert acc.relative_error.shape == (3, 2) and float(acc.relative_error.min()) > 1e-3
+
+        # Hand computation for request 1 at layer 5: run the edited model on the bare prompt alone.
+        req = plan.requests[1]
+        look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
+        seen = {}
+        h = model.get_submodule("model.layers.5").register_forward_hook(lambda m, a, o: seen.__setitem__("h", hidden_of(o)[0, look]))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([token_ids(tok, req.text)]))
+        h.remove()
+        t = plan.targets.values[(5, hp.layer_module_tmp)][1].float()
+        hand = float((seen["h"] - t).norm() / t.norm())
+        assert abs(hand - float(acc.relative_error[1, 1])) < 1e-4 * max(hand, 1e-3)
+
+        # Replace the targets by the states the edited model reaches: the error vanishes.
+        reached = {l: [] for l in hp.layers}
+        for r in plan.requests:
+            look = lookup_index(tok, r.prompt, r.subject, hp.fact_token)
+            outs = {}
+            hooks = [model.get_submodule(f"model.layers.{l}").register_forward_hook(
+                lambda m, a, o, l=l: outs.__setitem__(l, hidden_of(o)[0, look])) for l in hp.layers]
+            with torch.no_grad():
+                model(input_ids=torch.tensor([token_ids(tok, r.text)]))
+            for hk in hooks:
+                hk.remove()
+            for l in hp.layers:
+                reached[l].append(outs[l])
+        for l in hp.layers:
+            plan.targets.values[(l, hp.layer_module_tmp)] = torch.stack(reached[l])
+        (zero,) = target_accuracy(model, tok, plan, hp)
+        assert float(zero.relative_error.abs().max()) < 1e-5
+        # The edited model's NLL of the target is measured with the anchor objective's prompts.
+        assert zero.edited_nll.shape == (2,) and torch.isfinite(zero.edited_nll).all()
+
+
+def test_spread_implicit_targets_accumulate_the_residuals(model_tok, hparams, templates, demo_records):
+    model, tok = model_tok
+    hp, params = _edited(model, tok, hparams, templates, demo_records, "MEMIT_SPREAD")
+    with weight_transaction(params, restore_always=True):
+        apply_edit(model, tok, demo_records[:1], hp, context_templates=templates)
+        plan = last_plan(model)
+    tmp = hp.layer_module_tmp
+    targets = layer_targets(plan, tmp)
+    r3, r5 = plan.residuals[(3, tmp)], plan.residuals[(5, tmp)]
+    assert torch.allclose(targets[3], plan.unedited[(3, tmp)] + r3)
+    assert torch.allclose(targets[5], plan.unedited[(5, tmp)] + r3 + r5)
+    assert torch.equal(targets[7], plan.anchor.value[0].float())
+    # Spread's residuals are shares of one vector measured at the last layer: r_i * (n - i) is
+    # the error still open at l_n before step i.
+    assert float(r3.norm()) > 0 and plan.records[0].measure_layer == 7
+
+
+def test_bootstrap_interval():
+    mean, lo, hi = bootstrap([0.0, 1.0] * 50, n_boot=500, seed=1)
+    assert mean == 0.5 and 0.38 < lo < 0.5 < hi < 0.62
+    assert bootstrap([None, None]) == (None, None, None)
+    assert bootstrap([0.7] * 5) == (0.7, 0.7, 0.7)
+
+
+def test_compare_produces_every_column_json_and_plots(tmp_path, capsys):
+    from easyedit_replay.cli import main
+
+    out, js = tmp_path / "report", tmp_path / "r.json"
+    rc = main(["compare", "--algs", "MEMIT", "--n", "3", "--steps", "2", "--batch-size", "2", "--sequential",
+               "--out", str(out), "--json", str(js), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for col in ("efficacy", "generalization", "specificity", "fluency", "target error", "edit time s"):
+        assert col in text
+    assert text.count("MEMIT") >= 2 and "replay" in text and "spread" in text
+    data = json.loads(js.read_text())
+    run = data["runs"]["MEMIT/replay"]
+    assert len(run["per_edit"]) == 3 and len(run["curve"]) == 2 and run["curve"][-1]["edits"] == 3
+    assert all(r["target_error"] is not None and r["fluency"] is not None for r in run["per_edit"])
+    import matplotlib.image as mpimg
+
+    for name in ("target_error.png", "sequential.png"):
+        img = mpimg.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300
+    assert "![target_error](target_error.png)" in (out / "report.md").read_text()
