@@ -11,9 +11,8 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from .errors import ReplayError
 
@@ -98,7 +97,7 @@ def cmd_export_model(args) -> int:
 def cmd_stats(args) -> int:
     from .hparams import load_hparams
     from .models import load_model
-    from .stats import second_moments, stats_path
+    from .stats import second_moments
 
     hp = load_hparams(args.hparams)
     if args.stats_dir:

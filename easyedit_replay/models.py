@@ -16,7 +16,11 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Tuple, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    import transformers
 
 from .errors import ModelLoadError
 

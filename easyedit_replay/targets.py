@@ -23,7 +23,7 @@ With one edit layer both modes give bit-identical targets and residuals.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch

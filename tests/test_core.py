@@ -29,6 +29,28 @@ def assert_unchanged(model, before):
         assert torch.equal(p, before[n]), f"{n} changed"
 
 
+def states_of_prompt(model, tok, req, hp, layers, add=None):
+    """``{layer: h}`` block outputs at the lookup token of ``req``'s bare prompt, run alone
+    (no batching, no padding); ``add=(layer, delta)`` adds ``delta`` to that block's output."""
+    look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
+    seen, hooks = {}, []
+    if add is not None:
+        at, delta = add
+        hooks.append(model.get_submodule(hp.layer_module_tmp.format(at)).register_forward_hook(
+            lambda m, a, out: with_hidden(out, add_at_positions(hidden_of(out), torch.tensor([0]), torch.tensor([look]), delta[None]))
+        ))
+    for layer in layers:
+        hooks.append(model.get_submodule(hp.layer_module_tmp.format(layer)).register_forward_hook(
+            lambda m, a, out, l=layer: seen.__setitem__(l, hidden_of(out)[0, look].clone())))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([token_ids(tok, req.text)]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def test_replay_targets_equal_a_real_forward_pass(model_tok, hparams, templates, demo_records):
     """z^{l_i} of replay == hidden states of the unedited model, run prompt by prompt,
     with the anchor delta added at the first edit layer's lookup token."""
@@ -40,22 +62,7 @@ def test_replay_targets_equal_a_real_forward_pass(model_tok, hparams, templates,
     targets = build_targets(model, tok, reqs, hp, anchor, "replay", [TargetSite(hp.layer_module_tmp)], [hp.layer_module_tmp])
 
     for r, req in enumerate(reqs):
-        ids = torch.tensor([token_ids(tok, req.text)])
-        look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
-        recorded = {}
-        hooks = []
-        first = model.get_submodule(hp.layer_module_tmp.format(hp.layers[0]))
-        hooks.append(first.register_forward_hook(
-            lambda m, a, out, d=anchor.delta[0, r]: with_hidden(
-                out, add_at_positions(hidden_of(out), torch.tensor([0]), torch.tensor([look]), d[None]))
-        ))
-        for layer in hp.layers[1:]:
-            mod = model.get_submodule(hp.layer_module_tmp.format(layer))
-            hooks.append(mod.register_forward_hook(lambda m, a, out, l=layer: recorded.__setitem__(l, hidden_of(out)[0, look].clone())))
-        with torch.no_grad():
-            model(input_ids=ids)
-        for h in hooks:
-            h.remove()
+        recorded = states_of_prompt(model, tok, req, hp, hp.layers[1:], add=(hp.layers[0], anchor.delta[0, r]))
         for layer in hp.layers[1:]:
             z = targets.values[(layer, hp.layer_module_tmp)][r]
             ref = recorded[layer]

@@ -9,10 +9,9 @@ import torch
 from easyedit_replay.diagnostics import layer_targets, target_accuracy
 from easyedit_replay.editor import apply_edit, last_plan, weight_transaction
 from easyedit_replay.experiment import bootstrap
-from easyedit_replay.keys import lookup_index, token_ids
-from easyedit_replay.tracing import hidden_of, resolve_parameter
+from easyedit_replay.tracing import resolve_parameter
 
-from .test_core import with_fields
+from .test_core import states_of_prompt, with_fields
 
 
 def _edited(model, tok, hparams, templates, records, alg):
@@ -31,32 +30,15 @@ def test_zero_when_the_state_equals_the_target_and_hand_computation(model_tok, h
         assert acc.relative_error.shape == (3, 2) and float(acc.relative_error.min()) > 1e-3
 
         # Hand computation for request 1 at layer 5: run the edited model on the bare prompt alone.
-        req = plan.requests[1]
-        look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
-        seen = {}
-        h = model.get_submodule("model.layers.5").register_forward_hook(lambda m, a, o: seen.__setitem__("h", hidden_of(o)[0, look]))
-        with torch.no_grad():
-            model(input_ids=torch.tensor([token_ids(tok, req.text)]))
-        h.remove()
+        h5 = states_of_prompt(model, tok, plan.requests[1], hp, [5])[5]
         t = plan.targets.values[(5, hp.layer_module_tmp)][1].float()
-        hand = float((seen["h"] - t).norm() / t.norm())
+        hand = float((h5 - t).norm() / t.norm())
         assert abs(hand - float(acc.relative_error[1, 1])) < 1e-4 * max(hand, 1e-3)
 
         # Replace the targets by the states the edited model reaches: the error vanishes.
-        reached = {l: [] for l in hp.layers}
-        for r in plan.requests:
-            look = lookup_index(tok, r.prompt, r.subject, hp.fact_token)
-            outs = {}
-            hooks = [model.get_submodule(f"model.layers.{l}").register_forward_hook(
-                lambda m, a, o, l=l: outs.__setitem__(l, hidden_of(o)[0, look])) for l in hp.layers]
-            with torch.no_grad():
-                model(input_ids=torch.tensor([token_ids(tok, r.text)]))
-            for hk in hooks:
-                hk.remove()
-            for l in hp.layers:
-                reached[l].append(outs[l])
+        reached = [states_of_prompt(model, tok, r, hp, hp.layers) for r in plan.requests]
         for l in hp.layers:
-            plan.targets.values[(l, hp.layer_module_tmp)] = torch.stack(reached[l])
+            plan.targets.values[(l, hp.layer_module_tmp)] = torch.stack([x[l] for x in reached])
         (zero,) = target_accuracy(model, tok, plan, hp)
         assert float(zero.relative_error.abs().max()) < 1e-5
         # The edited model's NLL of the target is measured with the anchor objective's prompts.

@@ -3,7 +3,6 @@ padding-side independence, concurrent statistics, half-precision edits."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
