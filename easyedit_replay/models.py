@@ -145,6 +145,7 @@ def converted_model_dir(alias: str = DEFAULT_MODEL) -> Path:
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
         tok = _fixed_tokenizer(tok, source)
+        model = _plain_copy(model)
         model.config.pad_token_id = tok.pad_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         tmp = Path(tempfile.mkdtemp(prefix=source.dirname + ".", dir=target.parent))
@@ -157,6 +158,31 @@ def converted_model_dir(alias: str = DEFAULT_MODEL) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def _plain_copy(model):
+    """The same weights in a model that transformers does not consider quantized.
+
+    Recent transformers versions keep the GGUF quantizer attached to a dequantized
+    model and then refuse ``save_pretrained``; rebuilding from the config without
+    ``quantization_config`` and loading the float state dict sidesteps that on
+    every version.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config"):
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ModelLoadError(f"GGUF conversion lost weights: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def _portable_tokenizer_config(path: Path) -> None:
