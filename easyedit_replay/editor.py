@@ -25,12 +25,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .algorithms import get_algorithm
-from .algorithms.base import Algorithm, Site, UpdateInputs, match_shape
+from .algorithms.base import Algorithm, UpdateInputs, match_shape
 from .anchor import AnchorResult, optimize_anchors
 from .errors import HyperParamsError, NumericalError, RequestError
 from .keys import (
     EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
-    sample_context_templates, template_probes, validate_templates, flat_templates,
+    sample_context_templates, template_probes, validate_templates,
 )
 from .stats import second_moments
 from .targets import Targets, anchor_layer, build_targets, check_mode
@@ -263,6 +263,7 @@ def apply_edit(
     mode: Optional[str] = None,
     context_templates=None,
     progress: bool = False,
+    anchor: Optional[AnchorResult] = None,
     **kwargs,
 ) -> Tuple[Any, Dict[str, torch.Tensor]]:
     """EasyEdit's ``apply_*_to_model`` contract for every plugin algorithm.
@@ -272,12 +273,14 @@ def apply_edit(
     otherwise). With ``copy=True`` a deep copy is edited and the input model is
     untouched. Any exception leaves every weight bit-identical to before.
     ``cache_template`` (EasyEdit's per-case anchor cache) is accepted for signature
-    compatibility and not used.
+    compatibility and not used. ``anchor`` reuses an anchor optimized earlier on the
+    same unedited weights (see :func:`compute_edit`); the applied plan's anchor is
+    ``last_plan(model).anchor``.
     """
     if copy:
         model = deepcopy(model)
     plan = compute_edit(model, tok, requests, hparams, mode=mode, context_templates=context_templates,
-                        progress=progress, options=kwargs)
+                        progress=progress, anchor=anchor, options=kwargs)
     weights_copy: Dict[str, torch.Tensor] = {}
     params = {n: resolve_parameter(model, n) for n in plan.updates}
     with weight_transaction(params):
