@@ -91,6 +91,29 @@ def base_name(alg_name) -> Optional[str]:
     return plugin_names().get(str(alg_name)) if alg_name is not None else None
 
 
+# ----------------------------------------------------------------------------- model names
+# ``BaseEditor.__init__`` picks its loader by the first of these substrings found in
+# the lower-cased ``model_name`` (whole path); no match raises NotImplementedError.
+# Observed in EasyEdit's editors/editor.py (July 2026); kept in its order.
+HOST_LOADER_ORDER = ("t5", "chatglm-api", "gpt-3.5", "gpt", "llama", "baichuan", "chatglm", "internlm",
+                     "qwen2", "qwen3", "qwen", "mistral")
+
+
+def host_loader_branch(model_name: str) -> Optional[str]:
+    """The substring EasyEdit's ``BaseEditor`` dispatches ``model_name`` on, or None.
+
+    A SmolLM2 export must land on ``"llama"`` (Llama architecture: AutoModel and
+    AutoTokenizer, pad token = EOS, right padding for MEMIT-family editors); a path
+    that also contains e.g. ``gpt`` or ``t5`` anywhere earlier in this order would be
+    loaded with the wrong tokenizer class.
+    """
+    lowered = str(model_name).lower()
+    for key in HOST_LOADER_ORDER:
+        if key in lowered:
+            return key
+    return None
+
+
 # ----------------------------------------------------------------------------- patches
 def _warn_missing(symbol: str, report: Registration) -> None:
     report.missing.append(symbol)

@@ -7,10 +7,17 @@ Linux torchvision links CUDA torch), so ``tests/test_easyedit.py`` puts this
 folder on PYTHONPATH of the EasyEdit subprocess. It only acts for a module that
 cannot be found otherwise: it then serves an empty stand-in whose attributes are
 inert placeholders. With EasyEdit's own requirements installed it does nothing.
+
+It also processes the plugin's ``.pth`` file exactly as an installed copy would
+(``site.addsitedir``) when ``EASYEDIT_REPLAY_TEST_SITEDIR`` names the folder that
+holds it, so the subprocess gets the post-import hook without installing the
+plugin into the EasyEdit interpreter.
 """
 
 import importlib.abc
 import importlib.machinery
+import os
+import site
 import sys
 import types
 
@@ -75,3 +82,6 @@ class _StubFinder(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.append(_StubFinder())
+
+if os.environ.get("EASYEDIT_REPLAY_TEST_SITEDIR"):
+    site.addsitedir(os.environ["EASYEDIT_REPLAY_TEST_SITEDIR"])
