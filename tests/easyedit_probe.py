@@ -63,8 +63,9 @@ def main():
 
         import yaml
 
-        cls_name = {"PMET": "PMETHyperParams", "EMMET": "EMMETHyperParams",
-                    "AlphaEdit": "AlphaEditHyperParams"}.get(planned[0], f"{planned[0]}HyperParams")
+        from easyedit_replay.easyedit import HOST_HPARAMS
+
+        cls_name = HOST_HPARAMS.get(planned[0], f"{planned[0]}HyperParams")
         cfg = yaml.safe_load(open(args.replay))
         cfg["alg_name"] = f"{planned[0]}_REPLAY"
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -96,6 +97,12 @@ def main():
     model, tok = ed_stock.model, ed_stock.tok
     requests = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")}
                 for r in load_records()[: args.n]]
+    # The plugin first: it writes the npz statistics if missing (stock EasyEdit cannot
+    # compute mom2_dataset 'bundled'; it reads the file the plugin wrote).
+    spread_hp = load_hparams(args.replay, alg_name="MEMIT_SPREAD", v_num_grad_steps=args.steps)
+    t0 = time.perf_counter()
+    plan = easyedit_replay.compute_edit(model, tok, requests, spread_hp, context_templates=TEMPLATES)
+    report["plugin_seconds"] = round(time.perf_counter() - t0, 2)
     memit_main.CONTEXT_TEMPLATES_CACHE = TEMPLATES
     stock_hp.v_num_grad_steps = args.steps
     t0 = time.perf_counter()
@@ -105,10 +112,6 @@ def main():
     for name, (adj_k, resid) in deltas.items():
         w = model.get_parameter(name)
         stock[name] = memit_main.upd_matrix_match_shape(adj_k @ resid.T, w.shape).double()
-    spread_hp = load_hparams(args.replay, alg_name="MEMIT_SPREAD", v_num_grad_steps=args.steps)
-    t0 = time.perf_counter()
-    plan = easyedit_replay.compute_edit(model, tok, requests, spread_hp, context_templates=TEMPLATES)
-    report["plugin_seconds"] = round(time.perf_counter() - t0, 2)
     rel = {}
     for name, upd in stock.items():
         ours = plan.updates[name].double().to(upd.device)
