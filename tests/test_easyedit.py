@@ -344,7 +344,8 @@ def easyedit_env(tmp_path_factory):
                            capture_output=True, text=True)
     if check.returncode != 0:
         if "No module named" in check.stderr:
-            pytest.skip(f"{python} lacks EasyEdit's requirements: {check.stderr.strip().splitlines()[-1]}")
+            pytest.skip(f"{python} lacks EasyEdit's requirements ({check.stderr.strip().splitlines()[-1]}); "
+                        f"set EASYEDIT_PYTHON to an interpreter that has them")
         nltk_dir = base / "nltk_data"
         subprocess.run([python, "-c", textwrap.dedent(f"""
             import os, pickle
@@ -404,7 +405,7 @@ def test_spread_mode_equals_easyedit_memit(probe):
 
 @pytest.mark.slow
 @requires_shared
-def test_unchanged_knowedit_example_with_memit_replay_yaml(easyedit_env):
+def test_unchanged_knowedit_example_with_memit_replay_yaml(easyedit_env, probe):
     """examples/run_knowedit_llama2.py, unchanged, --editing_method MEMIT, a MEMIT_REPLAY YAML.
 
     The KnowEdit records carry no locality prompts: the script's own eval() sums every
