@@ -51,6 +51,14 @@ def load_model(name_or_path="smollm2-135m", device="cpu", dtype=None):
     return _load(name_or_path, device=device, dtype=dtype)
 
 
+def register(import_host=True):
+    """Register the plugin's algorithms with EasyEdit (idempotent); see
+    :func:`easyedit_replay.easyedit.register`. Returns a ``Registration`` report."""
+    from .easyedit import register as _register
+
+    return _register(import_host=import_host)
+
+
 def compute_edit(*args, **kwargs):
     """See :func:`easyedit_replay.editor.compute_edit`."""
     from .editor import compute_edit as _compute

@@ -87,10 +87,20 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export_model(args) -> int:
+    """Write the model and say whether EasyEdit's ``BaseEditor`` will load it by that path."""
+    from .easyedit import host_loader_branch
     from .models import export_model
 
-    out = export_model(args.alias, args.out)
+    out = export_model(args.alias, args.out).resolve()
     print(out)
+    branch = host_loader_branch(str(out))
+    if branch == "llama":
+        print(f"EasyEdit: set model_name: {out} in the YAML (loaded by BaseEditor's 'llama' branch)", file=sys.stderr)
+    else:
+        print(f"warning: EasyEdit's BaseEditor picks its loader from substrings of model_name; {out} "
+              f"{'matches ' + repr(branch) if branch else 'matches none'}, not 'llama'. Export to a directory "
+              f"whose path contains 'llama' and none of 't5', 'gpt', 'chatglm-api' (e.g. ./smollm2-135m-llama)",
+              file=sys.stderr)
     return 0
 
 
@@ -158,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export-model", help="write a Hugging Face copy of a bundled model alias")
     e.add_argument("alias", help="e.g. smollm2-135m")
-    e.add_argument("--out", required=True, help="output directory (new or empty)")
+    e.add_argument("--out", required=True, help="output directory (new or empty); for EasyEdit its path must "
+                   "contain 'llama', e.g. ./smollm2-135m-llama")
     e.set_defaults(func=cmd_export_model)
 
     s = sub.add_parser("stats", help="compute (or check) covariance statistics for a YAML")
