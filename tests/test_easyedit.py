@@ -279,7 +279,11 @@ def test_register_is_idempotent_in_process(fake_host, monkeypatch):
     for name in [m for m in sys.modules if m == "easyeditor" or m.startswith("easyeditor.")]:
         monkeypatch.delitem(sys.modules, name)
     import easyedit_replay
+    from easyedit_replay import _autoload
 
+    # an installed .pth hook would register on import, before our first call
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    _autoload.remove()
     try:
         first = easyedit_replay.register()
         second = easyedit_replay.register()
