@@ -114,7 +114,7 @@ def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, b
                 pristine = anchors is not None and (not cfg.sequential or b == 0)
                 key = anchor_key(model, hp, mode_of(hp), idx, templates) if pristine else None
                 start = time.perf_counter()
-                apply_edit(model, tok, batch, hp, context_templates=templates,
+                apply_edit(model, tok, batch, hp, context_templates=templates, progress=cfg.progress,
                            anchor=anchors.get(key) if pristine else None)
                 seconds.append(time.perf_counter() - start)
                 if pristine and key not in anchors:
