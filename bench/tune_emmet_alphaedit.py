@@ -5,8 +5,9 @@ every combination of the update-rule settings in ``--grid``, and prints efficacy
 generalization and specificity. The anchors depend only on the mode's anchor
 layer (the objective is the same for both algorithms), so each is optimized once.
 
-    python bench/tune_emmet_alphaedit.py --n 8 --alg EMMET --grid "mom2_update_weight=1000,5000,15000"
-    python bench/tune_emmet_alphaedit.py --n 8 --alg AlphaEdit --grid "nullspace_threshold=5e-3,1e-2,2e-2;L2=1,10"
+    python bench/tune_emmet_alphaedit.py --n 8 --run "EMMET:mom2_update_weight=1000,5000,15000"
+    python bench/tune_emmet_alphaedit.py --n 8 --run "EMMET:mom2_update_weight=15000,50000" \
+        --run "AlphaEdit:nullspace_threshold=1e-2,2e-2;L2=1,10"
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ def parse_grid(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--alg", choices=("EMMET", "AlphaEdit"), required=True)
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--grid", required=True)
+    p.add_argument("--run", action="append", required=True,
+                   help="ALG:field=v1,v2;field2=v1,... (ALG is EMMET or AlphaEdit); repeatable, anchors are shared")
     p.add_argument("--steps", type=int, help="override v_num_grad_steps")
     args = p.parse_args(argv)
 
-    base = load_hparams(ROOT / "hparams" / f"{args.alg}_REPLAY" / "smollm2-135m.yaml", stats_dir=str(cache_root() / "stats"))
-    if args.steps:
-        base = type(base).from_dict({**base.to_dict(), "v_num_grad_steps": args.steps})
+    runs = [(r.split(":", 1)[0], parse_grid(r.split(":", 1)[1])) for r in args.run]
+    bases = {}
+    for alg, _ in runs:
+        bases[alg] = load_hparams(ROOT / "hparams" / f"{alg}_REPLAY" / "smollm2-135m.yaml", stats_dir=str(cache_root() / "stats"),
+                                  **({"v_num_grad_steps": args.steps} if args.steps else {}))
+    base = bases[runs[0][0]]
     model, tok = load_model(base.model_name)
     records = load_records(None, args.n)
     reqs = prepare_requests(records)
@@ -61,28 +65,28 @@ def main(argv=None):
     params = {n: resolve_parameter(model, n) for n in names}
     rows = []
     for mode in ("spread", "replay"):
-        hp0 = type(base).from_dict({**base.to_dict(), "alg_name": f"{args.alg}_{mode.upper()}"})
         t = time.perf_counter()
-        anchor = optimize_anchors(model, tok, reqs, hp0, anchor_layer(mode, hp0.layers), [hp0.layer_module_tmp], templates)
+        anchor = optimize_anchors(model, tok, reqs, base, anchor_layer(mode, base.layers), [base.layer_module_tmp], templates)
         print(f"anchor {mode}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
-        for setting in parse_grid(args.grid):
-            hp = type(base).from_dict({**hp0.to_dict(), **setting})
-            plan = compute_edit(model, tok, records, hp, context_templates=templates, anchor=anchor)
-            with weight_transaction(params, restore_always=True):
-                with torch.no_grad():
-                    for name, upd in plan.updates.items():
-                        params[name] += upd.to(params[name].dtype)
-                s = summarize(evaluate_records(model, tok, records, baseline))
-            row = {"mode": mode, **setting, **s, "upd_norm": sum(r.update_norm for r in plan.records)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for alg, grid in runs:
+            for setting in grid:
+                hp = type(bases[alg]).from_dict({**bases[alg].to_dict(), "alg_name": f"{alg}_{mode.upper()}", **setting})
+                plan = compute_edit(model, tok, records, hp, context_templates=templates, anchor=anchor)
+                with weight_transaction(params, restore_always=True):
+                    with torch.no_grad():
+                        for name, upd in plan.updates.items():
+                            params[name] += upd.to(params[name].dtype)
+                    s = summarize(evaluate_records(model, tok, records, baseline))
+                row = {"alg": alg, "mode": mode, "setting": setting, **s,
+                       "upd_norm": sum(r.update_norm for r in plan.records)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print()
-    keys = list(parse_grid(args.grid)[0])
-    print(" ".join(f"{k:>20}" for k in keys), f"{'mode':7} {'eff acc':>8} {'eff win':>8} {'gen acc':>8} {'gen win':>8} {'spec':>6} {'sum|dW|':>8}")
+    print(f"{'alg':9} {'setting':45} {'mode':7} {'eff acc':>8} {'eff win':>8} {'gen acc':>8} {'gen win':>8} {'spec':>6} {'sum|dW|':>8}")
     for r in rows:
-        print(" ".join(f"{r[k]:20g}" for k in keys), f"{r['mode']:7} {r['efficacy_acc']:8.3f} {r['efficacy_win']:8.3f} "
+        setting = ", ".join(f"{k}={v:g}" for k, v in r["setting"].items())
+        print(f"{r['alg']:9} {setting:45} {r['mode']:7} {r['efficacy_acc']:8.3f} {r['efficacy_win']:8.3f} "
               f"{r['generalization_acc']:8.3f} {r['generalization_win']:8.3f} {r['specificity']:6.3f} {r['upd_norm']:8.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -286,6 +286,15 @@ def test_alphaedit_leaves_preserved_keys_almost_unchanged(model_tok, stats_dir, 
 # ----------------------------------------------------------------------------- sequential cache
 
 
+def rank_one_error(m: torch.Tensor) -> float:
+    """``|M - c c^T| / |M|`` with ``c`` the column of the largest diagonal entry scaled:
+    0 for a rank-one ``k k^T``, about 1 for anything else."""
+    m = m.double()
+    j = int(torch.argmax(torch.diagonal(m)))
+    c = m[:, j] / m[j, j].sqrt()
+    return float((m - torch.outer(c, c)).norm() / m.norm())
+
+
 def cache_hp(stats_dir, **changes):
     return load("AlphaEdit", stats_dir, layers=[4, 5], v_num_grad_steps=2, **changes)
 
@@ -302,7 +311,7 @@ def test_cache_is_committed_only_by_successful_edits(model_tok, stats_dir, templ
         assert sorted(first) == names
         for n in names:  # one request: the cache is the rank-one K K^T of its key
             assert float(first[n].norm()) > 0
-            assert int(torch.linalg.matrix_rank(first[n].double(), rtol=1e-6)) == 1
+            assert rank_one_error(first[n]) < 1e-5
         after_first = snapshot(model)
 
         calls = []
@@ -329,12 +338,12 @@ def test_cache_is_committed_only_by_successful_edits(model_tok, stats_dir, templ
         assert all(torch.equal(alphaedit_cache(model)[n], first[n]) for n in names)
         restore(model, after_first)
 
-        # a second committed edit adds its keys: cache = first + K2 K2^T (rank two)
+        # a second committed edit adds its keys: cache = first + K2 K2^T
         apply_edit(model, tok, demo_records[1:2], hp, context_templates=templates, sequential_edit=True)
         second = alphaedit_cache(model)
         for n in names:
-            assert int(torch.linalg.matrix_rank(second[n].double(), rtol=1e-6)) == 2
-            assert float((second[n] - first[n]).norm()) > 0
+            assert rank_one_error(second[n] - first[n]) < 1e-4
+            assert rank_one_error(second[n]) > 0.1
 
         # weights restored (as EasyEdit's editor does after a non-sequential edit): the
         # next edit rolls the cache back to match them
@@ -352,7 +361,7 @@ def test_cache_is_committed_only_by_successful_edits(model_tok, stats_dir, templ
         apply_edit(model, tok, demo_records[2:3], hp, context_templates=templates, reset_cache=True)
         third = alphaedit_cache(model)
         for n in names:
-            assert int(torch.linalg.matrix_rank(third[n].double(), rtol=1e-6)) == 1
+            assert rank_one_error(third[n]) < 1e-5
         reset_alphaedit_cache(model)
         assert alphaedit_cache(model) == {}
     finally:
