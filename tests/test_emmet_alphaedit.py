@@ -299,6 +299,7 @@ def cache_hp(stats_dir, **changes):
     return load("AlphaEdit", stats_dir, layers=[4, 5], v_num_grad_steps=2, **changes)
 
 
+@pytest.mark.slow
 def test_cache_is_committed_only_by_successful_edits(model_tok, stats_dir, templates, demo_records, monkeypatch):
     model, tok = model_tok
     original = snapshot(model)
@@ -397,6 +398,7 @@ def test_cache_protects_the_first_batch_over_sequential_batches(model_tok, stats
 # ----------------------------------------------------------------------------- stock equivalence
 
 
+@pytest.mark.slow
 def test_spread_equals_stock_easyedit(tmp_path):
     """EMMET_SPREAD and AlphaEdit_SPREAD vs EasyEdit's stock code on the same inputs
     (two batches, so AlphaEdit's sequential cache is compared too)."""
