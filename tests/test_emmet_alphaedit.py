@@ -40,10 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (generalization 0.5); the thresholds leave one miss of margin.
 EFFICACY = {("EMMET", "spread"): 0.75, ("EMMET", "replay"): 0.75, ("AlphaEdit", "spread"): 0.75, ("AlphaEdit", "replay"): 0.75}
 SPECIFICITY = {("EMMET", "spread"): 0.9, ("EMMET", "replay"): 0.9, ("AlphaEdit", "spread"): 0.9, ("AlphaEdit", "replay"): 0.9}
-PRESERVED_MAX = 1.0
-PRESERVED_VS_EMMET = 1.0
+PRESERVED_MAX = 0.05   # measured max over layers 0.034
 SEQ_STEPS = 25
-SEQ_MARGIN = -100.0
+SEQ_MARGIN = 0.0       # measured: mean log P(new) of batch 1 -0.0281 with the cache, -0.0317 without
 
 
 def yaml_of(alg):
@@ -199,17 +198,25 @@ def test_projection_helper_matches_its_definition():
 N_EDITS = 4
 
 
+class _Anchors(dict):
+    """Anchors of the first demo edits per mode, optimized on first use (the anchor
+    objective is the same for EMMET and AlphaEdit, so both reuse them)."""
+
+    def __init__(self, model_tok, stats_dir, templates, records):
+        super().__init__()
+        self.args = (model_tok, stats_dir, templates, records)
+
+    def __missing__(self, mode):
+        (model, tok), stats_dir, templates, records = self.args
+        hp = load("EMMET", stats_dir)
+        self[mode] = optimize_anchors(model, tok, prepare_requests(records), hp, anchor_layer(mode, hp.layers),
+                                      [hp.layer_module_tmp], templates)
+        return self[mode]
+
+
 @pytest.fixture(scope="module")
 def anchors(model_tok, stats_dir, templates, demo_records):
-    """Anchors of the first demo edits for each mode (the anchor objective is the same
-    for EMMET and AlphaEdit, so both reuse them)."""
-    model, tok = model_tok
-    reqs = prepare_requests(demo_records[:N_EDITS])
-    out = {}
-    for mode in ("spread", "replay"):
-        hp = load("EMMET", stats_dir)
-        out[mode] = optimize_anchors(model, tok, reqs, hp, anchor_layer(mode, hp.layers), [hp.layer_module_tmp], templates)
-    return out
+    return _Anchors(model_tok, stats_dir, templates, demo_records[:N_EDITS])
 
 
 @pytest.fixture(scope="module")
@@ -266,23 +273,33 @@ def sample_corpus_keys(model, tok, modules, n_texts=8):
 
 @pytest.mark.slow
 def test_alphaedit_leaves_preserved_keys_almost_unchanged(model_tok, stats_dir, templates, demo_records, anchors):
-    """``|dW k0| / |W k0|`` over corpus keys: AlphaEdit projects its update away from them;
-    EMMET (same anchors, same layers) is the reference without projection."""
+    """AlphaEdit's update acts only through the null space: ``dW (I - P) = 0``; on keys
+    sampled from the statistics corpus ``|dW k0| / |W k0|`` stays small.
+
+    Measured (4 demo edits, replay, stock nullspace_threshold 2e-2), per layer 4..8:
+    AlphaEdit 0.015 0.023 0.029 0.034 0.033; EMMET on the same anchors 0.018 0.025
+    0.029 0.026 0.020. So on SmolLM2 AlphaEdit does NOT beat EMMET here: with the
+    bundled statistics the stock threshold puts 976-1237 of 1536 directions, and a
+    large share of the corpus keys' energy, in the "null space" (SmolLM2's key
+    second moment has median eigenvalue about 0.01). The exact property and the
+    absolute bound are what hold.
+    """
     model, tok = model_tok
-    ratios = {}
-    for alg in ("AlphaEdit", "EMMET"):
-        hp, plan = plan_of(model_tok, stats_dir, templates, demo_records, anchors, alg, "replay")
-        modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
-        keys = sample_corpus_keys(model, tok, modules)
-        per = []
-        for m in modules:
-            w = resolve_parameter(model, m + ".weight").double()
-            k = keys[m].double().T
-            per.append(float(((plan.updates[m + ".weight"].double() @ k).norm(dim=0) / (w @ k).norm(dim=0)).mean()))
-        ratios[alg] = per
-    print("mean |dW k0| / |W k0| per layer:", ratios)
-    assert max(ratios["AlphaEdit"]) < PRESERVED_MAX
-    assert max(ratios["AlphaEdit"]) < min(ratios["EMMET"]) / PRESERVED_VS_EMMET
+    hp, plan = plan_of(model_tok, stats_dir, templates, demo_records, anchors, "AlphaEdit", "replay")
+    modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
+    covs = second_moments(model, tok, hp, modules, progress=False)
+    P = projections(model, hp, covs)
+    keys = sample_corpus_keys(model, tok, modules)
+    ratios = []
+    for m in modules:
+        upd = plan.updates[m + ".weight"].double()
+        p = P[m].double()
+        assert float((upd - upd @ p).norm() / upd.norm()) < 1e-4
+        w = resolve_parameter(model, m + ".weight").double()
+        k = keys[m].double().T
+        ratios.append(float(((upd @ k).norm(dim=0) / (w @ k).norm(dim=0)).mean()))
+    print("AlphaEdit mean |dW k0| / |W k0| per layer:", ratios)
+    assert max(ratios) < PRESERVED_MAX
 
 
 # ----------------------------------------------------------------------------- sequential cache
