@@ -295,7 +295,7 @@ def test_alphaedit_leaves_preserved_keys_almost_unchanged(model_tok, stats_dir, 
         upd = plan.updates[m + ".weight"].double()
         p = P[m].double()
         assert float((upd - upd @ p).norm() / upd.norm()) < 1e-4
-        w = resolve_parameter(model, m + ".weight").double()
+        w = resolve_parameter(model, m + ".weight").detach().double()
         k = keys[m].double().T
         ratios.append(float(((upd @ k).norm(dim=0) / (w @ k).norm(dim=0)).mean()))
     print("AlphaEdit mean |dW k0| / |W k0| per layer:", ratios)
