@@ -35,6 +35,18 @@ def _entry(alg_name):
 
 apply_memit_replay_to_model = _entry("MEMIT_REPLAY")
 apply_memit_spread_to_model = _entry("MEMIT_SPREAD")
+apply_emmet_replay_to_model = _entry("EMMET_REPLAY")
+apply_emmet_spread_to_model = _entry("EMMET_SPREAD")
+apply_alphaedit_replay_to_model = _entry("AlphaEdit_REPLAY")
+apply_alphaedit_spread_to_model = _entry("AlphaEdit_SPREAD")
+
+
+def reset_alphaedit_cache(model=None):
+    """Forget AlphaEdit's sequential-edit key cache of ``model`` (of every model when None);
+    see :mod:`easyedit_replay.algorithms.alphaedit`."""
+    from .algorithms.alphaedit import reset_alphaedit_cache as _reset
+
+    _reset(model)
 
 
 def load_hparams(path_or_dict, **overrides):

@@ -174,7 +174,7 @@ def compute_edit(
     params = {n: resolve_parameter(model, n) for n in weight_names}
     modules = [s.rewrite_template.format(l) for l in layers for s in sites]
     covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
-    state = rule.prepare(model, tok, hparams, covs, dict(options or {}))
+    state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})
 
     anchor_templates = rule.anchor_templates(hparams)
     if anchor is None:

@@ -132,21 +132,28 @@ def stats_path(stats_dir, model_name: str, ds_name: str, module: str, precision:
 
 def save_second_moment(path: Path, count: int, mom2: torch.Tensor, sample_size: Optional[int]) -> None:
     """Write EasyEdit's npz layout atomically (temporary file + rename) under a file lock."""
-    from filelock import FileLock
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "mom2.constructor": np.array(CONSTRUCTOR),
         "mom2.count": np.array(int(count)),
         "mom2.mom2": mom2.detach().cpu().numpy(),
         "sample_size": NULL_NUMPY_VALUE if sample_size is None else np.array(sample_size),
     }
+    atomic_write(path, lambda tmp: np.savez(tmp, **data), suffix=".tmp.npz")
+
+
+def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
+    """Write ``path`` atomically under a file lock: ``write(tmp_path)`` fills a temporary
+    file in the same folder, which is then renamed onto ``path``; on any error the
+    temporary file is removed and ``path`` is untouched."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp.npz", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=suffix, dir=path.parent)
         os.close(fd)
         try:
-            np.savez(tmp, **data)
+            write(tmp)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -366,6 +373,15 @@ def collect_second_moments(model, tok, texts: Sequence[str], modules: Sequence[s
     return {m: (count[m], mom2[m].cpu()) for m in modules}
 
 
+def module_stats_path(model, hparams, module: str, stats_dir=None) -> Path:
+    """The cache file of ``module``'s second moment for ``hparams`` (``stats_dir``
+    overrides ``hparams.stats_dir``): the statistics identity that derived caches
+    (AlphaEdit's projections) are keyed by."""
+    return stats_path(stats_dir or hparams.stats_dir, model_stats_name(model), dataset_name(hparams.mom2_dataset),
+                      module, hparams.mom2_dtype, hparams.mom2_n_samples,
+                      getattr(hparams, "mom2_batch_tokens", None), context_length(model))
+
+
 def second_moments(model, tok, hparams, modules: Sequence[str], stats_dir=None, force: bool = False,
                    progress: bool = True) -> Dict[str, torch.Tensor]:
     """``C = E[k k^T]`` (float32, CPU, ``[d_in, d_in]``) for each module, cached.
@@ -393,7 +409,7 @@ def second_moments(model, tok, hparams, modules: Sequence[str], stats_dir=None, 
     paths = {}
     for m in modules:
         key = (name, ds_name, m, precision, n, batch_tokens, str(Path(stats_dir).resolve()))
-        paths[m] = stats_path(stats_dir, name, ds_name, m, precision, n, batch_tokens, npos)
+        paths[m] = module_stats_path(model, hparams, m, stats_dir)
         if not force and key in _MEMORY:
             result[m] = _MEMORY[key]
             continue

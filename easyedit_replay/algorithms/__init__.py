@@ -11,10 +11,12 @@ from typing import Dict
 
 from ..errors import HyperParamsError
 from .base import Algorithm
+from .alphaedit import AlphaEdit
+from .emmet import EMMET
 from .memit import MEMIT
 
-RULES: Dict[str, Algorithm] = {"MEMIT": MEMIT()}
-PLANNED = ("PMET", "EMMET", "AlphaEdit")
+RULES: Dict[str, Algorithm] = {"MEMIT": MEMIT(), "EMMET": EMMET(), "AlphaEdit": AlphaEdit()}
+PLANNED = ("PMET",)
 
 
 @dataclass(frozen=True)

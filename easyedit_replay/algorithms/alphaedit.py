@@ -1,0 +1,276 @@
+"""AlphaEdit's update rule (Fang et al., 2025, "AlphaEdit: Null-space constrained
+knowledge editing"; EasyEdit ``alphaedit/AlphaEdit_main``).
+
+Per edit layer, in float32 as stock:
+
+- ``P``: projection onto the span of the eigenvectors of the key second moment ``C``
+  whose eigenvalues are below ``nullspace_threshold`` (the "null space" of the
+  preserved keys). Stock: ``U, S = svd(C)``; ``P = U_s U_s^T`` for ``S < threshold``.
+- ``dW^T = (P (K K^T + cache) + L2 I)^-1 P K R^T`` with ``R = error / (n - i)``
+  (``torch.linalg.solve``), ``cache`` the sum of ``K K^T`` of earlier edits of the
+  same model (sequential editing).
+- After the batch, ``cache += K K^T`` for every edit layer (stock recomputes the keys
+  with every update written; a layer's keys do not depend on its own or later
+  layers' down-projections, so the keys used for its update are the same values).
+
+What differs from stock, on purpose:
+
+- ``P`` is cached on disk next to the statistics it comes from
+  (:func:`projection_path`: keyed by model, module, statistics identity and
+  threshold), written atomically under a file lock; stock writes
+  ``null_space_project.pt`` into the working directory. An existing file at
+  ``P_loc`` (stock layout: ``[len(layers), d, d]``) is honoured.
+- The sequential cache belongs to the edited model object (a weak-keyed store),
+  not to the process; each weight's cache is sized from the statistics of that
+  weight, never from the model name. It is updated only by a successful edit
+  (``commit``), can be reset with ``reset_cache=True`` (as stock; applied
+  atomically with the edit) or :func:`reset_alphaedit_cache`, and is not updated
+  for ``sequential_edit=False``. EasyEdit's editor does not pass
+  ``sequential_edit`` to the algorithm and restores the weights after each
+  non-sequential edit; so when the weights are found back at their state before
+  the last cached edit (or before the first), the cache is rolled back to match.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ..errors import HyperParamsError, StatisticsError, field_error
+from ..hparams import ReplayHyperParams, _is_number
+from ..stats import atomic_write, module_stats_path
+from ..tracing import resolve_parameter
+from .base import Algorithm, UpdateInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class AlphaEditHyperParams(ReplayHyperParams):
+    """EasyEdit's ``AlphaEditHyperParams`` fields plus the replay fields.
+
+    ``nullspace_threshold``: eigenvalues of ``C`` below it span the preserved-key
+    null space (stock 2e-2). ``L2``: ridge term of the solve (stock 1 or 10).
+    ``P_loc``: optional path of a precomputed ``[len(layers), d, d]`` projection
+    tensor (stock's ``null_space_project.pt``); used when the file exists,
+    otherwise ``P`` is computed and cached under ``stats_dir``.
+    """
+
+    nullspace_threshold: float
+    L2: float
+    P_loc: Optional[str] = None
+
+    ALG_NAMES = ("AlphaEdit_REPLAY", "AlphaEdit_SPREAD")
+
+    def validate(self) -> None:
+        super().validate()
+        if not _is_number(self.nullspace_threshold) or self.nullspace_threshold <= 0:
+            raise field_error(HyperParamsError, "nullspace_threshold", self.nullspace_threshold,
+                              "must be a positive number (stock: 2e-2)")
+        if not _is_number(self.L2) or self.L2 <= 0:
+            raise field_error(HyperParamsError, "L2", self.L2,
+                              "must be a positive number (stock: 1 or 10); P (K K^T + cache) alone is singular")
+        if self.P_loc is not None and not isinstance(self.P_loc, str):
+            raise field_error(HyperParamsError, "P_loc", self.P_loc, "must be a file path or null")
+
+
+# ----------------------------------------------------------------------------- projection
+
+
+def null_space_projection(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``P = U_s U_s^T`` for the singular vectors of ``cov`` with singular value < ``threshold``.
+
+    Args:
+        cov: ``[d, d]`` symmetric second moment (float32, as stock).
+
+    Returns:
+        ``[d, d]`` float32 orthogonal projection (zero when no value is below the
+        threshold).
+
+    Source: EasyEdit ``AlphaEdit_main.get_project`` (``torch.linalg.svd`` of the
+    float32 covariance on the CPU).
+    """
+    u, s, _ = torch.linalg.svd(cov.float().cpu(), full_matrices=False)
+    small = (s < threshold).nonzero(as_tuple=True)[0]
+    return u[:, small] @ u[:, small].T
+
+
+def projection_path(model, hparams, module: str, stats_dir=None) -> Path:
+    """Cache file of ``P`` for ``module``: the statistics file's name with
+    ``_nullspace{threshold}.pt`` instead of ``.npz``, in the same folder."""
+    stats = module_stats_path(model, hparams, module, stats_dir)
+    return stats.with_name(f"{stats.stem}_nullspace{float(hparams.nullspace_threshold)!r}.pt")
+
+
+def _load_tensor(path: Path, what: str) -> torch.Tensor:
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable, truncated, not a tensor file
+        raise StatisticsError(f"{what} {path} is unreadable ({exc}); delete it to recompute") from exc
+    if not isinstance(value, torch.Tensor):
+        raise StatisticsError(f"{what} {path} holds a {type(value).__name__}, not a tensor; delete it to recompute")
+    return value
+
+
+def projections(model, hparams, covs: Dict[str, torch.Tensor], stats_dir=None) -> Dict[str, torch.Tensor]:
+    """``{module: P [d_in, d_in] float32}`` for every edit layer's rewrite module.
+
+    ``P_loc`` (when the file exists) wins; else each module's cached file under
+    ``stats_dir``; else computed from ``covs`` and written there.
+
+    Raises:
+        StatisticsError: a ``P_loc`` or cache file that is unreadable or whose shape
+            does not fit the layers / weights.
+    """
+    modules = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
+    if hparams.P_loc and Path(hparams.P_loc).exists():
+        stacked = _load_tensor(Path(hparams.P_loc), "hparams.P_loc")
+        dims = {covs[m].shape[0] for m in modules}
+        if stacked.ndim != 3 or stacked.shape[0] != len(modules) or len(dims) != 1 \
+                or tuple(stacked.shape[1:]) != (dims.pop(),) * 2:
+            raise StatisticsError(
+                f"hparams.P_loc = {hparams.P_loc!r} holds a tensor of shape {tuple(stacked.shape)}; expected "
+                f"[{len(modules)}, d, d] for layers {list(hparams.layers)} with d = {covs[modules[0]].shape[0]}; "
+                f"point P_loc to a file made for this model and these layers, or to a missing path to compute P"
+            )
+        log.info("AlphaEdit: projections read from P_loc %s", hparams.P_loc)
+        return {m: stacked[i].float() for i, m in enumerate(modules)}
+    result = {}
+    for m in modules:
+        d = covs[m].shape[0]
+        path = projection_path(model, hparams, m, stats_dir)
+        if path.exists():
+            p = _load_tensor(path, "projection cache")
+            if tuple(p.shape) != (d, d):
+                raise StatisticsError(f"projection cache {path} has shape {tuple(p.shape)}, expected ({d}, {d}); "
+                                      f"delete it to recompute")
+        else:
+            p = null_space_projection(covs[m], hparams.nullspace_threshold)
+            atomic_write(path, lambda tmp, p=p: torch.save(p, tmp), suffix=".tmp.pt")
+            rank = int(round(float(torch.trace(p))))
+            log.info("AlphaEdit: %s null space has %d of %d dimensions (threshold %g); cached at %s",
+                     m, rank, d, hparams.nullspace_threshold, path)
+            if rank == 0:
+                log.warning("AlphaEdit: no eigenvalue of the %s statistics is below nullspace_threshold=%g; "
+                            "every update at this layer is zero. Raise nullspace_threshold.", m, hparams.nullspace_threshold)
+        result[m] = p.float()
+    return result
+
+
+# ----------------------------------------------------------------------------- sequential cache
+
+
+def _fingerprint(weight: torch.Tensor) -> Tuple[float, float]:
+    w = weight.detach().double()
+    return float(w.sum()), float(w.pow(2).sum())
+
+
+@dataclass
+class _LayerCache:
+    """Sequential-edit state of one rewritten weight of one model."""
+
+    cache: torch.Tensor                        # [d_in, d_in] float32: sum of K K^T of committed edits
+    origin: Tuple[float, float]                # weight fingerprint before the first cached edit
+    before: Tuple[float, float]                # ... before the last cached edit
+    after: Tuple[float, float]                 # ... after it
+    previous: torch.Tensor = field(repr=False)  # cache before the last cached edit
+
+
+_CACHES: "weakref.WeakKeyDictionary[Any, Dict[str, _LayerCache]]" = weakref.WeakKeyDictionary()
+
+
+def reset_alphaedit_cache(model=None) -> None:
+    """Forget the sequential-edit key cache of ``model`` (of every model when None)."""
+    if model is None:
+        _CACHES.clear()
+    else:
+        _CACHES.pop(model, None)
+
+
+def alphaedit_cache(model) -> Dict[str, torch.Tensor]:
+    """``{weight_name: cache [d_in, d_in]}`` of ``model`` (a copy; empty when none)."""
+    return {name: entry.cache.clone() for name, entry in _CACHES.get(model, {}).items()}
+
+
+def _current_cache(model, weight_name: str, d: int) -> torch.Tensor:
+    """The cache to use for ``weight_name`` now, rolled back when the weights were restored."""
+    entry = _CACHES.get(model, {}).get(weight_name)
+    if entry is None:
+        return torch.zeros(d, d)
+    if entry.cache.shape != (d, d):
+        log.warning("AlphaEdit: cached keys of %s have shape %s, the weight takes %d inputs; starting a new cache",
+                    weight_name, tuple(entry.cache.shape), d)
+        return torch.zeros(d, d)
+    now = _fingerprint(resolve_parameter(model, weight_name))
+    if now == entry.after:
+        return entry.cache
+    if now == entry.origin:
+        log.info("AlphaEdit: %s is back at its state before the first cached edit; the key cache starts empty", weight_name)
+        return torch.zeros(d, d)
+    if now == entry.before:
+        log.info("AlphaEdit: %s is back at its state before the last edit (restored); its keys leave the cache", weight_name)
+        return entry.previous
+    log.debug("AlphaEdit: %s changed since the last cached edit; keeping the cache", weight_name)
+    return entry.cache
+
+
+class AlphaEdit(Algorithm):
+    name = "AlphaEdit"
+    hparams_class = AlphaEditHyperParams
+
+    def prepare(self, model, tok, hp, covs, options):
+        """Projections and the model's current key caches (both ``[d_in, d_in]`` float32)."""
+        reset = bool(options.get("reset_cache", False))
+        P = projections(model, hp, covs, options.get("stats_dir"))
+        state: Dict[str, Any] = {"P": {}, "cache": {}, "keys": {}, "reset": reset,
+                                 "commit": options.get("sequential_edit", True) is not False, "before": {}}
+        for layer in hp.layers:
+            module = hp.rewrite_module_tmp.format(layer)
+            wname = f"{module}.weight"
+            d = covs[module].shape[0]
+            state["P"][wname] = P[module]
+            state["cache"][wname] = torch.zeros(d, d) if reset else _current_cache(model, wname, d)
+            state["before"][wname] = _fingerprint(resolve_parameter(model, wname))
+        return state
+
+    def update(self, inp: UpdateInputs) -> torch.Tensor:
+        """``solve(P (K K^T + cache) + L2 I, P K R^T)``: ``[d_in, d_out]`` float32 (stock layout;
+        the editor transposes it onto the weight)."""
+        st = inp.state
+        dev = inp.device
+        proj = st["P"][inp.weight_name].to(dev).float()
+        keys = inp.keys.to(dev).float()
+        resid = inp.error.to(dev).float() / inp.divisor
+        cache = st["cache"][inp.weight_name].to(dev).float()
+        st["keys"][inp.weight_name] = keys.detach().cpu()
+        eye = torch.eye(keys.shape[0], dtype=proj.dtype, device=dev)
+        return torch.linalg.solve(proj @ (keys @ keys.T + cache) + inp.hparams.L2 * eye, proj @ keys @ resid.T)
+
+    def finalize(self, model, tok, hp, state, context):
+        """The caches after this batch (``cache + K K^T`` per weight), stored by :meth:`commit`."""
+        if not state["commit"]:
+            return None
+        return {
+            "model_caches": {w: (state["cache"][w] + k @ k.T) for w, k in state["keys"].items()},
+            "used": state["cache"],
+            "before": state["before"],
+        }
+
+    def commit(self, model, hp, pending) -> None:
+        if pending is None:
+            return
+        store = _CACHES.setdefault(model, {})
+        for wname, new in pending["model_caches"].items():
+            old = store.get(wname)
+            before = pending["before"][wname]
+            used = pending["used"][wname]
+            fresh = old is None or not torch.any(used)
+            store[wname] = _LayerCache(
+                cache=new, origin=before if fresh else old.origin, before=before,
+                after=_fingerprint(resolve_parameter(model, wname)), previous=used,
+            )

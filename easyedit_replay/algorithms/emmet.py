@@ -1,0 +1,106 @@
+"""EMMET's update rule (Gupta et al., 2024, "A unified framework for model editing";
+EasyEdit ``emmet/emmet_main.execute_emmet``).
+
+Equality-constrained batched editing, in float64 exactly as stock:
+
+- ``C' = mom2_update_weight * C`` (``+ update_norm_lambda * I`` when non-zero),
+- ``D = K^T C'^-1 K + emmet_lambda * I`` (``[m, m]``, m = requests),
+- ``dW = R (D^-1 K^T C'^-1)`` with ``R = error / (n - i)`` (the stock share; replay
+  hands the local residual through the same division).
+
+Stock inverts ``D`` with ``torch.inverse`` and falls back to the pseudo-inverse when
+that raises (``D`` singular); so do we, and we log it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import HyperParamsError, NumericalError, field_error
+from ..hparams import ReplayHyperParams, _is_number
+from .base import Algorithm, UpdateInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class EMMETHyperParams(ReplayHyperParams):
+    """EasyEdit's ``EMMETHyperParams`` fields plus the replay fields.
+
+    ``update_norm_lambda``: added to the scaled covariance's diagonal (stock default 0).
+    ``emmet_lambda``: added to the diagonal of ``D`` against ill-conditioning (stock 0.1).
+    """
+
+    update_norm_lambda: float = 0
+    emmet_lambda: float = 0.1
+
+    ALG_NAMES = ("EMMET_REPLAY", "EMMET_SPREAD")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("update_norm_lambda", "emmet_lambda"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise field_error(HyperParamsError, name, value, "must be a non-negative number (stock: "
+                                  "update_norm_lambda 0, emmet_lambda 0.1)")
+
+
+def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_update_weight: float,
+                update_norm_lambda: float, emmet_lambda: float, where: str = "") -> torch.Tensor:
+    """EMMET's closed form ``resid @ (D^-1 K^T C'^-1)`` in float64.
+
+    Args:
+        keys: ``[d_in, m]`` keys ``K``.
+        resid: ``[d_out, m]`` residuals ``R`` (already divided by the share).
+        cov: ``[d_in, d_in]`` second moment ``C``.
+        mom2_update_weight, update_norm_lambda, emmet_lambda: see
+            :class:`EMMETHyperParams`.
+        where: weight name, for messages.
+
+    Returns:
+        ``[d_out, d_in]`` float64 update.
+
+    Raises:
+        NumericalError: ``C'`` is singular (raise ``update_norm_lambda`` or collect
+            statistics over more tokens).
+
+    Source: EasyEdit ``execute_emmet`` (same order of operations: ``C^-1`` by
+    ``torch.inverse``, ``D = K^T C^-1 K``, ``adj = (D^-1 K^T C^-1)^T``,
+    ``upd = R adj^T``).
+    """
+    keys, resid, cov = keys.double(), resid.double(), cov.double()
+    if mom2_update_weight != 1:
+        cov = cov * mom2_update_weight
+    if update_norm_lambda != 0:
+        cov = cov + update_norm_lambda * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    try:
+        c_inv = torch.inverse(cov)
+    except torch.linalg.LinAlgError as exc:
+        raise NumericalError(
+            f"EMMET at {where}: the scaled covariance is singular ({exc}); set update_norm_lambda > 0 "
+            f"or collect the statistics over more tokens (mom2_n_samples)"
+        ) from None
+    d = keys.T @ c_inv @ keys
+    d = d + emmet_lambda * torch.eye(d.shape[0], dtype=d.dtype, device=d.device)
+    try:
+        d_inv = torch.inverse(d)
+    except torch.linalg.LinAlgError:
+        log.warning("EMMET at %s: D (%d x %d) is singular; using its pseudo-inverse (as stock). "
+                    "Duplicate requests in one batch, or emmet_lambda = 0, cause this.", where, *d.shape)
+        d_inv = torch.linalg.pinv(d)
+    adj_k = (d_inv @ keys.T @ c_inv).T
+    return resid @ adj_k.T
+
+
+class EMMET(Algorithm):
+    name = "EMMET"
+    hparams_class = EMMETHyperParams
+
+    def update(self, inp: UpdateInputs) -> torch.Tensor:
+        hp = inp.hparams
+        resid = inp.error.double().to(inp.device) / inp.divisor
+        return emmet_solve(inp.keys.to(inp.device), resid, inp.cov.to(inp.device), hp.mom2_update_weight,
+                           hp.update_norm_lambda, hp.emmet_lambda, inp.weight_name)
