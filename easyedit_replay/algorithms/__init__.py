@@ -12,9 +12,10 @@ from typing import Dict
 from ..errors import HyperParamsError
 from .base import Algorithm
 from .memit import MEMIT
+from .pmet import PMET
 
-RULES: Dict[str, Algorithm] = {"MEMIT": MEMIT()}
-PLANNED = ("PMET", "EMMET", "AlphaEdit")
+RULES: Dict[str, Algorithm] = {"MEMIT": MEMIT(), "PMET": PMET()}
+PLANNED = ("EMMET", "AlphaEdit")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class Algorithm:
     sqrt_share: bool = False
 
     # -- request normalization / anchor objective
-    def leading_space(self, model) -> bool:
+    def leading_space(self, model, hp=None) -> bool:
         """Whether a space is prepended to ``target_new`` (EasyEdit MEMIT: always)."""
         return True
 
