@@ -108,13 +108,16 @@ def test_replay_targets_equal_module_outputs_with_both_anchor_deltas(model_tok, 
         add = {t.format(hp.layers[0]): anchor.delta[s, r] for s, t in enumerate(anchor_tmps)}
         ref = module_outputs_of_prompt(model, tok, req, hp, later, add)
         plain = module_outputs_of_prompt(model, tok, req, hp, later, {})
+        mlp_only = module_outputs_of_prompt(model, tok, req, hp, later, {anchor_tmps[1].format(hp.layers[0]): anchor.delta[1, r]})
         for layer in hp.layers[1:]:
             for t in hp.rewrite_module_tmps:
                 z = targets.values[(layer, t)][r]
                 worst = max(worst, float((z - ref[t.format(layer)]).abs().max() / ref[t.format(layer)].abs().max()))
         # the deltas travelled forward: the last layer's MLP target is not the unedited output
         last = hp.rewrite_module_tmps[1].format(hp.layers[-1])
-        assert float((targets.values[(hp.layers[-1], hp.rewrite_module_tmps[1])][r] - plain[last]).norm()) > 0.5
+        z_last = targets.values[(hp.layers[-1], hp.rewrite_module_tmps[1])][r]
+        assert float((z_last - plain[last]).norm()) > 0.5
+        assert float((z_last - mlp_only[last]).norm()) > 1e-3  # ... and the attention delta is part of it
         for s, t in enumerate(hp.rewrite_module_tmps):  # at l_1 the target is the anchor value itself
             assert torch.equal(targets.values[(hp.layers[0], t)][r], anchor.value[s, r])
     print("max relative deviation of replayed PMET targets", worst)
