@@ -25,12 +25,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .algorithms import get_algorithm
-from .algorithms.base import Algorithm, Site, UpdateInputs, match_shape
+from .algorithms.base import Algorithm, UpdateInputs, match_shape
 from .anchor import AnchorResult, optimize_anchors
 from .errors import HyperParamsError, NumericalError, RequestError
 from .keys import (
     EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
-    sample_context_templates, template_probes, validate_templates, flat_templates,
+    sample_context_templates, template_probes, validate_templates,
 )
 from .stats import second_moments
 from .targets import Targets, anchor_layer, build_targets, check_mode

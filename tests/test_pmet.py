@@ -18,10 +18,11 @@ from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import HyperParamsError
 from easyedit_replay.evaluate import evaluate_records, summarize
 from easyedit_replay.hparams import load_hparams
-from easyedit_replay.keys import lookup_index, prepare_requests, token_ids
+from easyedit_replay.keys import prepare_requests
 from easyedit_replay.stats import second_moments
 from easyedit_replay.targets import build_targets
-from easyedit_replay.tracing import add_at_positions, hidden_of, with_hidden
+
+from .test_core import module_outputs_of_prompt, with_fields
 
 HERE = Path(__file__).resolve().parent
 PMET_YAML = HERE.parent / "hparams" / "PMET_REPLAY" / "smollm2-135m.yaml"
@@ -30,32 +31,6 @@ PMET_YAML = HERE.parent / "hparams" / "PMET_REPLAY" / "smollm2-135m.yaml"
 @pytest.fixture()
 def pmet_hp(stats_dir):
     return load_hparams(PMET_YAML, stats_dir=stats_dir)
-
-
-def with_fields(hp, **changes):
-    return type(hp).from_dict({**hp.to_dict(), **changes})
-
-
-def module_outputs_of_prompt(model, tok, req, hp, read, add):
-    """``{module: [d]}`` outputs of the modules ``read`` at the lookup token of ``req``'s
-    bare prompt run alone (no batching, no padding), with ``add = {module: [d]}``
-    added to those modules' outputs at the lookup token."""
-    look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
-    seen, hooks = {}, []
-    rows, cols = torch.tensor([0]), torch.tensor([look])
-    for name, delta in add.items():
-        hooks.append(model.get_submodule(name).register_forward_hook(
-            lambda m, a, out, d=delta: with_hidden(out, add_at_positions(hidden_of(out), rows, cols, d[None]))))
-    for name in read:
-        hooks.append(model.get_submodule(name).register_forward_hook(
-            lambda m, a, out, n=name: seen.__setitem__(n, hidden_of(out)[0, look].clone())))
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([token_ids(tok, req.text)]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_registered_and_yaml_fields(pmet_hp):

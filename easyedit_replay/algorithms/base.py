@@ -6,8 +6,8 @@ statistics, the layer loop, transactions) lives in :mod:`easyedit_replay.editor`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import torch
 
