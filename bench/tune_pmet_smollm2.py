@@ -7,6 +7,7 @@ metrics are those of :func:`easyedit_replay.evaluate.summarize` (specificity is
 against the unedited model).
 
     python bench/tune_pmet_smollm2.py --n 8 --anchors 4:1e-3,1:0.5 --weights 1000,5000,15000
+    python bench/tune_pmet_smollm2.py --n 8 --anchors 1:0.5 --weights 100,300,1000 --modes spread,replay,replay-full
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv=None):
     p.add_argument("--anchors", default="4:1e-3,1:0.5", help="clamp_norm_factor:v_weight_decay pairs")
     p.add_argument("--weights", default="1000,5000,15000")
     p.add_argument("--layers", default="4,5,6,7,8")
-    p.add_argument("--modes", default="spread,replay")
+    p.add_argument("--modes", default="spread,replay", help="spread, replay, replay-full (replay_share: full)")
     args = p.parse_args(argv)
 
     stats_dir = str(cache_root() / "stats")
@@ -44,14 +45,16 @@ def main(argv=None):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for spec in args.anchors.split(","):
         clamp, wd = (float(x) for x in spec.split(":"))
-        for mode in args.modes.split(","):
-            anchor = None
+        anchors = {}  # per mode: the anchor does not depend on the weight or the share
+        for variant in args.modes.split(","):
+            mode, _, share = variant.partition("-")
             for weight in (float(w) for w in args.weights.split(",")):
                 hp = type(base).from_dict({**base.to_dict(), "alg_name": f"PMET_{mode.upper()}", "clamp_norm_factor": clamp,
+                                           "replay_share": share or "remaining",
                                            "v_weight_decay": wd, "mom2_update_weight": weight})
                 start = time.perf_counter()
-                plan = compute_edit(model, tok, records, hp, stats_dir=stats_dir, anchor=anchor)
-                anchor = plan.anchor
+                plan = compute_edit(model, tok, records, hp, stats_dir=stats_dir, anchor=anchors.get(mode))
+                anchors[mode] = plan.anchor
                 try:
                     with torch.no_grad():
                         for name, upd in plan.updates.items():
@@ -61,7 +64,7 @@ def main(argv=None):
                     with torch.no_grad():
                         for n, prm in model.named_parameters():
                             prm.copy_(before[n])
-                row = {"clamp": clamp, "wd": wd, "weight": weight, "mode": mode, **summary,
+                row = {"clamp": clamp, "wd": wd, "weight": weight, "mode": variant, **summary,
                        "seconds": round(time.perf_counter() - start, 1)}
                 print(json.dumps(row), flush=True)
 
