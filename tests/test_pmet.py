@@ -158,8 +158,7 @@ def test_pmet_spread_equals_stock_easyedit(model_tok, pmet_hp, templates, demo_r
 
     model, tok = model_tok
     hp = with_fields(pmet_hp, alg_name="PMET_SPREAD", layers=[4, 5, 6], v_num_grad_steps=6,
-                     target_leading_space=None,  # stock's own space rule
-                     lm_head_module="model.embed_tokens")  # tied: stock needs a module that owns the weight
+                     target_leading_space=None)  # stock's own space rule
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:2]]
     ours = compute_edit(model, tok, records, hp, context_templates=templates, stats_dir=stats_dir).updates
     modules = [t.format(l) for l in hp.layers for t in hp.rewrite_module_tmps]
