@@ -35,6 +35,8 @@ def _entry(alg_name):
 
 apply_memit_replay_to_model = _entry("MEMIT_REPLAY")
 apply_memit_spread_to_model = _entry("MEMIT_SPREAD")
+apply_pmet_replay_to_model = _entry("PMET_REPLAY")
+apply_pmet_spread_to_model = _entry("PMET_SPREAD")
 apply_emmet_replay_to_model = _entry("EMMET_REPLAY")
 apply_emmet_spread_to_model = _entry("EMMET_SPREAD")
 apply_alphaedit_replay_to_model = _entry("AlphaEdit_REPLAY")

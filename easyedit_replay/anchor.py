@@ -159,7 +159,8 @@ def optimize_anchors(
         templates: context templates (``[["{}"], [...]]``).
         nll_factor: weight of the NLL term (PMET's ``nll_loss_factor``).
         adaptive_nll: PMET's rule: once the target is the argmax everywhere, the NLL
-            weight drops to ``0.1 * nll_factor`` and a KL <= 0.01 stops the request.
+            weight drops to ``0.1 * nll_factor`` and a weighted KL term
+            (``kl_factor * KL``) <= 0.01 stops the request (``pmet/compute_zs.py``).
 
     Returns:
         :class:`AnchorResult` with ``init``/``delta`` of shape ``[S, R, d]``.
@@ -295,7 +296,7 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
             prob_req = torch.zeros(n_req, device=logp.device).index_add(0, rew_req, (-nll_row.detach()).exp())
             maxprob_req, prob_req = (maxprob_req / counts.clamp(min=1)).cpu(), (prob_req / counts.clamp(min=1)).cpu()
             argmax = maxprob_req == prob_req
-            kl_small = kl_req_t.detach().cpu() <= 0.01
+            kl_small = (hparams.kl_factor * kl_req_t.detach()).cpu() <= 0.01  # compute_zs: kl_loss (weighted) <= 0.01
             done |= active & ~done & argmax & kl_small
             factor = torch.where(argmax, 0.1 * nll_factor, float(nll_factor))
         if it == n_steps - 1:

@@ -165,7 +165,7 @@ def compute_edit(
     check_mode(mode)
     hparams.validate()
     hparams.validate_for_model(model)
-    reqs = prepare_requests(requests, leading_space=rule.leading_space(model))
+    reqs = prepare_requests(requests, leading_space=rule.leading_space(model, hparams))
     check_prompt_lengths(model, tok, reqs)
     templates = resolve_templates(model, tok, hparams, context_templates)
     layers = list(hparams.layers)

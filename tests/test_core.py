@@ -29,19 +29,19 @@ def assert_unchanged(model, before):
         assert torch.equal(p, before[n]), f"{n} changed"
 
 
-def states_of_prompt(model, tok, req, hp, layers, add=None):
-    """``{layer: h}`` block outputs at the lookup token of ``req``'s bare prompt, run alone
-    (no batching, no padding); ``add=(layer, delta)`` adds ``delta`` to that block's output."""
+def module_outputs_of_prompt(model, tok, req, hp, read, add=None):
+    """``{module: [d]}`` outputs of the modules named in ``read`` at the lookup token of
+    ``req``'s bare prompt, run alone (no batching, no padding); ``add = {module: [d]}``
+    adds each delta to that module's output at the lookup token."""
     look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
+    rows, cols = torch.tensor([0]), torch.tensor([look])
     seen, hooks = {}, []
-    if add is not None:
-        at, delta = add
-        hooks.append(model.get_submodule(hp.layer_module_tmp.format(at)).register_forward_hook(
-            lambda m, a, out: with_hidden(out, add_at_positions(hidden_of(out), torch.tensor([0]), torch.tensor([look]), delta[None]))
-        ))
-    for layer in layers:
-        hooks.append(model.get_submodule(hp.layer_module_tmp.format(layer)).register_forward_hook(
-            lambda m, a, out, l=layer: seen.__setitem__(l, hidden_of(out)[0, look].clone())))
+    for name, delta in (add or {}).items():
+        hooks.append(model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, d=delta: with_hidden(out, add_at_positions(hidden_of(out), rows, cols, d[None]))))
+    for name in read:
+        hooks.append(model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, n=name: seen.__setitem__(n, hidden_of(out)[0, look].clone())))
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([token_ids(tok, req.text)]))
@@ -49,6 +49,15 @@ def states_of_prompt(model, tok, req, hp, layers, add=None):
         for h in hooks:
             h.remove()
     return seen
+
+
+def states_of_prompt(model, tok, req, hp, layers, add=None):
+    """``{layer: h}`` block outputs at the lookup token of ``req``'s bare prompt, run alone
+    (no batching, no padding); ``add=(layer, delta)`` adds ``delta`` to that block's output."""
+    block = hp.layer_module_tmp.format
+    adds = {block(add[0]): add[1]} if add is not None else None
+    seen = module_outputs_of_prompt(model, tok, req, hp, [block(l) for l in layers], adds)
+    return {l: seen[block(l)] for l in layers}
 
 
 def test_replay_targets_equal_a_real_forward_pass(model_tok, hparams, templates, demo_records):

@@ -14,9 +14,10 @@ from .base import Algorithm
 from .alphaedit import AlphaEdit
 from .emmet import EMMET
 from .memit import MEMIT
+from .pmet import PMET
 
-RULES: Dict[str, Algorithm] = {"MEMIT": MEMIT(), "EMMET": EMMET(), "AlphaEdit": AlphaEdit()}
-PLANNED = ("PMET",)
+RULES: Dict[str, Algorithm] = {"MEMIT": MEMIT(), "PMET": PMET(), "EMMET": EMMET(), "AlphaEdit": AlphaEdit()}
+PLANNED: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ statistics, the layer loop, transactions) lives in :mod:`easyedit_replay.editor`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -57,7 +57,7 @@ class Algorithm:
     sqrt_share: bool = False
 
     # -- request normalization / anchor objective
-    def leading_space(self, model) -> bool:
+    def leading_space(self, model, hp=None) -> bool:
         """Whether a space is prepended to ``target_new`` (EasyEdit MEMIT: always)."""
         return True
 
