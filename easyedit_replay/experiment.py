@@ -90,7 +90,7 @@ def anchor_key(model, hp, mode: str, batch: Sequence[int], templates=()):
     rule = get_algorithm(hp.alg_name).rule
     fields = tuple((f, repr(getattr(hp, f, None))) for f in ANCHOR_FIELDS)
     objective = repr(sorted(rule.anchor_objective(hp).items()))
-    return (mode, fields, tuple(rule.anchor_templates(hp)), objective, rule.leading_space(model), tuple(batch),
+    return (mode, fields, tuple(rule.anchor_templates(hp)), objective, rule.leading_space(model, hp), tuple(batch),
             repr(templates))
 
 
