@@ -18,7 +18,7 @@ def _entry(alg_name):
         from .editor import apply_edit
 
         if hparams.alg_name != alg_name:
-            hparams = type(hparams).from_dict({**hparams.to_dict(), "alg_name": alg_name})
+            hparams = hparams.replace(alg_name=alg_name)
         return apply_edit(model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
                           cache_template=cache_template, keep_original_weight=keep_original_weight, **kwargs)
 
@@ -33,14 +33,30 @@ def _entry(alg_name):
     return apply
 
 
-apply_memit_replay_to_model = _entry("MEMIT_REPLAY")
-apply_memit_spread_to_model = _entry("MEMIT_SPREAD")
-apply_pmet_replay_to_model = _entry("PMET_REPLAY")
-apply_pmet_spread_to_model = _entry("PMET_SPREAD")
-apply_emmet_replay_to_model = _entry("EMMET_REPLAY")
-apply_emmet_spread_to_model = _entry("EMMET_SPREAD")
-apply_alphaedit_replay_to_model = _entry("AlphaEdit_REPLAY")
-apply_alphaedit_spread_to_model = _entry("AlphaEdit_SPREAD")
+_ENTRIES: dict = {}
+
+
+def entry_point_name(alg_name: str) -> str:
+    """``"MEMIT_REPLAY" -> "apply_memit_replay_to_model"`` (EasyEdit's naming)."""
+    return f"apply_{alg_name.lower()}_to_model"
+
+
+def __getattr__(name):
+    """``apply_<alg_name>_to_model`` for every registered ``alg_name`` (``MEMIT_REPLAY``,
+    ``PMET_SPREAD``, ``AlphaEdit_BLUE``, ...), made on first use from the registry."""
+    if name.startswith("apply_") and name.endswith("_to_model"):
+        from .algorithms import algorithm_names
+
+        for alg in algorithm_names():
+            if entry_point_name(alg) == name:
+                return _ENTRIES.setdefault(alg, _entry(alg))
+    raise AttributeError(f"module 'easyedit_replay' has no attribute {name!r}")
+
+
+def __dir__():
+    from .algorithms import algorithm_names
+
+    return sorted(list(globals()) + [entry_point_name(a) for a in algorithm_names()])
 
 
 def reset_alphaedit_cache(model=None):

@@ -35,10 +35,15 @@ def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
 
 def cmd_compare(args) -> int:
     from .data import load_records
-    from .experiment import CompareConfig, render_text, run_comparison, table_rows, write_outputs
+    from .experiment import CompareConfig, render_report, run_comparison, write_outputs
+    from .targets import get_construction
     from .hparams import load_hparams
     from .models import cache_root, load_model
 
+    try:
+        modes = tuple(get_construction(m.strip()).name for m in args.modes.split(","))
+    except ValueError as exc:
+        raise ReplayError(f"--modes {args.modes}: {exc}") from None
     overrides = {"context_seed": args.seed} if args.seed is not None else {}
     if args.layers:
         overrides["layers"] = [int(x) for x in args.layers.split(",")]
@@ -65,7 +70,7 @@ def cmd_compare(args) -> int:
         f"in independent batches of {args.batch_size}" if args.batch_size else "in one batch")
     print(f"{len(records)} edits from {args.data or 'the bundled demo set'}; {', '.join(by_alg)}; {how}",
           file=sys.stderr)
-    cfg = CompareConfig(modes=tuple(args.modes.split(",")), batch_size=args.batch_size, sequential=args.sequential,
+    cfg = CompareConfig(modes=modes, batch_size=args.batch_size, sequential=args.sequential,
                         fluency=not args.no_fluency, target_accuracy=not args.no_target_accuracy,
                         seed=args.seed or 0, progress=not args.quiet)
     results = run_comparison(model, tok, records, by_alg, cfg, stats_dir=stats_dir)
@@ -74,8 +79,8 @@ def cmd_compare(args) -> int:
     title = f"{model_name}: {len(records)} edits ({args.data or 'bundled demo'}), {how}"
     print()
     print(title)
-    print(render_text(table_rows(results)))
-    print("cells: mean over edits [95% bootstrap interval]; target error: mean over edit layers of |h - target| / |target|")
+    print(render_report(results))
+    print("cells: mean over edits [95% bootstrap interval]")
     if args.out:
         files = write_outputs(results, args.out, title)
         print(f"report: {files['report']}", file=sys.stderr)
@@ -152,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="edits in EasyEdit's CounterFact or ZsRE format (default: bundled demo edits)")
     c.add_argument("--n", type=int, help="use the first N edits")
     c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
-    c.add_argument("--modes", default="spread,replay", help="comma-separated modes (default: spread,replay)")
+    c.add_argument("--modes", default="spread,replay",
+                   help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
+                        "replay_remaining (default: spread,replay)")
     c.add_argument("--batch-size", type=int, help="edits per batch (default: all in one batch)")
     c.add_argument("--sequential", action="store_true", help="apply the batches one after another to the same model")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")

@@ -8,8 +8,10 @@ the lookup token is compared with that layer's target ``t^{l_i}``:
 
 Targets (see METHOD.md):
 
-- replay: ``t^{l_i} = z^{l_i}``, the replayed state (the anchor itself at ``l_1``).
-- spread: the implicit per-layer target of backward spreading. Layer ``l_i`` was
+- replay, BLUE, OneLayer (constructions that measure each layer at itself): the
+  layer's own target, ``t^{l_i} = z^{l_i}`` (replay: the replayed state, the
+  anchor itself at ``l_1``; BLUE: the anchors at ``l_1`` and ``l_n``).
+- spread (and spreading without dividing): the implicit per-layer target of backward spreading. Layer ``l_i`` was
   asked to add the residual ``r_i`` to its output, on the assumption that what it
   adds reaches later layers unchanged; so the state it aims at, together with the
   layers before it, is ``t^{l_i} = h_0^{l_i} + sum_{j <= i} r_j`` (``h_0`` = the
@@ -21,6 +23,19 @@ The last edit layer's row is the error against the anchor-derived final target
 ``target_new`` that the optimized anchor achieved and the NLL the edited model
 achieves on the same rewriting prompts (how much of the optimized effect the
 weight update realizes).
+
+The paper's section-4 analyses (:func:`residual_ratios`, :func:`passive_cosines`)
+read the residual stream at the lookup token along the layer-by-layer edit
+(:class:`~easyedit_replay.editor.Trajectory`):
+
+- residual ratio after editing layer ``l`` (Tables 2 and 5):
+  ``|m_L - h_L(after l)| / |m_L - h_L(unedited)|`` with ``m_L`` the construction's
+  final target at ``l_n`` (spreading's anchor, replay's replayed ``z^{l_n}``,
+  BLUE's anchor at ``l_n``);
+- passive cosine of layer ``l`` (Table 1): the cosine between the change that
+  layer ``l``'s own update makes to its output, ``dm_l = h_l(after l) - h_l(before
+  l)``, and the change it causes at ``l_n``, ``h_L(after l) - h_L(before l)``
+  (1 at ``l_n`` itself by definition).
 """
 
 from __future__ import annotations
@@ -63,8 +78,8 @@ class TargetAccuracy:
 
 def layer_targets(plan, site_template: str) -> Dict[int, torch.Tensor]:
     """``{layer: [R, d]}`` targets of every edit layer (see the module docstring)."""
-    layers = plan.targets.layers
-    if plan.mode == "replay":
+    layers = plan.targets.edit_layers
+    if plan.targets.construction.measure == "own":
         return {l: plan.targets.values[(l, site_template)].float() for l in layers}
     out, total = {}, None
     for layer in layers[:-1]:
@@ -82,17 +97,46 @@ def target_accuracy(model, tok, plan, hparams) -> List[TargetAccuracy]:
     """
     probes = bare_probes(tok, plan.requests, hparams.fact_token)
     sites = sorted({tmp for (_, tmp) in plan.targets.values})
-    names = {(l, s): s.format(l) for l in plan.targets.layers for s in sites}
+    layers = list(plan.targets.edit_layers)
+    names = {(l, s): s.format(l) for l in layers for s in sites}
     reads = read_at_lookup(model, tok, probes, outputs=list(names.values()))
     edited_nll = target_nll(model, tok, plan.requests, hparams, plan.templates)
     out = []
     for site in sites:
         targets = layer_targets(plan, site)
         errors = []
-        for layer in plan.targets.layers:
+        for layer in layers:
             h = reads["out:" + names[(layer, site)]].float().cpu()
             t = targets[layer].float().cpu()
             errors.append((h - t).norm(dim=-1) / t.norm(dim=-1))
-        out.append(TargetAccuracy(plan.mode, site, list(plan.targets.layers), torch.stack(errors),
+        out.append(TargetAccuracy(plan.mode, site, layers, torch.stack(errors),
                                   plan.anchor.nll.float().cpu(), edited_nll.float().cpu()))
+    return out
+
+
+def residual_ratios(plan) -> Dict[int, torch.Tensor]:
+    """``{edited layer: [R]}`` ratio of the final-layer residual left after editing that
+    layer (and the ones before it): ``|m_L - h_L(after l)| / |m_L - h_L(unedited)|``.
+
+    Source: the paper's Tables 2 and 5 (section 4); ``m_L`` is
+    ``plan.trajectory.final_target``. A ratio above 1 means the edit moved ``h_L``
+    away from its target.
+    """
+    t = plan.trajectory
+    gap0 = (t.final_target - t.unedited[t.final_layer]).norm(dim=-1)
+    return {l: (t.final_target - after[t.final_layer]).norm(dim=-1) / gap0 for l, after in t.after.items()}
+
+
+def passive_cosines(plan) -> Dict[int, torch.Tensor]:
+    """``{edited layer: [R]}`` cosine between a layer's own output change ``dm_l`` at the
+    lookup token and the change it causes at ``l_n`` (the paper's Table 1; the
+    spreading assumption says 1)."""
+    t = plan.trajectory
+    prev = t.unedited
+    out = {}
+    for layer, after in t.after.items():
+        own = after[layer] - prev[layer]
+        passive = after[t.final_layer] - prev[t.final_layer]
+        out[layer] = torch.nn.functional.cosine_similarity(own, passive, dim=-1)
+        prev = after
     return out

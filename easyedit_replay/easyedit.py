@@ -3,8 +3,8 @@
 :func:`register` patches a loaded EasyEdit (package ``easyeditor``) in place:
 
 1. ``easyeditor.util.alg_dict.ALG_DICT`` gets one entry per plugin name
-   (``MEMIT_REPLAY``, ``MEMIT_SPREAD``, ... and the planned ``PMET_*``,
-   ``EMMET_*``, ``AlphaEdit_*``). ``editor.py`` star-imports that module, so the
+   (``MEMIT_REPLAY``, ``MEMIT_SPREAD``, ``MEMIT_BLUE``, ... for MEMIT, PMET,
+   EMMET and AlphaEdit and every target construction). ``editor.py`` star-imports that module, so the
    same dict object is mutated, never replaced.
 2. The stock hyperparameter class of each base (``MEMITHyperParams``, ...) gets a
    ``from_hparams`` that, for a YAML whose ``alg_name`` is one of *its* plugin
@@ -21,10 +21,9 @@
    ``evaluate/evaluate.py``) are false for MEMIT, PMET, EMMET and AlphaEdit and
    for their plugin names alike.
 
-Names are read from :mod:`easyedit_replay.algorithms` at registration time, so
-an algorithm added to ``RULES`` registers without changing this module. Names
-whose base is only planned are registered too, and fail with
-:class:`~easyedit_replay.errors.HyperParamsError` when used.
+Names are read from the registry of :mod:`easyedit_replay.algorithms` at
+registration time, so an algorithm or a target construction added there
+registers without changing this module.
 
 :func:`install_import_hook` (called from the ``.pth`` file installed with the
 package, see :mod:`easyedit_replay._autoload`) runs :func:`register` right after
@@ -45,13 +44,6 @@ log = logging.getLogger(__name__)
 
 HOST_PACKAGE = "easyeditor"
 AUTOLOAD_ENV = "EASYEDIT_REPLAY_AUTOLOAD"  # same as easyedit_replay._autoload.ENV
-# Stock hyperparameter class of each base; other bases default to f"{base}HyperParams".
-HOST_HPARAMS = {
-    "MEMIT": "MEMITHyperParams",
-    "PMET": "PMETHyperParams",
-    "EMMET": "EMMETHyperParams",
-    "AlphaEdit": "AlphaEditHyperParams",
-}
 _MARK = "_easyedit_replay_original"
 _lock = threading.RLock()
 _warned: set = set()
@@ -75,15 +67,24 @@ class Registration:
 
 # ----------------------------------------------------------------------------- names
 def plugin_bases() -> List[str]:
-    """Bases with plugin names: implemented (``RULES``) first, then planned ones."""
-    from .algorithms import PLANNED, RULES
+    """Bases with plugin names (the algorithm registry)."""
+    from .algorithms import RULES
 
-    return list(RULES) + [b for b in PLANNED if b not in RULES]
+    return list(RULES)
+
+
+def host_hparams_name(base: str) -> str:
+    """EasyEdit's hyperparameter class name of ``base`` (from its registration record)."""
+    from .algorithms import RULES
+
+    return RULES[base].host_hparams_name
 
 
 def plugin_names() -> Dict[str, str]:
-    """``{plugin alg_name: base}`` for every implemented and planned base."""
-    return {f"{base}_{suffix}": base for base in plugin_bases() for suffix in ("REPLAY", "SPREAD")}
+    """``{plugin alg_name: base}`` for every registered algorithm and target construction."""
+    from .algorithms import name_table
+
+    return {name: reg.base for name, reg in name_table().items()}
 
 
 def base_name(alg_name) -> Optional[str]:
@@ -165,8 +166,8 @@ def _accepting_from_hparams(original, base: str):
 
     from_hparams.__doc__ = (
         f"EasyEdit's ``from_hparams``, and (easyedit-replay) plugin YAMLs whose ``alg_name`` is "
-        f"{base}_REPLAY or {base}_SPREAD, which return the plugin's hyperparameters.\n\n"
-        f"Raises:\n    HyperParamsError: a plugin YAML that is invalid or names a planned algorithm."
+        f"one of the plugin's {base}_* names ({base}_REPLAY, {base}_SPREAD, ...), which return the "
+        f"plugin's hyperparameters.\n\nRaises:\n    HyperParamsError: a plugin YAML that is invalid."
     )
     from_hparams.__wrapped__ = stock
     wrapped = classmethod(from_hparams)
@@ -175,7 +176,7 @@ def _accepting_from_hparams(original, base: str):
 
 def _patch_hparams_classes(alg_dict_module, root, report: Registration) -> None:
     for base in plugin_bases():
-        cls_name = HOST_HPARAMS.get(base, f"{base}HyperParams")
+        cls_name = host_hparams_name(base)
         cls = getattr(alg_dict_module, cls_name, None) or getattr(root, cls_name, None)
         if cls is None:
             _warn_missing(f"{HOST_PACKAGE}.{cls_name}", report)
@@ -189,7 +190,7 @@ def _patch_hparams_classes(alg_dict_module, root, report: Registration) -> None:
             continue
         setattr(cls, _MARK, original)
         cls.from_hparams = _accepting_from_hparams(original, base)
-        report.patched.append(f"{cls.__module__}.{cls_name}.from_hparams (+{base}_REPLAY, {base}_SPREAD)")
+        report.patched.append(f"{cls.__module__}.{cls_name}.from_hparams (+{base}_* plugin names)")
 
 
 def _patch_batch_editor(report: Registration) -> None:

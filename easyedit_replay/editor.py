@@ -33,7 +33,7 @@ from .keys import (
     sample_context_templates, template_probes, validate_templates,
 )
 from .stats import second_moments
-from .targets import Targets, anchor_layer, build_targets, check_mode
+from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,26 @@ class LayerRecord:
 
 
 @dataclass
+class Trajectory:
+    """Residual-stream states at the lookup token along the layer-by-layer edit (the
+    paper's section-4 analyses), all ``[R, d]`` float32 at ``layer_module_tmp``.
+
+    Attributes:
+        final_layer: ``l_n``.
+        final_target: ``m_L``, the state at ``l_n`` the construction's final target
+            implies (:func:`~easyedit_replay.targets.final_hidden_target`).
+        unedited: ``{layer: h}`` of the unedited model for every edit layer.
+        after: ``{edited layer: {layer: h}}`` right after that layer's update is
+            written (and every earlier edited layer's), for every edit layer.
+    """
+
+    final_layer: int
+    final_target: torch.Tensor
+    unedited: Dict[int, torch.Tensor]
+    after: Dict[int, Dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
 class EditPlan:
     """Result of :func:`compute_edit`: weight updates and everything needed to explain them."""
 
@@ -60,7 +80,7 @@ class EditPlan:
     mode: str
     requests: List[EditRequest]
     templates: List[List[str]]
-    anchor: AnchorResult
+    anchors: Dict[int, AnchorResult]
     targets: Targets
     updates: Dict[str, torch.Tensor]
     records: List[LayerRecord]
@@ -70,6 +90,13 @@ class EditPlan:
     # handed to each layer, keyed by (layer, site template), ``[R, d]`` float32.
     unedited: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
     residuals: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    trajectory: Optional[Trajectory] = None
+
+    @property
+    def anchor(self) -> AnchorResult:
+        """The anchor of a one-anchor construction (spread: ``l_n``, replay: ``l_1``); for
+        BLUE the one at ``l_n``."""
+        return self.anchors[max(self.anchors)]
 
 
 @contextmanager
@@ -123,32 +150,109 @@ def resolve_templates(model, tok, hparams, context_templates=None) -> List[List[
     return sample_context_templates(model, tok, seed=int(getattr(hparams, "context_seed", 0)))
 
 
+@dataclass
+class _Setup:
+    """Stage 1 of :func:`compute_edit`: everything fixed before any anchor is optimized."""
+
+    rule: Algorithm
+    construction: Construction
+    requests: List[EditRequest]
+    templates: List[List[str]]
+    sites: list
+    params: Dict[str, torch.nn.Parameter]
+    covs: Dict[str, torch.Tensor]
+    state: Any
+    anchor_templates: List[str]
+
+
+def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options) -> _Setup:
+    reg = get_algorithm(hparams.alg_name)
+    rule = algorithm or reg.rule
+    construction = get_construction(mode or reg.construction)
+    hparams.validate()
+    hparams.validate_for_model(model)
+    reqs = prepare_requests(requests, leading_space=rule.leading_space(model, hparams))
+    check_prompt_lengths(model, tok, reqs)
+    templates = resolve_templates(model, tok, hparams, context_templates)
+    sites = rule.sites(hparams)
+    edit_layers = construction.edit_layers(hparams.layers)
+    params = {f"{s.rewrite_template.format(l)}.weight": None for l in edit_layers for s in sites}
+    params = {n: resolve_parameter(model, n) for n in params}
+    modules = [s.rewrite_template.format(l) for l in hparams.layers for s in sites]
+    covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
+    state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})
+    return _Setup(rule, construction, reqs, templates, sites, params, covs, state, rule.anchor_templates(hparams))
+
+
+def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, AnchorResult]:
+    """Stage 2: one :class:`AnchorResult` per anchor layer of the construction, reusing
+    ``given`` where it has the layer: one AnchorResult (which must sit at the
+    construction's anchor layer) or a pool ``{layer: AnchorResult}`` (layers it lacks
+    are optimized)."""
+    single = isinstance(given, AnchorResult)
+    given = {given.layer: given} if single else dict(given or {})
+    out = {}
+    for layer in setup.construction.anchor_layers(hparams.layers):
+        found = given.get(layer)
+        if found is None:
+            if single:
+                other = next(iter(given.values()))
+                raise HyperParamsError(
+                    f"the anchor passed in sits at layer {other.layer} for {other.delta.shape[1]} requests; "
+                    f"{setup.construction.name} with layers {list(hparams.layers)} needs layer {layer} "
+                    f"for {len(setup.requests)} requests")
+            found = optimize_anchors(model, tok, setup.requests, hparams, layer, setup.anchor_templates,
+                                     setup.templates, progress=progress, **setup.rule.anchor_objective(hparams))
+        elif found.delta.shape[1] != len(setup.requests):
+            raise HyperParamsError(
+                f"the anchor passed in sits at layer {found.layer} for {found.delta.shape[1]} requests; "
+                f"{setup.construction.name} with layers {list(hparams.layers)} needs layer {layer} "
+                f"for {len(setup.requests)} requests")
+        out[layer] = found
+    return out
+
+
+def _hidden_reads(model, tok, probes, hparams) -> Dict[int, torch.Tensor]:
+    """``{layer: [R, d] float32}`` block outputs at the lookup token for every edit layer."""
+    names = {l: hparams.layer_module_tmp.format(l) for l in hparams.layers}
+    reads = read_at_lookup(model, tok, probes, outputs=list(names.values()))
+    return {l: reads["out:" + n].float().cpu() for l, n in names.items()}
+
+
 def compute_edit(
     model,
     tok,
     requests: Sequence[dict],
     hparams,
-    mode: Optional[str] = None,
+    mode=None,
     context_templates: Optional[List[List[str]]] = None,
     algorithm: Optional[Algorithm] = None,
     progress: bool = False,
     stats_dir=None,
-    anchor: Optional[AnchorResult] = None,
+    anchor=None,
     options: Optional[Dict[str, Any]] = None,
 ) -> EditPlan:
     """Compute the weight updates of one batch edit; the model is left unchanged.
 
+    Stages: set-up (requests, templates, statistics, rule state) -> anchors (one per
+    anchor layer of the construction) -> targets -> the layer loop (for each edited
+    layer, first to last, and each rewritten site: keys and current state in one
+    forward pass -> residual -> update rule -> write; then the trajectory read) ->
+    the rule's finalize. Every touched weight is restored at the end.
+
     Args:
         requests: EasyEdit request dicts (``prompt``, ``subject``, ``target_new``, ...).
         hparams: a plugin hyperparameter dataclass (``alg_name`` picks the rule and,
-            unless ``mode`` is given, the mode).
-        mode: ``"replay"`` or ``"spread"`` (default: from ``alg_name``).
+            unless ``mode`` is given, the target construction).
+        mode: a construction name (``"replay"``, ``"spread"``, ``"blue"``,
+            ``"onelayer"``, ...) or :class:`~easyedit_replay.targets.Construction`
+            (default: from ``alg_name``).
         context_templates: inject templates (default: sampled, seeded, cached).
         options: extra keyword arguments of the ``apply_*`` call, handed to the
             algorithm's ``prepare`` (e.g. AlphaEdit's ``reset_cache``).
-        anchor: reuse an anchor optimized earlier for the same requests, layer and
-            templates (sweeps over update-rule settings); it must sit at the
-            mode's anchor layer.
+        anchor: reuse anchors optimized earlier on the same weights for the same
+            requests and templates: one :class:`AnchorResult` or ``{layer: AnchorResult}``
+            (BLUE reuses replay's ``l_1`` anchor and spreading's ``l_n`` anchor).
 
     Returns:
         :class:`EditPlan` with ``updates[weight_name]`` shaped like the weight
@@ -159,52 +263,31 @@ def compute_edit(
         is raised, every weight is bit-identical to before.
     """
     started = time.perf_counter()
-    reg = get_algorithm(hparams.alg_name)
-    rule = algorithm or reg.rule
-    mode = mode or reg.mode
-    check_mode(mode)
-    hparams.validate()
-    hparams.validate_for_model(model)
-    reqs = prepare_requests(requests, leading_space=rule.leading_space(model, hparams))
-    check_prompt_lengths(model, tok, reqs)
-    templates = resolve_templates(model, tok, hparams, context_templates)
-    layers = list(hparams.layers)
-    sites = rule.sites(hparams)
-    weight_names = [f"{s.rewrite_template.format(l)}.weight" for l in layers for s in sites]
-    params = {n: resolve_parameter(model, n) for n in weight_names}
-    modules = [s.rewrite_template.format(l) for l in layers for s in sites]
-    covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
-    state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})
-
-    anchor_templates = rule.anchor_templates(hparams)
-    if anchor is None:
-        anchor = optimize_anchors(
-            model, tok, reqs, hparams, anchor_layer(mode, layers), anchor_templates, templates,
-            progress=progress, **rule.anchor_objective(hparams),
-        )
-    elif anchor.layer != anchor_layer(mode, layers) or anchor.delta.shape[1] != len(reqs):
-        raise HyperParamsError(
-            f"the anchor passed in sits at layer {anchor.layer} for {anchor.delta.shape[1]} requests; "
-            f"{mode} with layers {layers} needs layer {anchor_layer(mode, layers)} for {len(reqs)} requests"
-        )
-    targets = build_targets(
-        model, tok, reqs, hparams, anchor, mode, [s.target for s in sites], anchor_templates, rule.sqrt_share,
-    )
+    setup = _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options)
+    rule, reqs, templates, sites = setup.rule, setup.requests, setup.templates, setup.sites
+    anchors = _anchors(model, tok, hparams, setup, anchor, progress)
+    targets = build_targets(model, tok, reqs, hparams, anchors, setup.construction, [s.target for s in sites],
+                            setup.anchor_templates, rule.sqrt_share)
     for key, value in targets.values.items():
         _check_finite(value, f"target at layer {key[0]} ({key[1]})")
 
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
     n_keys = len(key_probes)
+    layers = list(hparams.layers)
     site_names = {(l, s.target.template): s.target.template.format(l) for l in layers for s in sites}
     reads = read_at_lookup(model, tok, now_probes, outputs=list(site_names.values()))
     unedited = {key: reads["out:" + name].float() for key, name in site_names.items()}
+    trajectory = Trajectory(
+        layers[-1],
+        final_hidden_target(model, tok, reqs, hparams, anchors, setup.construction, setup.anchor_templates).float().cpu(),
+        _hidden_reads(model, tok, now_probes, hparams),
+    )
     residuals: Dict[Tuple[int, str], torch.Tensor] = {}
     updates: Dict[str, torch.Tensor] = {}
     records: List[LayerRecord] = []
-    pending = None
-    with weight_transaction(params, restore_always=True) as originals:
-        for step, layer in enumerate(layers):
+    with weight_transaction(setup.params, restore_always=True) as originals:
+        for step, layer in enumerate(targets.edit_layers):
             for si, site in enumerate(sites):
                 rewrite = site.rewrite_template.format(layer)
                 wname = f"{rewrite}.weight"
@@ -218,10 +301,11 @@ def compute_edit(
                 error = targets.local_error(step, site.target, current)
                 _check_finite(keys, f"keys at {rewrite}")
                 _check_finite(error, f"residual at layer {layer}")
-                weight = params[wname]
+                weight = setup.params[wname]
+                divisor = targets.divisor(step)
                 upd = rule.update(UpdateInputs(
                     step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=error.T,
-                    divisor=targets.divisor(step), cov=covs[rewrite], hparams=hparams, state=state,
+                    divisor=divisor, cov=setup.covs[rewrite], hparams=hparams, state=setup.state,
                     device=weight.device,
                 ))
                 upd = match_shape(upd, weight.shape, wname)
@@ -230,25 +314,49 @@ def compute_edit(
                     orig = originals[wname]
                     weight.copy_((orig.to(device=upd.device, dtype=upd.dtype) + upd).to(weight.dtype))
                 updates[wname] = upd.detach()
-                residuals[(layer, site.target.template)] = (error.double() / targets.divisor(step)).float()
-                records.append(LayerRecord(
-                    step, layer, wname, measure,
-                    float(error.float().norm(dim=-1).mean()),
-                    float((error.double() / targets.divisor(step)).norm(dim=-1).mean()),
-                    float(upd.norm()),
-                ))
-                log.debug("layer %d %s: |error| %.3f |upd| %.3f", layer, wname, records[-1].error_norm, records[-1].update_norm)
-        pending = rule.finalize(model, tok, hparams, state, dict(requests=reqs, templates=templates))
-    return EditPlan(hparams.alg_name, mode, reqs, templates, anchor, targets, updates, records, pending,
-                    time.perf_counter() - started, unedited, residuals)
+                residual = error.double() / divisor
+                residuals[(layer, site.target.template)] = residual.float()
+                records.append(LayerRecord(step, layer, wname, measure, float(error.float().norm(dim=-1).mean()),
+                                           float(residual.norm(dim=-1).mean()), float(upd.norm())))
+                log.debug("layer %d %s: |error| %.3f |upd| %.3f", layer, wname, records[-1].error_norm,
+                          records[-1].update_norm)
+            trajectory.after[layer] = _hidden_reads(model, tok, now_probes, hparams)
+        pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
+    return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, updates, records,
+                    pending, time.perf_counter() - started, unedited, residuals, trajectory)
 
 
 _LAST_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def last_plan(model) -> Optional[EditPlan]:
-    """The :class:`EditPlan` of the last successful plugin edit of ``model`` (diagnostics)."""
+    """The :class:`EditPlan` of the last successful :func:`apply_edit` of ``model``
+    (for EasyEdit callers, who only get ``(model, weights_copy)`` back)."""
     return _LAST_PLANS.get(model)
+
+
+def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False) -> Dict[str, torch.Tensor]:
+    """Add ``plan.updates`` to the weights of ``model`` (as EasyEdit's ``apply_*_to_model``
+    do) and commit the rule's pending state (AlphaEdit's key cache), in a transaction.
+
+    Returns:
+        ``{weight_name: original tensor}`` when ``return_orig_weights`` (else empty).
+
+    Raises:
+        whatever the rule's commit raises; every weight is then bit-identical to before.
+    """
+    weights_copy: Dict[str, torch.Tensor] = {}
+    params = {n: resolve_parameter(model, n) for n in plan.updates}
+    with weight_transaction(params):
+        with torch.no_grad():
+            for name, upd in plan.updates.items():
+                w = params[name]
+                if return_orig_weights and name not in weights_copy:
+                    weights_copy[name] = w.detach().clone()
+                w[...] += upd.to(device=w.device, dtype=w.dtype)
+        get_algorithm(hparams.alg_name).rule.commit(model, hparams, plan.pending)
+    _LAST_PLANS[model] = plan
+    return weights_copy
 
 
 def apply_edit(
@@ -260,10 +368,10 @@ def apply_edit(
     return_orig_weights: bool = False,
     cache_template: Optional[str] = None,
     keep_original_weight: bool = False,
-    mode: Optional[str] = None,
+    mode=None,
     context_templates=None,
     progress: bool = False,
-    anchor: Optional[AnchorResult] = None,
+    anchor=None,
     **kwargs,
 ) -> Tuple[Any, Dict[str, torch.Tensor]]:
     """EasyEdit's ``apply_*_to_model`` contract for every plugin algorithm.
@@ -281,15 +389,4 @@ def apply_edit(
         model = deepcopy(model)
     plan = compute_edit(model, tok, requests, hparams, mode=mode, context_templates=context_templates,
                         progress=progress, anchor=anchor, options=kwargs)
-    weights_copy: Dict[str, torch.Tensor] = {}
-    params = {n: resolve_parameter(model, n) for n in plan.updates}
-    with weight_transaction(params):
-        with torch.no_grad():
-            for name, upd in plan.updates.items():
-                w = params[name]
-                if return_orig_weights and name not in weights_copy:
-                    weights_copy[name] = w.detach().clone()
-                w[...] += upd.to(device=w.device, dtype=w.dtype)
-        get_algorithm(hparams.alg_name).rule.commit(model, hparams, plan.pending)
-    _LAST_PLANS[model] = plan
-    return model, weights_copy
+    return model, apply_plan(model, plan, hparams, return_orig_weights=return_orig_weights)

@@ -11,6 +11,20 @@
   (EasyEdit's ``locality`` score).
 - fluency: n-gram entropy of short greedy generations (MEMIT paper, eq. in §5.2:
   weighted average of bi- and tri-gram entropies; 2/3 and 4/3 weights).
+
+The paper's metrics (Liu et al., ICML 2026, section 6; their code's
+``evals/counterfact.py`` and ``experiments/locality_exp_{kl,topk}.py``):
+
+- Success (``*_win``): P(new) > P(true), teacher-forced (above).
+- Accuracy (``*_exact``): exact match of ``target_new`` under greedy generation.
+  Greedy decoding of the target's ``k`` tokens reproduces them iff every target
+  token is the argmax given the prompt and the target tokens before it, so this
+  is computed exactly as ``1[every teacher-forced target token is the argmax]``
+  (what the authors' code does), without a generation pass.
+- DKL (``locality_dkl``): ``KL(p_unedited || p_edited)`` of the next-token
+  distributions at the end of the neighbourhood (locality) prompt; lower is better.
+- Top-k (``locality_top1/5/10``): ``|top_k(unedited) & top_k(edited)| / k`` of the
+  next tokens at the end of the neighbourhood prompt; higher is better.
 """
 
 from __future__ import annotations
@@ -65,6 +79,46 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
     return out
 
 
+def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """``[N, V]`` float32 log-probabilities of the next token after each prompt (its last
+    token; prompts right-padded, read at each prompt's own last position)."""
+    dev = input_device(model)
+    pad = pad_id_of(tok)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            seqs = [token_ids(tok, p) for p in prompts[start: start + batch_size]]
+            ids, mask = pad_right(seqs, pad, dev)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
+            picked = logits[torch.arange(len(seqs), device=logits.device), last].float()
+            rows.append(torch.log_softmax(picked, -1).cpu())
+    return torch.cat(rows, 0) if rows else torch.empty(0, 0)
+
+
+TOP_KS = (1, 5, 10)
+
+
+def distribution_shift(before: torch.Tensor, after: torch.Tensor) -> Dict[str, float]:
+    """The paper's specificity without ground truth, for one prompt.
+
+    Args:
+        before / after: ``[V]`` next-token log-probabilities of the unedited and the
+            edited model.
+
+    Returns:
+        ``{"locality_dkl": KL(before || after) in nats, "locality_top1": ..,
+        "locality_top5": .., "locality_top10": ..}`` (overlap share of the top-k sets).
+    """
+    dkl = float((before.exp() * (before - after)).sum())
+    out = {"locality_dkl": dkl}
+    for k in TOP_KS:
+        a = set(before.topk(k).indices.tolist())
+        b = set(after.topk(k).indices.tolist())
+        out[f"locality_top{k}"] = len(a & b) / k
+    return out
+
+
 def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 32) -> List[str]:
     """Greedy continuations (the decoded new text only), batched with the KV cache.
 
@@ -108,9 +162,13 @@ def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Lis
             ``specificity`` compares locality predictions against it.
 
     Returns:
-        One dict per record: ``efficacy_acc``, ``efficacy_win`` (P(new) > P(true)),
-        ``generalization_acc``, ``generalization_win``, ``locality_predictions``,
-        ``specificity`` (None without baseline), ``logp_new``, ``logp_true``.
+        One dict per record: ``efficacy_acc``, ``efficacy_win`` (P(new) > P(true),
+        the paper's Success), ``efficacy_exact`` (the paper's Accuracy),
+        ``generalization_acc``, ``generalization_win``, ``generalization_exact``,
+        ``locality_predictions``, ``specificity``, ``locality_dkl``,
+        ``locality_top1/5/10`` (the last five None without baseline), ``logp_new``,
+        ``logp_true``, and ``_locality_logp`` (``[V]`` next-token log-probabilities at
+        the end of the locality prompt; keys starting with ``_`` are not reported).
     """
     prompts = [r["prompt"] for r in records]
     new = score_targets(model, tok, prompts, [r["target_new"] for r in records])
@@ -120,26 +178,32 @@ def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Lis
     reph_true = iter(score_targets(model, tok, [r["rephrase_prompt"] for r in reph], [r.get("ground_truth") or "" for r in reph]))
     loc = [r for r in records if r.get("locality_prompt")]
     loc_scores = iter(score_targets(model, tok, [r["locality_prompt"] for r in loc], [r.get("locality_ground_truth") or "" for r in loc]))
+    loc_next = iter(next_token_logprobs(model, tok, [r["locality_prompt"] for r in loc]))
     out = []
     for i, r in enumerate(records):
         row = {
             "efficacy_acc": new[i].acc,
             "efficacy_win": float(new[i].logprob > true[i].logprob) if r.get("ground_truth") else None,
+            "efficacy_exact": float(new[i].acc == 1.0),
             "logp_new": new[i].logprob,
             "logp_true": true[i].logprob if r.get("ground_truth") else None,
-            "generalization_acc": None, "generalization_win": None,
-            "locality_predictions": None, "specificity": None,
+            "generalization_acc": None, "generalization_win": None, "generalization_exact": None,
+            "locality_predictions": None, "specificity": None, "locality_dkl": None,
+            **{f"locality_top{k}": None for k in TOP_KS}, "_locality_logp": None,
         }
         if r.get("rephrase_prompt"):
             a, b = next(reph_new), next(reph_true)
             row["generalization_acc"] = a.acc
             row["generalization_win"] = float(a.logprob > b.logprob) if r.get("ground_truth") else None
+            row["generalization_exact"] = float(a.acc == 1.0)
         if r.get("locality_prompt"):
             row["locality_predictions"] = next(loc_scores).predictions
+            row["_locality_logp"] = next(loc_next)
         if baseline is not None and row["locality_predictions"] is not None:
             before = baseline[i]["locality_predictions"]
             same = [a == b for a, b in zip(row["locality_predictions"], before)]
             row["specificity"] = sum(same) / len(same) if same else None
+            row.update(distribution_shift(baseline[i]["_locality_logp"], row["_locality_logp"]))
         out.append(row)
     return out
 
@@ -149,7 +213,9 @@ def mean(values) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-SUMMARY_KEYS = ("efficacy_acc", "efficacy_win", "generalization_acc", "generalization_win", "specificity")
+SUMMARY_KEYS = ("efficacy_acc", "efficacy_win", "efficacy_exact", "generalization_acc", "generalization_win",
+                "generalization_exact", "specificity", "locality_dkl", "locality_top1", "locality_top5",
+                "locality_top10")
 
 
 def summarize(rows: Sequence[dict]) -> Dict[str, Optional[float]]:

@@ -5,9 +5,10 @@ The field names and meanings are EasyEdit's (``MEMITHyperParams`` and friends),
 so a stock YAML loads after changing ``alg_name``. Fields we add all have
 defaults:
 
-- ``replay_share``: ``"remaining"`` (default; layer ``l_i`` takes
-  ``1/(n-i+1)`` of its local residual, the stock share) or ``"full"`` (each layer
-  aims at its replayed target outright). Only used in replay mode.
+- ``replay_share``: ``"full"`` (default, the paper's method: each layer takes its
+  full local residual ``z^{l_i} - h^{l_i}_cur``) or ``"remaining"`` (ablation:
+  layer ``l_i`` takes ``1/(n-i+1)`` of it, PMET ``1/sqrt(n-i+1)``, the stock share
+  applied to replayed targets). Only used by the ``replay`` construction.
 - ``anchor_batch_size``: requests optimized together in one anchor loop.
 - ``mom2_batch_tokens``: cap on tokens per statistics sample (EasyEdit's
   ``batch_tokens`` of ``layer_stats``); ``None`` = the model's context length.
@@ -26,8 +27,7 @@ import yaml
 
 from .errors import HyperParamsError, field_error
 
-MODES = ("replay", "spread")
-REPLAY_SHARES = ("remaining", "full")
+REPLAY_SHARES = ("full", "remaining")
 MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
@@ -82,12 +82,10 @@ class ReplayHyperParams:
     batch_size: int = 1
     model_parallel: bool = False
     # easyedit-replay
-    replay_share: str = "remaining"
+    replay_share: str = "full"
     anchor_batch_size: int = 16
     mom2_batch_tokens: Optional[int] = None
     context_seed: int = 0
-
-    ALG_NAMES: ClassVar[Tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -124,9 +122,35 @@ class ReplayHyperParams:
         if missing:
             raise HyperParamsError(f"{source}: missing required field(s) {missing} for {cls.__name__}; add them to the YAML")
         alg = config.get("alg_name")
-        if cls.ALG_NAMES and alg not in cls.ALG_NAMES:
-            raise field_error(HyperParamsError, "alg_name", alg, f"{cls.__name__} loads {list(cls.ALG_NAMES)}", source)
+        names = cls.alg_names()
+        if names and alg not in names:
+            raise field_error(HyperParamsError, "alg_name", alg, f"{cls.__name__} loads {names}", source)
         hp = cls(**config)
+        hp.validate()
+        return hp
+
+    @classmethod
+    def alg_names(cls) -> List[str]:
+        """The ``alg_name`` values this class loads (from the algorithm registry); empty
+        for the shared base class."""
+        from .algorithms import name_table
+
+        return [name for name, reg in name_table().items() if reg.hparams_class is cls]
+
+    def replace(self, **changes):
+        """A validated copy with ``changes`` applied (``dataclasses.replace`` + :meth:`validate`).
+
+        Raises:
+            HyperParamsError: an unknown field, an ``alg_name`` this class does not
+                load, or a value :meth:`validate` rejects.
+        """
+        unknown = [k for k in changes if k not in self.field_names()]
+        if unknown:
+            raise HyperParamsError(f"{type(self).__name__}.replace: unknown field(s) {unknown}")
+        names = self.alg_names()
+        if "alg_name" in changes and names and changes["alg_name"] not in names:
+            raise field_error(HyperParamsError, "alg_name", changes["alg_name"], f"{type(self).__name__} loads {names}")
+        hp = dataclasses.replace(self, **changes)
         hp.validate()
         return hp
 
@@ -142,8 +166,10 @@ class ReplayHyperParams:
     # ------------------------------------------------------------------ derived
     @property
     def mode(self) -> str:
-        """``"replay"`` or ``"spread"``, from the ``alg_name`` suffix."""
-        return "spread" if str(self.alg_name).upper().endswith("_SPREAD") else "replay"
+        """The target construction named by ``alg_name`` (``"replay"``, ``"spread"``, ...)."""
+        from .algorithms import get_algorithm
+
+        return get_algorithm(self.alg_name).mode
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:

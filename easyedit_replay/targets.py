@@ -1,37 +1,153 @@
-"""Target construction: backward spreading (stock) vs forward replay (the paper).
+"""Target construction: the one place where backward spreading, forward replay and
+the paper's baselines differ (METHOD.md; Liu et al., ICML 2026, sections 4-5).
 
-This module is the only place where the two modes differ (see METHOD.md).
+Edit layers ``R = [l_1 < ... < l_n]`` (``hparams.layers``). A target construction
+(:class:`Construction`, the "mode") says
 
-Edit layers ``R = [l_1 < ... < l_n]``; step ``i`` (0-based here) edits ``l_{i+1}``.
+- where anchors are optimized (the first and/or the last edit layer),
+- which layers are edited (all, the first and last, or only the last),
+- where the current state of each edited layer is measured (at ``l_n``, as the
+  stock methods do, or at the edited layer itself),
+- which share of the local residual each layer takes (divided by the number of
+  edited layers left, or the full residual),
+- whether later targets come from a replay of the first anchor.
+
+The constructions (:data:`CONSTRUCTIONS`):
 
 spread (MEMIT, PMET, EMMET, AlphaEdit as shipped):
-    anchor at ``l_n``: ``z = h^{l_n} + delta``. At step ``i`` the current state is
-    measured at ``l_n`` (with layers before ``l_i`` already edited) and the
-    residual is ``(z - h^{l_n}_cur) / (n - i)`` (PMET: ``sqrt(n - i)``).
+    anchor at ``l_n``: ``z = h^{l_n} + delta``. At step ``i`` (0-based) the current
+    state is measured at ``l_n`` with the layers before ``l_{i+1}`` already edited
+    and the residual is ``(z - h^{l_n}_cur) / (n - i)`` (PMET: ``sqrt(n - i)``).
+replay (``*_REPLAY``, the paper's FE):
+    anchor at ``l_1``; one batched no-grad forward pass of the unedited model on the
+    bare prompts, with the anchor deltas added at ``l_1`` at the lookup token,
+    records ``z^{l_i}`` at every later edit layer. The current state is measured at
+    ``l_i`` itself and the residual is the full ``z^{l_i} - h^{l_i}_cur``
+    (``replay_share: full``, the default) or ``(z^{l_i} - h^{l_i}_cur) / (n - i)``
+    (PMET ``sqrt``; ``replay_share: remaining``, an ablation).
+replay_remaining:
+    replay with ``replay_share: remaining`` whatever the hparams say (the ablation
+    as its own row of a comparison).
+blue (Li et al., 2025):
+    two anchors optimized independently with the stock objective, at ``l_1`` and at
+    ``l_n`` (exactly replay's and spreading's anchors); only ``l_1`` and ``l_n`` are
+    edited, each with its full local residual measured at the layer itself.
+onelayer:
+    only ``l_n`` is edited, with the stock anchor at ``l_n`` (spreading with
+    ``layers = [l_n]``).
+nodiv:
+    spreading without dividing: anchor at ``l_n``, state measured at ``l_n``, every
+    layer takes the full residual (the paper's Table 2, "No-dividing").
 
-replay (``*_REPLAY``):
-    anchor at ``l_1``: ``z^{l_1} = h^{l_1} + delta``. One batched no-grad forward
-    pass of the unedited model on the bare prompts, with ``delta`` added to the
-    anchor site's output at the lookup token, records ``z^{l_i}`` at every later
-    edit layer. At step ``i`` the current state is measured at ``l_i`` itself and
-    the residual is ``(z^{l_i} - h^{l_i}_cur) / (n - i)`` (PMET: ``sqrt``) with
-    ``replay_share: remaining``, or ``z^{l_i} - h^{l_i}_cur`` with ``full``.
-
-With one edit layer both modes give bit-identical targets and residuals.
+With one edit layer every construction gives bit-identical targets and residuals.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
 from .anchor import AnchorResult
 from .keys import EditRequest, bare_probes, read_at_lookup
 
-MODES = ("spread", "replay")
+FIRST, LAST = "first", "last"
+
+
+@dataclass(frozen=True)
+class Construction:
+    """A target construction ("mode"); see the module docstring.
+
+    Attributes:
+        name: lower-case name (``alg_name`` suffix in upper case: ``MEMIT_BLUE``).
+        anchors: where anchors are optimized: ``("last",)``, ``("first",)`` or both.
+        edit: ``"all"`` edit layers, ``"ends"`` (first and last) or ``"last"``.
+        measure: ``"last"`` (current state read at ``l_n``) or ``"own"`` (at the
+            edited layer itself).
+        share: ``"divide"`` (``n - i`` edited layers left, PMET ``sqrt``),
+            ``"full"``, or ``"hparams"`` (``replay_share``: ``full`` or ``remaining``).
+        replay: later edit layers' targets come from one replay forward pass of
+            the first anchor.
+        summary: one line for help texts.
+    """
+
+    name: str
+    anchors: Tuple[str, ...]
+    edit: str
+    measure: str
+    share: str
+    replay: bool
+    summary: str
+
+    @property
+    def suffix(self) -> str:
+        return self.name.upper()
+
+    def edit_layers(self, layers: Sequence[int]) -> List[int]:
+        """The layers this construction writes, in edit order."""
+        layers = list(layers)
+        if self.edit == "last":
+            return layers[-1:]
+        if self.edit == "ends":
+            return sorted(set([layers[0], layers[-1]]))
+        return layers
+
+    def anchor_layers(self, layers: Sequence[int]) -> List[int]:
+        """The layers whose hidden state is optimized (``[l_n]``, ``[l_1]`` or ``[l_1, l_n]``)."""
+        out = [layers[0] if a == FIRST else layers[-1] for a in self.anchors]
+        return list(dict.fromkeys(out))
+
+    def divides(self, hparams) -> bool:
+        """Whether the residual is divided by the number of edited layers left."""
+        if self.share == "hparams":
+            return getattr(hparams, "replay_share", "full") == "remaining"
+        return self.share == "divide"
+
+
+CONSTRUCTIONS: Dict[str, Construction] = {c.name: c for c in (
+    Construction("spread", (LAST,), "all", "last", "divide", False,
+                 "stock backward spreading: anchor at l_n, residual divided over the layers left"),
+    Construction("replay", (FIRST,), "all", "own", "hparams", True,
+                 "forward replay (the paper's FE): anchor at l_1, replayed targets, full local residual"),
+    Construction("replay_remaining", (FIRST,), "all", "own", "divide", True,
+                 "ablation: replayed targets with the stock share (residual divided over the layers left)"),
+    Construction("blue", (FIRST, LAST), "ends", "own", "full", False,
+                 "BLUE: independent anchors at l_1 and l_n, only those two layers edited, full residuals"),
+    Construction("onelayer", (LAST,), "last", "own", "full", False,
+                 "OneLayer: only l_n edited, stock anchor"),
+    Construction("nodiv", (LAST,), "all", "last", "full", False,
+                 "spreading without dividing: every layer takes the full residual to the l_n anchor"),
+)}
+MODES = tuple(CONSTRUCTIONS)
+
+
+def get_construction(mode) -> Construction:
+    """The :class:`Construction` named ``mode`` (a Construction passes through).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if isinstance(mode, Construction):
+        return mode
+    try:
+        return CONSTRUCTIONS[str(mode)]
+    except KeyError:
+        raise ValueError(f"mode={mode!r}; use one of {list(CONSTRUCTIONS)}") from None
+
+
+def check_mode(mode) -> None:
+    get_construction(mode)
+
+
+def anchor_layer(mode, layers: Sequence[int]) -> int:
+    """The (single) anchor layer of a one-anchor construction: ``l_n`` for spreading,
+    ``l_1`` for replay. Raises ValueError for two-anchor constructions (BLUE)."""
+    found = get_construction(mode).anchor_layers(layers)
+    if len(found) != 1:
+        raise ValueError(f"mode {mode!r} optimizes anchors at {found}; use Construction.anchor_layers")
+    return found[0]
 
 
 @dataclass(frozen=True)
@@ -44,46 +160,42 @@ class TargetSite:
     anchor_site: int = 0
 
 
-def anchor_layer(mode: str, layers: Sequence[int]) -> int:
-    """The layer whose hidden state is optimized: the last edit layer for spreading,
-    the first for replay."""
-    check_mode(mode)
-    return layers[-1] if mode == "spread" else layers[0]
-
-
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; use one of {MODES}")
-
-
 @dataclass
 class Targets:
     """Per-layer targets of one batch of ``R`` requests.
 
     ``values[(layer, site.template)]`` is ``[R, d]``: the state that ``layer``'s
-    site should reach (spread: only ``l_n``; replay: every edit layer).
+    site should reach (spread: only ``l_n``; replay: every edit layer; BLUE: ``l_1``
+    and ``l_n``). ``edit_layers`` are the layers written, in order.
     """
 
-    mode: str
+    construction: Construction
     layers: List[int]
+    edit_layers: List[int]
     sites: List[TargetSite]
     values: Dict[Tuple[int, str], torch.Tensor]
-    share: str = "remaining"
+    divide: bool
     sqrt_share: bool = False
 
+    @property
+    def mode(self) -> str:
+        return self.construction.name
+
     def measure_layer(self, step: int) -> int:
-        """Layer at which the current state is measured at ``step`` (0-based)."""
-        return self.layers[-1] if self.mode == "spread" else self.layers[step]
+        """Layer at which the current state is measured at ``step`` (0-based over
+        :attr:`edit_layers`)."""
+        return self.layers[-1] if self.construction.measure == "last" else self.edit_layers[step]
 
     def target(self, step: int, site: TargetSite) -> torch.Tensor:
         """``[R, d]`` target compared with the state measured at :meth:`measure_layer`."""
         return self.values[(self.measure_layer(step), site.template)]
 
     def divisor(self, step: int) -> float:
-        """Share of the local residual taken at ``step``: ``n - step`` (or its sqrt)."""
-        if self.mode == "replay" and self.share == "full":
+        """Share of the local residual taken at ``step``: ``n - step`` (or its sqrt) edited
+        layers left when dividing, else 1. This is the only place the share is set."""
+        if not self.divide:
             return 1.0
-        remaining = len(self.layers) - step
+        remaining = len(self.edit_layers) - step
         return math.sqrt(remaining) if self.sqrt_share else float(remaining)
 
     def local_error(self, step: int, site: TargetSite, current: torch.Tensor) -> torch.Tensor:
@@ -91,7 +203,7 @@ class Targets:
         if that is wider (fp16/bf16 models).
 
         ``current`` is ``[R, d]``, measured at :meth:`measure_layer` with the layers
-        before ``layers[step]`` already edited.
+        before ``edit_layers[step]`` already edited.
         """
         z = self.target(step, site)
         dtype = torch.promote_types(z.dtype, torch.float32)  # half-precision models: subtract in float32
@@ -109,17 +221,18 @@ def build_targets(
     tok,
     requests: Sequence[EditRequest],
     hparams,
-    anchor: AnchorResult,
-    mode: str,
+    anchors: Mapping[int, AnchorResult],
+    mode,
     sites: Sequence[TargetSite],
     anchor_templates: Sequence[str],
     sqrt_share: bool = False,
 ) -> Targets:
-    """Targets for every edit layer and site.
+    """Targets for every edited layer and site.
 
     Args:
-        anchor: optimized at :func:`anchor_layer` of ``mode``; ``anchor.sites`` are
-            ``anchor_templates`` formatted with that layer.
+        anchors: ``{layer: AnchorResult}`` for every layer of
+            ``Construction.anchor_layers`` (or one AnchorResult for a one-anchor construction) (``anchor.sites`` are ``anchor_templates``
+            formatted with that layer).
         sites: target sites (module outputs compared against targets).
         anchor_templates: module templates of the anchor deltas (one per anchor site).
         sqrt_share: PMET's ``sqrt(n - i)`` share.
@@ -128,18 +241,25 @@ def build_targets(
     bare prompts with every anchor delta added at ``l_1`` and reads every later
     edit layer's target sites; ``z^{l_1}`` is the anchor value itself.
 
-    Source: METHOD.md "Forward replay", steps 1-2.
+    Raises:
+        ValueError: an anchor layer of the construction is missing from ``anchors``.
+
+    Source: METHOD.md "Forward replay", steps 1-2; "The paper's baselines".
     """
-    check_mode(mode)
+    c = get_construction(mode)
+    if isinstance(anchors, AnchorResult):
+        anchors = {anchors.layer: anchors}
     layers = list(hparams.layers)
     values: Dict[Tuple[int, str], torch.Tensor] = {}
-    anchor_at = anchor_layer(mode, layers)
-    for site in sites:
-        values[(anchor_at, site.template)] = anchor.value[site.anchor_site]
-    if mode == "replay" and len(layers) > 1:
-        replayed = replay_forward(model, tok, requests, hparams, anchor, anchor_templates, layers[1:], sites)
-        values.update(replayed)
-    return Targets(mode, layers, list(sites), values, getattr(hparams, "replay_share", "remaining"), sqrt_share)
+    for layer in c.anchor_layers(layers):
+        if layer not in anchors:
+            raise ValueError(f"mode {c.name!r} needs an anchor at layer {layer}; got layers {sorted(anchors)}")
+        for site in sites:
+            values[(layer, site.template)] = anchors[layer].value[site.anchor_site]
+    if c.replay and len(layers) > 1:
+        values.update(replay_forward(model, tok, requests, hparams, anchors[layers[0]], anchor_templates,
+                                     layers[1:], sites))
+    return Targets(c, layers, c.edit_layers(layers), list(sites), values, c.divides(hparams), sqrt_share)
 
 
 def replay_forward(
@@ -162,3 +282,22 @@ def replay_forward(
     names = [(layer, site.template, site.template.format(layer)) for layer in read_layers for site in sites]
     reads = read_at_lookup(model, tok, probes, outputs=[n for _, _, n in names], add=add)
     return {(layer, tmp): reads["out:" + name] for layer, tmp, name in names}
+
+
+def final_hidden_target(model, tok, requests: Sequence[EditRequest], hparams, anchors: Mapping[int, AnchorResult],
+                        mode, anchor_templates: Sequence[str]) -> torch.Tensor:
+    """``[R, d]`` ``m_L``: the residual-stream state at the output of block ``l_n`` that
+    the construction's final target implies (the paper's Tables 2 and 5).
+
+    Spreading, no-dividing, OneLayer and BLUE: the unedited model's state with the
+    ``l_n`` anchor deltas added (MEMIT: the anchor ``z`` itself); replay: the state
+    replayed from the ``l_1`` anchor (``z^{l_n}``). PMET's anchors sit on module
+    outputs, so in every case this is one no-grad forward pass with the deltas
+    added, read at ``layer_module_tmp.format(l_n)``.
+    """
+    c = get_construction(mode)
+    layers = list(hparams.layers)
+    anchor = anchors[layers[0]] if c.replay else anchors[layers[-1]]
+    site = TargetSite(hparams.layer_module_tmp, 0)
+    return replay_forward(model, tok, requests, hparams, anchor, anchor_templates, [layers[-1]], [site])[
+        (layers[-1], site.template)]

@@ -39,8 +39,6 @@ def main():
     report["import_easyeditor_s"] = round(time.perf_counter() - t0, 2)
     report["registered_by_hook"] = registered()
     import easyedit_replay
-    from easyedit_replay.algorithms import PLANNED, RULES
-    from easyedit_replay.errors import HyperParamsError
 
     again = easyedit_replay.register()
     report["second_register_patched"] = again.patched
@@ -55,28 +53,19 @@ def main():
     report["replay_class"] = f"{type(replay_hp).__module__}.{type(replay_hp).__name__}"
     report["batchable"] = {n: BatchEditor.is_batchable_method(n) for n in ("MEMIT", "MEMIT_REPLAY", "MEMIT_SPREAD")}
 
-    # A planned base: its stock class accepts the name and fails with a clear error.
-    planned = [b for b in PLANNED if b not in RULES]
-    report["planned_error"] = None
-    if planned:
-        import tempfile
+    # A paper baseline name (MEMIT_BLUE) falls out of the registry: EasyEdit knows it and
+    # its stock hparams class loads a YAML that names it.
+    import tempfile
 
-        import yaml
+    import yaml
 
-        from easyedit_replay.easyedit import HOST_HPARAMS
-
-        cls_name = HOST_HPARAMS.get(planned[0], f"{planned[0]}HyperParams")
-        cfg = yaml.safe_load(open(args.replay))
-        cfg["alg_name"] = f"{planned[0]}_REPLAY"
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(cfg, f)
-        try:
-            getattr(easyeditor, cls_name).from_hparams(f.name)
-            report["planned_error"] = "no error"
-        except HyperParamsError as exc:
-            report["planned_error"] = f"HyperParamsError: {exc}"
-        except Exception as exc:  # a KeyError or AssertionError would be a failure
-            report["planned_error"] = f"{type(exc).__name__}: {exc}"
+    cfg = yaml.safe_load(open(args.replay))
+    cfg["alg_name"] = "MEMIT_BLUE"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    blue_hp = MEMITHyperParams.from_hparams(f.name)
+    report["blue"] = {"class": type(blue_hp).__name__, "alg_name": blue_hp.alg_name,
+                      "in_alg_dict": "MEMIT_BLUE" in alg_dict.ALG_DICT}
 
     ed_stock = BaseEditor.from_hparams(stock_hp)
     ed_replay = BaseEditor.from_hparams(replay_hp)

@@ -1,63 +1,97 @@
-"""Registry of the plugin's algorithms: ``alg_name -> (update rule, mode)``.
+"""Registry of the plugin's algorithms: one record per update rule, every name derived.
 
-``X_REPLAY`` runs X with forward replay; ``X_SPREAD`` runs X with stock backward
-spreading through the same machinery (for side-by-side comparison).
+An algorithm is ONE :class:`~easyedit_replay.algorithms.base.Algorithm` subclass
+(its ``name``, ``hparams_class``, ``host_hparams`` and ``sites``), registered with
+:func:`register_algorithm`. From the registry and the target constructions of
+:mod:`easyedit_replay.targets` come every ``alg_name`` (``f"{name}_{MODE}"``:
+``MEMIT_REPLAY``, ``MEMIT_SPREAD``, ``MEMIT_BLUE``, ...), the ``apply_*_to_model``
+entry points, EasyEdit's hyperparameter mapping and the rewritten weight names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List
 
 from ..errors import HyperParamsError
+from ..targets import CONSTRUCTIONS, Construction
 from .base import Algorithm
-from .alphaedit import AlphaEdit
-from .emmet import EMMET
-from .memit import MEMIT
-from .pmet import PMET
 
-RULES: Dict[str, Algorithm] = {"MEMIT": MEMIT(), "PMET": PMET(), "EMMET": EMMET(), "AlphaEdit": AlphaEdit()}
-PLANNED: tuple = ()
+RULES: Dict[str, Algorithm] = {}
+
+
+def register_algorithm(rule: Algorithm) -> Algorithm:
+    """Add ``rule`` (an :class:`Algorithm` instance with ``name`` and ``hparams_class``)
+    to the registry; returns it. Registering a name twice replaces the earlier rule.
+
+    Raises:
+        ValueError: ``rule.name`` empty or ``rule.hparams_class`` missing.
+    """
+    if not rule.name or rule.hparams_class is None:
+        raise ValueError(f"{type(rule).__name__}: set `name` and `hparams_class` before registering")
+    RULES[rule.name] = rule
+    return rule
 
 
 @dataclass(frozen=True)
 class Registered:
+    """What an ``alg_name`` resolves to: base algorithm, target construction, rule."""
+
     alg_name: str
     base: str
-    mode: str
+    construction: Construction
     rule: Algorithm
+
+    @property
+    def mode(self) -> str:
+        return self.construction.name
 
     @property
     def hparams_class(self):
         return self.rule.hparams_class
 
 
-def algorithm_names():
+def alg_name_of(base: str, mode) -> str:
+    """``("MEMIT", "blue") -> "MEMIT_BLUE"``."""
+    from ..targets import get_construction
+
+    return f"{base}_{get_construction(mode).suffix}"
+
+
+def name_table() -> Dict[str, Registered]:
+    """``{alg_name: Registered}`` for every registered algorithm and construction."""
+    return {f"{base}_{c.suffix}": Registered(f"{base}_{c.suffix}", base, c, rule)
+            for base, rule in RULES.items() for c in CONSTRUCTIONS.values()}
+
+
+def algorithm_names() -> List[str]:
     """Every registered ``alg_name`` (``MEMIT_REPLAY``, ``MEMIT_SPREAD``, ...)."""
-    return [f"{base}_{suffix}" for base in RULES for suffix in ("REPLAY", "SPREAD")]
-
-
-def split_name(alg_name: str):
-    """``"MEMIT_REPLAY" -> ("MEMIT", "replay")``; None for names without our suffix."""
-    for suffix, mode in (("_REPLAY", "replay"), ("_SPREAD", "spread")):
-        if str(alg_name).endswith(suffix):
-            return str(alg_name)[: -len(suffix)], mode
-    return None
+    return list(name_table())
 
 
 def get_algorithm(alg_name: str) -> Registered:
     """Look up ``alg_name``.
 
     Raises:
-        HyperParamsError: unknown name, or a base the plugin does not implement yet.
+        HyperParamsError: an unknown name (the message lists the known ones).
     """
-    parts = split_name(alg_name)
-    if parts is None or parts[0] not in RULES:
-        if parts is not None and parts[0] in PLANNED:
-            raise HyperParamsError(
-                f"hparams.alg_name = {alg_name!r}: {parts[0]} with replay is not implemented in this "
-                f"version of easyedit-replay; available: {algorithm_names()}"
-            )
-        raise HyperParamsError(f"hparams.alg_name = {alg_name!r} is not an easyedit-replay algorithm; use one of {algorithm_names()}")
-    base, mode = parts
-    return Registered(alg_name, base, mode, RULES[base])
+    found = name_table().get(str(alg_name))
+    if found is None:
+        raise HyperParamsError(f"hparams.alg_name = {alg_name!r} is not an easyedit-replay algorithm; "
+                               f"use one of {algorithm_names()}")
+    return found
+
+
+def weight_names(hp) -> List[str]:
+    """Rewritten parameter names of ``hp`` for every edit layer, in edit order."""
+    rule = get_algorithm(hp.alg_name).rule
+    return [f"{s.rewrite_template.format(l)}.weight" for l in hp.layers for s in rule.sites(hp)]
+
+
+from .memit import MEMIT  # noqa: E402  (each module registers its rule)
+from .pmet import PMET  # noqa: E402
+from .emmet import EMMET  # noqa: E402
+from .alphaedit import AlphaEdit  # noqa: E402
+
+for _rule in (MEMIT(), PMET(), EMMET(), AlphaEdit()):
+    register_algorithm(_rule)

@@ -65,7 +65,6 @@ class AlphaEditHyperParams(ReplayHyperParams):
     L2: float
     P_loc: Optional[str] = None
 
-    ALG_NAMES = ("AlphaEdit_REPLAY", "AlphaEdit_SPREAD")
 
     def validate(self) -> None:
         super().validate()

@@ -55,6 +55,12 @@ class Algorithm:
     name: str = ""
     hparams_class = None
     sqrt_share: bool = False
+    # EasyEdit's hyperparameter class of this algorithm (easyeditor.<name>HyperParams).
+    host_hparams: str = ""
+
+    @property
+    def host_hparams_name(self) -> str:
+        return self.host_hparams or f"{self.name}HyperParams"
 
     # -- request normalization / anchor objective
     def leading_space(self, model, hp=None) -> bool:

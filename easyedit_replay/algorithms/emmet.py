@@ -37,7 +37,6 @@ class EMMETHyperParams(ReplayHyperParams):
     update_norm_lambda: float = 0
     emmet_lambda: float = 0.1
 
-    ALG_NAMES = ("EMMET_REPLAY", "EMMET_SPREAD")
 
     def validate(self) -> None:
         super().validate()

@@ -17,7 +17,6 @@ from .base import Algorithm, UpdateInputs
 class MEMITHyperParams(ReplayHyperParams):
     """EasyEdit's ``MEMITHyperParams`` fields plus the replay fields."""
 
-    ALG_NAMES = ("MEMIT_REPLAY", "MEMIT_SPREAD")
 
 
 def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:

@@ -52,7 +52,6 @@ class PMETHyperParams(ReplayHyperParams):
     # easyedit-replay: None = stock rule (a space only for "gpt" models); true/false forces it
     target_leading_space: Optional[bool] = None
 
-    ALG_NAMES = ("PMET_REPLAY", "PMET_SPREAD")
 
     def validate(self) -> None:
         """Base checks plus ``rewrite_module_tmps`` and ``nll_loss_factor``.
