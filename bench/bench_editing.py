@@ -38,7 +38,7 @@ def _setup(args):
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.data import load_records
     from easyedit_replay.editor import resolve_templates
-    from easyedit_replay.hparams import load_hparams
+    from easyedit_replay.algorithms import load_hparams
     from easyedit_replay.models import cache_root, load_model
 
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from easyedit_replay.anchor import optimize_anchors
 from easyedit_replay.data import load_records
 from easyedit_replay.editor import compute_edit, resolve_templates, weight_transaction
 from easyedit_replay.evaluate import evaluate_records, summarize
-from easyedit_replay.hparams import load_hparams
+from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.keys import prepare_requests
 from easyedit_replay.models import cache_root, load_model
 from easyedit_replay.targets import anchor_layer

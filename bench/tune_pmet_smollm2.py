@@ -22,7 +22,7 @@ from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.data import load_records
 from easyedit_replay.editor import compute_edit
 from easyedit_replay.evaluate import evaluate_records, summarize
-from easyedit_replay.hparams import load_hparams
+from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.models import cache_root, load_model
 
 

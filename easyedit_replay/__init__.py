@@ -68,8 +68,8 @@ def reset_alphaedit_cache(model=None):
 
 
 def load_hparams(path_or_dict, **overrides):
-    """Load a plugin YAML; see :func:`easyedit_replay.hparams.load_hparams`."""
-    from .hparams import load_hparams as _load
+    """Load a plugin YAML; see :func:`easyedit_replay.algorithms.load_hparams`."""
+    from .algorithms import load_hparams as _load
 
     return _load(path_or_dict, **overrides)
 

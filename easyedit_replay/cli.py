@@ -37,7 +37,7 @@ def cmd_compare(args) -> int:
     from .data import load_records
     from .experiment import CompareConfig, render_report, run_comparison, write_outputs
     from .targets import get_construction
-    from .hparams import load_hparams
+    from .algorithms import load_hparams
     from .models import cache_root, load_model
 
     try:
@@ -110,7 +110,7 @@ def cmd_export_model(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .hparams import load_hparams
+    from .algorithms import load_hparams
     from .models import load_model
     from .stats import second_moments
 

@@ -25,7 +25,7 @@ Names are read from the registry of :mod:`easyedit_replay.algorithms` at
 registration time, so an algorithm or a target construction added there
 registers without changing this module.
 
-:func:`install_import_hook` (called from the ``.pth`` file installed with the
+:func:`easyedit_replay._autoload.install` (called from the ``.pth`` file installed with the
 package, see :mod:`easyedit_replay._autoload`) runs :func:`register` right after
 ``import easyeditor`` finishes, without importing anything heavy at start-up.
 """
@@ -43,7 +43,9 @@ from typing import Dict, List, Optional
 log = logging.getLogger(__name__)
 
 HOST_PACKAGE = "easyeditor"
-AUTOLOAD_ENV = "EASYEDIT_REPLAY_AUTOLOAD"  # same as easyedit_replay._autoload.ENV
+# easyedit_replay._autoload.ENV (not imported: the hook imports this module, not the reverse;
+# tests/test_easyedit.py checks that the two agree)
+AUTOLOAD_ENV = "EASYEDIT_REPLAY_AUTOLOAD"
 _MARK = "_easyedit_replay_original"
 _lock = threading.RLock()
 _warned: set = set()
@@ -153,8 +155,9 @@ def _accepting_from_hparams(original, base: str):
     stock = original.__func__
 
     def from_hparams(cls, hparams_name_or_path, *args, **kwargs):
+        from .algorithms import load_hparams
         from .errors import HyperParamsError
-        from .hparams import load_hparams, read_yaml
+        from .hparams import read_yaml
 
         try:
             config, _ = read_yaml(hparams_name_or_path)
@@ -301,18 +304,3 @@ def registered() -> bool:
     """Whether the plugin names are in the loaded EasyEdit's ``ALG_DICT``."""
     table = getattr(sys.modules.get(f"{HOST_PACKAGE}.util.alg_dict"), "ALG_DICT", None)
     return isinstance(table, dict) and all(name in table for name in plugin_names())
-
-
-# ----------------------------------------------------------------------------- import hook
-def autoload_enabled() -> bool:
-    """See :func:`easyedit_replay._autoload.enabled`."""
-    from ._autoload import enabled
-
-    return enabled()
-
-
-def install_import_hook() -> bool:
-    """See :func:`easyedit_replay._autoload.install`."""
-    from ._autoload import install
-
-    return install()

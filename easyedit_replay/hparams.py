@@ -129,13 +129,17 @@ class ReplayHyperParams:
         hp.validate()
         return hp
 
+    # Set by easyedit_replay.algorithms.register_algorithm: the algorithm this class loads.
+    ALGORITHM: ClassVar[str] = ""
+
     @classmethod
     def alg_names(cls) -> List[str]:
-        """The ``alg_name`` values this class loads (from the algorithm registry); empty
-        for the shared base class."""
-        from .algorithms import name_table
+        """The ``alg_name`` values this class loads: ``{ALGORITHM}_{MODE}`` for every target
+        construction (``MEMIT_REPLAY``, ``MEMIT_SPREAD``, ``MEMIT_BLUE``, ...); empty for
+        the shared base class."""
+        from .targets import CONSTRUCTIONS
 
-        return [name for name, reg in name_table().items() if reg.hparams_class is cls]
+        return [f"{cls.ALGORITHM}_{c.suffix}" for c in CONSTRUCTIONS.values()] if cls.ALGORITHM else []
 
     def replace(self, **changes):
         """A validated copy with ``changes`` applied (``dataclasses.replace`` + :meth:`validate`).
@@ -163,14 +167,6 @@ class ReplayHyperParams:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    # ------------------------------------------------------------------ derived
-    @property
-    def mode(self) -> str:
-        """The target construction named by ``alg_name`` (``"replay"``, ``"spread"``, ...)."""
-        from .algorithms import get_algorithm
-
-        return get_algorithm(self.alg_name).mode
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Model-independent checks. Raises :class:`HyperParamsError` naming the field."""
@@ -195,13 +191,13 @@ class ReplayHyperParams:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise err(name, "must be a positive integer")
         for name in ("v_lr", "clamp_norm_factor"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise err(name, "must be a positive number")
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise err(name, "must be a non-negative number")
         if not isinstance(self.v_loss_layer, int) or isinstance(self.v_loss_layer, bool):
-            if _is_number(self.v_loss_layer) and float(self.v_loss_layer).is_integer():
+            if is_number(self.v_loss_layer) and float(self.v_loss_layer).is_integer():
                 self.v_loss_layer = int(self.v_loss_layer)
             else:
                 raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
@@ -255,7 +251,8 @@ class ReplayHyperParams:
         return [self.rewrite_module_tmp]
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
+    """A real number that is not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -266,13 +263,6 @@ def num_layers(model) -> Optional[int]:
         if isinstance(value, int):
             return value
     return None
-
-
-def hparams_class_for(alg_name: str):
-    """The dataclass that loads ``alg_name`` (e.g. ``MEMIT_REPLAY``)."""
-    from .algorithms import get_algorithm
-
-    return get_algorithm(alg_name).hparams_class
 
 
 def read_yaml(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
@@ -292,21 +282,3 @@ def read_yaml(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
     if not isinstance(config, dict):
         raise HyperParamsError(f"{source}: expected a mapping of hyperparameters, got {type(config).__name__}")
     return config, source
-
-
-def load_hparams(path_or_dict: Union[str, Path, Dict[str, Any]], **overrides):
-    """Load any plugin YAML (or mapping); the class is chosen by ``alg_name``.
-
-    ``overrides`` replace fields before validation (e.g. ``alg_name="MEMIT_SPREAD"``).
-
-    Raises:
-        HyperParamsError: see :meth:`ReplayHyperParams.from_dict`.
-    """
-    if isinstance(path_or_dict, dict):
-        config, source = dict(path_or_dict), "hparams"
-    else:
-        config, source = read_yaml(path_or_dict)
-    config.update(overrides)
-    if "alg_name" not in config:
-        raise HyperParamsError(f"{source}: missing field 'alg_name'; set it to e.g. MEMIT_REPLAY")
-    return hparams_class_for(str(config["alg_name"])).from_dict(config, source=source)

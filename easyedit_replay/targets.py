@@ -120,7 +120,28 @@ CONSTRUCTIONS: Dict[str, Construction] = {c.name: c for c in (
     Construction("nodiv", (LAST,), "all", "last", "full", False,
                  "spreading without dividing: every layer takes the full residual to the l_n anchor"),
 )}
-MODES = tuple(CONSTRUCTIONS)
+MODES = tuple(CONSTRUCTIONS)  # the built-in constructions, in the paper's order
+
+
+def register_construction(construction: Construction) -> Construction:
+    """Add a target construction; every registered algorithm then has the
+    ``alg_name`` ``f"{ALG}_{construction.suffix}"`` and its entry point.
+
+    Raises:
+        ValueError: a field outside its allowed values.
+    """
+    c = construction
+    if not c.anchors or any(a not in (FIRST, LAST) for a in c.anchors):
+        raise ValueError(f"Construction({c.name!r}).anchors must name 'first' and/or 'last'")
+    if c.edit not in ("all", "ends", "last") or c.measure not in ("own", "last") \
+            or c.share not in ("divide", "full", "hparams"):
+        raise ValueError(f"Construction({c.name!r}): edit in all/ends/last, measure in own/last, "
+                         f"share in divide/full/hparams")
+    if c.measure == "own" and not c.replay and c.edit == "all":
+        raise ValueError(f"Construction({c.name!r}): edits every layer, measures each at itself, but has "
+                         f"no replay to give the middle layers targets")
+    CONSTRUCTIONS[c.name] = c
+    return c
 
 
 def get_construction(mode) -> Construction:

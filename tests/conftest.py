@@ -38,7 +38,7 @@ def stats_dir():
 def hparams(stats_dir):
     """The bundled MEMIT_REPLAY YAML for SmolLM2 with a short anchor optimization."""
     from easyedit_replay.cli import default_hparams_path
-    from easyedit_replay.hparams import load_hparams
+    from easyedit_replay.algorithms import load_hparams
 
     return load_hparams(default_hparams_path(), stats_dir=stats_dir)
 

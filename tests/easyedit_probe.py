@@ -81,7 +81,7 @@ def main():
     from easyeditor.models.memit import memit_main
 
     from easyedit_replay.data import load_records
-    from easyedit_replay.hparams import load_hparams
+    from easyedit_replay.algorithms import load_hparams
 
     model, tok = ed_stock.model, ed_stock.tok
     requests = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")}

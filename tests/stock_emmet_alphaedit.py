@@ -55,7 +55,7 @@ def main():
     from easyedit_replay.data import load_records
     from easyedit_replay.algorithms import get_algorithm
     from easyedit_replay.editor import compute_edit
-    from easyedit_replay.hparams import load_hparams
+    from easyedit_replay.algorithms import load_hparams
     from easyedit_replay.models import cache_root, load_model
     from easyedit_replay.stats import second_moments
 

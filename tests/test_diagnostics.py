@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from easyedit_replay.diagnostics import layer_targets, target_accuracy
@@ -77,16 +78,24 @@ def test_compare_produces_every_column_json_and_plots(tmp_path, capsys):
                "--out", str(out), "--json", str(js), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    for col in ("efficacy", "generalization", "specificity", "fluency", "target error", "edit time s"):
+    for col in ("efficacy", "generalization", "specificity", "fluency", "target error", "edit time s",
+                "eff. Success", "eff. Acc", "gen. Success", "gen. Acc", "DKL", "Top-1", "Top-5", "Top-10",
+                "residual ratio", "layer 4", "layer 8"):
         assert col in text
     assert text.count("MEMIT") >= 2 and "replay" in text and "spread" in text
     data = json.loads(js.read_text())
     run = data["runs"]["MEMIT/replay"]
     assert len(run["per_edit"]) == 3 and len(run["curve"]) == 2 and run["curve"][-1]["edits"] == 3
     assert all(r["target_error"] is not None and r["fluency"] is not None for r in run["per_edit"])
+    assert all(r["locality_dkl"] >= 0 and 0 <= r["locality_top5"] <= 1 for r in run["per_edit"])
+    assert sorted(run["diagnostics"]["residual_ratio"]) == ["4", "5", "6", "7", "8"]
+    assert run["diagnostics"]["passive_cosine"]["8"] == pytest.approx(1.0, abs=1e-5)
+    assert not any(k.startswith("_") for r in run["per_edit"] for k in r)
     import matplotlib.image as mpimg
 
-    for name in ("target_error.png", "sequential.png"):
+    for name in ("residual_ratio.png", "target_error.png", "sequential.png"):
         img = mpimg.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300
-    assert "![target_error](target_error.png)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "![target_error](target_error.png)" in report and "![residual_ratio](residual_ratio.png)" in report
+    assert "Tables 2 and 5" in report and "DKL" in report

@@ -27,7 +27,7 @@ from easyedit_replay.anchor import optimize_anchors
 from easyedit_replay.editor import apply_edit, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError, StatisticsError
 from easyedit_replay.evaluate import evaluate_records, summarize
-from easyedit_replay.hparams import load_hparams
+from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.keys import prepare_requests
 from easyedit_replay.stats import bundled_texts, second_moments
 from easyedit_replay.targets import anchor_layer

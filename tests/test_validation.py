@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import HyperParamsError, NumericalError, ReplayError, RequestError
-from easyedit_replay.hparams import load_hparams
+from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.keys import prepare_requests
 
 from .test_core import assert_unchanged, snapshot, with_fields
@@ -228,7 +228,7 @@ def test_two_processes_compute_the_same_statistics(tmp_path):
         f"""
         import sys, torch
         from easyedit_replay.models import load_model
-        from easyedit_replay.hparams import load_hparams
+        from easyedit_replay.algorithms import load_hparams
         from easyedit_replay.cli import default_hparams_path
         from easyedit_replay.stats import second_moments
         hp = load_hparams(default_hparams_path(), stats_dir={str(tmp_path)!r}, mom2_n_samples=24, layers=[2])

@@ -11,9 +11,11 @@ entry points, EasyEdit's hyperparameter mapping and the rewritten weight names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Union
 
 from ..errors import HyperParamsError
+from ..hparams import read_yaml
 from ..targets import CONSTRUCTIONS, Construction
 from .base import Algorithm
 
@@ -30,6 +32,7 @@ def register_algorithm(rule: Algorithm) -> Algorithm:
     if not rule.name or rule.hparams_class is None:
         raise ValueError(f"{type(rule).__name__}: set `name` and `hparams_class` before registering")
     RULES[rule.name] = rule
+    rule.hparams_class.ALGORITHM = rule.name
     return rule
 
 
@@ -80,6 +83,30 @@ def get_algorithm(alg_name: str) -> Registered:
         raise HyperParamsError(f"hparams.alg_name = {alg_name!r} is not an easyedit-replay algorithm; "
                                f"use one of {algorithm_names()}")
     return found
+
+
+def hparams_class_for(alg_name: str):
+    """The dataclass that loads ``alg_name`` (e.g. ``MEMIT_REPLAY``)."""
+    return get_algorithm(alg_name).hparams_class
+
+
+def load_hparams(path_or_dict: Union[str, Path, Dict[str, Any]], **overrides):
+    """Load any plugin YAML (or mapping); the class is chosen by ``alg_name``.
+
+    ``overrides`` replace fields before validation (e.g. ``alg_name="MEMIT_SPREAD"``).
+
+    Raises:
+        HyperParamsError: a missing file or field, an unknown ``alg_name``, or any value
+            :meth:`~easyedit_replay.hparams.ReplayHyperParams.from_dict` rejects.
+    """
+    if isinstance(path_or_dict, dict):
+        config, source = dict(path_or_dict), "hparams"
+    else:
+        config, source = read_yaml(path_or_dict)
+    config.update(overrides)
+    if "alg_name" not in config:
+        raise HyperParamsError(f"{source}: missing field 'alg_name'; set it to e.g. MEMIT_REPLAY")
+    return hparams_class_for(str(config["alg_name"])).from_dict(config, source=source)
 
 
 def weight_names(hp) -> List[str]:

@@ -42,7 +42,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..errors import HyperParamsError, StatisticsError, field_error
-from ..hparams import ReplayHyperParams, _is_number
+from ..hparams import ReplayHyperParams, is_number
 from ..stats import atomic_write, module_stats_path
 from ..tracing import resolve_parameter
 from .base import Algorithm, UpdateInputs
@@ -68,10 +68,10 @@ class AlphaEditHyperParams(ReplayHyperParams):
 
     def validate(self) -> None:
         super().validate()
-        if not _is_number(self.nullspace_threshold) or self.nullspace_threshold <= 0:
+        if not is_number(self.nullspace_threshold) or self.nullspace_threshold <= 0:
             raise field_error(HyperParamsError, "nullspace_threshold", self.nullspace_threshold,
                               "must be a positive number (stock: 2e-2)")
-        if not _is_number(self.L2) or self.L2 <= 0:
+        if not is_number(self.L2) or self.L2 <= 0:
             raise field_error(HyperParamsError, "L2", self.L2,
                               "must be a positive number (stock: 1 or 10); P (K K^T + cache) alone is singular")
         if self.P_loc is not None and not isinstance(self.P_loc, str):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import HyperParamsError, NumericalError, field_error
-from ..hparams import ReplayHyperParams, _is_number
+from ..hparams import ReplayHyperParams, is_number
 from .base import Algorithm, UpdateInputs
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class EMMETHyperParams(ReplayHyperParams):
         super().validate()
         for name in ("update_norm_lambda", "emmet_lambda"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise field_error(HyperParamsError, name, value, "must be a non-negative number (stock: "
                                   "update_norm_lambda 0, emmet_lambda 0.1)")
 

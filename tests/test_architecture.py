@@ -1,0 +1,68 @@
+"""The house rules: no import cycles, one registration per algorithm and per target
+construction (a toy of each added in tests/toy_extensions.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_import_cycles_in_the_package():
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    edges = graph.graph()
+    assert "easyedit_replay.hparams" in edges and "easyedit_replay.algorithms" in edges["easyedit_replay.editor"]
+    assert "easyedit_replay.algorithms" not in edges["easyedit_replay.hparams"]
+    assert graph.cycles(edges) == []
+
+
+def test_autoload_switch_name_agrees():
+    from easyedit_replay import _autoload, easyedit
+
+    assert easyedit.AUTOLOAD_ENV == _autoload.ENV
+
+
+@pytest.fixture()
+def toys():
+    from easyedit_replay.algorithms import RULES
+    from easyedit_replay.targets import CONSTRUCTIONS
+
+    from . import toy_extensions
+
+    toy_extensions.register()
+    yield toy_extensions
+    RULES.pop("HalfMEMIT", None)
+    CONSTRUCTIONS.pop("ends_divided", None)
+
+
+def test_toy_algorithm_and_construction_in_one_file_each(toys, model_tok, stats_dir, templates, demo_records):
+    import easyedit_replay
+    from easyedit_replay.algorithms import algorithm_names, load_hparams
+    from easyedit_replay.cli import default_hparams_path
+    from easyedit_replay.easyedit import plugin_names
+    from easyedit_replay.editor import compute_edit
+
+    model, tok = model_tok
+    names = algorithm_names()
+    assert {"HalfMEMIT_REPLAY", "HalfMEMIT_BLUE", "MEMIT_ENDS_DIVIDED", "HalfMEMIT_ENDS_DIVIDED"} <= set(names)
+    assert plugin_names()["HalfMEMIT_ENDS_DIVIDED"] == "HalfMEMIT"
+    assert callable(easyedit_replay.apply_halfmemit_ends_divided_to_model)
+    hp = load_hparams(default_hparams_path(), alg_name="HalfMEMIT_BLUE", stats_dir=stats_dir, layers=[4, 6],
+                      v_num_grad_steps=2)
+    assert type(hp).__name__ == "HalfMEMITHyperParams"
+    records = demo_records[:1]
+    blue = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_BLUE"), context_templates=templates)
+    memit = compute_edit(model, tok, records, load_hparams(default_hparams_path(), alg_name="MEMIT_BLUE",
+                         stats_dir=stats_dir, layers=[4, 6]), context_templates=templates, anchor=blue.anchors)
+    divided = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_ENDS_DIVIDED"),
+                           context_templates=templates, anchor=blue.anchors)
+    first = "model.layers.4.mlp.down_proj.weight"
+    torch.testing.assert_close(blue.updates[first], 0.5 * memit.updates[first], rtol=1e-12, atol=0)
+    assert [divided.targets.divisor(i) for i in range(2)] == [2.0, 1.0]
+    torch.testing.assert_close(divided.updates[first], 0.5 * blue.updates[first], rtol=1e-12, atol=0)

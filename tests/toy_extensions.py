@@ -1,0 +1,35 @@
+"""A toy update rule and a toy target construction, each added in this one file with
+one registration call, as README "Architecture" describes (used by test_architecture.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from easyedit_replay.algorithms import register_algorithm
+from easyedit_replay.algorithms.memit import MEMIT, MEMITHyperParams
+from easyedit_replay.targets import FIRST, LAST, Construction, register_construction
+
+
+@dataclass(kw_only=True)
+class HalfMEMITHyperParams(MEMITHyperParams):
+    """MEMIT's fields; loads ``HalfMEMIT_*`` names."""
+
+
+class HalfMEMIT(MEMIT):
+    """MEMIT's update, halved: ``dW = 0.5 R K^T (lambda C + K K^T)^-1``."""
+
+    name = "HalfMEMIT"
+    hparams_class = HalfMEMITHyperParams
+
+    def update(self, inp):
+        return 0.5 * super().update(inp)
+
+
+# BLUE's layers and anchors with the stock share: l_1 takes half of its residual.
+ENDS_DIVIDED = Construction("ends_divided", (FIRST, LAST), "ends", "own", "divide", False,
+                            "toy: BLUE with the residual divided over the two layers")
+
+
+def register():
+    register_algorithm(HalfMEMIT())
+    register_construction(ENDS_DIVIDED)
