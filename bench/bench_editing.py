@@ -44,7 +44,7 @@ def _setup(args):
     torch.manual_seed(0)
     hp = load_hparams(args.hparams or default_hparams_path(), stats_dir=str(cache_root() / "stats"))
     if args.steps:
-        hp = type(hp).from_dict({**hp.to_dict(), "v_num_grad_steps": args.steps})
+        hp = hp.replace(v_num_grad_steps=args.steps)
     model, tok = load_model(hp.model_name)
     records = load_records(args.data)
     while len(records) < args.n:  # cycle the demo set when more requests are asked for
@@ -58,13 +58,13 @@ def _setup(args):
 
 
 def child_edit(args):
+    from easyedit_replay.algorithms import alg_name_of, get_algorithm
     from easyedit_replay.editor import compute_edit
     from easyedit_replay.stats import second_moments
 
     hp, model, tok, records, templates = _setup(args)
     second_moments(model, tok, hp, [hp.rewrite_module_tmp.format(l) for l in hp.layers], progress=False)
-    base = hp.alg_name.rsplit("_", 1)[0]
-    hp = type(hp).from_dict({**hp.to_dict(), "alg_name": f"{base}_{args.mode.upper()}"})
+    hp = hp.replace(alg_name=alg_name_of(get_algorithm(hp.alg_name).base, args.mode))
     start = time.perf_counter()
     plan = compute_edit(model, tok, records, hp, context_templates=templates)
     seconds = time.perf_counter() - start
@@ -81,7 +81,7 @@ def child_anchors(args):
 
     hp, model, tok, records, templates = _setup(args)
     reqs = prepare_requests(records)
-    hp = type(hp).from_dict({**hp.to_dict(), "anchor_batch_size": args.chunk})
+    hp = hp.replace(anchor_batch_size=args.chunk)
     layer = anchor_layer("replay", hp.layers)
     start = time.perf_counter()
     res = optimize_anchors(model, tok, reqs, hp, layer, [hp.layer_module_tmp], templates)
@@ -139,7 +139,7 @@ def child_stock(args):
         memit_main.COV_CACHE[(name, m)] = covs[m]
     memit_main.CONTEXT_TEMPLATES_CACHE = templates
     stock_hp = StockHP(**{k: v for k, v in hp.to_dict().items() if k in StockHP.__dataclass_fields__} | {"alg_name": "MEMIT", "device": "cpu"})
-    ours_hp = type(hp).from_dict({**hp.to_dict(), "alg_name": "MEMIT_SPREAD"})
+    ours_hp = hp.replace(alg_name="MEMIT_SPREAD")
     if args.variant == "stock":
         m2 = copy.deepcopy(model)
         start = time.perf_counter()

@@ -22,7 +22,7 @@ from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.data import load_records
 from easyedit_replay.editor import compute_edit, resolve_templates, weight_transaction
 from easyedit_replay.evaluate import evaluate_records, summarize
-from easyedit_replay.algorithms import load_hparams
+from easyedit_replay.algorithms import alg_name_of, load_hparams
 from easyedit_replay.keys import prepare_requests
 from easyedit_replay.models import cache_root, load_model
 from easyedit_replay.stats import second_moments
@@ -42,7 +42,7 @@ def main(argv=None):
 
     base = load_hparams(default_hparams_path(), stats_dir=str(cache_root() / "stats"))
     if args.clamp:
-        base = type(base).from_dict({**base.to_dict(), "clamp_norm_factor": args.clamp})
+        base = base.replace(clamp_norm_factor=args.clamp)
     model, tok = load_model(base.model_name)
     records = load_records(args.data, args.n)
     reqs = prepare_requests(records)
@@ -59,14 +59,14 @@ def main(argv=None):
         names = [f"{base.rewrite_module_tmp.format(l)}.weight" for l in layers]
         params = {n: resolve_parameter(model, n) for n in names}
         for mode in ("spread", "replay"):
-            hp0 = type(base).from_dict({**base.to_dict(), "layers": layers, "alg_name": f"MEMIT_{mode.upper()}"})
+            hp0 = base.replace(layers=layers, alg_name=alg_name_of("MEMIT", mode))
             at = anchor_layer(mode, layers)
             if (mode, at) not in anchors:
                 t = time.perf_counter()
                 anchors[(mode, at)] = optimize_anchors(model, tok, reqs, hp0, at, [hp0.layer_module_tmp], templates)
                 print(f"anchor {mode}@{at}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
             for weight in weights:
-                hp = type(base).from_dict({**hp0.to_dict(), "mom2_update_weight": weight})
+                hp = hp0.replace(mom2_update_weight=weight)
                 plan = compute_edit(model, tok, records, hp, context_templates=templates, anchor=anchors[(mode, at)])
                 with weight_transaction(params, restore_always=True):
                     with torch.no_grad():

@@ -25,7 +25,7 @@ from easyedit_replay.anchor import optimize_anchors
 from easyedit_replay.data import load_records
 from easyedit_replay.editor import compute_edit, resolve_templates, weight_transaction
 from easyedit_replay.evaluate import evaluate_records, summarize
-from easyedit_replay.algorithms import load_hparams
+from easyedit_replay.algorithms import alg_name_of, load_hparams
 from easyedit_replay.keys import prepare_requests
 from easyedit_replay.models import cache_root, load_model
 from easyedit_replay.targets import anchor_layer
@@ -70,7 +70,7 @@ def main(argv=None):
         print(f"anchor {mode}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         for alg, grid in runs:
             for setting in grid:
-                hp = type(bases[alg]).from_dict({**bases[alg].to_dict(), "alg_name": f"{alg}_{mode.upper()}", **setting})
+                hp = bases[alg].replace(alg_name=alg_name_of(alg, mode), **setting)
                 plan = compute_edit(model, tok, records, hp, context_templates=templates, anchor=anchor)
                 with weight_transaction(params, restore_always=True):
                     with torch.no_grad():

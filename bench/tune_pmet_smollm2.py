@@ -22,7 +22,7 @@ from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.data import load_records
 from easyedit_replay.editor import compute_edit
 from easyedit_replay.evaluate import evaluate_records, summarize
-from easyedit_replay.algorithms import load_hparams
+from easyedit_replay.algorithms import alg_name_of, load_hparams
 from easyedit_replay.models import cache_root, load_model
 
 
@@ -49,9 +49,8 @@ def main(argv=None):
         for variant in args.modes.split(","):
             mode, _, share = variant.partition("-")
             for weight in (float(w) for w in args.weights.split(",")):
-                hp = type(base).from_dict({**base.to_dict(), "alg_name": f"PMET_{mode.upper()}", "clamp_norm_factor": clamp,
-                                           "replay_share": share or "remaining",
-                                           "v_weight_decay": wd, "mom2_update_weight": weight})
+                hp = base.replace(alg_name=alg_name_of("PMET", mode), clamp_norm_factor=clamp,
+                                  replay_share=share or "remaining", v_weight_decay=wd, mom2_update_weight=weight)
                 start = time.perf_counter()
                 plan = compute_edit(model, tok, records, hp, stats_dir=stats_dir, anchor=anchors.get(mode))
                 anchors[mode] = plan.anchor

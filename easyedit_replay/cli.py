@@ -37,7 +37,7 @@ def cmd_compare(args) -> int:
     from .data import load_records
     from .experiment import CompareConfig, render_report, run_comparison, write_outputs
     from .targets import get_construction
-    from .algorithms import load_hparams
+    from .algorithms import get_algorithm, load_hparams
     from .models import cache_root, load_model
 
     try:
@@ -51,7 +51,7 @@ def cmd_compare(args) -> int:
         overrides["v_num_grad_steps"] = args.steps
     if args.hparams:
         hp = load_hparams(args.hparams, **overrides)
-        by_alg = {hp.alg_name.rsplit("_", 1)[0]: hp}
+        by_alg = {get_algorithm(hp.alg_name).base: hp}
         stats_dir = args.stats_dir or hp.stats_dir
     else:
         algs = args.algs.split(",") if args.algs else bundled_algorithms()
@@ -110,7 +110,7 @@ def cmd_export_model(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .algorithms import load_hparams
+    from .algorithms import load_hparams, rewrite_modules
     from .models import load_model
     from .stats import second_moments
 
@@ -118,7 +118,7 @@ def cmd_stats(args) -> int:
     if args.stats_dir:
         hp.stats_dir = args.stats_dir
     model, tok = load_model(args.model or hp.model_name, device=args.device)
-    modules = [t.format(l) for l in hp.layers for t in hp.rewrite_templates()]
+    modules = rewrite_modules(hp)
     covs = second_moments(model, tok, hp, modules, force=args.force, progress=True)
     for m, c in covs.items():
         print(f"{m}: {tuple(c.shape)} trace {float(c.trace()):.3f}")

@@ -171,13 +171,18 @@ def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, pr
     construction = get_construction(mode or reg.construction)
     hparams.validate()
     hparams.validate_for_model(model)
+    sites = rule.sites(hparams)
+    edit_layers = construction.edit_layers(hparams.layers)
+    params = {}
+    for layer in hparams.layers:
+        for site in sites:
+            name = f"{site.rewrite_template.format(layer)}.weight"
+            param = resolve_parameter(model, name, site.field)  # every layer: statistics need them all
+            if layer in edit_layers:
+                params[name] = param
     reqs = prepare_requests(requests, leading_space=rule.leading_space(model, hparams))
     check_prompt_lengths(model, tok, reqs)
     templates = resolve_templates(model, tok, hparams, context_templates)
-    sites = rule.sites(hparams)
-    edit_layers = construction.edit_layers(hparams.layers)
-    params = {f"{s.rewrite_template.format(l)}.weight": None for l in edit_layers for s in sites}
-    params = {n: resolve_parameter(model, n) for n in params}
     modules = [s.rewrite_template.format(l) for l in hparams.layers for s in sites]
     covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
     state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})

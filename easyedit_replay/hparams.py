@@ -28,6 +28,7 @@ import yaml
 from .errors import HyperParamsError, field_error
 
 REPLAY_SHARES = ("full", "remaining")
+INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size")
 MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
@@ -168,8 +169,17 @@ class ReplayHyperParams:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        """Normalize YAML spellings once, at construction: ``25.0`` -> ``25`` for integer
+        fields (YAML's ``5e1`` is a float). :meth:`validate` only checks."""
+        for name in INTEGER_FIELDS + ("v_loss_layer",):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))
+
     def validate(self) -> None:
-        """Model-independent checks. Raises :class:`HyperParamsError` naming the field."""
+        """Model-independent checks (no value is changed). Raises :class:`HyperParamsError`
+        naming the field."""
         err = lambda name, fix: field_error(HyperParamsError, name, getattr(self, name), fix)  # noqa: E731
         if not isinstance(self.layers, (list, tuple)) or not self.layers:
             raise err("layers", "must be a non-empty list of layer indices, e.g. [4, 5, 6, 7, 8]")
@@ -183,11 +193,8 @@ class ReplayHyperParams:
 
         if self.fact_token not in FACT_TOKENS:
             raise err("fact_token", f"must be one of {list(FACT_TOKENS)}")
-        for name in ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size"):
+        for name in INTEGER_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
-                setattr(self, name, int(value))
-                value = int(value)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise err(name, "must be a positive integer")
         for name in ("v_lr", "clamp_norm_factor"):
@@ -197,10 +204,7 @@ class ReplayHyperParams:
             if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise err(name, "must be a non-negative number")
         if not isinstance(self.v_loss_layer, int) or isinstance(self.v_loss_layer, bool):
-            if is_number(self.v_loss_layer) and float(self.v_loss_layer).is_integer():
-                self.v_loss_layer = int(self.v_loss_layer)
-            else:
-                raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
+            raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
         if self.mom2_dtype not in MOM2_DTYPES:
             raise err("mom2_dtype", f"must be one of {list(MOM2_DTYPES)}")
         if self.replay_share not in REPLAY_SHARES:
@@ -223,13 +227,14 @@ class ReplayHyperParams:
                       "'wikitext', 'wikitext2') nor an existing .txt file or folder")
 
     def validate_for_model(self, model) -> None:
-        """Checks against a model: layer ranges and module templates that resolve.
+        """Checks against a model: layer ranges and module templates that resolve (the
+        rewritten weights are resolved by the editor from the rule's sites).
 
         Raises:
             HyperParamsError: a layer outside ``[0, num_layers)`` or a template that
                 names no module of ``model``.
         """
-        from .tracing import resolve_module, resolve_parameter
+        from .tracing import resolve_module
 
         n = num_layers(model)
         if n is not None:
@@ -239,16 +244,10 @@ class ReplayHyperParams:
                 raise field_error(HyperParamsError, "v_loss_layer", self.v_loss_layer, f"must be in 0..{n - 1} (usually {n - 1})")
         for layer in self.layers:
             resolve_module(model, self.layer_module_tmp.format(layer), "layer_module_tmp")
-            for template in self.rewrite_templates():
-                resolve_parameter(model, template.format(layer) + ".weight", "rewrite_module_tmp")
         resolve_module(model, self.ln_f_module, "ln_f_module")
         lm = resolve_module(model, self.lm_head_module, "lm_head_module")
         if getattr(lm, "weight", None) is None:
             raise field_error(HyperParamsError, "lm_head_module", self.lm_head_module, "must name a module with a weight (the unembedding)")
-
-    def rewrite_templates(self) -> List[str]:
-        """Templates of the rewritten modules (PMET overrides this with two sites)."""
-        return [self.rewrite_module_tmp]
 
 
 def is_number(x) -> bool:

@@ -17,7 +17,7 @@ from easyedit_replay.tracing import add_at_positions, hidden_of, with_hidden
 
 
 def with_fields(hp, **changes):
-    return type(hp).from_dict({**hp.to_dict(), **changes})
+    return hp.replace(**changes)
 
 
 def snapshot(model):

@@ -371,10 +371,10 @@ def test_cache_is_committed_only_by_successful_edits(model_tok, stats_dir, templ
         covs = second_moments(model, tok, hp, [n[:-7] for n in names], progress=False)
         restore(model, after_first)
         state = rule.prepare(model, tok, hp, covs, {})
-        assert all(torch.equal(state["cache"][n], first[n]) for n in names)
+        assert all(torch.equal(state.cache[n], first[n]) for n in names)
         restore(model, original)
         state = rule.prepare(model, tok, hp, covs, {})
-        assert all(not torch.any(state["cache"][n]) for n in names)
+        assert all(not torch.any(state.cache[n]) for n in names)
 
         # reset_cache=True: the cache holds this edit's keys only
         restore(model, after_first)

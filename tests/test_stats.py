@@ -82,7 +82,7 @@ def test_one_pass_equals_per_layer(model_tok):
 
 def test_second_moments_cache_reuse_and_bad_file(model_tok, hparams, tmp_path):
     model, tok = model_tok
-    hp = type(hparams).from_dict({**hparams.to_dict(), "mom2_n_samples": 16, "layers": [3, 4], "stats_dir": str(tmp_path)})
+    hp = hparams.replace(mom2_n_samples=16, layers=[3, 4], stats_dir=str(tmp_path))
     mods = ["model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj"]
     first = second_moments(model, tok, hp, mods, progress=False)
     files = sorted(tmp_path.rglob("*.npz"))
@@ -108,8 +108,8 @@ def test_second_moments_cache_reuse_and_bad_file(model_tok, hparams, tmp_path):
 def test_local_text_corpus_from_shared_wikitext(model_tok, hparams, tmp_path):
     model, tok = model_tok
     path = SHARED_DATA / "wikitext-2" / "valid.txt"
-    hp = type(hparams).from_dict({**hparams.to_dict(), "mom2_dataset": str(path), "mom2_n_samples": 20,
-                                  "mom2_batch_tokens": 64, "layers": [3], "stats_dir": str(tmp_path)})
+    hp = hparams.replace(mom2_dataset=str(path), mom2_n_samples=20, mom2_batch_tokens=64, layers=[3],
+                         stats_dir=str(tmp_path))
     cov = second_moments(model, tok, hp, ["model.layers.3.mlp.down_proj"], progress=False)["model.layers.3.mlp.down_proj"]
     (f,) = tmp_path.rglob("*.npz")
     assert f.parent.name == "valid_stats" and f.name.endswith("_t64_20.npz")

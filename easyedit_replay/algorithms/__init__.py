@@ -109,10 +109,15 @@ def load_hparams(path_or_dict: Union[str, Path, Dict[str, Any]], **overrides):
     return hparams_class_for(str(config["alg_name"])).from_dict(config, source=source)
 
 
+def rewrite_modules(hp) -> List[str]:
+    """Rewritten module names of ``hp`` for every edit layer, in edit order (the rule's sites)."""
+    rule = get_algorithm(hp.alg_name).rule
+    return [s.rewrite_template.format(l) for l in hp.layers for s in rule.sites(hp)]
+
+
 def weight_names(hp) -> List[str]:
     """Rewritten parameter names of ``hp`` for every edit layer, in edit order."""
-    rule = get_algorithm(hp.alg_name).rule
-    return [f"{s.rewrite_template.format(l)}.weight" for l in hp.layers for s in rule.sites(hp)]
+    return [f"{m}.weight" for m in rewrite_modules(hp)]
 
 
 from .memit import MEMIT  # noqa: E402  (each module registers its rule)

@@ -218,56 +218,77 @@ def _current_cache(model, weight_name: str, d: int) -> torch.Tensor:
     return entry.cache
 
 
+@dataclass
+class AlphaEditState:
+    """One batch's AlphaEdit state, per rewritten weight (all ``[d_in, d_in]`` float32
+    but ``keys``, ``[d_in, m]``): the null-space projections ``P``, the key caches in
+    use (``cache``), the weight fingerprints before the batch (``before``), and the
+    keys of this batch (``keys``, filled by :meth:`AlphaEdit.update`). ``commit``: store
+    the new caches after a successful edit (EasyEdit's ``sequential_edit``)."""
+
+    P: Dict[str, torch.Tensor]
+    cache: Dict[str, torch.Tensor]
+    before: Dict[str, Tuple[float, float]]
+    commit: bool = True
+    keys: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PendingCaches:
+    """What :meth:`AlphaEdit.commit` stores once the edit succeeded."""
+
+    model_caches: Dict[str, torch.Tensor]   # cache + K K^T per weight
+    used: Dict[str, torch.Tensor]           # the caches the batch was solved with
+    before: Dict[str, Tuple[float, float]]  # weight fingerprints before the batch
+
+
 class AlphaEdit(Algorithm):
     name = "AlphaEdit"
     hparams_class = AlphaEditHyperParams
 
-    def prepare(self, model, tok, hp, covs, options):
-        """Projections and the model's current key caches (both ``[d_in, d_in]`` float32)."""
+    def prepare(self, model, tok, hp, covs, options) -> AlphaEditState:
+        """Projections and the model's current key caches (``reset_cache=True``: empty)."""
         reset = bool(options.get("reset_cache", False))
         P = projections(model, hp, covs, options.get("stats_dir"))
-        state: Dict[str, Any] = {"P": {}, "cache": {}, "keys": {}, "reset": reset,
-                                 "commit": options.get("sequential_edit", True) is not False, "before": {}}
+        state = AlphaEditState({}, {}, {}, commit=options.get("sequential_edit", True) is not False)
         for layer in hp.layers:
             module = hp.rewrite_module_tmp.format(layer)
             wname = f"{module}.weight"
             d = covs[module].shape[0]
-            state["P"][wname] = P[module]
-            state["cache"][wname] = torch.zeros(d, d) if reset else _current_cache(model, wname, d)
-            state["before"][wname] = _fingerprint(resolve_parameter(model, wname))
+            state.P[wname] = P[module]
+            state.cache[wname] = torch.zeros(d, d) if reset else _current_cache(model, wname, d)
+            state.before[wname] = _fingerprint(resolve_parameter(model, wname))
         return state
 
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         """``solve(P (K K^T + cache) + L2 I, P K R^T)``: ``[d_in, d_out]`` float32 (stock layout;
         the editor transposes it onto the weight)."""
-        st = inp.state
+        st: AlphaEditState = inp.state
         dev = inp.device
-        proj = st["P"][inp.weight_name].to(dev).float()
+        proj = st.P[inp.weight_name].to(dev).float()
         keys = inp.keys.to(dev).float()
         resid = inp.error.to(dev).float() / inp.divisor
-        cache = st["cache"][inp.weight_name].to(dev).float()
-        st["keys"][inp.weight_name] = keys.detach().cpu()
+        cache = st.cache[inp.weight_name].to(dev).float()
+        st.keys[inp.weight_name] = keys.detach().cpu()
         eye = torch.eye(keys.shape[0], dtype=proj.dtype, device=dev)
         return torch.linalg.solve(proj @ (keys @ keys.T + cache) + inp.hparams.L2 * eye, proj @ keys @ resid.T)
 
-    def finalize(self, model, tok, hp, state, context):
-        """The caches after this batch (``cache + K K^T`` per weight), stored by :meth:`commit`."""
-        if not state["commit"]:
+    def finalize(self, model, tok, hp, state: AlphaEditState, context) -> Optional[PendingCaches]:
+        """The caches after this batch (``cache + K K^T`` per rewritten weight), stored by
+        :meth:`commit`."""
+        if not state.commit:
             return None
-        return {
-            "model_caches": {w: (state["cache"][w] + k @ k.T) for w, k in state["keys"].items()},
-            "used": state["cache"],
-            "before": state["before"],
-        }
+        return PendingCaches({w: (state.cache[w] + k @ k.T) for w, k in state.keys.items()}, state.cache,
+                             state.before)
 
-    def commit(self, model, hp, pending) -> None:
+    def commit(self, model, hp, pending: Optional[PendingCaches]) -> None:
         if pending is None:
             return
         store = _CACHES.setdefault(model, {})
-        for wname, new in pending["model_caches"].items():
+        for wname, new in pending.model_caches.items():
             old = store.get(wname)
-            before = pending["before"][wname]
-            used = pending["used"][wname]
+            before = pending.before[wname]
+            used = pending.used[wname]
             fresh = old is None or not torch.any(used)
             store[wname] = _LayerCache(
                 cache=new, origin=before if fresh else old.origin, before=before,

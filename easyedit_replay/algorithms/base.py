@@ -19,11 +19,13 @@ class Site:
     """One rewritten weight per edit layer.
 
     ``rewrite_template`` names the module whose weight is rewritten (keys are its
-    inputs); ``target`` names the module output the residual is measured on.
+    inputs); ``target`` names the module output the residual is measured on;
+    ``field`` is the hyperparameter an error about the template names.
     """
 
     rewrite_template: str
     target: TargetSite
+    field: str = "rewrite_module_tmp"
 
 
 @dataclass

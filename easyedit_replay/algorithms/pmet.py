@@ -53,6 +53,12 @@ class PMETHyperParams(ReplayHyperParams):
     target_leading_space: Optional[bool] = None
 
 
+    def __post_init__(self) -> None:
+        """Base normalization plus a single template string -> a one-entry list."""
+        super().__post_init__()
+        if isinstance(self.rewrite_module_tmps, str):
+            self.rewrite_module_tmps = [self.rewrite_module_tmps]
+
     def validate(self) -> None:
         """Base checks plus ``rewrite_module_tmps`` and ``nll_loss_factor``.
 
@@ -61,8 +67,6 @@ class PMETHyperParams(ReplayHyperParams):
         """
         super().validate()
         tmps = self.rewrite_module_tmps
-        if isinstance(tmps, str):
-            tmps = self.rewrite_module_tmps = [tmps]
         if not isinstance(tmps, (list, tuple)) or not tmps:
             raise field_error(HyperParamsError, "rewrite_module_tmps", tmps,
                               "must be a non-empty list of module templates, e.g. "
@@ -88,9 +92,6 @@ class PMETHyperParams(ReplayHyperParams):
         for layer in self.layers:
             resolve_module(model, self.attn_module_tmp.format(layer), "attn_module_tmp")
             resolve_module(model, self.mlp_module_tmp.format(layer), "mlp_module_tmp")
-
-    def rewrite_templates(self) -> List[str]:
-        return list(self.rewrite_module_tmps)
 
 
 ATTN, MLP = 0, 1  # indices of the anchor deltas (order of :meth:`PMET.anchor_templates`)
@@ -146,7 +147,7 @@ class PMET(Algorithm):
     def sites(self, hp) -> List[Site]:
         """One site per ``rewrite_module_tmps`` entry, in order; the target is the
         rewritten module's own output."""
-        return [Site(t, TargetSite(t, anchor_site_of(t, hp))) for t in hp.rewrite_module_tmps]
+        return [Site(t, TargetSite(t, anchor_site_of(t, hp)), "rewrite_module_tmps") for t in hp.rewrite_module_tmps]
 
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         keys = inp.keys.double().to(inp.device)
