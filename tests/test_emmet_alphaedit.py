@@ -40,7 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # (generalization 0.5); the thresholds leave one miss of margin.
 EFFICACY = {("EMMET", "spread"): 0.75, ("EMMET", "replay"): 0.75, ("AlphaEdit", "spread"): 0.75, ("AlphaEdit", "replay"): 0.75}
 SPECIFICITY = {("EMMET", "spread"): 0.9, ("EMMET", "replay"): 0.9, ("AlphaEdit", "spread"): 0.9, ("AlphaEdit", "replay"): 0.9}
-PRESERVED_MAX = 0.05   # measured max over layers 0.034
+PRESERVED_MAX = {  # max over layers 4..8 of the mean |dW k0| / |W k0|, measured values in the test's docstring
+    "replay_remaining": 0.05, "spread": 0.05,
+    "replay": 0.1,  # the full residual on l_1 (the paper's method): measured 0.073 at layer 4
+}
 SEQ_STEPS = 25
 SEQ_MARGIN = 0.0       # measured: mean log P(new) of batch 1 -0.0281 with the cache, -0.0317 without
 
@@ -199,19 +202,22 @@ N_EDITS = 4
 
 
 class _Anchors(dict):
-    """Anchors of the first demo edits per mode, optimized on first use (the anchor
+    """Anchors of the first demo edits per anchor layer, optimized on first use (the anchor
     objective is the same for EMMET and AlphaEdit, so both reuse them)."""
 
     def __init__(self, model_tok, stats_dir, templates, records):
         super().__init__()
         self.args = (model_tok, stats_dir, templates, records)
 
-    def __missing__(self, mode):
+    def __missing__(self, layer):
         (model, tok), stats_dir, templates, records = self.args
         hp = load("EMMET", stats_dir)
-        self[mode] = optimize_anchors(model, tok, prepare_requests(records), hp, anchor_layer(mode, hp.layers),
-                                      [hp.layer_module_tmp], templates)
-        return self[mode]
+        self[layer] = optimize_anchors(model, tok, prepare_requests(records), hp, layer, [hp.layer_module_tmp],
+                                       templates)
+        return self[layer]
+
+    def of(self, mode):
+        return self[anchor_layer(mode, load("EMMET", self.args[1]).layers)]
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +234,8 @@ def baseline(model_tok, demo_records):
 def plan_of(model_tok, stats_dir, templates, demo_records, anchors, alg, mode):
     model, tok = model_tok
     hp = load(alg, stats_dir, alg_name=f"{alg}_{mode.upper()}")
-    return hp, compute_edit(model, tok, demo_records[:N_EDITS], hp, context_templates=templates, anchor=anchors[mode])
+    return hp, compute_edit(model, tok, demo_records[:N_EDITS], hp, context_templates=templates,
+                            anchor=anchors.of(mode))
 
 
 def evaluate_plan(model_tok, plan, records, baseline):
@@ -272,20 +279,25 @@ def sample_corpus_keys(model, tok, modules, n_texts=8):
 
 
 @pytest.mark.slow
-def test_alphaedit_leaves_preserved_keys_almost_unchanged(model_tok, stats_dir, templates, demo_records, anchors):
+@pytest.mark.parametrize("mode", ["replay_remaining", "replay", "spread"])
+def test_alphaedit_leaves_preserved_keys_almost_unchanged(model_tok, stats_dir, templates, demo_records, anchors,
+                                                          mode):
     """AlphaEdit's update acts only through the null space: ``dW (I - P) = 0``; on keys
     sampled from the statistics corpus ``|dW k0| / |W k0|`` stays small.
 
-    Measured (4 demo edits, replay, stock nullspace_threshold 2e-2), per layer 4..8:
-    AlphaEdit 0.015 0.023 0.029 0.034 0.033; EMMET on the same anchors 0.018 0.025
-    0.029 0.026 0.020. So on SmolLM2 AlphaEdit does NOT beat EMMET here: with the
+    Measured (4 demo edits, stock nullspace_threshold 2e-2), per layer 4..8:
+    replay with the stock share (``replay_remaining``, the earlier default) AlphaEdit
+    0.015 0.023 0.029 0.034 0.033, EMMET on the same anchors 0.018 0.025 0.029 0.026
+    0.020; replay with the full residual (the paper's method, today's default) 0.073
+    0.042 0.012 0.0011 0.0003: the first edit layer takes most of the edit, as the
+    paper's Table 5 says; spread (stock AlphaEdit) 0.017 0.019 0.022 0.028 0.033. So on SmolLM2 AlphaEdit does NOT beat EMMET here: with the
     bundled statistics the stock threshold puts 976-1237 of 1536 directions, and
     48/41/36/32/20 % of the corpus keys' energy (trace(P C) / trace(C)), in the
     "null space" (SmolLM2's key second moment has median eigenvalue about 0.01). The exact property and the
     absolute bound are what hold.
     """
     model, tok = model_tok
-    hp, plan = plan_of(model_tok, stats_dir, templates, demo_records, anchors, "AlphaEdit", "replay")
+    hp, plan = plan_of(model_tok, stats_dir, templates, demo_records, anchors, "AlphaEdit", mode)
     modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
     covs = second_moments(model, tok, hp, modules, progress=False)
     P = projections(model, hp, covs)
@@ -298,8 +310,8 @@ def test_alphaedit_leaves_preserved_keys_almost_unchanged(model_tok, stats_dir, 
         w = resolve_parameter(model, m + ".weight").detach().double()
         k = keys[m].double().T
         ratios.append(float(((upd @ k).norm(dim=0) / (w @ k).norm(dim=0)).mean()))
-    print("AlphaEdit mean |dW k0| / |W k0| per layer:", ratios)
-    assert max(ratios) < PRESERVED_MAX
+    print(f"AlphaEdit {mode} mean |dW k0| / |W k0| per layer:", ratios)
+    assert max(ratios) < PRESERVED_MAX[mode]
 
 
 # ----------------------------------------------------------------------------- sequential cache
