@@ -58,25 +58,31 @@ def bench_loop(args, say):
     templates = resolve_templates(model, tok, hp)
     say(f"\n[loop] MEMIT anchors, {hp.v_num_grad_steps} steps{' (shortened with --steps)' if args.steps else ''}, "
         f"anchor_batch_size {hp.anchor_batch_size}, cache off, {len(templates[1]) + 1} context templates")
+    say(f"  best of {args.repeats} alternating runs (full, from layer, from layer, full, ...) after one untimed "
+        f"warm-up of each; other jobs shared the cores, so seconds are noisy")
     say(f"  {'layer':>5} {'requests':>8} {'full s':>8} {'from layer s':>12} {'speedup':>8} {'max |diff|':>11} "
         f"{'rel':>9} {'steps':>6}")
-    for layer, what in ((hp.layers[0], "replay"), (hp.layers[-1], "spread")):
+    layers = {"replay": hp.layers[0], "spread": hp.layers[-1]}
+    for what in args.anchors.split(","):
+        layer = layers[what]
         for n in [int(x) for x in args.sizes.split(",")]:
             reqs = prepare_requests(_records(n))
-            run = lambda fast: optimize_anchors(model, tok, reqs, hp, layer, [hp.layer_module_tmp], templates,  # noqa: E731
-                                                anchor_cache=False, fast_loop=fast)
-            times = {}
-            for fast in (False, True):
-                start = time.perf_counter()
-                res = run(fast)
-                times[fast] = (time.perf_counter() - start, res)
-            full, fast = times[False][1], times[True][1]
+            run = lambda fast, r=reqs: optimize_anchors(model, tok, r, hp, layer, [hp.layer_module_tmp],  # noqa: E731
+                                                        templates, anchor_cache=False, fast_loop=fast)
+            if n == int(args.sizes.split(",")[0]):
+                run(False, reqs[:1]), run(True, reqs[:1])  # warm-up
+            times, res = {False: [], True: []}, {}
+            for rep in range(args.repeats):
+                for fast in ((False, True) if rep % 2 == 0 else (True, False)):
+                    start = time.perf_counter()
+                    res[fast] = run(fast)
+                    times[fast].append(time.perf_counter() - start)
+            full, fast = res[False], res[True]
             diff = float((fast.delta - full.delta).abs().max())
             rel = diff / float(full.delta.norm(dim=-1).max())
-            say(f"  {layer:5d} {n:8d} {times[False][0]:8.1f} {times[True][0]:12.1f} "
-                f"{times[False][0] / times[True][0]:7.2f}x {diff:11.2e} {rel:9.2e} {int(full.steps.sum()):6d}"
-                f"   ({what} anchor)")
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            t_full, t_fast = min(times[False]), min(times[True])
+            say(f"  {layer:5d} {n:8d} {t_full:8.1f} {t_fast:12.1f} {t_full / t_fast:7.2f}x {diff:11.2e} {rel:9.2e} "
+                f"{int(full.steps.sum()):6d}   ({what} anchor)")
 
 
 def bench_cache(args, say):
@@ -111,6 +117,8 @@ def main():
     p.add_argument("--sizes", default="1,8,32")
     p.add_argument("--steps", type=int, help="override v_num_grad_steps (default: the YAML's 25)")
     p.add_argument("--cache-n", type=int, default=8)
+    p.add_argument("--anchors", default="replay,spread", help="which anchor layers: replay (first edit layer), spread (last)")
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     import torch

@@ -21,6 +21,12 @@ own gradient), its own clamp and its own early stop; Adam is elementwise, so the
 result equals optimizing each request alone up to float rounding of the batched
 forward pass. Requests that stopped are dropped from later forward passes and
 their deltas are frozen.
+
+Speed: each step runs only the decoder layers from the anchor layer on
+(:class:`LayerLoop`; the earlier states do not depend on the delta), checked
+against the full forward pass at step 0 of every chunk. Anchors are kept in a
+per-request disk cache (:mod:`easyedit_replay.anchor_cache`), so a rerun on the
+same edits and weights optimizes nothing.
 """
 
 from __future__ import annotations
