@@ -102,7 +102,8 @@ def bench_cache(args, say):
                 raise SystemExit(f"compare ({name}) failed")
             results = json.loads(out_json.read_text())
             edit = sum(r["seconds"] for r in results["runs"].values())
-            lines = [line.split(": ", 1)[-1] for line in proc.stderr.splitlines() if "loaded from the cache" in line]
+            segments = [seg for line in proc.stderr.splitlines() for seg in line.split("\r")]  # tqdm redraws
+            lines = [seg[seg.index("anchors at"):] for seg in segments if "loaded from the cache" in seg]
             runs[name] = (wall, edit, lines)
     say(f"\n[cache] easyedit-replay compare --algs MEMIT --n {args.cache_n} (spread + replay)"
         f"{f' --steps {args.steps}' if args.steps else ''} --no-fluency --no-target-accuracy, fresh anchor cache")
