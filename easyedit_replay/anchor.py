@@ -21,20 +21,30 @@ own gradient), its own clamp and its own early stop; Adam is elementwise, so the
 result equals optimizing each request alone up to float rounding of the batched
 forward pass. Requests that stopped are dropped from later forward passes and
 their deltas are frozen.
+
+Speed: each step runs only the decoder layers from the anchor layer on
+(:class:`LayerLoop`; the earlier states do not depend on the delta), checked
+against the full forward pass at step 0 of every chunk. Anchors are kept in a
+per-request disk cache (:mod:`easyedit_replay.anchor_cache`), so a rerun on the
+same edits and weights optimizes nothing.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from .errors import NumericalError, RequestError
 from .keys import EditRequest, _escape, flat_templates, input_device, lookup_index, pad_id_of, pad_right, token_ids
-from .tracing import Trace, add_at_positions, resolve_module, run
+from .tracing import StopForward, Trace, add_at_positions, hidden_of, resolve_module, run
+
+log = logging.getLogger(__name__)
 
 EARLY_STOP_LOSS = 5e-2
 
@@ -145,14 +155,16 @@ def optimize_anchors(
     nll_factor: float = 1.0,
     adaptive_nll: bool = False,
     progress: bool = False,
+    anchor_cache: Optional[bool] = None,
+    fast_loop: bool = True,
 ) -> AnchorResult:
-    """Optimize one anchor per request at ``layer`` (any layer), batched.
+    """Optimize one anchor per request at ``layer`` (any layer), batched, cached on disk.
 
     Args:
         requests: ``R`` prepared requests.
         hparams: uses ``v_num_grad_steps, v_lr, v_loss_layer, v_weight_decay,
             clamp_norm_factor, kl_factor, fact_token, layer_module_tmp, ln_f_module,
-            lm_head_module, anchor_batch_size``.
+            lm_head_module, anchor_batch_size, anchor_cache``.
         layer: the anchor layer (the last edit layer for spreading, the first for replay).
         site_templates: module templates where deltas are added, e.g.
             ``[layer_module_tmp]`` (MEMIT) or ``[attn_module_tmp, mlp_module_tmp]`` (PMET).
@@ -161,17 +173,34 @@ def optimize_anchors(
         adaptive_nll: PMET's rule: once the target is the argmax everywhere, the NLL
             weight drops to ``0.1 * nll_factor`` and a weighted KL term
             (``kl_factor * KL``) <= 0.01 stops the request (``pmet/compute_zs.py``).
+        anchor_cache: read and write the per-request disk cache
+            (:mod:`easyedit_replay.anchor_cache`); None: ``hparams.anchor_cache``
+            (default True). Only requests not found are optimized, in chunks of
+            ``anchor_batch_size``; each chunk is written as soon as it finishes.
+        fast_loop: run only the decoder layers from the anchor layer on in the
+            optimization loop (the earlier states do not depend on the delta);
+            checked against the full forward pass at step 0 of each chunk, with a
+            fallback to the full pass (see :class:`LayerLoop`). False: always the
+            full forward pass.
 
     Returns:
-        :class:`AnchorResult` with ``init``/``delta`` of shape ``[S, R, d]``.
+        :class:`AnchorResult` with ``init``/``delta`` of shape ``[S, R, d]``. With the
+        cache, a request found on disk gets its stored anchor bit for bit; neither
+        ``anchor_batch_size`` nor ``fast_loop`` is part of the key, since they only
+        change float rounding.
 
     Raises:
         RequestError: a target that tokenizes to nothing, or prompts longer than the
             model's context.
         NumericalError: a non-finite loss or delta.
+        HyperParamsError: a module template that names no module.
 
     Source: EasyEdit ``memit/compute_z.py::compute_z`` and ``pmet/compute_zs.py``.
     """
+    from dataclasses import replace
+
+    from . import anchor_cache as cache_mod
+
     sites = [t.format(layer) for t in site_templates]
     loss_layer = max(int(hparams.v_loss_layer), int(layer))
     loss_name = hparams.layer_module_tmp.format(loss_layer)
@@ -179,23 +208,40 @@ def optimize_anchors(
         resolve_module(model, name, "layer_module_tmp")
     ln_f = resolve_module(model, hparams.ln_f_module, "ln_f_module")
     head = resolve_module(model, hparams.lm_head_module, "lm_head_module")
-    templates_rows = _build_rows(tok, requests, templates, hparams.fact_token, _max_positions(model))
+    all_rows = _build_rows(tok, requests, templates, hparams.fact_token, _max_positions(model))
+    rows_of = [[row for row in all_rows if row.request == r] for r in range(len(requests))]
     chunk = max(1, int(getattr(hparams, "anchor_batch_size", 16) or 16))
-    parts = []
+    use_cache = bool(getattr(hparams, "anchor_cache", True)) if anchor_cache is None else bool(anchor_cache)
+    S, hidden = len(sites), _hidden_size(model)
+    site_param = next(resolve_module(model, sites[0]).parameters(), None)
+    dtype = site_param.dtype if site_param is not None else next(model.parameters()).dtype
+
+    found: Dict[int, "cache_mod.Entry"] = {}
+    store = keys = None
+    if use_cache:
+        store = cache_mod.AnchorStore()
+        keys = cache_mod.request_keys(
+            model, requests, [[(row.ids, row.lookup, row.kl) for row in rows] for rows in rows_of], hparams, layer,
+            sites, loss_name, templates, nll_factor, adaptive_nll, EARLY_STOP_LOSS)
+        found = store.lookup(keys, S, hidden, dtype)
+    missing = [r for r in range(len(requests)) if r not in found]
+    loop = LayerLoop.build(model, hparams, layer, sites, loss_layer) if fast_loop and missing else None
+    entries: Dict[int, "cache_mod.Entry"] = dict(found)
     with frozen_parameters(model):
-        for start in range(0, len(requests), chunk):
-            idx = range(start, min(start + chunk, len(requests)))
-            rows = [row for row in templates_rows if row.request in idx]
-            for row in rows:
-                row.request -= start
-            parts.append(
-                _optimize_chunk(model, tok, rows, len(idx), hparams, sites, loss_name, ln_f, head,
-                                nll_factor, adaptive_nll, progress)
-            )
-    init = torch.cat([p[0] for p in parts], 1)
-    delta = torch.cat([p[1] for p in parts], 1)
-    nll = torch.cat([p[2] for p in parts])
-    steps = torch.cat([p[3] for p in parts])
+        for start in range(0, len(missing), chunk):
+            idx = missing[start:start + chunk]
+            rows = [replace(row, request=j) for j, r in enumerate(idx) for row in rows_of[r]]
+            part = _optimize_chunk(model, tok, rows, len(idx), hparams, sites, loss_name, ln_f, head,
+                                   nll_factor, adaptive_nll, progress, loop)
+            for r, entry in zip(idx, cache_mod.split_result(*part)):
+                entries[r] = entry
+                if store is not None:
+                    store.put(keys[r], entry)
+    if use_cache:
+        log.info("anchors at layer %d: %d loaded from the cache, %d optimized (%s)",
+                 layer, len(found), len(missing), store.root)
+    site_dev = site_param.device if site_param is not None else input_device(model)
+    init, delta, nll, steps = cache_mod.stack_entries([entries[r] for r in range(len(requests))], site_dev)
     return AnchorResult(layer, sites, init, delta, nll, steps)
 
 
@@ -206,10 +252,145 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
+_WARNED = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        log.warning("anchor loop: %s; using the full forward pass", reason)
+
+
+class LayerLoop:
+    """The anchor loop's forward pass from the anchor layer on.
+
+    States before the anchor layer do not depend on the delta. For a batch, one
+    no-grad pass of the model up to the first layer that must run records that
+    layer's input and the arguments (attention mask, position embeddings, ...)
+    every later decoder layer is called with (each later layer's ``forward`` is
+    briefly replaced by a recorder, so those layers do not run); each step then
+    calls only the decoder layers ``start..n-1`` with those arguments. ``start``
+    is the layer after the anchor layer when the only site is the anchor layer's
+    own output (MEMIT, EMMET, AlphaEdit: the delta is added to the captured
+    state), else the anchor layer (PMET: deltas on its attention and MLP outputs,
+    added by hooks as in the full pass). The NLL reads the loss layer's output;
+    the KL logits are ``ln_f`` + unembedding of the last layer's output at the KL
+    prompts' lookup tokens only.
+
+    Works for Hugging Face decoders whose ``layer_module_tmp`` (e.g.
+    ``model.layers.{}``) names the items of a ``ModuleList``; :meth:`build`
+    returns None (and warns once) otherwise. The optimization loop compares the
+    loss of this pass with the full forward pass at step 0 of every chunk and
+    falls back to the full pass (with a warning) if they differ.
+    """
+
+    def __init__(self, model, layers, start: int, loss_layer: int, block_site: Optional[str]):
+        self.model = model
+        self.layers = layers
+        self.start = start
+        self.loss_layer = loss_layer
+        self.block_site = block_site  # the site when it is the output of layer start - 1
+        self.captured = None
+        self.captured_for = None
+
+    @classmethod
+    def build(cls, model, hparams, layer: int, sites: Sequence[str], loss_layer: int) -> Optional["LayerLoop"]:
+        """A loop for this model and these sites, or None when unsupported (warned once)."""
+        tmp = hparams.layer_module_tmp
+        if not tmp.endswith("{}"):
+            _warn_once(f"layer_module_tmp {tmp!r} does not end with the layer index")
+            return None
+        modules = dict(model.named_modules())
+        layers = modules.get(tmp[:-2].rstrip("."))
+        if not isinstance(layers, nn.ModuleList) or not 0 <= layer < len(layers) or \
+                modules.get(tmp.format(layer)) is not layers[layer]:
+            _warn_once(f"{tmp[:-2].rstrip('.')!r} is not a ModuleList of decoder layers on {type(model).__name__}")
+            return None
+        block = tmp.format(layer)
+        if all(s == block for s in sites):
+            start, block_site = layer + 1, block
+        elif all(s.startswith(block + ".") for s in sites):
+            start, block_site = layer, None
+        else:
+            _warn_once(f"anchor sites {list(sites)} are not inside decoder layer {block!r}")
+            return None
+        if start >= len(layers) or loss_layer >= len(layers):
+            _warn_once(f"the anchor layer {layer} or loss layer {loss_layer} is the model's last layer or beyond")
+            return None
+        return cls(model, layers, start, loss_layer, block_site)
+
+    def capture(self, ids: torch.Tensor, mask: torch.Tensor, key) -> None:
+        """Record the input of layer ``start`` and the call arguments of layers ``start..n-1``
+        for the batch ``ids``/``mask`` ``[B, T]`` (no-grad; skipped if ``key`` was captured last)."""
+        if self.captured_for == key:
+            return
+        calls: List[tuple] = []
+        saved = []
+        last = len(self.layers) - 1
+
+        def recorder(j):
+            def record(*args, **kwargs):
+                calls.append((args, kwargs))
+                if j == last:
+                    raise StopForward()
+                return args[0] if args else kwargs.get("hidden_states")
+
+            return record
+
+        try:
+            for j in range(self.start, last + 1):
+                layer = self.layers[j]
+                saved.append((layer, layer.__dict__.get("forward")))
+                layer.forward = recorder(j)
+            with torch.no_grad():
+                try:
+                    self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                except StopForward:
+                    pass
+        finally:
+            for layer, previous in saved:
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous
+        if len(calls) != len(self.layers) - self.start:
+            raise RuntimeError(f"captured {len(calls)} decoder layer calls, expected {len(self.layers) - self.start}")
+        self.captured, self.captured_for = calls, key
+
+    @staticmethod
+    def _with_hidden(call, h):
+        args, kwargs = call
+        if args and isinstance(args[0], torch.Tensor):
+            return (h,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    @staticmethod
+    def _hidden_in(call) -> torch.Tensor:
+        args, kwargs = call
+        return args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
+
+    def forward(self, loss_name: str, edits) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(h_loss, h_last)`` ``[B, T, d]``: the loss layer's and the last layer's outputs
+        for the captured batch, with ``edits`` (``{site: fn}``, as in :class:`Trace`) applied."""
+        h = self._hidden_in(self.captured[0])
+        hooked = dict(edits)
+        if self.block_site is not None:
+            h = hooked.pop(self.block_site)(h)
+        h_loss = h if self.loss_layer < self.start else None
+        trace = Trace(self.model, outputs=[loss_name] if h_loss is None else [], edits=hooked, detach=False)
+        with trace:
+            for j, call in enumerate(self.captured):
+                args, kwargs = self._with_hidden(call, h)
+                h = hidden_of(self.layers[self.start + j](*args, **kwargs))
+        return (trace.outputs[loss_name] if h_loss is None else h_loss), h
+
+
 def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, loss_name, ln_f, head,
-                    nll_factor, adaptive_nll, progress):
+                    nll_factor, adaptive_nll, progress, loop: Optional[LayerLoop] = None):
     dev = input_device(model)
     pad = pad_id_of(tok)
+    if loop is not None:
+        loop.captured = loop.captured_for = None  # row indices are per chunk
     site_dev = next(resolve_module(model, sites[0]).parameters(), torch.empty(0, device=dev)).device
     hidden = _hidden_size(model)
     S = len(sites)
@@ -251,38 +432,60 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
 
             return edit
 
+        edits = {s: make_edit(i) for i, s in enumerate(sites)}
         kl_idx = [i for i, row in enumerate(batch) if row.kl]
-        kl_positions = sorted({batch[i].lookup for i in kl_idx})
-        extra = {}
-        if keep_arg:
-            extra["logits_to_keep"] = torch.tensor(kl_positions, device=dev)
-        trace = Trace(model, outputs=[loss_name], edits={s: make_edit(i) for i, s in enumerate(sites)}, detach=False)
-        out = run(model, trace, input_ids=ids, attention_mask=mask, **extra)
-        logits = out.logits
-        if keep_arg:
-            pos_col = {p: j for j, p in enumerate(kl_positions)}
-            kl_logits = logits[kl_idx, [pos_col[batch[i].lookup] for i in kl_idx]]
-        else:
-            kl_logits = logits[kl_idx, [batch[i].lookup for i in kl_idx]]
-        kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
         kl_req = [batch[i].request for i in kl_idx]
-        if kl_init is None:
-            kl_init = torch.empty((n_req, kl_logp.shape[-1]), dtype=kl_logp.dtype, device=kl_logp.device)
-            kl_init[kl_req] = kl_logp.detach()
 
-        nll = _target_nll(batch, trace.outputs[loss_name], ln_f, lm_w, lm_b, n_req)
+        def full_forward():
+            kl_positions = sorted({batch[i].lookup for i in kl_idx})
+            extra = {}
+            if keep_arg:
+                extra["logits_to_keep"] = torch.tensor(kl_positions, device=dev)
+            trace = Trace(model, outputs=[loss_name], edits=edits, detach=False)
+            logits = run(model, trace, input_ids=ids, attention_mask=mask, **extra).logits
+            if keep_arg:
+                pos_col = {p: j for j, p in enumerate(kl_positions)}
+                kl_logits = logits[kl_idx, [pos_col[batch[i].lookup] for i in kl_idx]]
+            else:
+                kl_logits = logits[kl_idx, [batch[i].lookup for i in kl_idx]]
+            return kl_logits, trace.outputs[loss_name]
+
+        def fast_forward():
+            loop.capture(ids, mask, tuple(live))
+            h_loss, h_last = loop.forward(loss_name, edits)
+            sel = h_last[torch.tensor(kl_idx, device=h_last.device),
+                         torch.tensor([batch[i].lookup for i in kl_idx], device=h_last.device)]
+            kl_logits = ln_f(sel) @ lm_w.T.to(sel.device)
+            if lm_b is not None:
+                kl_logits = kl_logits + lm_b.to(sel.device)
+            return kl_logits, h_loss
+
+        def losses(kl_logits, h_loss):
+            nonlocal kl_init
+            kl_logp = torch.log_softmax(kl_logits.float(), dim=-1)
+            if kl_init is None:
+                kl_init = torch.empty((n_req, kl_logp.shape[-1]), dtype=kl_logp.dtype, device=kl_logp.device)
+                kl_init[kl_req] = kl_logp.detach()
+            nll = _target_nll(batch, h_loss, ln_f, lm_w, lm_b, n_req)
+            kl_val = (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(-1)
+            kl_req_t = torch.zeros(n_req, device=nll.logp.device).index_add(
+                0, torch.tensor(kl_req, device=nll.logp.device), kl_val)
+            wd = torch.zeros(n_req, device=nll.logp.device)
+            for s in range(S):
+                wd = wd + (delta[s].norm(dim=-1) / init[s].float().norm(dim=-1) ** 2).to(nll.logp.device)
+            wd = hparams.v_weight_decay * wd
+            loss_req = factor.to(nll.logp.device) * nll.nll_req + hparams.kl_factor * kl_req_t + wd
+            return loss_req, nll, kl_req_t
+
+        if loop is None or it == 0:
+            loss_req, nll, kl_req_t = losses(*full_forward())
+            if loop is not None:
+                loop = _check_fast(loop, fast_forward, losses, loss_req, active, sites)
+        else:
+            loss_req, nll, kl_req_t = losses(*fast_forward())
         logp, owner, lengths, nll_row, rew_req, counts, nll_req = (
             nll.logp, nll.owner, nll.lengths, nll.nll_row, nll.rew_req, nll.counts, nll.nll_req)
         n_rew = len(nll_row)
-
-        kl_val = (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(-1)
-        kl_req_t = torch.zeros(n_req, device=logp.device).index_add(0, torch.tensor(kl_req, device=logp.device), kl_val)
-
-        wd = torch.zeros(n_req, device=logp.device)
-        for s in range(S):
-            wd = wd + (delta[s].norm(dim=-1) / init[s].float().norm(dim=-1) ** 2).to(logp.device)
-        wd = hparams.v_weight_decay * wd
-        loss_req = factor.to(logp.device) * nll_req + hparams.kl_factor * kl_req_t + wd
         if not torch.isfinite(loss_req[active.to(loss_req.device)]).all():
             bad = [i for i in range(n_req) if active[i] and not torch.isfinite(loss_req[i])]
             raise NumericalError(f"anchor optimization at layer sites {sites}: non-finite loss for request(s) {bad} at step {it}")
@@ -323,6 +526,33 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
     if not torch.isfinite(result_delta).all():
         raise NumericalError(f"anchor optimization produced a non-finite delta at sites {sites}")
     return torch.stack(init, 0), result_delta, final_nll, steps
+
+
+# Step-0 agreement of the loop from the anchor layer with the full forward pass:
+# |loss_fast - loss_full| <= FAST_ATOL + FAST_RTOL * |loss_full| per request.
+FAST_RTOL, FAST_ATOL = 1e-4, 1e-5
+LAST_FAST_CHECK: Dict[str, float] = {}  # max abs loss difference of the latest check (tests, benchmark)
+
+
+def _check_fast(loop: LayerLoop, fast_forward, losses, loss_full, active, sites) -> Optional[LayerLoop]:
+    """Run the fast pass without gradients and compare its per-request loss with the full
+    pass's ``loss_full [R]``; the loop to use for the rest of the chunk (None: full pass)."""
+    try:
+        with torch.no_grad():
+            loss_fast = losses(*fast_forward())[0]
+    except Exception as exc:  # an unsupported layer signature, a recorder mismatch, ...
+        log.warning("anchor loop from the anchor layer failed at step 0 (%s: %s); using the full forward pass",
+                    type(exc).__name__, exc)
+        return None
+    full = loss_full.detach()[active.to(loss_full.device)]
+    fast = loss_fast[active.to(loss_fast.device)].to(full.device)
+    gap = (fast - full).abs()
+    LAST_FAST_CHECK.update(max_abs=float(gap.max()), max_loss=float(full.abs().max()))
+    if not torch.isfinite(fast).all() or bool((gap > FAST_ATOL + FAST_RTOL * full.abs()).any()):
+        log.warning("anchor loop from the anchor layer disagrees with the full forward pass at sites %s "
+                    "(max loss difference %.3e); using the full forward pass for this chunk", sites, float(gap.max()))
+        return None
+    return loop
 
 
 @dataclass

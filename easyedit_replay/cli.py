@@ -34,10 +34,10 @@ def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
 
 
 def cmd_compare(args) -> int:
-    from .data import load_records
+    from .algorithms import get_algorithm, load_hparams
+    from .data import load_records, validate_records
     from .experiment import CompareConfig, render_report, run_comparison, write_outputs
     from .targets import get_construction
-    from .algorithms import get_algorithm, load_hparams
     from .models import cache_root, load_model
 
     try:
@@ -49,6 +49,8 @@ def cmd_compare(args) -> int:
         overrides["layers"] = [int(x) for x in args.layers.split(",")]
     if args.steps:
         overrides["v_num_grad_steps"] = args.steps
+    if args.no_anchor_cache:
+        overrides["anchor_cache"] = False
     if args.hparams:
         hp = load_hparams(args.hparams, **overrides)
         by_alg = {get_algorithm(hp.alg_name).base: hp}
@@ -62,10 +64,19 @@ def cmd_compare(args) -> int:
                 raise ReplayError(f"--algs {alg}: no bundled YAML {path.name} for {alg}; pass --hparams")
             by_alg[alg] = load_hparams(path, **overrides)
         stats_dir = args.stats_dir or str(cache_root() / "stats")
+    # Fail fast: data, requests and modes (above) are checked before the model is loaded.
+    records = load_records(args.data, args.n)
+    for hp in by_alg.values():
+        # The leading space of target_new only changes its spelling, not what is valid;
+        # PMET's default depends on the model name, which is not loaded yet.
+        lead = getattr(hp, "target_leading_space", None)
+        validate_records(records, leading_space=True if lead is None else bool(lead),
+                         source=f"--data {args.data!r}" if args.data else "bundled demo edits")
+    if not args.quiet:
+        logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
     model_name = args.model or next(iter(by_alg.values())).model_name
     print(f"loading {model_name} ...", file=sys.stderr)
     model, tok = load_model(model_name, device=args.device)
-    records = load_records(args.data, args.n)
     how = f"sequentially in batches of {args.batch_size or len(records)}" if args.sequential else (
         f"in independent batches of {args.batch_size}" if args.batch_size else "in one batch")
     print(f"{len(records)} edits from {args.data or 'the bundled demo set'}; {', '.join(by_alg)}; {how}",
@@ -169,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
     c.add_argument("--no-target-accuracy", action="store_true", help="skip the per-layer target diagnostics")
     c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for bundled YAMLs)")
+    c.add_argument("--no-anchor-cache", action="store_true",
+                   help="optimize every anchor afresh; neither read nor write the anchor disk cache")
     c.add_argument("--device", default="cpu")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)

@@ -81,23 +81,35 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None) -
     """Read ``path`` (default: the bundled demo edits) and return canonical records.
 
     Args:
-        n: keep the first ``n`` records (all when None).
+        n: keep the first ``n`` records (all when None); must be in ``1..len(file)``.
 
     Raises:
-        RequestError: unreadable file, unknown format, or an item missing a field
-            (the message names the item index and the field).
+        RequestError: missing or unreadable file, invalid JSON, not a non-empty list
+            of objects, unknown format, an item missing a field or holding a
+            non-string text, or ``n`` out of range (the message names the item index
+            and the field).
     """
+    where = f"--data {str(path)!r}" if path is not None else "the bundled demo edits"
     path = Path(path) if path is not None else demo_path()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RequestError(f"--data {str(path)!r}: file not found") from None
+        raise RequestError(f"{where}: file not found; pass an existing JSON file of edits") from None
+    except IsADirectoryError:
+        raise RequestError(f"{where} is a directory; pass a JSON file of edits") from None
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"{where} is not UTF-8 text ({exc}); pass a JSON file of edits") from None
     except json.JSONDecodeError as exc:
-        raise RequestError(f"--data {str(path)!r} is not valid JSON ({exc})") from None
+        raise RequestError(f"{where} is not valid JSON ({exc})") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:
-        raise RequestError(f"--data {str(path)!r}: expected a non-empty JSON list of edits")
+        raise RequestError(f"{where}: expected a non-empty JSON list of edits")
+    if n is not None and not 1 <= n <= len(data):
+        raise RequestError(f"--n {n}: {where} holds {len(data)} edits; pass --n between 1 and {len(data)}")
+    bad = next((i for i, item in enumerate(data) if not isinstance(item, dict)), None)
+    if bad is not None:
+        raise RequestError(f"{where}: item {bad} is a {type(data[bad]).__name__}, expected an object with the edit's fields")
     first = data[0]
     if "requested_rewrite" in first:
         convert = _from_memit_counterfact
@@ -107,7 +119,7 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None) -
         convert = _from_knowedit
     else:
         raise RequestError(
-            f"--data {str(path)!r}: unknown format (keys {sorted(first)}); expected EasyEdit's "
+            f"{where}: unknown format (keys {sorted(first)}); expected EasyEdit's "
             f"CounterFact (prompt, subject, target_new, ...) or ZsRE (src, subject, alt, ...)"
         )
     records = []
@@ -115,5 +127,29 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None) -
         try:
             records.append(convert(item, i))
         except (KeyError, TypeError) as exc:
-            raise RequestError(f"--data {str(path)!r}: item {i} lacks field {exc}") from None
+            raise RequestError(f"{where}: item {i} lacks field {exc}") from None
     return records
+
+
+TEXT_FIELDS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
+
+
+def validate_records(records: List[dict], leading_space: bool = True, source: str = "--data") -> None:
+    """Check canonical records before any model is loaded: every edit request as the
+    editors will prepare it (:func:`easyedit_replay.keys.prepare_requests`: string
+    ``prompt``/``subject``/``target_new``, subject in the prompt, ...) and the
+    evaluation fields (strings or missing).
+
+    Raises:
+        RequestError: naming ``source``, the item and the field.
+    """
+    from .keys import prepare_request
+
+    for i, r in enumerate(records):
+        try:
+            prepare_request(r, i, leading_space)
+        except RequestError as exc:
+            raise RequestError(f"{source}: {exc}") from None
+        for key in TEXT_FIELDS:
+            if r.get(key) is not None and not isinstance(r[key], str):
+                raise RequestError(f"{source}: requests[{i}].{key} = {r[key]!r}: must be a string (or absent)")

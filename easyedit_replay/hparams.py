@@ -13,6 +13,7 @@ defaults:
 - ``mom2_batch_tokens``: cap on tokens per statistics sample (EasyEdit's
   ``batch_tokens`` of ``layer_stats``); ``None`` = the model's context length.
 - ``context_seed``: seed of the context-template sampler.
+- ``anchor_cache``: keep optimized anchors in the disk cache (``anchor_cache.py``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class ReplayHyperParams:
     anchor_batch_size: int = 16
     mom2_batch_tokens: Optional[int] = None
     context_seed: int = 0
+    anchor_cache: bool = True
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -207,6 +209,8 @@ class ReplayHyperParams:
             raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
         if self.mom2_dtype not in MOM2_DTYPES:
             raise err("mom2_dtype", f"must be one of {list(MOM2_DTYPES)}")
+        if not isinstance(self.anchor_cache, bool):
+            raise err("anchor_cache", "must be true or false")
         if self.replay_share not in REPLAY_SHARES:
             raise err("replay_share", f"must be one of {list(REPLAY_SHARES)}")
         if self.mom2_batch_tokens is not None and (

@@ -54,3 +54,16 @@ def demo_records():
     from easyedit_replay.data import load_records
 
     return load_records()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_anchor_cache(tmp_path_factory):
+    """Every test run gets its own, initially empty anchor cache (so no test depends on
+    anchors left by an earlier run); tests that inspect the cache set their own."""
+    old = os.environ.get("EASYEDIT_REPLAY_ANCHOR_CACHE")
+    os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"] = str(tmp_path_factory.mktemp("anchors"))
+    yield
+    if old is None:
+        os.environ.pop("EASYEDIT_REPLAY_ANCHOR_CACHE", None)
+    else:
+        os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"] = old

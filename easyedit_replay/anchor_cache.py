@@ -1,0 +1,251 @@
+"""Disk cache of optimized anchors, one file per request.
+
+:func:`easyedit_replay.anchor.optimize_anchors` looks every request up here
+before optimizing, optimizes only the misses (in chunks, as without the cache)
+and writes each chunk's anchors as soon as the chunk finishes, so an interrupted
+run resumes from the chunks already written and runs over more or fewer requests
+reuse what they share.
+
+A request's key (:func:`request_keys`) is a blake2b digest of everything its
+anchor depends on:
+
+- the model: a fingerprint of every parameter's bytes, names, shapes and dtypes
+  (:func:`model_fingerprint`), the model config (without its path), the weights'
+  dtype and the device type;
+- the anchor layer, the formatted site and loss-layer module names;
+- the anchor objective: ``v_num_grad_steps, v_lr, v_loss_layer, v_weight_decay,
+  clamp_norm_factor, kl_factor, fact_token, layer_module_tmp, ln_f_module,
+  lm_head_module``, ``nll_factor``, ``adaptive_nll`` and the early-stop loss;
+- the request as prepared (``prompt``, ``subject``, ``target_new``) and the token
+  ids and lookup positions of its rewriting and KL prompts (so a different
+  tokenizer misses);
+- the context templates and :data:`FORMAT_VERSION`.
+
+Left out on purpose: ``anchor_batch_size`` and the loop variant (from the anchor
+layer or full forward). Both only change float rounding (batched vs per-request
+anchors agree to about 1e-3 of the delta norm, see ``tests/test_anchor.py``), so
+an anchor computed in any chunk is served to any other.
+
+Files: ``<root>/<2 hex>/<digest>.safetensors`` with ``<root>`` =
+``$EASYEDIT_REPLAY_ANCHOR_CACHE`` or ``cache_root()/"anchors"``; tensors
+``init [S, d]`` (model dtype), ``delta [S, d]`` (float32), ``nll []`` and
+``steps []``; the metadata holds the digest and the full key description, both
+checked on read. Writes are atomic (temporary file + rename) under a file lock
+(:func:`easyedit_replay.stats.atomic_write`). A file that is unreadable or whose
+key, shapes or values do not match is reported with ``logging.warning`` naming
+the file, recomputed and replaced, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "easyedit-replay-anchor-1"
+ENV_DIR = "EASYEDIT_REPLAY_ANCHOR_CACHE"
+OBJECTIVE_FIELDS = ("v_num_grad_steps", "v_lr", "v_loss_layer", "v_weight_decay", "clamp_norm_factor", "kl_factor",
+                    "fact_token", "layer_module_tmp", "ln_f_module", "lm_head_module")
+
+# model -> {parameter name: ((id, data_ptr, _version), digest)}
+_PARAM_DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def anchor_cache_dir() -> Path:
+    """Folder of the anchor cache: ``$EASYEDIT_REPLAY_ANCHOR_CACHE`` or ``cache_root()/"anchors"``
+    (``cache_root`` honours ``$EASYEDIT_REPLAY_CACHE``)."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser().resolve()
+    from .models import cache_root
+
+    return cache_root() / "anchors"
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """Hex digest of every parameter of ``model`` (names, shapes, dtypes, bytes).
+
+    Each parameter's blake2b digest is memoized per model on ``(id, data_ptr,
+    _version)``: repeated calls in one process re-hash only parameters written
+    since (an in-place write such as ``w[...] += u`` or ``p.copy_(x)`` bumps
+    ``_version``; a write through ``p.data`` does NOT, so call
+    :func:`forget_fingerprints` after such writes, or turn the cache off).
+    """
+    memo = _PARAM_DIGESTS.setdefault(model, {})
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        state = (id(p), p.data_ptr(), p._version)
+        hit = memo.get(name)
+        if hit is None or hit[0] != state:
+            hit = memo[name] = (state, _tensor_digest(p))
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{hit[1]};".encode())
+    return h.hexdigest()
+
+
+def forget_fingerprints(model=None) -> None:
+    """Drop the memoized parameter digests (of ``model``, or of every model)."""
+    if model is None:
+        _PARAM_DIGESTS.clear()
+    else:
+        _PARAM_DIGESTS.pop(model, None)
+
+
+def _config_json(model) -> str:
+    config = getattr(model, "config", None)
+    data = config.to_dict() if hasattr(config, "to_dict") else {}
+    data = {k: v for k, v in data.items() if k not in ("_name_or_path", "name_or_path")}
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+@dataclass
+class CacheKey:
+    """One request's key: ``digest`` (file name) and ``description`` (JSON, stored in the file)."""
+
+    digest: str
+    description: str
+
+
+def request_keys(model, requests, rows_by_request: Sequence[Sequence[tuple]], hparams, layer: int,
+                 sites: Sequence[str], loss_name: str, templates, nll_factor: float, adaptive_nll: bool,
+                 early_stop: float) -> List[CacheKey]:
+    """One :class:`CacheKey` per request (see the module docstring for what is keyed).
+
+    Args:
+        requests: ``R`` prepared :class:`~easyedit_replay.keys.EditRequest`.
+        rows_by_request: per request, its prompts as ``(token ids, lookup, is_kl)`` tuples.
+        sites / loss_name: formatted module names.
+    """
+    param = next(model.parameters())
+    common = {
+        "format": FORMAT_VERSION,
+        "model": model_fingerprint(model),
+        "config": hashlib.blake2b(_config_json(model).encode(), digest_size=16).hexdigest(),
+        "dtype": str(param.dtype),
+        "device": param.device.type,
+        "layer": int(layer),
+        "sites": list(sites),
+        "loss_module": loss_name,
+        "hparams": {f: getattr(hparams, f) for f in OBJECTIVE_FIELDS},
+        "nll_factor": float(nll_factor),
+        "adaptive_nll": bool(adaptive_nll),
+        "early_stop": float(early_stop),
+        "templates": [list(g) for g in templates],
+    }
+    keys = []
+    for req, rows in zip(requests, rows_by_request):
+        desc = dict(common, request={"prompt": req.prompt, "subject": req.subject, "target_new": req.target_new},
+                    rows=[[list(ids), int(look), bool(kl)] for ids, look, kl in rows])
+        text = json.dumps(desc, sort_keys=True, default=str)
+        keys.append(CacheKey(hashlib.blake2b(text.encode(), digest_size=20).hexdigest(), text))
+    return keys
+
+
+@dataclass
+class Entry:
+    """One request's cached anchor: ``init``/``delta`` ``[S, d]``, ``nll`` and ``steps`` scalars."""
+
+    init: torch.Tensor
+    delta: torch.Tensor
+    nll: torch.Tensor
+    steps: torch.Tensor
+
+
+class AnchorStore:
+    """Per-request anchor files under ``root`` (default :func:`anchor_cache_dir`)."""
+
+    def __init__(self, root: Optional[Path] = None):
+        self.root = Path(root) if root is not None else anchor_cache_dir()
+
+    def path(self, key: CacheKey) -> Path:
+        return self.root / key.digest[:2] / f"{key.digest}.safetensors"
+
+    def get(self, key: CacheKey, n_sites: int, hidden: int, dtype: torch.dtype) -> Optional[Entry]:
+        """The entry stored for ``key``, or None when absent. A file that cannot be read or
+        does not match ``key`` (stored digest or description, shapes ``[n_sites, hidden]``,
+        ``init`` dtype, finite values) is reported with ``logging.warning`` and ignored
+        (the caller recomputes and :meth:`put` replaces it)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as exc:  # corrupt or truncated file: any reader error
+            log.warning("anchor cache file %s is unreadable (%s: %s); recomputing and replacing it",
+                        path, type(exc).__name__, exc)
+            return None
+        problem = None
+        if meta.get("format") != FORMAT_VERSION:
+            problem = f"format {meta.get('format')!r}, expected {FORMAT_VERSION!r}"
+        elif meta.get("digest") != key.digest or meta.get("key") != key.description:
+            problem = "its stored key does not match the request's key"
+        elif sorted(tensors) != ["delta", "init", "nll", "steps"]:
+            problem = f"tensors {sorted(tensors)}, expected delta, init, nll, steps"
+        elif tuple(tensors["init"].shape) != (n_sites, hidden) or tuple(tensors["delta"].shape) != (n_sites, hidden):
+            problem = f"shapes {tuple(tensors['init'].shape)}/{tuple(tensors['delta'].shape)}, expected ({n_sites}, {hidden})"
+        elif tensors["init"].dtype != dtype or tensors["delta"].dtype != torch.float32:
+            problem = f"dtypes {tensors['init'].dtype}/{tensors['delta'].dtype}, expected {dtype}/torch.float32"
+        elif not (torch.isfinite(tensors["init"]).all() and torch.isfinite(tensors["delta"]).all()):
+            problem = "non-finite values"
+        if problem:
+            log.warning("anchor cache file %s does not match (%s); recomputing and replacing it", path, problem)
+            return None
+        return Entry(tensors["init"], tensors["delta"], tensors["nll"], tensors["steps"])
+
+    def put(self, key: CacheKey, entry: Entry) -> Path:
+        """Write ``entry`` for ``key`` atomically under a file lock; returns the path."""
+        from safetensors.torch import save_file
+
+        from .stats import atomic_write
+
+        tensors = {
+            "init": entry.init.detach().cpu().contiguous(),
+            "delta": entry.delta.detach().float().cpu().contiguous(),
+            "nll": entry.nll.detach().float().cpu().reshape(()).contiguous(),
+            "steps": entry.steps.detach().long().cpu().reshape(()).contiguous(),
+        }
+        meta = {"format": FORMAT_VERSION, "digest": key.digest, "key": key.description}
+        path = self.path(key)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".tmp.safetensors")
+        return path
+
+    def lookup(self, keys: Sequence[CacheKey], n_sites: int, hidden: int, dtype: torch.dtype) -> Dict[int, Entry]:
+        """``{request index: entry}`` for the keys found (and valid)."""
+        found = {}
+        for i, key in enumerate(keys):
+            entry = self.get(key, n_sites, hidden, dtype)
+            if entry is not None:
+                found[i] = entry
+        return found
+
+
+def split_result(init: torch.Tensor, delta: torch.Tensor, nll: torch.Tensor, steps: torch.Tensor) -> List[Entry]:
+    """Per-request entries of a chunk's ``init``/``delta [S, R, d]``, ``nll``/``steps [R]``."""
+    return [Entry(init[:, r], delta[:, r], nll[r], steps[r]) for r in range(delta.shape[1])]
+
+
+def stack_entries(entries: Sequence[Entry], device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``init [S, R, d]`` and ``delta [S, R, d]`` on ``device``, ``nll [R]`` float32 and ``steps [R]``
+    long on the CPU, from per-request entries in request order."""
+    init = torch.stack([e.init.to(device) for e in entries], 1)
+    delta = torch.stack([e.delta.to(device=device, dtype=torch.float32) for e in entries], 1)
+    nll = torch.stack([e.nll.float().cpu().reshape(()) for e in entries])
+    steps = torch.stack([e.steps.long().cpu().reshape(()) for e in entries])
+    return init, delta, nll, steps

@@ -1,0 +1,291 @@
+"""Anchor disk cache (hits, misses, bad files, two writers), the loop from the anchor
+layer vs the full forward pass, and the fail-fast checks of ``compare``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from easyedit_replay import anchor as anchor_mod
+from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.anchor_cache import AnchorStore, forget_fingerprints
+from easyedit_replay.keys import prepare_requests
+
+from .test_core import with_fields
+
+TEMPLATES = [["{}"], ["The following is true. {}"]]
+
+
+@pytest.fixture()
+def anchor_dir(tmp_path, monkeypatch):
+    """A private anchor cache for the test."""
+    d = tmp_path / "anchors"
+    monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(d))
+    return d
+
+
+def _files(d):
+    return sorted(d.rglob("*.safetensors"))
+
+
+def _contents(path):
+    """Metadata and tensor bytes of a safetensors file (its header order is not fixed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+
+def _optimize(model, tok, hp, reqs, **kw):
+    return optimize_anchors(model, tok, reqs, hp, hp.layers[0], [hp.layer_module_tmp], TEMPLATES, **kw)
+
+
+def test_hit_gives_bit_identical_updates(model_tok, hparams, demo_records, anchor_dir, caplog):
+    from easyedit_replay.editor import compute_edit
+
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=3)
+    recs = demo_records[:2]
+    fresh = compute_edit(model, tok, recs, with_fields(hp, anchor_cache=False), context_templates=TEMPLATES)
+    assert not _files(anchor_dir)  # the off switch writes nothing
+    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+        cold = compute_edit(model, tok, recs, hp, context_templates=TEMPLATES)
+        assert "0 loaded from the cache, 2 optimized" in caplog.text
+        caplog.clear()
+        start = time.perf_counter()
+        warm = compute_edit(model, tok, recs, hp, context_templates=TEMPLATES)
+        print(f"warm compute_edit {time.perf_counter() - start:.2f} s")
+        assert "2 loaded from the cache, 0 optimized" in caplog.text
+    assert len(_files(anchor_dir)) == 2  # one file per request
+    assert torch.equal(warm.anchor.delta, cold.anchor.delta) and torch.equal(warm.anchor.init, cold.anchor.init)
+    assert torch.equal(warm.anchor.steps, cold.anchor.steps)
+    for plan in (cold, warm):
+        assert plan.updates.keys() == fresh.updates.keys()
+        for name, upd in fresh.updates.items():
+            assert torch.equal(plan.updates[name], upd), name
+    # A run over more requests reuses the ones it shares.
+    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+        caplog.clear()
+        _optimize(model, tok, hp, prepare_requests(demo_records[:3]))
+        assert "2 loaded from the cache, 1 optimized" in caplog.text
+
+
+def test_changed_inputs_miss(model_tok, hparams, demo_records, anchor_dir, caplog):
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=2)
+    reqs = prepare_requests(demo_records[:1])
+    _optimize(model, tok, hp, reqs)
+    assert len(_files(anchor_dir)) == 1
+
+    def misses(hp_, reqs_):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+            _optimize(model, tok, hp_, reqs_)
+        return "0 loaded from the cache, 1 optimized" in caplog.text
+
+    assert not misses(hp, reqs)  # same inputs: a hit
+    assert misses(with_fields(hp, v_lr=0.25), reqs)
+    assert misses(with_fields(hp, kl_factor=0.5), reqs)
+    other = prepare_requests([{**demo_records[0], "prompt": demo_records[0]["prompt"] + " the"}])
+    assert misses(hp, other)
+    assert not misses(with_fields(hp, anchor_batch_size=3), reqs)  # float rounding only: not keyed
+    w = model.get_parameter("model.layers.20.mlp.up_proj.weight")
+    before = w[0, 0].clone()
+    try:
+        with torch.no_grad():
+            w[0, 0] += 1e-3  # one weight, in place, far from the anchor layer
+        assert misses(hp, reqs)
+    finally:
+        with torch.no_grad():
+            w[0, 0] = before
+    assert not misses(hp, reqs)  # restored weights: the first file is found again
+
+
+def test_bad_files_are_reported_and_replaced(model_tok, hparams, demo_records, anchor_dir, caplog):
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=2)
+    reqs = prepare_requests(demo_records[:1])
+    good = _optimize(model, tok, hp, reqs)
+    (path,) = _files(anchor_dir)
+    original = path.read_bytes()
+    contents = _contents(path)
+
+    path.write_bytes(original[: len(original) // 2])  # truncated: corrupt
+    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchor_cache"):
+        again = _optimize(model, tok, hp, reqs)
+    assert str(path) in caplog.text and "unreadable" in caplog.text
+    assert torch.equal(again.delta, good.delta)  # recomputed (same chunking: same bits) ...
+    assert _contents(path) == contents  # ... and replaced
+
+    # A valid file whose stored key is another request's.
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["key"] = meta["key"].replace(reqs[0].subject, "Somebody Else")
+    tensors = load_file(str(path))
+    tensors["delta"] = tensors["delta"] + 1.0
+    save_file(tensors, str(path), metadata=meta)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchor_cache"):
+        again = _optimize(model, tok, hp, reqs)
+    assert str(path) in caplog.text and "does not match" in caplog.text
+    assert torch.equal(again.delta, good.delta)  # the poisoned delta was not used
+    assert _contents(path) == contents
+
+
+def _write_same_key(root, seed, out):
+    import torch
+
+    from easyedit_replay.anchor_cache import AnchorStore, CacheKey, Entry
+
+    store = AnchorStore(root)
+    key = CacheKey("ab" * 20, json.dumps({"same": "key"}))
+    torch.manual_seed(seed)
+    for _ in range(20):
+        store.put(key, Entry(torch.randn(1, 8), torch.randn(1, 8), torch.tensor(0.5), torch.tensor(3)))
+    out.put("ok")
+
+
+def test_two_processes_writing_the_same_key_leave_one_valid_file(tmp_path):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_write_same_key, args=(str(tmp_path), s, out)) for s in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert [out.get(timeout=5) for _ in procs] == ["ok", "ok"]
+    files = _files(tmp_path)
+    assert len(files) == 1 and not list(tmp_path.rglob("*.tmp*"))
+    from easyedit_replay.anchor_cache import CacheKey
+
+    entry = AnchorStore(tmp_path).get(CacheKey("ab" * 20, json.dumps({"same": "key"})), 1, 8, torch.float32)
+    assert entry is not None and entry.delta.shape == (1, 8) and int(entry.steps) == 3
+
+
+def test_fingerprint_tracks_in_place_writes(model_tok):
+    from easyedit_replay.anchor_cache import model_fingerprint
+
+    model, _ = model_tok
+    forget_fingerprints(model)
+    a = model_fingerprint(model)
+    start = time.perf_counter()
+    assert model_fingerprint(model) == a  # memoized: no re-hash
+    assert time.perf_counter() - start < 0.2
+    w = model.get_parameter("model.norm.weight")
+    with torch.no_grad():
+        w[3] += 1.0
+    b = model_fingerprint(model)
+    with torch.no_grad():
+        w[3] -= 1.0
+    assert b != a and model_fingerprint(model) == a
+
+
+@pytest.mark.parametrize("alg", ["MEMIT_REPLAY", "PMET_REPLAY"])
+def test_loop_from_anchor_layer_matches_full_forward(model_tok, stats_dir, demo_records, alg, anchor_dir):
+    from easyedit_replay.algorithms import get_algorithm
+    from easyedit_replay.cli import default_hparams_path
+    from easyedit_replay.hparams import load_hparams
+
+    model, tok = model_tok
+    hp = load_hparams(default_hparams_path(alg=alg), stats_dir=stats_dir, v_num_grad_steps=8)
+    rule = get_algorithm(hp.alg_name).rule
+    reqs = prepare_requests(demo_records[:2], leading_space=rule.leading_space(model, hp))
+    args = (model, tok, reqs, hp, hp.layers[0], rule.anchor_templates(hp), TEMPLATES)
+    kw = dict(anchor_cache=False, **rule.anchor_objective(hp))
+    anchor_mod.LAST_FAST_CHECK.clear()
+    fast = optimize_anchors(*args, fast_loop=True, **kw)
+    check = dict(anchor_mod.LAST_FAST_CHECK)
+    full = optimize_anchors(*args, fast_loop=False, **kw)
+    assert check, "the fast loop was not used"
+    gap = float((fast.delta - full.delta).abs().max())
+    rel = gap / float(full.delta.norm(dim=-1).max())
+    print(f"{alg}: step-0 loss difference {check['max_abs']:.2e}; max |delta fast - delta full| {gap:.2e} "
+          f"= {rel:.2e} of the largest delta norm; steps {fast.steps.tolist()} vs {full.steps.tolist()}")
+    # Measured on SmolLM2 (2-core CPU, 2 requests, 8 steps): step-0 loss difference 0 (both);
+    # max delta difference 2.4e-7 (4.1e-9 of the largest delta norm) for MEMIT, 0 for PMET
+    # (3 requests, 6 steps: 1.1e-5 = 2.4e-7 relative for MEMIT, 2.3e-6 = 9e-8 for PMET).
+    # The bound leaves a margin of 40x over the largest relative difference seen.
+    assert check["max_abs"] <= 1e-5
+    assert rel < 1e-5
+    assert fast.steps.tolist() == full.steps.tolist()
+    assert torch.equal(fast.init, full.init)
+    assert torch.allclose(fast.nll, full.nll, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_loop_falls_back_when_it_disagrees(model_tok, hparams, demo_records, anchor_dir, caplog, monkeypatch):
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=3)
+    reqs = prepare_requests(demo_records[:1])
+    real = anchor_mod.LayerLoop.forward
+
+    def skewed(self, loss_name, edits):
+        h_loss, h_last = real(self, loss_name, edits)
+        return h_loss + 1.0, h_last  # (a scale would not do: ln_f is an RMSNorm)
+
+    monkeypatch.setattr(anchor_mod.LayerLoop, "forward", skewed)
+    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchor"):
+        res = _optimize(model, tok, hp, reqs, anchor_cache=False)
+    assert "disagrees with the full forward pass" in caplog.text
+    monkeypatch.setattr(anchor_mod.LayerLoop, "forward", real)
+    full = _optimize(model, tok, hp, reqs, anchor_cache=False, fast_loop=False)
+    assert torch.equal(res.delta, full.delta)  # the full pass was used throughout
+
+
+# ----------------------------------------------------------------------------- compare fails fast
+
+
+def _no_model_load(monkeypatch):
+    import easyedit_replay.models as models
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_model", boom)
+
+
+@pytest.mark.parametrize("content, n, message", [
+    (None, None, "file not found"),
+    ("{not json", None, "not valid JSON"),
+    ("[]", None, "non-empty JSON list"),
+    ('[{"foo": 1}]', None, "unknown format"),
+    ('[{"prompt": "A is in", "subject": "A", "target_new": "B"}, 3]', None, "item 1 is a int"),
+    ('[{"prompt": "A is in", "subject": "A", "target_new": "B"}]', 2, "--n 2"),
+    ('[{"prompt": "A is in", "subject": "A", "target_new": "B"}]', 0, "--n 0"),
+    ('[{"prompt": "A is in", "subject": "Z", "target_new": "B"}]', None, "does not occur in the prompt"),
+    ('[{"prompt": "A is in", "subject": "A", "target_new": ""}]', None, "target_new"),
+    ('[{"prompt": "A is in", "subject": "A", "target_new": "B", "rephrase_prompt": 5}]', None, "rephrase_prompt"),
+])
+def test_compare_fails_fast_on_bad_data(tmp_path, monkeypatch, capsys, content, n, message):
+    from easyedit_replay.cli import main
+
+    _no_model_load(monkeypatch)
+    path = tmp_path / "edits.json"
+    if content is not None:
+        path.write_text(content)
+    argv = ["compare", "--algs", "MEMIT,PMET", "--data", str(path), "--quiet"] + (["--n", str(n)] if n is not None else [])
+    start = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err, err
+
+
+def test_compare_fails_fast_on_bad_hparams_and_modes(tmp_path, monkeypatch, capsys):
+    from easyedit_replay.cli import main
+
+    _no_model_load(monkeypatch)
+    assert main(["compare", "--algs", "MEMIT", "--modes", "spread,backward", "--quiet"]) == 2
+    assert "--modes" in capsys.readouterr().err
+    bad = tmp_path / "hp.yaml"
+    bad.write_text("alg_name: MEMIT_REPLAY\nlayers: [4, 3]\n")
+    assert main(["compare", "--hparams", str(bad), "--quiet"]) == 2
+    assert "hp.yaml" in capsys.readouterr().err
