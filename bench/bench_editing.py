@@ -42,7 +42,9 @@ def _setup(args):
     from easyedit_replay.models import cache_root, load_model
 
     torch.manual_seed(0)
-    hp = load_hparams(args.hparams or default_hparams_path(), stats_dir=str(cache_root() / "stats"))
+    # anchor_cache off: every variant optimizes its anchors (timings and the batched vs
+    # per-request comparison would otherwise read anchors written by an earlier variant)
+    hp = load_hparams(args.hparams or default_hparams_path(), stats_dir=str(cache_root() / "stats"), anchor_cache=False)
     if args.steps:
         hp = hp.replace(v_num_grad_steps=args.steps)
     model, tok = load_model(hp.model_name)
