@@ -32,6 +32,7 @@ from .keys import (
     EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
     sample_context_templates, template_probes, validate_templates,
 )
+from .model_info import max_positions
 from .stats import second_moments
 from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
@@ -130,9 +131,7 @@ def check_prompt_lengths(model, tok, reqs: Sequence[EditRequest]) -> None:
     Raises:
         RequestError: naming the request and both lengths.
     """
-    from .anchor import _max_positions
-
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is None:
         return
     for i, r in enumerate(reqs):

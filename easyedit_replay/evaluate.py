@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .keys import input_device, pad_id_of, pad_right, token_ids
+from .batching import input_device, pad_id_of, pad_right, token_ids
 
 
 @dataclass
