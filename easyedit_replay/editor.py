@@ -27,6 +27,7 @@ import torch
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, UpdateInputs, match_shape
 from .anchor import AnchorResult, optimize_anchors
+from .batching import token_ids
 from .errors import HyperParamsError, NumericalError, RequestError
 from .keys import (
     EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
@@ -135,7 +136,7 @@ def check_prompt_lengths(model, tok, reqs: Sequence[EditRequest]) -> None:
     if limit is None:
         return
     for i, r in enumerate(reqs):
-        n = len(tok(r.text)["input_ids"])
+        n = len(token_ids(tok, r.text))
         if n >= limit:
             raise RequestError(
                 f"requests[{i}].prompt has {n} tokens, more than the model's context of {limit} "
