@@ -1,8 +1,9 @@
 """Token ids, right padding and the input device: the helpers every batched pass uses.
 
-Sequences are always padded on the RIGHT here, whatever the tokenizer's
-``padding_side`` says, so positions in the unpadded sequence (lookup indices, target
-spans) stay valid in the padded batch.
+Sequences are padded on the RIGHT for forward passes (:func:`pad_right`), whatever
+the tokenizer's ``padding_side`` says, so positions in the unpadded sequence (lookup
+indices, target spans) stay valid in the padded batch; on the LEFT only for
+``generate`` (:func:`pad_left`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> Tuple[
         ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists for generation, so that every row continues from its last
+    real token: ``input_ids [B, T]`` long and ``attention_mask [B, T]`` on ``device``.
+
+    Raises:
+        ValueError: ``seqs`` is empty.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
 
 
 def pad_id_of(tok) -> int:

@@ -51,7 +51,7 @@ import torch
 from .errors import StatisticsError
 from .files import atomic_write, atomic_write_text
 from .model_info import max_positions
-from .batching import input_device, pad_id_of, pad_right, token_ids
+from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
 from .tracing import Trace, resolve_module, run
 
 log = logging.getLogger(__name__)
@@ -232,10 +232,8 @@ def self_generated_texts(model, tok, n: int, cache_file: Optional[Path] = None, 
         for start in range(0, n, batch_size):
             batch = prompts[start : start + batch_size]
             seqs = [token_ids(tok, p) for p in batch]
-            width = max(len(s) for s in seqs)
-            # left-pad so that every row continues from its last real token
-            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=dev)
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=dev)
+            ids, mask = pad_left(seqs, pad, dev)  # every row continues from its last real token
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, top_k=50, top_p=1.0, temperature=1.0,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
