@@ -48,10 +48,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
 from .errors import StatisticsError
 from .files import atomic_write, atomic_write_text
 from .model_info import max_positions
-from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
 from .tracing import Trace, resolve_module, run
 
 log = logging.getLogger(__name__)
