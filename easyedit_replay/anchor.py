@@ -41,7 +41,9 @@ import torch
 from torch import nn
 
 from .errors import NumericalError, RequestError
-from .keys import EditRequest, _escape, flat_templates, input_device, lookup_index, pad_id_of, pad_right, token_ids
+from .batching import input_device, pad_id_of, pad_right, token_ids
+from .keys import EditRequest, escape_braces, flat_templates, lookup_index
+from .model_info import hidden_size, max_positions
 from .tracing import StopForward, Trace, add_at_positions, hidden_of, resolve_module, run
 
 log = logging.getLogger(__name__)
@@ -90,14 +92,6 @@ def frozen_parameters(model):
             p.requires_grad_(flag)
 
 
-def _max_positions(model) -> Optional[int]:
-    for attr in ("n_positions", "max_sequence_length", "max_position_embeddings", "seq_length"):
-        value = getattr(model.config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def target_token_ids(tok, target: str) -> List[int]:
     """Token ids of ``target_new`` as ``compute_z`` builds them (no special tokens, a
     leading BOS/UNK dropped)."""
@@ -123,7 +117,7 @@ def _build_rows(tok, requests: Sequence[EditRequest], templates, fact_token: str
         target = target_token_ids(tok, req.target_new)
         if not target:
             raise RequestError(f"requests[{r}].target_new = {req.target_new!r} tokenizes to no tokens; give a non-empty target")
-        suffix = _escape(tok.decode(target[:-1]))
+        suffix = escape_braces(tok.decode(target[:-1]))
         for t, ctx in enumerate(flat_templates(templates)):
             prompt_t = ctx.format(req.prompt)
             full_t = prompt_t + suffix
@@ -208,11 +202,11 @@ def optimize_anchors(
         resolve_module(model, name, "layer_module_tmp")
     ln_f = resolve_module(model, hparams.ln_f_module, "ln_f_module")
     head = resolve_module(model, hparams.lm_head_module, "lm_head_module")
-    all_rows = _build_rows(tok, requests, templates, hparams.fact_token, _max_positions(model))
+    all_rows = _build_rows(tok, requests, templates, hparams.fact_token, max_positions(model))
     rows_of = [[row for row in all_rows if row.request == r] for r in range(len(requests))]
     chunk = max(1, int(getattr(hparams, "anchor_batch_size", 16) or 16))
     use_cache = bool(getattr(hparams, "anchor_cache", True)) if anchor_cache is None else bool(anchor_cache)
-    S, hidden = len(sites), _hidden_size(model)
+    S, hidden = len(sites), hidden_size(model)
     site_param = next(resolve_module(model, sites[0]).parameters(), None)
     dtype = site_param.dtype if site_param is not None else next(model.parameters()).dtype
 
@@ -392,7 +386,7 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
     if loop is not None:
         loop.captured = loop.captured_for = None  # row indices are per chunk
     site_dev = next(resolve_module(model, sites[0]).parameters(), torch.empty(0, device=dev)).device
-    hidden = _hidden_size(model)
+    hidden = hidden_size(model)
     S = len(sites)
     delta = torch.zeros((S, n_req, hidden), dtype=torch.float32, device=site_dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
@@ -604,7 +598,7 @@ def target_nll(model, tok, requests: Sequence[EditRequest], hparams, templates: 
     Compare with :attr:`AnchorResult.nll` to see how much of the optimized effect a
     weight update realizes.
     """
-    rows = _build_rows(tok, requests, templates, hparams.fact_token, _max_positions(model))
+    rows = _build_rows(tok, requests, templates, hparams.fact_token, max_positions(model))
     rows = [row for row in rows if not row.kl]
     loss_name = hparams.layer_module_tmp.format(int(hparams.v_loss_layer))
     ln_f = resolve_module(model, hparams.ln_f_module, "ln_f_module")
@@ -616,10 +610,3 @@ def target_nll(model, tok, requests: Sequence[EditRequest], hparams, templates: 
         nll = _target_nll(rows, trace.outputs[loss_name], ln_f, head.weight, getattr(head, "bias", None), len(requests))
     return nll.nll_req.cpu()
 
-
-def _hidden_size(model) -> int:
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(model.config, attr, None)
-        if isinstance(value, int):
-            return value
-    return model.get_input_embeddings().weight.shape[1]

@@ -31,7 +31,7 @@ Files: ``<root>/<2 hex>/<digest>.safetensors`` with ``<root>`` =
 ``init [S, d]`` (model dtype), ``delta [S, d]`` (float32), ``nll []`` and
 ``steps []``; the metadata holds the digest and the full key description, both
 checked on read. Writes are atomic (temporary file + rename) under a file lock
-(:func:`easyedit_replay.stats.atomic_write`). A file that is unreadable or whose
+(:func:`easyedit_replay.files.atomic_write`). A file that is unreadable or whose
 key, shapes or values do not match is reported with ``logging.warning`` naming
 the file, recomputed and replaced, never used.
 """
@@ -213,7 +213,7 @@ class AnchorStore:
         """Write ``entry`` for ``key`` atomically under a file lock; returns the path."""
         from safetensors.torch import save_file
 
-        from .stats import atomic_write
+        from .files import atomic_write
 
         tensors = {
             "init": entry.init.detach().cpu().contiguous(),

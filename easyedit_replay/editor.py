@@ -27,11 +27,13 @@ import torch
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, UpdateInputs, match_shape
 from .anchor import AnchorResult, optimize_anchors
+from .batching import token_ids
 from .errors import HyperParamsError, NumericalError, RequestError
 from .keys import (
     EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
     sample_context_templates, template_probes, validate_templates,
 )
+from .model_info import max_positions
 from .stats import second_moments
 from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
@@ -130,13 +132,11 @@ def check_prompt_lengths(model, tok, reqs: Sequence[EditRequest]) -> None:
     Raises:
         RequestError: naming the request and both lengths.
     """
-    from .anchor import _max_positions
-
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is None:
         return
     for i, r in enumerate(reqs):
-        n = len(tok(r.text)["input_ids"])
+        n = len(token_ids(tok, r.text))
         if n >= limit:
             raise RequestError(
                 f"requests[{i}].prompt has {n} tokens, more than the model's context of {limit} "

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .keys import input_device, pad_id_of, pad_right, token_ids
+from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
 
 
 @dataclass
@@ -130,9 +130,8 @@ def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 20
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             seqs = [token_ids(tok, p) for p in prompts[start : start + batch_size]]
-            width = max(len(s) for s in seqs)
-            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=dev)
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=dev)
+            ids, mask = pad_left(seqs, pad, dev)
+            width = ids.shape[1]
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, pad_token_id=pad)
             texts += [tok.decode(row[width:], skip_special_tokens=True) for row in out]

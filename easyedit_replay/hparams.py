@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 import yaml
 
 from .errors import HyperParamsError, field_error
+from .model_info import num_layers
 
 REPLAY_SHARES = ("full", "remaining")
 INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size")
@@ -257,15 +258,6 @@ class ReplayHyperParams:
 def is_number(x) -> bool:
     """A real number that is not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def num_layers(model) -> Optional[int]:
-    config = getattr(model, "config", None)
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def read_yaml(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .batching import input_device, pad_id_of, pad_right, token_ids
 from .errors import RequestError, field_error
 from .tracing import Trace, add_at_positions, run
 
@@ -45,7 +46,8 @@ class EditRequest:
         return self.prompt.format(self.subject)
 
 
-def _escape(s: str) -> str:
+def escape_braces(s: str) -> str:
+    """``s`` with ``{`` and ``}`` doubled, so that ``str.format`` gives ``s`` back."""
     return s.replace("{", "{{").replace("}", "}}")
 
 
@@ -84,7 +86,7 @@ def prepare_request(raw: dict, index: int = 0, leading_space: bool = True) -> Ed
         if prompt.count("{}") != 1:
             raise field_error(RequestError, "prompt", prompt, "must contain the placeholder {} exactly once", where)
         head, tail = prompt.split("{}")
-        template = _escape(head) + "{}" + _escape(tail)
+        template = escape_braces(head) + "{}" + escape_braces(tail)
     else:
         pos = prompt.find(subject)
         if pos < 0:
@@ -96,7 +98,7 @@ def prepare_request(raw: dict, index: int = 0, leading_space: bool = True) -> Ed
                     where,
                 )
             subject = prompt[pos : pos + len(subject)]
-        template = _escape(prompt[:pos]) + "{}" + _escape(prompt[pos + len(subject) :])
+        template = escape_braces(prompt[:pos]) + "{}" + escape_braces(prompt[pos + len(subject) :])
     if leading_space and not target.startswith(" "):
         target = " " + target
     return EditRequest(template, subject, target, gt, raw.get("case_id"), raw)
@@ -112,11 +114,6 @@ def prepare_requests(requests: Sequence[dict], leading_space: bool = True) -> Li
 
 
 # ----------------------------------------------------------------------------- tokens
-
-
-def token_ids(tok, text: str) -> List[int]:
-    """Token ids of ``text`` as the model sees it (special tokens as the tokenizer adds them)."""
-    return list(tok(text)["input_ids"])
 
 
 def lookup_index(tok, template: str, subject: str, strategy: str, prompt_end: Optional[str] = None) -> int:
@@ -150,33 +147,6 @@ def lookup_index(tok, template: str, subject: str, strategy: str, prompt_end: Op
     if strategy == "subject_first":
         return prefix_len
     raise ValueError(f"fact_token={strategy!r} not recognized; use one of {FACT_TOKENS}")
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists: ``input_ids [B, T]`` long and ``attention_mask [B, T]``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id_of(tok) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tok, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def input_device(model) -> torch.device:
-    """Device of the input embeddings (where token ids must go)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
 
 
 # ----------------------------------------------------------------------------- reads

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
 from .errors import ModelLoadError
+from .files import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ def converted_model_dir(alias: str = DEFAULT_MODEL) -> Path:
     Raises:
         ModelLoadError: unknown alias or missing distribution.
     """
-    from filelock import FileLock
-
     try:
         source = ALIASES[alias.lower()]
     except KeyError:
@@ -133,7 +132,7 @@ def converted_model_dir(alias: str = DEFAULT_MODEL) -> Path:
         return target
     gguf_path = find_gguf(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with file_lock(target):
         if (target / "config.json").exists():
             return target
         import torch

@@ -40,18 +40,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import struct
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
 from .errors import StatisticsError
-from .keys import input_device, pad_id_of, pad_right
+from .files import atomic_write, atomic_write_text
+from .model_info import max_positions
 from .tracing import Trace, resolve_module, run
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,7 @@ def model_stats_name(model) -> str:
 def context_length(model) -> int:
     """``npos`` as in EasyEdit's ``layer_stats`` (mistral: sliding window or 4096; qwen: <= 4096)."""
     config = model.config
-    npos = None
-    for attr in ("n_positions", "max_sequence_length", "max_position_embeddings", "seq_length"):
-        if isinstance(getattr(config, attr, None), int):
-            npos = getattr(config, attr)
-            break
+    npos = max_positions(model)
     if npos is None:
         raise StatisticsError("cannot find the model's context length in its config (n_positions / max_position_embeddings)")
     model_type = getattr(config, "model_type", "") or ""
@@ -139,26 +135,6 @@ def save_second_moment(path: Path, count: int, mom2: torch.Tensor, sample_size: 
         "sample_size": NULL_NUMPY_VALUE if sample_size is None else np.array(sample_size),
     }
     atomic_write(path, lambda tmp: np.savez(tmp, **data), suffix=".tmp.npz")
-
-
-def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
-    """Write ``path`` atomically under a file lock: ``write(tmp_path)`` fills a temporary
-    file in the same folder, which is then renamed onto ``path``; on any error the
-    temporary file is removed and ``path`` is untouched."""
-    from filelock import FileLock
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=suffix, dir=path.parent)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
 
 def load_second_moment(path: Path, dim: Optional[int] = None, precision: Optional[str] = None,
@@ -255,11 +231,9 @@ def self_generated_texts(model, tok, n: int, cache_file: Optional[Path] = None, 
         torch.manual_seed(seed)
         for start in range(0, n, batch_size):
             batch = prompts[start : start + batch_size]
-            seqs = [list(tok(p)["input_ids"]) for p in batch]
-            width = max(len(s) for s in seqs)
-            # left-pad so that every row continues from its last real token
-            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=dev)
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=dev)
+            seqs = [token_ids(tok, p) for p in batch]
+            ids, mask = pad_left(seqs, pad, dev)  # every row continues from its last real token
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, top_k=50, top_p=1.0, temperature=1.0,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
@@ -269,7 +243,7 @@ def self_generated_texts(model, tok, n: int, cache_file: Optional[Path] = None, 
             bar.update(len(batch))
     bar.close()
     if cache_file is not None:
-        _atomic_write_text(Path(cache_file), json.dumps(texts))
+        atomic_write_text(Path(cache_file), json.dumps(texts))
     return texts
 
 
@@ -279,14 +253,6 @@ def bundled_texts() -> List[str]:
 
     path = resources.files("easyedit_replay") / "data" / "bundled_corpus.json"
     return json.loads(path.read_text(encoding="utf-8"))["texts"]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def corpus_texts(mom2_dataset: str, model=None, tok=None, n_samples: Optional[int] = None,

@@ -158,10 +158,6 @@ def get_construction(mode) -> Construction:
         raise ValueError(f"mode={mode!r}; use one of {list(CONSTRUCTIONS)}") from None
 
 
-def check_mode(mode) -> None:
-    get_construction(mode)
-
-
 def anchor_layer(mode, layers: Sequence[int]) -> int:
     """The (single) anchor layer of a one-anchor construction: ``l_n`` for spreading,
     ``l_1`` for replay. Raises ValueError for two-anchor constructions (BLUE)."""

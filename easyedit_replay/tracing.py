@@ -94,8 +94,6 @@ class Trace:
         inputs: names of modules whose input is recorded in ``self.inputs[name]``.
         edits: ``{name: fn}``; ``fn(hidden) -> hidden`` replaces the module's output
             hidden state (shape ``[batch, seq, d]``); it may keep gradients.
-        stop_after: name of a module after which the forward pass is aborted with
-            :class:`StopForward` (caught by :func:`run`), to save the later layers.
         detach: detach recorded tensors (default True).
         stop_when_done: abort the forward pass as soon as every requested input
             and output has been recorded.
@@ -107,7 +105,6 @@ class Trace:
         outputs: Iterable[str] = (),
         inputs: Iterable[str] = (),
         edits: Optional[Dict[str, Callable[[torch.Tensor], torch.Tensor]]] = None,
-        stop_after: Optional[str] = None,
         detach: bool = True,
         stop_when_done: bool = False,
     ):
@@ -115,7 +112,6 @@ class Trace:
         self.want_out = set(outputs)
         self.want_in = set(inputs)
         self.edits = dict(edits or {})
-        self.stop_after = stop_after
         self.detach = detach
         self.stop_when_done = stop_when_done and bool(self.want_out or self.want_in)
         self.outputs: Dict[str, torch.Tensor] = {}
@@ -132,8 +128,6 @@ class Trace:
             if name in self.want_out:
                 h = hidden_of(output)
                 self.outputs[name] = h.detach() if self.detach else h
-            if name == self.stop_after:
-                raise StopForward()
             if (
                 self.stop_when_done
                 and len(self.outputs) == len(self.want_out)
@@ -145,7 +139,7 @@ class Trace:
         return hook
 
     def __enter__(self):
-        names = self.want_out | self.want_in | set(self.edits) | ({self.stop_after} - {None})
+        names = self.want_out | self.want_in | set(self.edits)
         modules = module_names(self.model)
         for name in sorted(names):
             if name not in modules:

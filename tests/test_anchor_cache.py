@@ -191,9 +191,8 @@ def test_fingerprint_tracks_in_place_writes(model_tok):
 
 @pytest.mark.parametrize("alg", ["MEMIT_REPLAY", "PMET_REPLAY"])
 def test_loop_from_anchor_layer_matches_full_forward(model_tok, stats_dir, demo_records, alg, anchor_dir):
-    from easyedit_replay.algorithms import get_algorithm
+    from easyedit_replay.algorithms import get_algorithm, load_hparams
     from easyedit_replay.cli import default_hparams_path
-    from easyedit_replay.hparams import load_hparams
 
     model, tok = model_tok
     hp = load_hparams(default_hparams_path(alg=alg), stats_dir=stats_dir, v_num_grad_steps=8)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import RequestError
 from easyedit_replay.evaluate import evaluate_records, greedy_generate
-from easyedit_replay.keys import lookup_index, prepare_requests, token_ids
+from easyedit_replay.keys import lookup_index, prepare_requests
 from easyedit_replay.targets import TargetSite, build_targets
 from easyedit_replay.tracing import add_at_positions, hidden_of, with_hidden
 

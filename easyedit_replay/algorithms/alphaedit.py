@@ -42,8 +42,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..errors import HyperParamsError, StatisticsError, field_error
+from ..files import atomic_write
 from ..hparams import ReplayHyperParams, is_number
-from ..stats import atomic_write, module_stats_path
+from ..stats import module_stats_path
 from ..tracing import resolve_parameter
 from .base import Algorithm, UpdateInputs
 
