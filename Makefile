@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/easyedit-replay compare --out runs/demo
+	$(VENV)/bin/easyedit-replay compare --n 8 --out runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15

@@ -49,7 +49,7 @@ def bench_loop(args, say):
     from easyedit_replay.anchor import optimize_anchors
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.editor import resolve_templates
-    from easyedit_replay.hparams import load_hparams
+    from easyedit_replay.algorithms import load_hparams
     from easyedit_replay.keys import prepare_requests
     from easyedit_replay.models import load_model
 
