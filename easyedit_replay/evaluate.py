@@ -79,6 +79,12 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
     return out
 
 
+def token_batches(tok, prompts: Sequence[str], batch_size: int):
+    """Yield the token ids (``List[List[int]]``) of ``prompts`` in chunks of ``batch_size``."""
+    for start in range(0, len(prompts), batch_size):
+        yield [token_ids(tok, p) for p in prompts[start: start + batch_size]]
+
+
 def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """``[N, V]`` float32 log-probabilities of the next token after each prompt (its last
     token; prompts right-padded, read at each prompt's own last position)."""
@@ -86,8 +92,7 @@ def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 32
     pad = pad_id_of(tok)
     rows = []
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            seqs = [token_ids(tok, p) for p in prompts[start: start + batch_size]]
+        for seqs in token_batches(tok, prompts, batch_size):
             ids, mask = pad_right(seqs, pad, dev)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
@@ -128,8 +133,7 @@ def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 20
     pad = pad_id_of(tok)
     texts = []
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            seqs = [token_ids(tok, p) for p in prompts[start : start + batch_size]]
+        for seqs in token_batches(tok, prompts, batch_size):
             ids, mask = pad_left(seqs, pad, dev)
             width = ids.shape[1]
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
