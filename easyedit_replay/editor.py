@@ -196,23 +196,23 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
     are optimized)."""
     single = isinstance(given, AnchorResult)
     given = {given.layer: given} if single else dict(given or {})
+
+    def misfit(anchor: AnchorResult, layer: int) -> HyperParamsError:
+        return HyperParamsError(
+            f"the anchor passed in sits at layer {anchor.layer} for {anchor.delta.shape[1]} requests; "
+            f"{setup.construction.name} with layers {list(hparams.layers)} needs layer {layer} "
+            f"for {len(setup.requests)} requests")
+
     out = {}
     for layer in setup.construction.anchor_layers(hparams.layers):
         found = given.get(layer)
         if found is None:
             if single:
-                other = next(iter(given.values()))
-                raise HyperParamsError(
-                    f"the anchor passed in sits at layer {other.layer} for {other.delta.shape[1]} requests; "
-                    f"{setup.construction.name} with layers {list(hparams.layers)} needs layer {layer} "
-                    f"for {len(setup.requests)} requests")
+                raise misfit(next(iter(given.values())), layer)
             found = optimize_anchors(model, tok, setup.requests, hparams, layer, setup.anchor_templates,
                                      setup.templates, progress=progress, **setup.rule.anchor_objective(hparams))
         elif found.delta.shape[1] != len(setup.requests):
-            raise HyperParamsError(
-                f"the anchor passed in sits at layer {found.layer} for {found.delta.shape[1]} requests; "
-                f"{setup.construction.name} with layers {list(hparams.layers)} needs layer {layer} "
-                f"for {len(setup.requests)} requests")
+            raise misfit(found, layer)
         out[layer] = found
     return out
 
