@@ -58,6 +58,9 @@ def child(args) -> None:
     from easyedit_replay.models import load_model
     from easyedit_replay.stats import second_moments
 
+    if args.limit_gb:  # address-space limit: a regression fails with MemoryError instead of exhausting the machine
+        limit = int(args.limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(1)
     model, tok = load_model()
     model.config.max_position_embeddings = POSITIONS
@@ -74,9 +77,11 @@ def child(args) -> None:
         started = time.perf_counter()
         second_moments(model, tok, hp, [MODULE], progress=False)
         seconds = time.perf_counter() - started
+        files = sorted(p.name for p in Path(tmp, "stats").rglob("*.npz"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(dict(attn=args.attn, tokens=args.tokens, max_length=getattr(hp, "mom2_max_length", None),
-                          rss_after_load_mb=round(loaded), peak_rss_mb=round(peak), seconds=round(seconds, 1))))
+                          rss_after_load_mb=round(loaded), peak_rss_mb=round(peak), seconds=round(seconds, 1),
+                          files=files)))
 
 
 def main() -> None:
@@ -85,6 +90,7 @@ def main() -> None:
     p.add_argument("--attn", default="eager,sdpa", help="attention implementations (comma-separated)")
     p.add_argument("--max-length", type=int, default=None, help="mom2_max_length (default: the hparams default)")
     p.add_argument("--out", default=None, help="append the result lines to this file")
+    p.add_argument("--limit-gb", type=float, default=None, help="address-space limit of each measuring process")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -99,6 +105,8 @@ def main() -> None:
             cmd = [sys.executable, str(HERE), "--child", "--tokens", n, "--attn", attn]
             if args.max_length:
                 cmd += ["--max-length", str(args.max_length)]
+            if args.limit_gb:
+                cmd += ["--limit-gb", str(args.limit_gb)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else \
                 json.dumps(dict(attn=attn, tokens=int(n), error=f"exit {out.returncode}: {out.stderr.strip()[-300:]}"))

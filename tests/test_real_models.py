@@ -73,3 +73,39 @@ def test_validate_for_model_checks_pmet_rewrite_templates():
     bad = hp.replace(rewrite_module_tmps=["model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn.out_proj"])
     with pytest.raises(HyperParamsError, match="rewrite_module_tmps resolves to 'model.layers.4.self_attn.out_proj'"):
         bad.validate_for_model(model)
+
+
+# ----------------------------------------------------------------------------- statistics memory
+
+STATS_PEAK_BOUND_MB = 2500  # SmolLM2, mom2_max_length 4096 (default): measured 2.0 GB eager, 0.8 GB SDPA
+
+
+def test_statistics_length_is_capped_and_the_file_name_stays_easyedit_s(model_tok, hparams):
+    from easyedit_replay.stats import context_length, module_stats_path, stats_length
+
+    model, _ = model_tok
+    model = copy.copy(model)  # a shallow copy with its own config: the session model stays untouched
+    model.config = copy.deepcopy(model.config)
+    model.config.max_position_embeddings = 131072
+    assert context_length(model) == 131072 and stats_length(model, hparams) == hparams.mom2_max_length == 4096
+    assert stats_length(model, hparams.replace(mom2_max_length=1024)) == 1024
+    name = module_stats_path(model, hparams, "model.layers.4.mlp.down_proj").name
+    assert name == f"model.layers.4.mlp.down_proj_float32_mom2_{hparams.mom2_n_samples}.npz"
+    assert "_t512_" in module_stats_path(model, hparams.replace(mom2_batch_tokens=512), "model.layers.4.mlp.down_proj").name
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_statistics_peak_memory_on_a_131072_position_config(attn):
+    """One 12000-token text on SmolLM2 with max_position_embeddings = 131072: before the cap it
+    ran as one sequence (eager: 9 * 12000^2 float32 scores = 5.2 GB for one layer's attention);
+    now peak RSS stays below the bound. The child runs under a 4 GiB address-space limit, so
+    a regression fails here instead of exhausting the machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "stats_memory.py"), "--child", "--tokens", "12000",
+                          "--attn", attn, "--limit-gb", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["max_length"] == 4096
+    assert result["files"] == ["model.layers.4.mlp.down_proj_float32_mom2_4.npz"]  # EasyEdit's name, no _t suffix
+    assert result["peak_rss_mb"] < STATS_PEAK_BOUND_MB, result
