@@ -449,10 +449,7 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
             h_loss, h_last = loop.forward(loss_name, edits)
             sel = h_last[torch.tensor(kl_idx, device=h_last.device),
                          torch.tensor([batch[i].lookup for i in kl_idx], device=h_last.device)]
-            kl_logits = ln_f(sel) @ lm_w.T.to(sel.device)
-            if lm_b is not None:
-                kl_logits = kl_logits + lm_b.to(sel.device)
-            return kl_logits, h_loss
+            return unembed(ln_f, lm_w, lm_b, sel), h_loss
 
         def losses(kl_logits, h_loss):
             nonlocal kl_init
@@ -466,7 +463,7 @@ def _optimize_chunk(model, tok, rows: List[_Row], n_req: int, hparams, sites, lo
                 0, torch.tensor(kl_req, device=nll.logp.device), kl_val)
             wd = torch.zeros(n_req, device=nll.logp.device)
             for s in range(S):
-                wd = wd + (delta[s].norm(dim=-1) / init[s].float().norm(dim=-1) ** 2).to(nll.logp.device)
+                wd = wd + (delta[s].norm(dim=-1) / init[s].float().norm(dim=-1).to(delta.device) ** 2).to(nll.logp.device)
             wd = hparams.v_weight_decay * wd
             loss_req = factor.to(nll.logp.device) * nll.nll_req + hparams.kl_factor * kl_req_t + wd
             return loss_req, nll, kl_req_t
@@ -560,6 +557,18 @@ class _NLL:
     nll_req: torch.Tensor   # [n_req] mean NLL over each request's rewriting rows
 
 
+def unembed(ln_f, lm_w: torch.Tensor, lm_b: Optional[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` logits ``ln_f(h) @ W^T (+ b)`` of hidden states ``h [N, d]``, computed where
+    the modules live: ``h`` moves to ``ln_f``'s device, the result to the unembedding's,
+    never the other way (the unembedding of a 128k-vocabulary model is the largest matrix).
+    EasyEdit's ``compute_z`` reads ``ln_f`` and ``{lm_head_module}.weight`` the same way."""
+    norm_param = next(ln_f.parameters(), None)
+    if norm_param is not None and norm_param.device.type != "meta":
+        h = h.to(norm_param.device)
+    logits = ln_f(h).to(lm_w.device) @ lm_w.T
+    return logits if lm_b is None else logits + lm_b
+
+
 def _target_nll(batch: List[_Row], h_loss: torch.Tensor, ln_f, lm_w, lm_b, n_req: int) -> _NLL:
     """NLL of the target tokens, read from ``h_loss`` (the loss layer's output,
     ``[B, T, d]``) through ``ln_f`` and the unembedding, as ``compute_z`` does."""
@@ -575,10 +584,7 @@ def _target_nll(batch: List[_Row], h_loss: torch.Tensor, ln_f, lm_w, lm_b, n_req
         lab_owner += [j] * n
     dev = h_loss.device
     sel = h_loss[torch.tensor(lab_rows, device=dev), torch.tensor(lab_pos, device=dev)]
-    head_logits = ln_f(sel) @ lm_w.T.to(sel.device)
-    if lm_b is not None:
-        head_logits = head_logits + lm_b.to(sel.device)
-    logp = torch.log_softmax(head_logits.float(), dim=-1)
+    logp = torch.log_softmax(unembed(ln_f, lm_w, lm_b, sel).float(), dim=-1)
     tok_t = torch.tensor(lab_tok, device=logp.device)
     owner = torch.tensor(lab_owner, device=logp.device)
     tok_logp = logp.gather(1, tok_t[:, None])[:, 0]

@@ -109,3 +109,33 @@ def test_statistics_peak_memory_on_a_131072_position_config(attn):
     assert result["max_length"] == 4096
     assert result["files"] == ["model.layers.4.mlp.down_proj_float32_mom2_4.npz"]  # EasyEdit's name, no _t suffix
     assert result["peak_rss_mb"] < STATS_PEAK_BOUND_MB, result
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def _updates(model, tok, hp, record, templates, mode):
+    plan = compute_edit(model, tok, [record], hp, mode=mode, context_templates=templates)
+    return plan.updates
+
+
+@pytest.mark.parametrize("mode", ["replay", "spread"])
+def test_model_dispatched_with_offloaded_layers_edits_like_the_plain_one(model_tok, hparams, templates, demo_records,
+                                                                         mode, tmp_path):
+    """accelerate's ``dispatch_model``: layers 0-21 stay on the CPU, 22-29 are offloaded to
+    disk (their weights are meta tensors loaded by accelerate's hooks at each call). The
+    anchor loop, the replay pass and the layer loop run through those hooks."""
+    from accelerate import dispatch_model
+
+    model, tok = model_tok
+    hp = hparams.replace(layers=[4, 5, 6], v_num_grad_steps=2, anchor_cache=False)
+    plain = _updates(model, tok, hp, demo_records[0], templates, mode)
+    dispatched = copy.deepcopy(model)
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" if i < 22 else "disk" for i in range(30)}}
+    dispatched = dispatch_model(dispatched, device_map=device_map, offload_dir=str(tmp_path))
+    assert dispatched.model.layers[25].mlp.down_proj.weight.device.type == "meta"  # really offloaded
+    got = _updates(dispatched, tok, hp, demo_records[0], templates, mode)
+    assert got.keys() == plain.keys()
+    for name in plain:
+        assert torch.allclose(got[name], plain[name], rtol=1e-5, atol=1e-8), name
