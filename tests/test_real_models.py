@@ -139,3 +139,68 @@ def test_model_dispatched_with_offloaded_layers_edits_like_the_plain_one(model_t
     assert got.keys() == plain.keys()
     for name in plain:
         assert torch.allclose(got[name], plain[name], rtol=1e-5, atol=1e-8), name
+
+
+# ----------------------------------------------------------------------------- model families
+
+
+def test_tied_lm_head_edits_like_the_embedding_it_shares(model_tok, hparams, templates, demo_records):
+    """SmolLM2 ties ``lm_head.weight`` to ``model.embed_tokens.weight``; ``lm_head.weight``
+    is then not a named parameter (EasyEdit #458). Either name gives the same edit, and the
+    edit leaves the shared tensor and the tie alone."""
+    model, tok = model_tok
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" not in dict(model.named_parameters())
+    hp = hparams.replace(layers=[4, 5], v_num_grad_steps=2, anchor_cache=False)
+    via_embedding = _updates(model, tok, hp, demo_records[0], templates, "replay")
+    before = model.lm_head.weight.detach().clone()
+    via_head = _updates(model, tok, hp.replace(lm_head_module="lm_head"), demo_records[0], templates, "replay")
+    assert via_head.keys() == via_embedding.keys()
+    for name in via_head:
+        assert torch.equal(via_head[name], via_embedding[name]), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight and torch.equal(model.lm_head.weight, before)
+
+
+class _TupleBlock(torch.nn.Module):
+    """A SmolLM2 decoder layer that returns ``(hidden,)``, as transformers 4.x layers do."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return (self.layer(*args, **kwargs),)
+
+
+class _BareTensorLayer(torch.nn.Module):
+    """Wraps a :class:`_TupleBlock` and returns a bare tensor (EasyEdit #637)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.block = _TupleBlock(layer)
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        assert isinstance(out, tuple)
+        return out[0]
+
+
+@pytest.mark.parametrize("layer_tmp", ["model.layers.{}", "model.layers.{}.block"])
+def test_decoder_layers_returning_a_bare_tensor_or_a_tuple(model_tok, hparams, templates, demo_records, layer_tmp):
+    """Every SmolLM2 layer wrapped: ``model.layers.{}`` returns a bare tensor,
+    ``model.layers.{}.block`` a 1-tuple; with either as ``layer_module_tmp`` the edit equals
+    the plain model's."""
+    model, tok = model_tok
+    # 32 statistics samples: the wrapped modules' names are new, so their statistics are computed
+    hp = hparams.replace(layers=[4, 5], v_num_grad_steps=2, anchor_cache=False, mom2_n_samples=32)
+    plain = _updates(model, tok, hp, demo_records[0], templates, "replay")
+    wrapped = copy.deepcopy(model)
+    wrapped.model.layers = torch.nn.ModuleList(_BareTensorLayer(layer) for layer in wrapped.model.layers)
+    inner = "model.layers.{}.block.layer"
+    hp_w = hp.replace(layer_module_tmp=layer_tmp, rewrite_module_tmp=inner + ".mlp.down_proj",
+                      mlp_module_tmp=inner + ".mlp", attn_module_tmp=inner + ".self_attn")
+    got = _updates(wrapped, tok, hp_w, demo_records[0], templates, "replay")
+    for layer in hp.layers:
+        a = plain[f"model.layers.{layer}.mlp.down_proj.weight"]
+        b = got[f"model.layers.{layer}.block.layer.mlp.down_proj.weight"]
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8), layer
