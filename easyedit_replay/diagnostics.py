@@ -140,3 +140,27 @@ def passive_cosines(plan) -> Dict[int, torch.Tensor]:
         out[layer] = torch.nn.functional.cosine_similarity(own, passive, dim=-1)
         prev = after
     return out
+
+
+def update_agreement(updates: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+    """How closely each weight update of one edit matches the same edit computed another way
+    (e.g. a bf16 model against float32, a dispatched model against a plain one).
+
+    Args:
+        updates, reference: ``{weight_name: update}`` (any shapes, equal per name; any
+            dtype or device).
+
+    Returns:
+        ``{weight_name: {"cosine", "rel_diff", "norm", "ref_norm"}}`` with ``cosine`` of the
+        flattened updates, ``rel_diff = |u - r| / |r|`` (Frobenius), computed in float64.
+
+    Raises:
+        KeyError: ``updates`` lacks a weight of ``reference``.
+    """
+    out = {}
+    for name, ref in reference.items():
+        r = ref.detach().double().cpu().flatten()
+        u = updates[name].detach().double().cpu().flatten()
+        out[name] = {"cosine": float(torch.nn.functional.cosine_similarity(u, r, dim=0)),
+                     "rel_diff": float((u - r).norm() / r.norm()), "norm": float(u.norm()), "ref_norm": float(r.norm())}
+    return out

@@ -204,3 +204,38 @@ def test_decoder_layers_returning_a_bare_tensor_or_a_tuple(model_tok, hparams, t
         a = plain[f"model.layers.{layer}.mlp.down_proj.weight"]
         b = got[f"model.layers.{layer}.block.layer.mlp.down_proj.weight"]
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8), layer
+
+
+# ----------------------------------------------------------------------------- bench/gpu_check.py
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_refuses_clearly_without_cuda(monkeypatch, capsys):
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == gpu_check.EXIT_NO_CUDA
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "torch.cuda.is_available() is False" in err and "--device cpu" in err
+
+
+def test_gpu_check_cpu_path_prints_the_table(tmp_path, capsys):
+    """The check's own code path on the CPU: one edit, 2 anchor steps, MEMIT replay in bf16
+    against a float32 copy and an accelerate-dispatched copy."""
+    gpu_check = _gpu_check()
+    out = tmp_path / "gpu_check.txt"
+    assert gpu_check.main(["--device", "cpu", "--n", "1", "--steps", "2", "--algs", "MEMIT", "--modes", "replay",
+                           "--dispatch", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| MEMIT | replay |" in text and "| statistics | anchors | targets | layers | evaluate |" in text
+    row = json.loads(text.split("```json\n")[1].split("\n```")[0])[0]
+    assert row["dtype"] == "bfloat16" and set(row["seconds"]) == set(gpu_check.PHASES)
+    assert row["seconds"]["anchors"] > 0 and row["dispatched"]["max_rel_diff"] < 1e-5
+    assert row["reference"]["min_cosine"] > 0.5  # bf16 vs float32 (the tolerance test is in test_precision.py)
