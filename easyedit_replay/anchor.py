@@ -558,15 +558,15 @@ class _NLL:
 
 
 def unembed(ln_f, lm_w: torch.Tensor, lm_b: Optional[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-    """``[N, V]`` logits ``ln_f(h) @ W^T (+ b)`` of hidden states ``h [N, d]``, computed where
+    """``[N, V]`` float32 logits ``ln_f(h) @ W^T (+ b)`` of hidden states ``h [N, d]``, computed where
     the modules live: ``h`` moves to ``ln_f``'s device, the result to the unembedding's,
     never the other way (the unembedding of a 128k-vocabulary model is the largest matrix).
     EasyEdit's ``compute_z`` reads ``ln_f`` and ``{lm_head_module}.weight`` the same way."""
     norm_param = next(ln_f.parameters(), None)
     if norm_param is not None and norm_param.device.type != "meta":
         h = h.to(norm_param.device)
-    logits = ln_f(h).to(lm_w.device) @ lm_w.T
-    return logits if lm_b is None else logits + lm_b
+    logits = ln_f(h).to(lm_w.device).float() @ lm_w.float().T  # float32 logits for half-precision models too
+    return logits if lm_b is None else logits + lm_b.float()
 
 
 def _target_nll(batch: List[_Row], h_loss: torch.Tensor, ln_f, lm_w, lm_b, n_req: int) -> _NLL:

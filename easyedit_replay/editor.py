@@ -34,6 +34,7 @@ from .keys import (
     sample_context_templates, template_probes, validate_templates,
 )
 from .model_info import max_positions
+from .precision import HALF_DTYPES, in_float32_window
 from .stats import second_moments
 from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
@@ -224,6 +225,7 @@ def _hidden_reads(model, tok, probes, hparams) -> Dict[int, torch.Tensor]:
     return {l: reads["out:" + n].float().cpu() for l, n in names.items()}
 
 
+@in_float32_window  # half-precision models: the edit window runs in float32 (precision.py)
 def compute_edit(
     model,
     tok,
@@ -358,7 +360,10 @@ def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False
                 w = params[name]
                 if return_orig_weights and name not in weights_copy:
                     weights_copy[name] = w.detach().clone()
-                w[...] += upd.to(device=w.device, dtype=w.dtype)
+                if w.dtype in HALF_DTYPES:  # one rounding to the weight dtype: round(W + dW) (precision.py)
+                    w.copy_((w.to(upd.dtype) + upd.to(w.device)).to(w.dtype))
+                else:  # EasyEdit's apply_*_to_model
+                    w[...] += upd.to(device=w.device, dtype=w.dtype)
         get_algorithm(hparams.alg_name).rule.commit(model, hparams, plan.pending)
     _LAST_PLANS[model] = plan
     return weights_copy
