@@ -138,3 +138,65 @@ def test_other_replay_yamls_take_their_stock_values(alg):
         assert not mismatch, f"{alg}_REPLAY/{path.name}: (ours, stock) {mismatch}"
         compared += 1
     assert compared >= 3
+
+
+@pytest.mark.slow
+@requires_fe
+def test_easyedit_memit_fe_cache_serves_stale_z(model_tok, hparams, templates, demo_records, stats_dir, tmp_path):
+    """MEMIT-FE's z cache key ``(layer, clamp_norm_factor, case_id)`` (used when
+    ``apply_memit_FE_to_model`` is called with a ``cache_template``) holds neither the
+    optimization settings, nor the algorithm, nor the weights: in each of the three
+    cases of tests/easyedit_fe_cache.py the cached run differs from a fresh one.
+    (Our anchor cache keys all three: tests/test_anchor_cache.py.)"""
+    from easyedit_replay.models import resolve_model_path
+
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=4)
+    records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} | {"case_id": 900 + i}
+               for i, r in enumerate(demo_records[:2])]
+    modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
+    covs = second_moments(model, tok, hp, modules, stats_dir=stats_dir)
+    src, report = tmp_path / "inputs.pt", tmp_path / "report.json"
+    torch.save({"model_path": resolve_model_path(hp.model_name), "requests": records, "hparams": hp.to_dict(),
+                "templates": templates, "covs": {m: covs[m].cpu() for m in modules}}, src)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([os.environ.get("EASYEDIT_PYTHON", sys.executable), str(HERE / "easyedit_fe_cache.py"),
+                           str(src), str(report)], capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(report.read_text())
+    print("MEMIT-FE z cache, largest relative update difference cached vs fresh:", out)
+    assert out["v_lr"]["cached_vs_writer"] == 0.0       # the v_lr 0.1 run got the v_lr 0.5 z ...
+    assert out["v_lr"]["cached_vs_fresh"] > 1e-2        # ... which is not the v_lr 0.1 edit
+    l_n = [f for f in out["shared"]["files"] if f.startswith(f"{hp.layers[-1]}_") and f.endswith("_900.npz")]
+    assert len(l_n) == 1                                 # MEMIT's l_n z file, written by MEMIT-FE
+    assert out["shared"]["cached_vs_fresh"] > 1e-2      # stock MEMIT edited with FE's replayed z^{l_n}
+    assert out["sequential"]["cached_vs_fresh"] > 1e-2  # B's z from the model that already held A
+
+
+@pytest.mark.slow
+@requires_fe
+def test_easyedit_memit_fe_with_base_editor_padding_is_another_edit(model_tok, hparams, templates, demo_records,
+                                                                     stats_dir, tmp_path):
+    """``BaseEditor`` sets right padding only for the names in its list (ROME, MEMIT,
+    EMMET, AlphaEdit, ...); MEMIT-FE keeps the LEFT padding it sets for GPT-2, Llama and
+    fast tokenizers. MEMIT-FE's ``compute_z`` indexes its padded batch of rewriting
+    prompts as if right-padded (lookup positions, target positions, the initial state of
+    row 0), so through the editor it optimizes another objective. Measured here: the
+    updates of ``execute_memit`` with the tokenizer as BaseEditor leaves it (left) vs
+    right-padded, same everything else. (The plugin pads right internally whatever the
+    tokenizer says.)"""
+    from easyedit_replay.models import resolve_model_path
+
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=6)
+    records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:1]]
+    modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
+    covs = second_moments(model, tok, hp, modules, stats_dir=stats_dir)
+    inputs = {"model_path": resolve_model_path(hp.model_name), "requests": records, "hparams": hp.to_dict(),
+              "templates": templates, "covs": {m: covs[m].cpu() for m in modules}}
+    right = run_stock("MEMIT-FE", inputs, tmp_path, "_right")
+    left = run_stock("MEMIT-FE", inputs | {"padding_side": "left"}, tmp_path, "_left")
+    rel = relative_differences(left, right)
+    print("MEMIT-FE, left- vs right-padded tokenizer, relative update difference per layer:",
+          {k: f"{v:.2e}" for k, v in rel.items()})
+    assert min(rel.values()) > 0.1, rel
