@@ -60,14 +60,14 @@ def timed(fn):
 
 
 def edit_updates(model, apply, names):
-    """Run ``apply(model)`` (an apply_* call returning (model, weights_copy)), return
-    ``{name: W_after - W_before}`` and restore the weights."""
+    """Run ``apply(model)`` (an apply_* call returning (model, weights_copy)), return its
+    seconds, ``{name: W_after - W_before}`` and the weights_copy, and restore the weights."""
     seconds, (_, orig) = timed(apply)
     with torch.no_grad():
         upd = {n: model.get_parameter(n).detach().double() - orig[n].double() for n in names}
         for n in names:
             model.get_parameter(n).copy_(orig[n])
-    return seconds, upd
+    return seconds, upd, orig
 
 
 def main() -> None:
@@ -83,7 +83,7 @@ def main() -> None:
 
     from easyedit_replay import apply_memit_replay_to_model
     from easyedit_replay.algorithms import load_hparams
-    from easyedit_replay.editor import last_plan, resolve_templates
+    from easyedit_replay.editor import resolve_templates
     from easyedit_replay.models import cache_root, load_model
     from easyedit_replay.stats import second_moments
     from tests.easyedit_stock import import_stock
@@ -114,12 +114,12 @@ def main() -> None:
         z_cache = str(work / f"fe_z_{n}" / "{}_{}_{}.npz")
         row = {"n": n}
         for phase in ("cold", "warm"):
-            row[f"fe_{phase}"], fe_upd = edit_updates(model, lambda: fe.apply_memit_FE_to_model(
+            row[f"fe_{phase}"], fe_upd, _ = edit_updates(model, lambda: fe.apply_memit_FE_to_model(
                 model, tok, requests, fe_hp, return_orig_weights=True, cache_template=z_cache), names)
-            row[f"ours_{phase}"], our_upd = edit_updates(model, lambda: apply_memit_replay_to_model(
+            row[f"ours_{phase}"], our_upd, our_copy = edit_updates(model, lambda: apply_memit_replay_to_model(
                 model, tok, requests, hp, return_orig_weights=True, context_templates=templates), names)
             row[f"ratio_{phase}"] = row[f"fe_{phase}"] / row[f"ours_{phase}"]
-        ours_z = last_plan(model).anchors[l1].value[0].double()  # [R, d]
+        ours_z = our_copy.plan.anchors[l1].value[0].double()  # [R, d]
         fe_z = torch.stack([torch.from_numpy(np.load(z_cache.format(l1, hp.clamp_norm_factor, r["case_id"]))["v_star"])
                             for r in requests]).double()
         row["anchor_rel_diff"] = float(((ours_z - fe_z).norm(dim=-1) / fe_z.norm(dim=-1)).max())
