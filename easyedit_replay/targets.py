@@ -317,10 +317,15 @@ class Targets:
         the subtraction in the model dtype and the division in ``dtype`` (as EasyEdit:
         float64 for MEMIT/EMMET/PMET, float32 for AlphaEdit); a per-request divisor
         (``replay_capacity``) divides each row."""
+        return self.share_of(step, site, self.local_error(step, site, current), dtype)
+
+    def share_of(self, step: int, site: TargetSite, error: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        """``[R, d]`` ``error / divisor`` in ``dtype``, for a local error already computed
+        (:meth:`local_error`); a per-request divisor divides each row."""
         divisor = self.divisor(step, site)
         if torch.is_tensor(divisor):
-            divisor = divisor.to(device=current.device)[:, None]
-        return self.local_error(step, site, current).to(dtype) / divisor
+            divisor = divisor.to(device=error.device)[:, None]
+        return error.to(dtype) / divisor
 
 
 def build_targets(
