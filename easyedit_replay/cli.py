@@ -37,11 +37,11 @@ def cmd_compare(args) -> int:
     from .algorithms import get_algorithm, load_hparams
     from .data import load_records, validate_records
     from .experiment import CompareConfig, render_report, run_comparison, write_outputs
-    from .targets import get_construction
     from .models import cache_root, load_model
+    from .targets import mode_spec
 
     try:
-        modes = tuple(get_construction(m.strip()).name for m in args.modes.split(","))
+        modes = tuple(mode_spec(m) for m in args.modes.split(","))
     except ValueError as exc:
         raise ReplayError(f"--modes {args.modes}: {exc}") from None
     overrides = {"context_seed": args.seed} if args.seed is not None else {}
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
     c.add_argument("--modes", default="spread,replay",
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
-                        "replay_remaining (default: spread,replay)")
+                        "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
+                        "replay_capacity (default: spread,replay)")
     c.add_argument("--batch-size", type=int, help="edits per batch (default: all in one batch)")
     c.add_argument("--sequential", action="store_true", help="apply the batches one after another to the same model")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")

@@ -265,7 +265,7 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     _check_finite(keys, f"keys at {rewrite}")
     _check_finite(error, f"residual at layer {layer}")
     weight = setup.params[wname]
-    divisor = targets.divisor(step)
+    divisor = targets.divisor(step, site.target)
     upd = setup.rule.update(UpdateInputs(
         step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=error.T, divisor=divisor,
         cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device,
@@ -276,7 +276,7 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
         orig = loop.originals[wname]
         weight.copy_((orig.to(device=upd.device, dtype=upd.dtype) + upd).to(weight.dtype))
     loop.updates[wname] = upd.detach()
-    residual = error.double() / divisor
+    residual = targets.share_of(step, site.target, error)
     loop.residuals[(layer, site.target.template)] = residual.float()
     record = LayerRecord(step, layer, wname, measure, float(error.float().norm(dim=-1).mean()),
                          float(residual.norm(dim=-1).mean()), float(upd.norm()))
@@ -339,6 +339,8 @@ def compute_edit(
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
     layers = list(hparams.layers)
+    if setup.construction.share == "capacity":
+        targets.capacity = _capacities(model, tok, hparams, setup, key_probes, targets.edit_layers)
     site_names = {(l, s.target.template): s.target.template.format(l) for l in layers for s in sites}
     reads = read_at_lookup(model, tok, now_probes, outputs=list(site_names.values()))
     unedited = {key: reads["out:" + name].float() for key, name in site_names.items()}
@@ -357,6 +359,21 @@ def compute_edit(
         pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
     return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
                     records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory)
+
+
+def _capacities(model, tok, hparams, setup: "_Setup", key_probes, edit_layers) -> Dict[Tuple[int, str], torch.Tensor]:
+    """``{(layer, target template): [R] q}``: the rule's capacity (``Algorithm.capacity``)
+    at every edited layer and site, from the unedited model's keys (one forward pass
+    over the context-template probes); ``replay_capacity`` divides by ``(1+Q_i)/(1+q_i)``."""
+    rewrites = {(layer, s.target.template): s.rewrite_template.format(layer) for layer in edit_layers
+                for s in setup.sites}
+    reads = read_at_lookup(model, tok, key_probes, inputs=list(dict.fromkeys(rewrites.values())))
+    out = {}
+    for key, rewrite in rewrites.items():
+        keys = average_over_templates(reads["in:" + rewrite], setup.templates)  # [R, d_in]
+        out[key] = setup.rule.capacity(keys.T, setup.covs[rewrite], hparams, setup.state, f"{rewrite}.weight").cpu()
+        _check_finite(out[key].masked_fill(out[key] == float("inf"), 0), f"capacity at {rewrite}")  # inf: exact
+    return out
 
 
 class WeightsCopy(dict):

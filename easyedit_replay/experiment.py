@@ -29,6 +29,7 @@ import torch
 from .diagnostics import passive_cosines, residual_ratios, target_accuracy
 from .editor import apply_plan, compute_edit, resolve_templates, weight_transaction
 from .evaluate import evaluate_records, greedy_generate, ngram_entropy
+from .targets import parse_mode
 from .tracing import resolve_parameter
 
 # (key, column header): the paper's metrics first, then EasyEdit's and ours.
@@ -149,6 +150,7 @@ def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, b
                     anchors.update({k: plan.anchors[l] for l, k in keys.items()})
                 ratios, cosines = residual_ratios(plan), passive_cosines(plan)
                 analyses.append({"batch": b, "requests": idx,
+                                 "update_norm": {r.weight_name: r.update_norm for r in plan.records},
                                  "residual_ratio": {str(l): v.tolist() for l, v in ratios.items()},
                                  "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}})
                 last = list(ratios)[-1]
@@ -227,7 +229,8 @@ def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: 
             hp0 = hp0.replace(stats_dir=stats_dir)
         templates = resolve_templates(model, tok, hp0)
         for mode in cfg.modes:
-            hp = hp0.replace(alg_name=alg_name_of(base, mode))
+            construction, params = parse_mode(mode)  # "replay_tau=0.25" sets hparams.replay_tau
+            hp = hp0.replace(alg_name=alg_name_of(base, construction.name), **params)
             run = run_mode(model, tok, records, hp, cfg, baseline, templates, bar, anchors)
             run["summary"] = summarize_ci(run["per_edit"], cfg.n_boot, cfg.seed)
             run["layers"] = list(hp.layers)
