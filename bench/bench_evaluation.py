@@ -46,6 +46,7 @@ def module_at(rev: str):
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(f"evaluate_{rev}", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

@@ -43,10 +43,10 @@ def _prepare(args, n: Optional[int]):
     from .algorithms import get_algorithm, load_hparams
     from .data import load_records, validate_records
     from .models import cache_root, load_model
-    from .targets import get_construction
+    from .targets import mode_spec
 
     try:
-        modes = tuple(get_construction(m.strip()).name for m in args.modes.split(","))
+        modes = tuple(mode_spec(m) for m in args.modes.split(","))
     except ValueError as exc:
         raise ReplayError(f"--modes {args.modes}: {exc}") from None
     overrides = {"context_seed": args.seed} if args.seed is not None else {}
@@ -216,7 +216,8 @@ def _common_options(c) -> None:
     c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
     c.add_argument("--modes", default="spread,replay",
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
-                        "replay_remaining (default: spread,replay)")
+                        "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
+                        "replay_capacity (default: spread,replay)")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
     c.add_argument("--steps", type=int, help="override v_num_grad_steps")
     c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")

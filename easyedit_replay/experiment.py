@@ -29,6 +29,7 @@ import torch
 from .diagnostics import passive_cosines, residual_ratios, target_accuracy
 from .editor import apply_plan, compute_edit, resolve_templates, weight_transaction
 from .evaluate import evaluate_records, greedy_generate, ngram_entropy
+from .targets import parse_mode
 from .tracing import resolve_parameter
 
 # (key, column header): the paper's metrics first, then EasyEdit's and ours.
@@ -154,6 +155,7 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, 
         return out
     ratios, cosines = residual_ratios(plan), passive_cosines(plan)
     out["analysis"] = {"batch": number, "requests": list(idx),
+                       "update_norm": {r.weight_name: r.update_norm for r in plan.records},
                        "residual_ratio": {str(l): v.tolist() for l, v in ratios.items()},
                        "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}}
     last = list(ratios)[-1]
@@ -259,6 +261,16 @@ def summarize_ci(rows, n_boot, seed) -> Dict[str, tuple]:
     return {k: bootstrap([r.get(k) for r in rows], n_boot, seed) for k, _ in METRICS}
 
 
+def mode_hparams(hp, base: str, mode: str):
+    """``hp`` for algorithm ``base`` in mode spec ``mode`` (``"replay"``, or
+    ``"replay_tau=0.25"``, which also sets ``hparams.replay_tau``): a copy with the
+    registered ``alg_name`` and the spec's parameter."""
+    from .algorithms import alg_name_of
+
+    construction, params = parse_mode(mode)
+    return hp.replace(alg_name=alg_name_of(base, construction.name), **params)
+
+
 def unedited_block(model, tok, records, cfg: CompareConfig):
     """``(baseline, block)``: :func:`evaluate_records` of the unedited model (the
     reference every edited cell is compared with, ``_`` keys kept) and the reported
@@ -273,8 +285,6 @@ def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: 
     """Run every algorithm in ``hparams_by_alg`` (base name -> hparams) in every mode."""
     from tqdm.auto import tqdm
 
-    from .algorithms import alg_name_of
-
     baseline, unedited = unedited_block(model, tok, records, cfg)
     results = {"n": len(records), "config": cfg.__dict__.copy(), "unedited": unedited, "runs": {}}
     total = len(hparams_by_alg) * len(cfg.modes) * len(records)
@@ -285,7 +295,7 @@ def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: 
             hp0 = hp0.replace(stats_dir=stats_dir)
         templates = resolve_templates(model, tok, hp0)
         for mode in cfg.modes:
-            hp = hp0.replace(alg_name=alg_name_of(base, mode))
+            hp = mode_hparams(hp0, base, mode)
             run = run_mode(model, tok, records, hp, cfg, baseline, templates, bar, anchors)
             run["summary"] = summarize_ci(run["per_edit"], cfg.n_boot, cfg.seed)
             run["layers"] = list(hp.layers)

@@ -44,14 +44,14 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from .errors import ReplayError
 from .experiment import (
-    CompareConfig, METRICS, PAPER_METRICS, bootstrap, edit_batch, render_markdown, run_mode, score_rows,
-    summarize_analyses, summarize_ci, unedited_block,
+    CompareConfig, PAPER_METRICS, bootstrap, edit_batch, mode_hparams, render_markdown, run_mode, score_rows,
+    summarize_ci, unedited_block,
 )
 from .files import atomic_write_text
 
@@ -110,7 +110,18 @@ def records_digest(records: Sequence[dict]) -> str:
 
 
 def hparams_settings(hp) -> dict:
-    return {k: v for k, v in hp.to_dict().items() if k not in UNKEYED_HPARAMS}
+    """The hyperparameters a cell is keyed by: every field of ``hp.to_dict()`` except
+    :data:`UNKEYED_HPARAMS` and the fields at their dataclass default (so a field added
+    to the hyperparameters later, at a default that keeps the old behaviour, does not
+    orphan the cells made before it existed)."""
+    defaults = {}
+    for f in fields(hp):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
+    return {k: v for k, v in hp.to_dict().items()
+            if k not in UNKEYED_HPARAMS and not (k in defaults and defaults[k] == v)}
 
 
 def unedited_path(out: Path, n: int) -> Path:
@@ -195,9 +206,7 @@ class _Context:
 
 
 def _hp(ctx: _Context, alg: str, mode: str):
-    from .algorithms import alg_name_of
-
-    return ctx.by_alg[alg].replace(alg_name=alg_name_of(alg, mode))
+    return mode_hparams(ctx.by_alg[alg], alg, mode)
 
 
 def _settings(ctx: _Context, alg: str, mode: str, n: int, **extra) -> dict:
