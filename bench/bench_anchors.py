@@ -9,7 +9,18 @@
          (``EASYEDIT_REPLAY_ANCHOR_CACHE``); model and statistics stay in the
          normal cache
 
-The requests are the bundled demo edits (24) and, beyond 24,
+  throughput  the anchor loop's throughput (requests per second, cache off) per
+         dataset (``--data demo,counterfact,zsre``, the first ``--n`` edits of each),
+         next to its compute limit: the FLOPs of the whole optimization per request
+         (counted with ``torch.utils.flop_counter.FlopCounterMode`` during the timed
+         run, so its Python dispatch overhead is inside the time) divided by the
+         measured matmul FLOP/s of this CPU (a ``[4096, 576] @ [576, 1536]`` float32
+         product, the MLP shape, same thread count). Also per dataset: the steps each
+         request ran before its early stop (of ``v_num_grad_steps``), the rows per
+         request (context templates + the KL prompt), their token lengths, and the
+         target length, which is what explains a dataset's cost.
+
+The requests of ``loop`` and ``cache`` are the bundled demo edits (24) and, beyond 24,
 ``../shared/data/counterfact/counterfact-val.json``. ``--steps`` shortens the
 anchor optimization (the bundled YAML has 25 steps); the results file says which.
 
@@ -85,6 +96,68 @@ def bench_loop(args, say):
                 f"{int(full.steps.sum()):6d}   ({what} anchor)")
 
 
+DATASETS = {"demo": None, "counterfact": COUNTERFACT,
+            "zsre": ROOT.parent / "shared" / "data" / "zsre" / "zsre-1k.json"}
+
+
+def matmul_flops_per_s(seconds: float = 2.0) -> float:
+    """Measured float32 FLOP/s of a ``[4096, 576] @ [576, 1536]`` product (the MLP shape of
+    SmolLM2 at a few thousand tokens), best of repeated timings over ``seconds``."""
+    import torch
+
+    a, b = torch.randn(4096, 576), torch.randn(576, 1536)
+    for _ in range(3):
+        a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 576 * 1536 / best
+
+
+def bench_throughput(args, say):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from easyedit_replay.anchor import _build_rows, optimize_anchors, target_token_ids
+    from easyedit_replay.algorithms import load_hparams
+    from easyedit_replay.cli import default_hparams_path
+    from easyedit_replay.data import load_records
+    from easyedit_replay.editor import resolve_templates
+    from easyedit_replay.keys import prepare_requests
+    from easyedit_replay.models import load_model
+
+    hp = load_hparams(default_hparams_path(), **({"v_num_grad_steps": args.steps} if args.steps else {}))
+    model, tok = load_model(hp.model_name)
+    templates = resolve_templates(model, tok, hp)
+    layers = {"replay": hp.layers[0], "spread": hp.layers[-1]}
+    flops_s = matmul_flops_per_s()
+    say(f"\n[throughput] MEMIT anchors, {hp.v_num_grad_steps} steps max, chunks of {hp.anchor_batch_size}, cache off; "
+        f"matmul {flops_s / 1e9:.1f} GFLOP/s measured ({torch.get_num_threads()} thread(s))")
+    say(f"  {'data':>11} {'layer':>5} {'req':>4} {'s/req':>7} {'req/s':>7} {'GFLOP/req':>9} {'limit s/req':>11} "
+        f"{'x limit':>7} {'steps/req':>9} {'rows/req':>8} {'tok/row':>7} {'max tok':>7} {'target tok':>10}")
+    for name in args.data.split(","):
+        reqs = prepare_requests(load_records(DATASETS[name], args.n))
+        rows = _build_rows(tok, reqs, templates, hp.fact_token, None)
+        lens = [len(r.ids) for r in rows]
+        target = sum(len(target_token_ids(tok, r.target_new)) for r in reqs) / len(reqs)
+        for what in args.anchors.split(","):
+            layer = layers[what]
+            counter = FlopCounterMode(display=False)
+            start = time.perf_counter()
+            with counter:
+                res = optimize_anchors(model, tok, reqs, hp, layer, [hp.layer_module_tmp], templates,
+                                       anchor_cache=False)
+            wall = time.perf_counter() - start
+            per_req = counter.get_total_flops() / len(reqs)
+            limit = per_req / flops_s
+            say(f"  {name:>11} {layer:5d} {len(reqs):4d} {wall / len(reqs):7.2f} {len(reqs) / wall:7.3f} "
+                f"{per_req / 1e9:9.0f} {limit:11.2f} {wall / len(reqs) / limit:6.1f}x "
+                f"{float(res.steps.float().mean()):9.1f} {len(rows) / len(reqs):8.1f} {sum(lens) / len(lens):7.1f} "
+                f"{max(lens):7d} {target:10.2f}")
+
+
 def bench_cache(args, say):
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, EASYEDIT_REPLAY_ANCHOR_CACHE=str(Path(tmp) / "anchors"),
@@ -120,6 +193,8 @@ def main():
     p.add_argument("--cache-n", type=int, default=8)
     p.add_argument("--anchors", default="replay,spread", help="which anchor layers: replay (first edit layer), spread (last)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--data", default="demo,counterfact,zsre", help="throughput: datasets (demo, counterfact, zsre)")
+    p.add_argument("--n", type=int, default=16, help="throughput: requests per dataset")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     import torch
@@ -138,6 +213,8 @@ def main():
         bench_loop(args, say)
     if "cache" in parts:
         bench_cache(args, say)
+    if "throughput" in parts:
+        bench_throughput(args, say)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 

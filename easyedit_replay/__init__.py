@@ -7,38 +7,12 @@ Importing this package does not import EasyEdit.
 
 __version__ = "0.1.0"
 
+from .entry_points import entry_point_name, make_entry  # noqa: F401
 from .errors import (  # noqa: F401
     HyperParamsError, ModelLoadError, NumericalError, ReplayError, RequestError, StatisticsError,
 )
 
-
-def _entry(alg_name):
-    def apply(model, tok, requests, hparams, copy=False, return_orig_weights=False, cache_template=None,
-              keep_original_weight=False, **kwargs):
-        from .editor import apply_edit
-
-        if hparams.alg_name != alg_name:
-            hparams = hparams.replace(alg_name=alg_name)
-        return apply_edit(model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
-                          cache_template=cache_template, keep_original_weight=keep_original_weight, **kwargs)
-
-    apply.__name__ = f"apply_{alg_name.lower()}_to_model"
-    apply.__qualname__ = apply.__name__
-    apply.__doc__ = f"""EasyEdit entry point of ``{alg_name}``.
-
-    ``apply(model, tok, requests, hparams, copy=False, return_orig_weights=False,
-    cache_template=None, keep_original_weight=False, **kwargs) -> (model, weights_copy)``;
-    see :func:`easyedit_replay.editor.apply_edit`. ``hparams`` of another plugin
-    ``alg_name`` are re-labelled ``{alg_name}``."""
-    return apply
-
-
 _ENTRIES: dict = {}
-
-
-def entry_point_name(alg_name: str) -> str:
-    """``"MEMIT_REPLAY" -> "apply_memit_replay_to_model"`` (EasyEdit's naming)."""
-    return f"apply_{alg_name.lower()}_to_model"
 
 
 def __getattr__(name):
@@ -49,7 +23,7 @@ def __getattr__(name):
 
         for alg in algorithm_names():
             if entry_point_name(alg) == name:
-                return _ENTRIES.setdefault(alg, _entry(alg))
+                return _ENTRIES.setdefault(alg, make_entry(alg))
     raise AttributeError(f"module 'easyedit_replay' has no attribute {name!r}")
 
 

@@ -1,8 +1,10 @@
-"""Command line: ``easyedit-replay compare | export-model | stats``.
+"""Command line: ``easyedit-replay compare | scale | export-model | stats | make-corpus``.
 
 ``compare`` edits the same requests with backward spreading and with forward
 replay (one batch edit each, from the same original weights) and prints
-efficacy, generalization, specificity and edit time side by side.
+efficacy, generalization, specificity and edit time side by side. ``scale`` does
+the same at growing numbers of edits (nested prefixes, one batch or sequential),
+cell by cell, and resumes where a stopped run left off (:mod:`easyedit_replay.scale`).
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
     return [b for b in names if default_hparams_path(model, f"{b}_REPLAY").exists()]
 
 
-def cmd_compare(args) -> int:
+def _prepare(args, n: Optional[int]):
+    """Shared by ``compare`` and ``scale``: hyperparameters per algorithm (bundled YAMLs or
+    ``--hparams``, with the command-line overrides), the statistics folder, the first
+    ``n`` records (validated) and the model, in that order, so bad input fails before
+    the model loads. Returns ``(by_alg, stats_dir, records, model, tok, model_name, modes)``."""
     from .algorithms import get_algorithm, load_hparams
     from .data import load_records, validate_records
-    from .experiment import CompareConfig, render_report, run_comparison, write_outputs
-    from .targets import get_construction
     from .models import cache_root, load_model
+    from .targets import mode_spec
 
     try:
-        modes = tuple(get_construction(m.strip()).name for m in args.modes.split(","))
+        modes = tuple(mode_spec(m) for m in args.modes.split(","))
     except ValueError as exc:
         raise ReplayError(f"--modes {args.modes}: {exc}") from None
     overrides = {"context_seed": args.seed} if args.seed is not None else {}
@@ -65,7 +70,7 @@ def cmd_compare(args) -> int:
             by_alg[alg] = load_hparams(path, **overrides)
         stats_dir = args.stats_dir or str(cache_root() / "stats")
     # Fail fast: data, requests and modes (above) are checked before the model is loaded.
-    records = load_records(args.data, args.n)
+    records = load_records(args.data, n)
     for hp in by_alg.values():
         # The leading space of target_new only changes its spelling, not what is valid;
         # PMET's default depends on the model name, which is not loaded yet.
@@ -77,6 +82,13 @@ def cmd_compare(args) -> int:
     model_name = args.model or next(iter(by_alg.values())).model_name
     print(f"loading {model_name} ...", file=sys.stderr)
     model, tok = load_model(model_name, device=args.device)
+    return by_alg, stats_dir, records, model, tok, model_name, modes
+
+
+def cmd_compare(args) -> int:
+    from .experiment import CompareConfig, render_report, run_comparison, write_outputs
+
+    by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, args.n)
     how = f"sequentially in batches of {args.batch_size or len(records)}" if args.sequential else (
         f"in independent batches of {args.batch_size}" if args.batch_size else "in one batch")
     print(f"{len(records)} edits from {args.data or 'the bundled demo set'}; {', '.join(by_alg)}; {how}",
@@ -99,6 +111,45 @@ def cmd_compare(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
         print(f"per-edit numbers written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def parse_sizes(text: str) -> List[int]:
+    """``"48,192,768"`` -> ``[48, 192, 768]``.
+
+    Raises:
+        ReplayError: an item that is not a positive integer (names ``--n``).
+    """
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ReplayError(f"--n {text!r}: expected comma-separated positive integers, e.g. 48,192,768")
+    return sorted(set(sizes))
+
+
+def cmd_scale(args) -> int:
+    from .scale import ScaleConfig, run_scale, write_scale_report
+
+    if args.report_only:
+        print(write_scale_report(args.out))
+        return 0
+    sizes = parse_sizes(args.n)
+    if args.sequential and not args.batch_size:
+        raise ReplayError("--sequential needs --batch-size B (edits per batch)")
+    if args.batch_size and not args.sequential:
+        raise ReplayError("--batch-size is for --sequential runs; one-batch cells edit all n at once")
+    by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, max(sizes))
+    cfg = ScaleConfig(sizes=sizes, modes=modes, sequential=args.sequential, batch_size=args.batch_size,
+                      curve=args.curve, fluency=not args.no_fluency, target_accuracy=args.target_accuracy,
+                      seed=args.seed or 0, progress=not args.quiet)
+    what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
+            else f"one batch each of {', '.join(map(str, sizes))} edits")
+    print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
+    report = run_scale(model, tok, records, by_alg, cfg, args.out, stats_dir=stats_dir,
+                       meta={"model": model_name, "data": str(args.data or "demo")})
+    print(report)
     return 0
 
 
@@ -156,35 +207,57 @@ def cmd_make_corpus(args) -> int:
     return 0
 
 
+def _common_options(c) -> None:
+    """Options ``compare`` and ``scale`` share: what is edited, how, and with which model."""
+    c.add_argument("--algs", help="comma-separated base algorithms (default: every one with a bundled SmolLM2 YAML)")
+    c.add_argument("--hparams", help="one plugin YAML instead of the bundled ones (its alg_name picks the algorithm)")
+    c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name)")
+    c.add_argument("--data", help="edits in EasyEdit's CounterFact or ZsRE format (default: bundled demo edits)")
+    c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
+    c.add_argument("--modes", default="spread,replay",
+                   help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
+                        "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
+                        "replay_capacity (default: spread,replay)")
+    c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
+    c.add_argument("--steps", type=int, help="override v_num_grad_steps")
+    c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
+    c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for bundled YAMLs)")
+    c.add_argument("--no-anchor-cache", action="store_true",
+                   help="optimize every anchor afresh; neither read nor write the anchor disk cache")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="easyedit-replay", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compare", help="edit the same requests with spread and replay; print the metrics")
-    c.add_argument("--algs", help="comma-separated base algorithms (default: every one with a bundled SmolLM2 YAML)")
-    c.add_argument("--hparams", help="one plugin YAML instead of the bundled ones (its alg_name picks the algorithm)")
-    c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name)")
-    c.add_argument("--data", help="edits in EasyEdit's CounterFact or ZsRE format (default: bundled demo edits)")
+    _common_options(c)
     c.add_argument("--n", type=int, help="use the first N edits")
-    c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
-    c.add_argument("--modes", default="spread,replay",
-                   help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
-                        "replay_remaining (default: spread,replay)")
     c.add_argument("--batch-size", type=int, help="edits per batch (default: all in one batch)")
     c.add_argument("--sequential", action="store_true", help="apply the batches one after another to the same model")
-    c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
-    c.add_argument("--steps", type=int, help="override v_num_grad_steps")
     c.add_argument("--out", help="directory for report.md, results.json and PNG plots")
     c.add_argument("--json", help="write all per-edit numbers to this file")
-    c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
     c.add_argument("--no-target-accuracy", action="store_true", help="skip the per-layer target diagnostics")
-    c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for bundled YAMLs)")
-    c.add_argument("--no-anchor-cache", action="store_true",
-                   help="optimize every anchor afresh; neither read nor write the anchor disk cache")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
+
+    sc = sub.add_parser("scale", help="compare at growing numbers of edits (one batch, or sequential), cell by "
+                        "cell; a rerun resumes")
+    _common_options(sc)
+    sc.add_argument("--n", default="48,192,768",
+                    help="comma-separated sizes, nested prefixes of --data (default 48,192,768); with --sequential "
+                         "the largest is the number of edits and the others where they are evaluated")
+    sc.add_argument("--sequential", action="store_true", help="edit the first max(--n) records in batches of "
+                    "--batch-size, one after another on the same model")
+    sc.add_argument("--batch-size", type=int, help="edits per batch of a --sequential run")
+    sc.add_argument("--curve", action="store_true", help="--sequential: evaluate all edits so far after every batch")
+    sc.add_argument("--target-accuracy", action="store_true", help="also measure the per-layer target error (dear)")
+    sc.add_argument("--out", required=True, help="directory of the cells, report.md and plots (a rerun resumes)")
+    sc.add_argument("--report-only", action="store_true", help="rewrite report.md and the plots from the cells "
+                    "found; compute nothing")
+    sc.set_defaults(func=cmd_scale)
 
     e = sub.add_parser("export-model", help="write a Hugging Face copy of a bundled model alias")
     e.add_argument("alias", help="e.g. smollm2-135m")

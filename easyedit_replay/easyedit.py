@@ -40,6 +40,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .entry_points import make_entry
+
 log = logging.getLogger(__name__)
 
 HOST_PACKAGE = "easyeditor"
@@ -132,8 +134,6 @@ def _warn_missing(symbol: str, report: Registration) -> None:
 
 
 def _patch_alg_dict(alg_dict_module, names: Dict[str, str], report: Registration) -> None:
-    from . import _entry
-
     table = getattr(alg_dict_module, "ALG_DICT", None)
     if not isinstance(table, dict):
         _warn_missing(f"{HOST_PACKAGE}.util.alg_dict.ALG_DICT", report)
@@ -142,7 +142,7 @@ def _patch_alg_dict(alg_dict_module, names: Dict[str, str], report: Registration
         current = table.get(name)
         if current is not None and getattr(current, _MARK, False):
             continue
-        fn = _entry(name)
+        fn = make_entry(name)
         setattr(fn, _MARK, True)
         table[name] = fn
         report.names.append(name)

@@ -3,7 +3,7 @@
 ``compute_edit``: requests -> context templates -> statistics (and algorithm
 state) -> anchor -> targets -> for each edit layer, first to last, and each
 rewritten site: keys and current state (one forward pass) -> residual -> update
-rule -> write. The model is edited layer by layer, as the stock methods do, so
+rule -> write (:func:`_edit_site`). The model is edited layer by layer, as the stock methods do, so
 that each layer's keys and current states see the earlier layers' updates; at the
 end every touched weight is restored and the updates are returned.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -225,6 +224,67 @@ def _hidden_reads(model, tok, probes, hparams) -> Dict[int, torch.Tensor]:
     return {l: reads["out:" + n].float().cpu() for l, n in names.items()}
 
 
+@dataclass
+class _EditLoop:
+    """Stage 4 of :func:`compute_edit`, shared by every site: the probes (``key_probes``: each
+    request in each context template; ``now_probes``: the bare prompts), the original weights,
+    and what the sites produce (``updates`` by weight name, ``residuals`` by (layer, target
+    template), ``[R, d]`` float32)."""
+
+    model: Any
+    tok: Any
+    hparams: Any
+    setup: _Setup
+    targets: Targets
+    key_probes: list
+    now_probes: list
+    originals: Dict[str, torch.Tensor]
+    updates: Dict[str, torch.Tensor] = field(default_factory=dict)
+    residuals: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+
+def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRecord:
+    """One rewritten site of edit layer ``layer`` (``step``-th edited): keys ``[R, d_in]`` (mean
+    over context templates) and the current state ``[R, d_out]`` at the measure layer in one
+    forward pass -> residual (the construction's local error / divisor) -> the rule's update
+    -> write ``W = W_orig + update`` (in the weight's dtype). Stores the update and the
+    residual in ``loop``; returns the site's diagnostics.
+
+    Raises:
+        NumericalError: non-finite keys, residual or update (the caller restores the weights).
+    """
+    setup, targets = loop.setup, loop.targets
+    rewrite = site.rewrite_template.format(layer)
+    wname = f"{rewrite}.weight"
+    measure = targets.measure_layer(step)
+    target_module = site.target.template.format(measure)
+    n_keys = len(loop.key_probes)
+    reads = read_at_lookup(loop.model, loop.tok, loop.key_probes + loop.now_probes, outputs=[target_module],
+                           inputs=[rewrite])
+    keys = average_over_templates(reads["in:" + rewrite][:n_keys], setup.templates)  # [R, d_in]
+    error = targets.local_error(step, site.target, reads["out:" + target_module][n_keys:])  # [R, d_out]
+    _check_finite(keys, f"keys at {rewrite}")
+    _check_finite(error, f"residual at layer {layer}")
+    weight = setup.params[wname]
+    divisor = targets.divisor(step, site.target)
+    upd = setup.rule.update(UpdateInputs(
+        step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=error.T, divisor=divisor,
+        cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device,
+    ))
+    upd = match_shape(upd, weight.shape, wname)
+    _check_finite(upd, f"update of {wname}")
+    with torch.no_grad():
+        orig = loop.originals[wname]
+        weight.copy_((orig.to(device=upd.device, dtype=upd.dtype) + upd).to(weight.dtype))
+    loop.updates[wname] = upd.detach()
+    residual = targets.share_of(step, site.target, error)
+    loop.residuals[(layer, site.target.template)] = residual.float()
+    record = LayerRecord(step, layer, wname, measure, float(error.float().norm(dim=-1).mean()),
+                         float(residual.norm(dim=-1).mean()), float(upd.norm()))
+    log.debug("layer %d %s: |error| %.3f |upd| %.3f", layer, wname, record.error_norm, record.update_norm)
+    return record
+
+
 @in_float32_window  # half-precision models: the edit window runs in float32 (precision.py)
 def compute_edit(
     model,
@@ -280,8 +340,9 @@ def compute_edit(
 
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
-    n_keys = len(key_probes)
     layers = list(hparams.layers)
+    if setup.construction.share == "capacity":
+        targets.capacity = _capacities(model, tok, hparams, setup, key_probes, targets.edit_layers)
     site_names = {(l, s.target.template): s.target.template.format(l) for l in layers for s in sites}
     reads = read_at_lookup(model, tok, now_probes, outputs=list(site_names.values()))
     unedited = {key: reads["out:" + name].float() for key, name in site_names.items()}
@@ -290,69 +351,60 @@ def compute_edit(
         final_hidden_target(model, tok, reqs, hparams, anchors, setup.construction, setup.anchor_templates).float().cpu(),
         _hidden_reads(model, tok, now_probes, hparams),
     )
-    residuals: Dict[Tuple[int, str], torch.Tensor] = {}
-    updates: Dict[str, torch.Tensor] = {}
-    records: List[LayerRecord] = []
     with weight_transaction(setup.params, restore_always=True) as originals:
+        loop = _EditLoop(model, tok, hparams, setup, targets, key_probes, now_probes, originals)
+        records = []
         for step, layer in enumerate(targets.edit_layers):
             for si, site in enumerate(sites):
-                rewrite = site.rewrite_template.format(layer)
-                wname = f"{rewrite}.weight"
-                measure = targets.measure_layer(step)
-                target_module = site.target.template.format(measure)
-                reads = read_at_lookup(
-                    model, tok, key_probes + now_probes, outputs=[target_module], inputs=[rewrite],
-                )
-                keys = average_over_templates(reads["in:" + rewrite][:n_keys], templates)  # [R, d_in]
-                current = reads["out:" + target_module][n_keys:]  # [R, d_out]
-                error = targets.local_error(step, site.target, current)
-                _check_finite(keys, f"keys at {rewrite}")
-                _check_finite(error, f"residual at layer {layer}")
-                weight = setup.params[wname]
-                divisor = targets.divisor(step)
-                upd = rule.update(UpdateInputs(
-                    step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=error.T,
-                    divisor=divisor, cov=setup.covs[rewrite], hparams=hparams, state=setup.state,
-                    device=weight.device,
-                ))
-                upd = match_shape(upd, weight.shape, wname)
-                _check_finite(upd, f"update of {wname}")
-                with torch.no_grad():
-                    orig = originals[wname]
-                    weight.copy_((orig.to(device=upd.device, dtype=upd.dtype) + upd).to(weight.dtype))
-                updates[wname] = upd.detach()
-                residual = error.double() / divisor
-                residuals[(layer, site.target.template)] = residual.float()
-                records.append(LayerRecord(step, layer, wname, measure, float(error.float().norm(dim=-1).mean()),
-                                           float(residual.norm(dim=-1).mean()), float(upd.norm())))
-                log.debug("layer %d %s: |error| %.3f |upd| %.3f", layer, wname, records[-1].error_norm,
-                          records[-1].update_norm)
+                records.append(_edit_site(loop, step, layer, si, site))
             trajectory.after[layer] = _hidden_reads(model, tok, now_probes, hparams)
         pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
-    return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, updates, records,
-                    pending, time.perf_counter() - started, unedited, residuals, trajectory)
+    return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
+                    records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory)
 
 
-_LAST_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+def _capacities(model, tok, hparams, setup: "_Setup", key_probes, edit_layers) -> Dict[Tuple[int, str], torch.Tensor]:
+    """``{(layer, target template): [R] q}``: the rule's capacity (``Algorithm.capacity``)
+    at every edited layer and site, from the unedited model's keys (one forward pass
+    over the context-template probes); ``replay_capacity`` divides by ``(1+Q_i)/(1+q_i)``."""
+    rewrites = {(layer, s.target.template): s.rewrite_template.format(layer) for layer in edit_layers
+                for s in setup.sites}
+    reads = read_at_lookup(model, tok, key_probes, inputs=list(dict.fromkeys(rewrites.values())))
+    out = {}
+    for key, rewrite in rewrites.items():
+        keys = average_over_templates(reads["in:" + rewrite], setup.templates)  # [R, d_in]
+        out[key] = setup.rule.capacity(keys.T, setup.covs[rewrite], hparams, setup.state, f"{rewrite}.weight").cpu()
+        _check_finite(out[key].masked_fill(out[key] == float("inf"), 0), f"capacity at {rewrite}")  # inf: exact
+    return out
 
 
-def last_plan(model) -> Optional[EditPlan]:
-    """The :class:`EditPlan` of the last successful :func:`apply_edit` of ``model``
-    (for EasyEdit callers, who only get ``(model, weights_copy)`` back)."""
-    return _LAST_PLANS.get(model)
+class WeightsCopy(dict):
+    """EasyEdit's ``weights_copy`` (``{weight_name: original tensor}``, empty unless
+    ``return_orig_weights``) with the applied :class:`EditPlan` as ``.plan``.
+
+    EasyEdit's ``BaseEditor.edit``/``batch_edit`` hand the ``weights_copy`` of
+    ``apply_algo`` back to their caller unchanged (``metrics, model, weights_copy``), so
+    an EasyEdit caller reaches the plan as ``weights_copy.plan``; to EasyEdit's own
+    restore (``for k, v in weights_copy.items()``) it is a plain dict.
+    """
+
+    def __init__(self, plan: EditPlan, weights: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__(weights or {})
+        self.plan = plan
 
 
-def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False) -> Dict[str, torch.Tensor]:
+def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False) -> WeightsCopy:
     """Add ``plan.updates`` to the weights of ``model`` (as EasyEdit's ``apply_*_to_model``
     do) and commit the rule's pending state (AlphaEdit's key cache), in a transaction.
 
     Returns:
-        ``{weight_name: original tensor}`` when ``return_orig_weights`` (else empty).
+        :class:`WeightsCopy`: ``{weight_name: original tensor}`` when ``return_orig_weights``
+        (else empty), with ``.plan``.
 
     Raises:
         whatever the rule's commit raises; every weight is then bit-identical to before.
     """
-    weights_copy: Dict[str, torch.Tensor] = {}
+    weights_copy = WeightsCopy(plan)
     params = {n: resolve_parameter(model, n) for n in plan.updates}
     with weight_transaction(params):
         with torch.no_grad():
@@ -365,7 +417,6 @@ def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False
                 else:  # EasyEdit's apply_*_to_model
                     w[...] += upd.to(device=w.device, dtype=w.dtype)
         get_algorithm(hparams.alg_name).rule.commit(model, hparams, plan.pending)
-    _LAST_PLANS[model] = plan
     return weights_copy
 
 
@@ -383,17 +434,18 @@ def apply_edit(
     progress: bool = False,
     anchor=None,
     **kwargs,
-) -> Tuple[Any, Dict[str, torch.Tensor]]:
+) -> Tuple[Any, WeightsCopy]:
     """EasyEdit's ``apply_*_to_model`` contract for every plugin algorithm.
 
-    Returns ``(model, weights_copy)``: ``weights_copy`` maps each rewritten
-    parameter name to its original tensor when ``return_orig_weights`` is true (empty
-    otherwise). With ``copy=True`` a deep copy is edited and the input model is
-    untouched. Any exception leaves every weight bit-identical to before.
+    Returns ``(model, weights_copy)``: ``weights_copy`` (a :class:`WeightsCopy`) maps each
+    rewritten parameter name to its original tensor when ``return_orig_weights`` is true
+    (empty otherwise), and carries the applied :class:`EditPlan` as ``weights_copy.plan``.
+    With ``copy=True`` a deep copy is edited and the input model is untouched. Any
+    exception leaves every weight bit-identical to before.
     ``cache_template`` (EasyEdit's per-case anchor cache) is accepted for signature
     compatibility and not used. ``anchor`` reuses an anchor optimized earlier on the
     same unedited weights (see :func:`compute_edit`); the applied plan's anchor is
-    ``last_plan(model).anchor``.
+    ``weights_copy.plan.anchor``.
     """
     if copy:
         model = deepcopy(model)

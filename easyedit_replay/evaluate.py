@@ -29,10 +29,11 @@ The paper's metrics (Liu et al., ICML 2026, section 6; their code's
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,60 +49,95 @@ class Scored:
     predictions: List[int]
 
 
-def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[Scored]:
-    """Teacher-forced scores of ``targets`` after ``prompts`` (EasyEdit's tokenization:
-    ``prompt + " " + target.lstrip()`` as one text)."""
-    items = []
-    for p, t in zip(prompts, targets):
-        full = token_ids(tok, p + " " + t.lstrip())
-        n_prompt = len(token_ids(tok, p))
-        n_prompt = min(n_prompt, len(full) - 1)
-        items.append((full, max(n_prompt, 1)))
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def position_logprobs(model, tok, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                      reduce: Callable[[int, torch.Tensor], object], batch_size: int = 32) -> List[object]:
+    """Next-token log-probabilities of token sequences at chosen positions, batched.
+
+    Sequences are sorted by length and right-padded in batches of ``batch_size``, so
+    padding stays small; the unembedding runs only at the positions some row of the
+    batch needs (``logits_to_keep`` with the union of the batch's positions, when the
+    model's ``forward`` takes it; else at every position).
+
+    Args:
+        seqs: ``N`` token-id lists (unpadded).
+        positions: per sequence, the positions ``p`` (``0 <= p < len``) whose next-token
+            distribution is wanted.
+        reduce: called as ``reduce(i, logp)`` with ``logp`` the ``[len(positions[i]), V]``
+            float32 log-probabilities of sequence ``i`` (in the order of
+            ``positions[i]``); its return value is kept (so the ``[P, V]`` tensors of
+            all sequences never have to be held at once).
+
+    Returns:
+        ``[reduce(i, logp_i) for i in range(N)]`` in the input order.
+    """
     dev = input_device(model)
     pad = pad_id_of(tok)
-    out: List[Scored] = []
+    keep = _accepts_logits_to_keep(model)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out: List[object] = [None] * len(seqs)
     with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            ids, mask = pad_right([c[0] for c in chunk], pad, dev)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits, -1)
-            for b, (full, n_prompt) in enumerate(chunk):
-                pos = torch.arange(n_prompt - 1, len(full) - 1, device=logp.device)
-                labels = torch.tensor(full[n_prompt:], device=logp.device)
-                lp = logp[b, pos]
-                preds = lp.argmax(-1)
-                out.append(Scored(
-                    float((preds == labels).float().mean()),
-                    float(lp.gather(1, labels[:, None]).mean()),
-                    preds.tolist(),
-                ))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            ids, mask = pad_right([seqs[i] for i in chunk], pad, dev)
+            if keep:
+                cols = sorted({p for i in chunk for p in positions[i]})
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                               logits_to_keep=torch.tensor(cols, device=dev)).logits
+                col_of = {p: j for j, p in enumerate(cols)}
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                col_of = None
+            for b, i in enumerate(chunk):
+                where = [col_of[p] for p in positions[i]] if col_of is not None else list(positions[i])
+                picked = logits[b, torch.tensor(where, device=logits.device, dtype=torch.long)].float()
+                out[i] = reduce(i, torch.log_softmax(picked, -1))
     return out
 
 
-def token_batches(tok, prompts: Sequence[str], batch_size: int):
-    """Yield the token ids (``List[List[int]]``) of ``prompts`` in chunks of ``batch_size``."""
-    for start in range(0, len(prompts), batch_size):
-        yield [token_ids(tok, p) for p in prompts[start: start + batch_size]]
+def _target_positions(tok, prompt: str, target: str) -> Tuple[List[int], int]:
+    """EasyEdit's tokenization of a scored pair: the ids of ``prompt + " " + target.lstrip()``
+    as one text and the number of leading ids that belong to the prompt (at least 1, at
+    most ``len - 1``)."""
+    full = token_ids(tok, prompt + " " + target.lstrip())
+    n_prompt = min(len(token_ids(tok, prompt)), len(full) - 1)
+    return full, max(n_prompt, 1)
+
+
+def _scored(full: List[int], n_prompt: int, logp: torch.Tensor) -> Scored:
+    """:class:`Scored` from ``logp [len(full) - n_prompt, V]`` at positions ``n_prompt - 1 ..``."""
+    labels = torch.tensor(full[n_prompt:], device=logp.device)
+    preds = logp.argmax(-1)
+    return Scored(float((preds == labels).float().mean()), float(logp.gather(1, labels[:, None]).mean()),
+                  preds.tolist())
+
+
+def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> List[Scored]:
+    """Teacher-forced scores of ``targets`` after ``prompts`` (EasyEdit's tokenization:
+    ``prompt + " " + target.lstrip()`` as one text): one :class:`Scored` per pair."""
+    items = [_target_positions(tok, p, t) for p, t in zip(prompts, targets)]
+    return position_logprobs(
+        model, tok, [full for full, _ in items], [range(n - 1, len(full) - 1) for full, n in items],
+        lambda i, logp: _scored(items[i][0], items[i][1], logp), batch_size)
 
 
 def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """``[N, V]`` float32 log-probabilities of the next token after each prompt (its last
-    token; prompts right-padded, read at each prompt's own last position)."""
-    dev = input_device(model)
-    pad = pad_id_of(tok)
-    rows = []
-    with torch.no_grad():
-        for seqs in token_batches(tok, prompts, batch_size):
-            ids, mask = pad_right(seqs, pad, dev)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
-            picked = logits[torch.arange(len(seqs), device=logits.device), last].float()
-            rows.append(torch.log_softmax(picked, -1).cpu())
-    return torch.cat(rows, 0) if rows else torch.empty(0, 0)
+    """``[N, V]`` float32 log-probabilities of the next token after each prompt (read at
+    each prompt's own last token)."""
+    seqs = [token_ids(tok, p) for p in prompts]
+    rows = position_logprobs(model, tok, seqs, [[len(s) - 1] for s in seqs], lambda i, logp: logp[0].cpu(),
+                             batch_size)
+    return torch.stack(rows, 0) if rows else torch.empty(0, 0)
 
 
 TOP_KS = (1, 5, 10)
+SCORE_BATCH = 64  # sequences per forward pass of evaluate_records
 
 
 def distribution_shift(before: torch.Tensor, after: torch.Tensor) -> Dict[str, float]:
@@ -127,18 +163,23 @@ def distribution_shift(before: torch.Tensor, after: torch.Tensor) -> Dict[str, f
 def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 32) -> List[str]:
     """Greedy continuations (the decoded new text only), batched with the KV cache.
 
-    Prompts are left-padded here whatever the tokenizer's ``padding_side``.
+    Prompts are sorted by length (so little padding) and left-padded here whatever the
+    tokenizer's ``padding_side``; the texts come back in the input order.
     """
     dev = input_device(model)
     pad = pad_id_of(tok)
-    texts = []
+    seqs = [token_ids(tok, p) for p in prompts]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    texts: List[str] = [""] * len(seqs)
     with torch.no_grad():
-        for seqs in token_batches(tok, prompts, batch_size):
-            ids, mask = pad_left(seqs, pad, dev)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            ids, mask = pad_left([seqs[i] for i in chunk], pad, dev)
             width = ids.shape[1]
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, pad_token_id=pad)
-            texts += [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+            for i, row in zip(chunk, out):
+                texts[i] = tok.decode(row[width:], skip_special_tokens=True)
     return texts
 
 
@@ -173,35 +214,68 @@ def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Lis
         ``logp_true``, and ``_locality_logp`` (``[V]`` next-token log-probabilities at
         the end of the locality prompt; keys starting with ``_`` are not reported).
     """
-    prompts = [r["prompt"] for r in records]
-    new = score_targets(model, tok, prompts, [r["target_new"] for r in records])
-    true = score_targets(model, tok, prompts, [r.get("ground_truth") or "" for r in records])
-    reph = [r for r in records if r.get("rephrase_prompt")]
-    reph_new = iter(score_targets(model, tok, [r["rephrase_prompt"] for r in reph], [r["target_new"] for r in reph]))
-    reph_true = iter(score_targets(model, tok, [r["rephrase_prompt"] for r in reph], [r.get("ground_truth") or "" for r in reph]))
-    loc = [r for r in records if r.get("locality_prompt")]
-    loc_scores = iter(score_targets(model, tok, [r["locality_prompt"] for r in loc], [r.get("locality_ground_truth") or "" for r in loc]))
-    loc_next = iter(next_token_logprobs(model, tok, [r["locality_prompt"] for r in loc]))
+    # Every scored pair of every record in one batched pass (sorted by length); the
+    # locality prompt's next-token distribution is read from its scored pair when the
+    # prompt's tokens are a prefix of the pair's (else from the prompt alone).
+    seqs, positions, what = [], [], []
+
+    def add(i, kind, ids, pos, n_prompt=0, next_at=None):
+        seqs.append(ids), positions.append(pos), what.append((i, kind, ids, n_prompt, next_at))
+
+    def add_pair(i, kind, prompt, target):
+        full, n_prompt = _target_positions(tok, prompt, target)
+        next_at = None
+        if kind == "loc":
+            alone = token_ids(tok, prompt)
+            if len(alone) == n_prompt and full[:n_prompt] == alone:
+                next_at = 0  # position n_prompt - 1 of the pair, the first one read
+            else:
+                add(i, "next", alone, [len(alone) - 1], next_at=0)
+        add(i, kind, full, list(range(n_prompt - 1, len(full) - 1)), n_prompt, next_at)
+
+    for i, r in enumerate(records):
+        add_pair(i, "new", r["prompt"], r["target_new"])
+        if r.get("ground_truth"):
+            add_pair(i, "true", r["prompt"], r["ground_truth"])
+        if r.get("rephrase_prompt"):
+            add_pair(i, "reph_new", r["rephrase_prompt"], r["target_new"])
+            if r.get("ground_truth"):
+                add_pair(i, "reph_true", r["rephrase_prompt"], r["ground_truth"])
+        if r.get("locality_prompt"):
+            add_pair(i, "loc", r["locality_prompt"], r.get("locality_ground_truth") or "")
+
+    def reduce(j, logp):
+        i, kind, full, n_prompt, next_at = what[j]
+        scored = _scored(full, n_prompt, logp) if kind != "next" else None
+        return scored, (logp[next_at].cpu() if next_at is not None else None)
+
+    results = position_logprobs(model, tok, seqs, positions, reduce, batch_size=SCORE_BATCH)
+    got: Dict[tuple, tuple] = {}
+    for (i, kind, *_), res in zip(what, results):
+        got[(i, kind)] = res
     out = []
     for i, r in enumerate(records):
+        new = got[(i, "new")][0]
+        true = got[(i, "true")][0] if r.get("ground_truth") else None
         row = {
-            "efficacy_acc": new[i].acc,
-            "efficacy_win": float(new[i].logprob > true[i].logprob) if r.get("ground_truth") else None,
-            "efficacy_exact": float(new[i].acc == 1.0),
-            "logp_new": new[i].logprob,
-            "logp_true": true[i].logprob if r.get("ground_truth") else None,
+            "efficacy_acc": new.acc,
+            "efficacy_win": float(new.logprob > true.logprob) if true is not None else None,
+            "efficacy_exact": float(new.acc == 1.0),
+            "logp_new": new.logprob,
+            "logp_true": true.logprob if true is not None else None,
             "generalization_acc": None, "generalization_win": None, "generalization_exact": None,
             "locality_predictions": None, "specificity": None, "locality_dkl": None,
             **{f"locality_top{k}": None for k in TOP_KS}, "_locality_logp": None,
         }
         if r.get("rephrase_prompt"):
-            a, b = next(reph_new), next(reph_true)
+            a = got[(i, "reph_new")][0]
             row["generalization_acc"] = a.acc
-            row["generalization_win"] = float(a.logprob > b.logprob) if r.get("ground_truth") else None
+            row["generalization_win"] = float(a.logprob > got[(i, "reph_true")][0].logprob) if true is not None else None
             row["generalization_exact"] = float(a.acc == 1.0)
         if r.get("locality_prompt"):
-            row["locality_predictions"] = next(loc_scores).predictions
-            row["_locality_logp"] = next(loc_next)
+            scored, next_logp = got[(i, "loc")]
+            row["locality_predictions"] = scored.predictions
+            row["_locality_logp"] = next_logp if next_logp is not None else got[(i, "next")][1]
         if baseline is not None and row["locality_predictions"] is not None:
             before = baseline[i]["locality_predictions"]
             same = [a == b for a, b in zip(row["locality_predictions"], before)]

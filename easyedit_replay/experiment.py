@@ -29,6 +29,7 @@ import torch
 from .diagnostics import passive_cosines, residual_ratios, target_accuracy
 from .editor import apply_plan, compute_edit, resolve_templates, weight_transaction
 from .evaluate import evaluate_records, greedy_generate, ngram_entropy
+from .targets import parse_mode
 from .tracing import resolve_parameter
 
 # (key, column header): the paper's metrics first, then EasyEdit's and ours.
@@ -87,8 +88,14 @@ def _batches(items, size):
     return [list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size)]
 
 
-def _fluency(model, tok, records, tokens) -> List[float]:
-    gens = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=tokens)
+FLUENCY_BATCH = 128  # prompts per generate call: each decode step reads every weight once per batch
+
+
+def fluency_scores(model, tok, records, tokens: int = 24) -> List[float]:
+    """Fluency of each record: :func:`~easyedit_replay.evaluate.ngram_entropy` (bits) of
+    ``tokens`` greedy new tokens after its edit prompt (MEMIT paper, section 5.2)."""
+    gens = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=tokens,
+                           batch_size=FLUENCY_BATCH)
     return [ngram_entropy(g) for g in gens]
 
 
@@ -118,6 +125,71 @@ def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
+def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, templates, anchors: Optional[dict],
+               pristine: bool, number: int, diagnose: bool = True) -> Dict:
+    """Edit the batch ``records[i] for i in idx`` into ``model`` (compute + apply).
+
+    ``anchors`` (a dict shared across calls, keyed by :func:`anchor_key`) lends and
+    receives anchors when ``pristine`` (the weights are the unedited ones). With
+    ``diagnose`` the plan's section-4 analyses and, with ``cfg.target_accuracy``, the
+    per-layer target accuracy are read.
+
+    Returns:
+        ``{"rows": {i: partial per-edit row}, "analysis": dict | None, "accuracy": dict |
+        None, "seconds": compute + apply, "diagnostic_seconds": target accuracy}``.
+    """
+    from .algorithms import get_algorithm
+
+    construction = get_algorithm(hp.alg_name).construction
+    batch = [records[i] for i in idx]
+    keys = {l: anchor_key(model, hp, l, idx, templates) for l in construction.anchor_layers(hp.layers)}
+    pool = {l: anchors[k] for l, k in keys.items() if pristine and anchors is not None and k in anchors}
+    start = time.perf_counter()
+    plan = compute_edit(model, tok, batch, hp, context_templates=templates, progress=cfg.progress, anchor=pool)
+    apply_plan(model, plan, hp)
+    out = {"rows": {}, "analysis": None, "accuracy": None, "seconds": time.perf_counter() - start,
+           "diagnostic_seconds": 0.0}
+    if pristine and anchors is not None:
+        anchors.update({k: plan.anchors[l] for l, k in keys.items()})
+    if not diagnose:
+        return out
+    ratios, cosines = residual_ratios(plan), passive_cosines(plan)
+    out["analysis"] = {"batch": number, "requests": list(idx),
+                       "update_norm": {r.weight_name: r.update_norm for r in plan.records},
+                       "residual_ratio": {str(l): v.tolist() for l, v in ratios.items()},
+                       "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}}
+    last = list(ratios)[-1]
+    out["rows"] = {i: {"final_ratio": float(ratios[last][k])} for k, i in enumerate(idx)}
+    if cfg.target_accuracy:
+        start = time.perf_counter()
+        acc = target_accuracy(model, tok, plan, hp)
+        out["accuracy"] = {"batch": number, "requests": list(idx), "sites": [a.to_dict() for a in acc]}
+        for k, i in enumerate(idx):
+            per_site = [float(a.relative_error[:, k].mean()) for a in acc]
+            final = [float(a.relative_error[-1, k]) for a in acc]
+            out["rows"][i].update({"target_error": sum(per_site) / len(per_site),
+                                   "final_error": sum(final) / len(final),
+                                   "anchor_nll": float(acc[0].anchor_nll[k]),
+                                   "edited_nll": float(acc[0].edited_nll[k])})
+        out["diagnostic_seconds"] = time.perf_counter() - start
+    return out
+
+
+def score_rows(model, tok, records, baseline, cfg: CompareConfig, timing: Optional[dict] = None) -> List[dict]:
+    """The reported metrics of ``records`` on the model as it is: :func:`evaluate_records`
+    against ``baseline`` (one row per record, ``_`` keys dropped) plus ``fluency``
+    (None without ``cfg.fluency``). Adds the seconds spent to ``timing["eval_seconds"]``
+    and ``timing["fluency_seconds"]`` when given."""
+    start = time.perf_counter()
+    scored = evaluate_records(model, tok, records, baseline)
+    mid = time.perf_counter()
+    flu = fluency_scores(model, tok, records, cfg.fluency_tokens) if cfg.fluency else [None] * len(records)
+    if timing is not None:
+        timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + mid - start
+        timing["fluency_seconds"] = timing.get("fluency_seconds", 0.0) + time.perf_counter() - mid
+    return [{**_public(row), "fluency": f} for row, f in zip(scored, flu)]
+
+
 def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, bar=None,
              anchors: Optional[dict] = None) -> Dict:
     """Edit ``records`` with ``hp`` (its ``alg_name`` sets algorithm and mode).
@@ -133,56 +205,38 @@ def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, b
     params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
     rows: List[Optional[dict]] = [None] * len(records)
     accuracies, curve, seconds, analyses = [], [], [], []
+    timing = {"diagnostic_seconds": 0.0, "eval_seconds": 0.0, "fluency_seconds": 0.0}
     with weight_transaction(params, restore_always=True):
         for b, idx in enumerate(_batches(records, cfg.batch_size)):
-            batch = [records[i] for i in idx]
             with weight_transaction(params, restore_always=not cfg.sequential):
-                pristine = anchors is not None and (not cfg.sequential or b == 0)
-                keys = {l: anchor_key(model, hp, l, idx, templates) for l in construction.anchor_layers(hp.layers)}
-                pool = {l: anchors[k] for l, k in keys.items() if pristine and k in anchors}
-                start = time.perf_counter()
-                plan = compute_edit(model, tok, batch, hp, context_templates=templates, progress=cfg.progress,
-                                    anchor=pool)
-                apply_plan(model, plan, hp)
-                seconds.append(time.perf_counter() - start)
-                if pristine:
-                    anchors.update({k: plan.anchors[l] for l, k in keys.items()})
-                ratios, cosines = residual_ratios(plan), passive_cosines(plan)
-                analyses.append({"batch": b, "requests": idx,
-                                 "residual_ratio": {str(l): v.tolist() for l, v in ratios.items()},
-                                 "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}})
-                last = list(ratios)[-1]
-                for k, i in enumerate(idx):
-                    rows[i] = {"final_ratio": float(ratios[last][k])}
-                if cfg.target_accuracy:
-                    acc = target_accuracy(model, tok, plan, hp)
-                    accuracies.append({"batch": b, "requests": idx, "sites": [a.to_dict() for a in acc]})
-                    for k, i in enumerate(idx):
-                        per_site = [float(a.relative_error[:, k].mean()) for a in acc]
-                        final = [float(a.relative_error[-1, k]) for a in acc]
-                        rows[i].update({"target_error": sum(per_site) / len(per_site),
-                                        "final_error": sum(final) / len(final),
-                                        "anchor_nll": float(acc[0].anchor_nll[k]),
-                                        "edited_nll": float(acc[0].edited_nll[k])})
+                pristine = not cfg.sequential or b == 0
+                step = edit_batch(model, tok, records, idx, hp, cfg, templates, anchors, pristine, b)
+                seconds.append(step["seconds"])
+                timing["diagnostic_seconds"] += step["diagnostic_seconds"]
+                analyses.append(step["analysis"])
+                if step["accuracy"] is not None:
+                    accuracies.append(step["accuracy"])
+                for i, row in step["rows"].items():
+                    rows[i] = row
                 if not cfg.sequential:
-                    scored = evaluate_records(model, tok, batch, [baseline[i] for i in idx])
-                    flu = _fluency(model, tok, batch, cfg.fluency_tokens) if cfg.fluency else [None] * len(batch)
+                    scored = score_rows(model, tok, [records[i] for i in idx], [baseline[i] for i in idx], cfg, timing)
                     for k, i in enumerate(idx):
-                        rows[i] = {**(rows[i] or {}), **_public(scored[k]), "fluency": flu[k]}
+                        rows[i] = {**(rows[i] or {}), **scored[k]}
                 else:
                     done = [i for bb in _batches(records, cfg.batch_size)[: b + 1] for i in bb]
+                    start = time.perf_counter()
                     scored = evaluate_records(model, tok, [records[i] for i in done], [baseline[i] for i in done])
+                    timing["eval_seconds"] += time.perf_counter() - start
                     curve.append({"edits": len(done), **{k: _mean(r[k] for r in scored) for k in CURVE_METRICS}})
             if bar is not None:
                 bar.update(len(idx))
         if cfg.sequential:
-            scored = evaluate_records(model, tok, records, baseline)
-            flu = _fluency(model, tok, records, cfg.fluency_tokens) if cfg.fluency else [None] * len(records)
+            scored = score_rows(model, tok, records, baseline, cfg, timing)
             for i in range(len(records)):
-                rows[i] = {**(rows[i] or {}), **_public(scored[i]), "fluency": flu[i]}
+                rows[i] = {**(rows[i] or {}), **scored[i]}
     return {"per_edit": rows, "seconds": sum(seconds), "batch_seconds": seconds, "target_accuracy": accuracies,
             "analyses": analyses, "diagnostics": summarize_analyses(analyses), "curve": curve,
-            "edit_layers": construction.edit_layers(hp.layers)}
+            "edit_layers": construction.edit_layers(hp.layers), "timing": timing}
 
 
 def summarize_analyses(analyses: Sequence[dict]) -> Dict[str, Dict[str, float]]:
@@ -207,18 +261,32 @@ def summarize_ci(rows, n_boot, seed) -> Dict[str, tuple]:
     return {k: bootstrap([r.get(k) for r in rows], n_boot, seed) for k, _ in METRICS}
 
 
+def mode_hparams(hp, base: str, mode: str):
+    """``hp`` for algorithm ``base`` in mode spec ``mode`` (``"replay"``, or
+    ``"replay_tau=0.25"``, which also sets ``hparams.replay_tau``): a copy with the
+    registered ``alg_name`` and the spec's parameter."""
+    from .algorithms import alg_name_of
+
+    construction, params = parse_mode(mode)
+    return hp.replace(alg_name=alg_name_of(base, construction.name), **params)
+
+
+def unedited_block(model, tok, records, cfg: CompareConfig):
+    """``(baseline, block)``: :func:`evaluate_records` of the unedited model (the
+    reference every edited cell is compared with, ``_`` keys kept) and the reported
+    block ``{"per_edit", "summary"}`` of the unedited model against itself
+    (specificity 1, DKL 0: a check of the metrics)."""
+    baseline = evaluate_records(model, tok, records, None)
+    unedited = score_rows(model, tok, records, baseline, cfg)
+    return baseline, {"per_edit": unedited, "summary": summarize_ci(unedited, cfg.n_boot, cfg.seed)}
+
+
 def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: CompareConfig, stats_dir=None) -> Dict:
     """Run every algorithm in ``hparams_by_alg`` (base name -> hparams) in every mode."""
     from tqdm.auto import tqdm
 
-    from .algorithms import alg_name_of
-
-    baseline = evaluate_records(model, tok, records, None)
-    unedited = evaluate_records(model, tok, records, baseline)  # specificity 1, DKL 0 (a check of the metric)
-    base_flu = _fluency(model, tok, records, cfg.fluency_tokens) if cfg.fluency else [None] * len(records)
-    unedited = [{**_public(row), "fluency": f} for row, f in zip(unedited, base_flu)]
-    results = {"n": len(records), "config": cfg.__dict__.copy(), "unedited": {
-        "per_edit": unedited, "summary": summarize_ci(unedited, cfg.n_boot, cfg.seed)}, "runs": {}}
+    baseline, unedited = unedited_block(model, tok, records, cfg)
+    results = {"n": len(records), "config": cfg.__dict__.copy(), "unedited": unedited, "runs": {}}
     total = len(hparams_by_alg) * len(cfg.modes) * len(records)
     bar = tqdm(total=total, desc="editing", unit="edit", disable=not cfg.progress)
     anchors: dict = {} if cfg.share_anchors else None
@@ -227,7 +295,7 @@ def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: 
             hp0 = hp0.replace(stats_dir=stats_dir)
         templates = resolve_templates(model, tok, hp0)
         for mode in cfg.modes:
-            hp = hp0.replace(alg_name=alg_name_of(base, mode))
+            hp = mode_hparams(hp0, base, mode)
             run = run_mode(model, tok, records, hp, cfg, baseline, templates, bar, anchors)
             run["summary"] = summarize_ci(run["per_edit"], cfg.n_boot, cfg.seed)
             run["layers"] = list(hp.layers)

@@ -9,6 +9,9 @@ defaults:
   full local residual ``z^{l_i} - h^{l_i}_cur``) or ``"remaining"`` (ablation:
   layer ``l_i`` takes ``1/(n-i+1)`` of it, PMET ``1/sqrt(n-i+1)``, the stock share
   applied to replayed targets). Only used by the ``replay`` construction.
+- ``replay_tau``: the exponent of the ``replay_tau`` construction, in ``[0, 1]``
+  (default 0.5): layer ``l_i`` takes ``1/(n-i+1)^tau`` of its replayed residual
+  (0: the paper's FE, 1: ``replay_remaining``).
 - ``anchor_batch_size``: requests optimized together in one anchor loop.
 - ``mom2_batch_tokens``: cap on tokens per statistics sample (EasyEdit's
   ``batch_tokens`` of ``layer_stats``; the file name then gets ``_t{N}``);
@@ -97,6 +100,7 @@ class ReplayHyperParams:
     model_parallel: bool = False
     # easyedit-replay
     replay_share: str = "full"
+    replay_tau: float = 0.5
     anchor_batch_size: int = 16
     mom2_batch_tokens: Optional[int] = None
     mom2_max_length: int = 4096
@@ -227,6 +231,8 @@ class ReplayHyperParams:
             raise err("anchor_cache", "must be true or false")
         if self.replay_share not in REPLAY_SHARES:
             raise err("replay_share", f"must be one of {list(REPLAY_SHARES)}")
+        if not is_number(self.replay_tau) or not 0 <= self.replay_tau <= 1:
+            raise err("replay_tau", "must be a number in [0, 1] (0: full residual as FE, 1: divided as spreading)")
         if self.mom2_batch_tokens is not None and (
             not isinstance(self.mom2_batch_tokens, int) or self.mom2_batch_tokens <= 0
         ):

@@ -39,6 +39,26 @@ nodiv:
     spreading without dividing: anchor at ``l_n``, state measured at ``l_n``, every
     layer takes the full residual (the paper's Table 2, "No-dividing").
 
+Beyond the paper, two shares of the replayed residual (issue 16; README "Method"):
+
+replay_tau:
+    replay's targets and anchor; layer ``l_i`` takes ``(z^{l_i} - h^{l_i}_cur) /
+    (n - i + 1)^tau`` with ``tau = replay_tau`` in ``[0, 1]`` (PMET: ``sqrt(n - i + 1)^tau``);
+    the last layer always takes its full remaining residual. ``tau = 0`` is replay
+    (FE), ``tau = 1`` is ``replay_remaining``, ``tau = 0.5`` PMET's share on replayed
+    targets. In a comparison, ``replay_tau=0.25`` sets the value per row.
+replay_capacity:
+    replay's targets and anchor; the share follows from what each layer can deliver.
+    With ``q_l = k^T B_l^{-1} k`` the capacity of the update rule at layer ``l`` for a
+    request's key (MEMIT/PMET: ``B = lambda C``; see ``Algorithm.capacity``), one
+    key's solve realizes ``q/(1+q)`` of a requested change, at a regularizer cost of
+    ``|d|^2 / q`` for a delivered change ``d``. Minimizing ``sum_j |d_j|^2 / q_j +
+    |sum_j d_j - r|^2`` (the joint objective under the paper's additive assumption)
+    gives ``d_j = q_j r / (1 + Q)``, ``Q = sum q_j``; asking layer ``l_i`` for
+    ``(1 + q_i) / (1 + Q_i)`` of the replayed residual that remains (``Q_i`` summed
+    over ``l_i..l_n``) realizes it layer by layer. The last layer's share is 1; with
+    one layer able to deliver (every other ``q = 0``) it is FE.
+
 With one edit layer every construction gives bit-identical targets and residuals.
 """
 
@@ -46,7 +66,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,10 +87,14 @@ class Construction:
         measure: ``"last"`` (current state read at ``l_n``) or ``"own"`` (at the
             edited layer itself).
         share: ``"divide"`` (``n - i`` edited layers left, PMET ``sqrt``),
-            ``"full"``, or ``"hparams"`` (``replay_share``: ``full`` or ``remaining``).
+            ``"full"``, ``"hparams"`` (``replay_share``: ``full`` or ``remaining``),
+            ``"tau"`` (``(n - i)^replay_tau``) or ``"capacity"`` (per request, from the
+            update rule's capacity at each layer left).
         replay: later edit layers' targets come from one replay forward pass of
             the first anchor.
         summary: one line for help texts.
+        param: the hyperparameter a mode spec ``"name=value"`` sets (``replay_tau``),
+            empty if the construction takes none.
     """
 
     name: str
@@ -80,6 +104,7 @@ class Construction:
     share: str
     replay: bool
     summary: str
+    param: str = ""
 
     @property
     def suffix(self) -> str:
@@ -103,7 +128,7 @@ class Construction:
         """Whether the residual is divided by the number of edited layers left."""
         if self.share == "hparams":
             return getattr(hparams, "replay_share", "full") == "remaining"
-        return self.share == "divide"
+        return self.share in ("divide", "tau")
 
 
 CONSTRUCTIONS: Dict[str, Construction] = {c.name: c for c in (
@@ -119,8 +144,14 @@ CONSTRUCTIONS: Dict[str, Construction] = {c.name: c for c in (
                  "OneLayer: only l_n edited, stock anchor"),
     Construction("nodiv", (LAST,), "all", "last", "full", False,
                  "spreading without dividing: every layer takes the full residual to the l_n anchor"),
+    Construction("replay_tau", (FIRST,), "all", "own", "tau", True,
+                 "replayed targets, layer l_i takes 1/(layers left)^replay_tau of its residual (0: FE, 1: "
+                 "replay_remaining)", param="replay_tau"),
+    Construction("replay_capacity", (FIRST,), "all", "own", "capacity", True,
+                 "replayed targets, each layer's share from what the layers left can deliver (q/(1+q))"),
 )}
 MODES = tuple(CONSTRUCTIONS)  # the built-in constructions, in the paper's order
+SHARES = ("divide", "full", "hparams", "tau", "capacity")
 
 
 def register_construction(construction: Construction) -> Construction:
@@ -134,9 +165,9 @@ def register_construction(construction: Construction) -> Construction:
     if not c.anchors or any(a not in (FIRST, LAST) for a in c.anchors):
         raise ValueError(f"Construction({c.name!r}).anchors must name 'first' and/or 'last'")
     if c.edit not in ("all", "ends", "last") or c.measure not in ("own", "last") \
-            or c.share not in ("divide", "full", "hparams"):
+            or c.share not in SHARES:
         raise ValueError(f"Construction({c.name!r}): edit in all/ends/last, measure in own/last, "
-                         f"share in divide/full/hparams")
+                         f"share in {'/'.join(SHARES)}")
     if c.measure == "own" and not c.replay and c.edit == "all":
         raise ValueError(f"Construction({c.name!r}): edits every layer, measures each at itself, but has "
                          f"no replay to give the middle layers targets")
@@ -152,10 +183,43 @@ def get_construction(mode) -> Construction:
     """
     if isinstance(mode, Construction):
         return mode
+    return parse_mode(mode)[0]
+
+
+def parse_mode(spec) -> Tuple[Construction, Dict[str, float]]:
+    """A mode spec of a comparison: ``"replay"``, or ``"replay_tau=0.25"`` for a
+    construction with a ``param`` (the value goes to that hyperparameter).
+
+    Returns:
+        ``(construction, {param: value})`` (an empty dict without ``=value``).
+
+    Raises:
+        ValueError: an unknown name, a value for a construction without a parameter,
+            or a value that is not a number.
+    """
+    name, eq, value = str(spec).strip().partition("=")
     try:
-        return CONSTRUCTIONS[str(mode)]
+        c = CONSTRUCTIONS[name.strip()]
     except KeyError:
-        raise ValueError(f"mode={mode!r}; use one of {list(CONSTRUCTIONS)}") from None
+        raise ValueError(f"mode={spec!r}; use one of {list(CONSTRUCTIONS)}") from None
+    if not eq:
+        return c, {}
+    if not c.param:
+        raise ValueError(f"mode={spec!r}: {c.name} takes no parameter; write {c.name!r}")
+    try:
+        return c, {c.param: float(value)}
+    except ValueError:
+        raise ValueError(f"mode={spec!r}: {value!r} is not a number (e.g. {c.name}=0.5)") from None
+
+
+def mode_spec(spec) -> str:
+    """The canonical spelling of a mode spec (``" replay_tau=0.250"`` -> ``"replay_tau=0.25"``).
+
+    Raises:
+        ValueError: as :func:`parse_mode`.
+    """
+    c, params = parse_mode(spec)
+    return c.name + "".join(f"={v:g}" for v in params.values())
 
 
 def anchor_layer(mode, layers: Sequence[int]) -> int:
@@ -193,6 +257,8 @@ class Targets:
     values: Dict[Tuple[int, str], torch.Tensor]
     divide: bool
     sqrt_share: bool = False
+    tau: Optional[float] = None
+    capacity: Optional[Dict[Tuple[int, str], torch.Tensor]] = None
 
     @property
     def mode(self) -> str:
@@ -207,13 +273,33 @@ class Targets:
         """``[R, d]`` target compared with the state measured at :meth:`measure_layer`."""
         return self.values[(self.measure_layer(step), site.template)]
 
-    def divisor(self, step: int) -> float:
-        """Share of the local residual taken at ``step``: ``n - step`` (or its sqrt) edited
-        layers left when dividing, else 1. This is the only place the share is set."""
+    def divisor(self, step: int, site: Optional[TargetSite] = None):
+        """Share of the local residual taken at ``step``, as a divisor: ``n - step`` (or its
+        sqrt) edited layers left when dividing, raised to ``tau`` for ``replay_tau``, else 1
+        (a float); for ``replay_capacity`` a ``[R]`` float32 tensor, one divisor per request,
+        ``(1 + Q_i) / (1 + q_i)`` (``q`` from :attr:`capacity` at ``site``; module
+        docstring). This is the only place the share is set.
+
+        Raises:
+            ValueError: ``replay_capacity`` without capacities or without ``site``.
+        """
+        if self.construction.share == "capacity":
+            return self._capacity_divisor(step, site)
         if not self.divide:
             return 1.0
         remaining = len(self.edit_layers) - step
-        return math.sqrt(remaining) if self.sqrt_share else float(remaining)
+        base = math.sqrt(remaining) if self.sqrt_share else float(remaining)
+        return base if self.tau is None else base ** self.tau
+
+    def _capacity_divisor(self, step: int, site: Optional[TargetSite]) -> torch.Tensor:
+        if self.capacity is None or site is None:
+            raise ValueError("replay_capacity needs Targets.capacity (set by compute_edit) and the site")
+        q = torch.stack([self.capacity[(layer, site.template)].double() for layer in self.edit_layers[step:]])
+        q_all, q_here = q.sum(dim=0), q[0]
+        # an infinite capacity (EMMET with emmet_lambda = 0) delivers exactly: it takes all that is left
+        share = torch.where(torch.isinf(q_here), torch.ones_like(q_here), (1 + q_here) / (1 + q_all))
+        share = torch.where(torch.isinf(q_all) & ~torch.isinf(q_here), torch.zeros_like(share), share)
+        return (1 / share).float()
 
     def local_error(self, step: int, site: TargetSite, current: torch.Tensor) -> torch.Tensor:
         """``[R, d]`` ``target - current`` (before the share), in the model dtype or float32
@@ -229,8 +315,17 @@ class Targets:
     def residual(self, step: int, site: TargetSite, current: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
         """``[R, d]`` residual handed to the update rule: ``(target - current) / divisor``,
         the subtraction in the model dtype and the division in ``dtype`` (as EasyEdit:
-        float64 for MEMIT/EMMET/PMET, float32 for AlphaEdit)."""
-        return self.local_error(step, site, current).to(dtype) / self.divisor(step)
+        float64 for MEMIT/EMMET/PMET, float32 for AlphaEdit); a per-request divisor
+        (``replay_capacity``) divides each row."""
+        return self.share_of(step, site, self.local_error(step, site, current), dtype)
+
+    def share_of(self, step: int, site: TargetSite, error: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        """``[R, d]`` ``error / divisor`` in ``dtype``, for a local error already computed
+        (:meth:`local_error`); a per-request divisor divides each row."""
+        divisor = self.divisor(step, site)
+        if torch.is_tensor(divisor):
+            divisor = divisor.to(device=error.device)[:, None]
+        return error.to(dtype) / divisor
 
 
 def build_targets(
@@ -276,7 +371,8 @@ def build_targets(
     if c.replay and len(layers) > 1:
         values.update(replay_forward(model, tok, requests, hparams, anchors[layers[0]], anchor_templates,
                                      layers[1:], sites))
-    return Targets(c, layers, c.edit_layers(layers), list(sites), values, c.divides(hparams), sqrt_share)
+    tau = float(getattr(hparams, "replay_tau", 0.5)) if c.share == "tau" else None
+    return Targets(c, layers, c.edit_layers(layers), list(sites), values, c.divides(hparams), sqrt_share, tau)
 
 
 def replay_forward(

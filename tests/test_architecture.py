@@ -12,14 +12,41 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_no_import_cycles_in_the_package():
+def _import_graph():
     spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
     graph = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(graph)
-    edges = graph.graph()
-    assert "easyedit_replay.hparams" in edges and "easyedit_replay.algorithms" in edges["easyedit_replay.editor"]
-    assert "easyedit_replay.algorithms" not in edges["easyedit_replay.hparams"]
-    assert graph.cycles(edges) == []
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _import_graph()
+    at_import, in_functions, at_call = graph.graph("module"), graph.graph("function"), graph.graph("all")
+    assert "easyedit_replay.hparams" in at_import and "easyedit_replay.algorithms" in at_import["easyedit_replay.editor"]
+    assert "easyedit_replay.algorithms" not in at_call["easyedit_replay.hparams"]
+    # The entry points live below both the package and the host adapter, which import them downward.
+    assert "easyedit_replay.entry_points" in at_import["easyedit_replay"]
+    assert "easyedit_replay.entry_points" in at_import["easyedit_replay.easyedit"]
+    assert "easyedit_replay.easyedit" in in_functions["easyedit_replay"]  # register()
+    assert "easyedit_replay" not in at_call["easyedit_replay.easyedit"]
+    assert graph.cycles(at_import) == [] and graph.cycles(at_call) == []
+    assert graph.main(["--check"]) == 0
+
+
+def test_import_graph_sees_a_cycle_closed_by_a_lazy_import(tmp_path):
+    """``from . import name`` inside a function of a submodule, while the package imports that
+    submodule in a function: no cycle at import time, one at call time (issue 17's case)."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .leaf import x\n\ndef helper():\n    pass\n\n"
+                                     "def register():\n    from .adapter import run\n    return run\n")
+    (pkg / "adapter.py").write_text("from . import leaf\n\ndef run():\n    from . import helper\n    return helper\n")
+    (pkg / "leaf.py").write_text("x = 1\n")
+    graph = _import_graph()
+    at_import, at_call = graph.graph("module", root=pkg), graph.graph("all", root=pkg)
+    assert at_import == {"pkg": {"pkg.leaf"}, "pkg.adapter": {"pkg.leaf"}, "pkg.leaf": set()}
+    assert graph.cycles(at_import) == []
+    assert graph.cycles(at_call) == [["pkg", "pkg.adapter"]]
 
 
 def test_autoload_switch_name_agrees():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from easyedit_replay.diagnostics import layer_targets, target_accuracy
-from easyedit_replay.editor import apply_edit, last_plan, weight_transaction
+from easyedit_replay.editor import WeightsCopy, apply_edit, weight_transaction
 from easyedit_replay.experiment import bootstrap
 from easyedit_replay.tracing import resolve_parameter
 
@@ -25,8 +25,9 @@ def test_zero_when_the_state_equals_the_target_and_hand_computation(model_tok, h
     model, tok = model_tok
     hp, params = _edited(model, tok, hparams, templates, demo_records, "MEMIT_REPLAY")
     with weight_transaction(params, restore_always=True):
-        apply_edit(model, tok, demo_records[:2], hp, context_templates=templates)
-        plan = last_plan(model)
+        _, weights_copy = apply_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+        plan = weights_copy.plan  # the plan travels with EasyEdit's weights_copy, no global registry
+        assert isinstance(weights_copy, WeightsCopy) and dict(weights_copy) == {}  # return_orig_weights=False
         (acc,) = target_accuracy(model, tok, plan, hp)
         assert acc.relative_error.shape == (3, 2) and float(acc.relative_error.min()) > 1e-3
 
@@ -50,8 +51,11 @@ def test_spread_implicit_targets_accumulate_the_residuals(model_tok, hparams, te
     model, tok = model_tok
     hp, params = _edited(model, tok, hparams, templates, demo_records, "MEMIT_SPREAD")
     with weight_transaction(params, restore_always=True):
-        apply_edit(model, tok, demo_records[:1], hp, context_templates=templates)
-        plan = last_plan(model)
+        _, weights_copy = apply_edit(model, tok, demo_records[:1], hp, context_templates=templates, return_orig_weights=True)
+        plan = weights_copy.plan
+        assert set(weights_copy) == set(plan.updates) == set(params)
+        assert not any(torch.equal(weights_copy[n], params[n]) for n in params)  # edited; the copy is the original
+    assert all(torch.equal(weights_copy[n], params[n]) for n in params)  # restored by the transaction
     tmp = hp.layer_module_tmp
     targets = layer_targets(plan, tmp)
     r3, r5 = plan.residuals[(3, tmp)], plan.residuals[(5, tmp)]

@@ -105,23 +105,21 @@ def _metrics(model, tok, hp, records, templates, baseline):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("alg", ["MEMIT", "PMET", "EMMET", "AlphaEdit"])
-def test_half_precision_demo_edit_metrics_match_float32(alg, model_tok, half_models, stats_dir, templates,
+@pytest.mark.parametrize("mode", ["spread", "replay"])
+def test_half_precision_demo_edit_metrics_match_float32(mode, model_tok, half_models, stats_dir, templates,
                                                         demo_records):
-    """3 bundled demo edits in one batch, 6 anchor steps, spread and replay: efficacy and
-    generalization (token accuracy, mean over the edits) of the bf16 and fp16 edits within
-    METRIC_TOL of the float32 edit, and the target's mean log-probability within LOGP_TOL.
-    The anchor cache (private to the test run) shares anchors between MEMIT, EMMET and
-    AlphaEdit, whose anchor objectives are equal."""
+    """MEMIT (whose anchor objective EMMET and AlphaEdit share), 3 bundled demo edits in one
+    batch, 6 anchor steps: efficacy and generalization (token accuracy, mean over the edits) of
+    the bf16 and fp16 edits within METRIC_TOL of the float32 edit, and the target's mean
+    log-probability within LOGP_TOL. (The per-layer update tests cover all four algorithms;
+    this end-to-end check costs three anchor optimizations per mode, so it runs for one.)"""
     model, tok = model_tok
     records = demo_records[:3]
-    for mode in ("spread", "replay"):
-        hp = _hp(alg, stats_dir, v_num_grad_steps=6, alg_name=f"{alg}_{mode.upper()}")
-        ref = _metrics(model, tok, hp, records, templates, evaluate_records(model, tok, records))
-        for name, half in half_models.items():
-            got = _metrics(half, tok, hp, records, templates, evaluate_records(half, tok, records))
-            print(alg, mode, name, {k: round(v, 3) for k, v in got.items()}, "float32",
-                  {k: round(v, 3) for k, v in ref.items()})
-            for k in ("efficacy_acc", "generalization_acc"):
-                assert abs(got[k] - ref[k]) <= METRIC_TOL, (name, mode, k, got[k], ref[k])
-            assert abs(got["logp_new"] - ref["logp_new"]) <= LOGP_TOL, (name, mode, got, ref)
+    hp = _hp("MEMIT", stats_dir, v_num_grad_steps=6, alg_name=f"MEMIT_{mode.upper()}")
+    ref = _metrics(model, tok, hp, records, templates, evaluate_records(model, tok, records))
+    for name, half in half_models.items():
+        got = _metrics(half, tok, hp, records, templates, evaluate_records(half, tok, records))
+        print(mode, name, {k: round(v, 3) for k, v in got.items()}, "float32", {k: round(v, 3) for k, v in ref.items()})
+        for k in ("efficacy_acc", "generalization_acc"):
+            assert abs(got[k] - ref[k]) <= METRIC_TOL, (name, mode, k, got[k], ref[k])
+        assert abs(got["logp_new"] - ref["logp_new"]) <= LOGP_TOL, (name, mode, got, ref)

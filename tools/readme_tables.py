@@ -1,11 +1,19 @@
 """Condensed markdown tables of a ``compare`` run, as pasted into README "Results".
 
     python tools/readme_tables.py docs/results/cf48_all/results.json
+    python tools/readme_tables.py --scale docs/results/scale_cf      # "Results at scale"
 
 Prints (1) the paper's metrics plus EasyEdit's efficacy, specificity and fluency, one row
 per algorithm and mode, mean [95% bootstrap interval]; (2) the residual ratio after each
 edited layer (the paper's Tables 2 and 5); (3) the passive cosine (Table 1). Every number
 is read from the results file written by ``easyedit-replay compare --out DIR``.
+
+``--scale DIR`` reads the cells of ``easyedit-replay scale --out DIR`` instead and prints
+one condensed table per kind (one batch at every n; each sequential series): the
+paper's metrics with their 95% bootstrap intervals and, next to efficacy Acc,
+generalization Acc and DKL, the paired difference ``mode - spread`` on the same edits
+with its paired bootstrap interval (``*``: the interval excludes 0). Planned cells that
+are not finished are listed as missing rows.
 """
 
 from __future__ import annotations
@@ -49,5 +57,54 @@ def main(path: str) -> None:
                   + " | ".join(f"{values[str(l)]:.2f}" if str(l) in values else "-" for l in layers) + " |")
 
 
+SCALE_COLUMNS = (("efficacy_exact", "eff. Acc", True), ("generalization_exact", "gen. Acc", True),
+                 ("locality_dkl", "DKL", True), ("locality_top1", "Top-1", False), ("fluency", "fluency", False),
+                 ("final_ratio", "final resid. ratio", False))
+
+
+def scale_tables(out_dir: str) -> None:
+    from easyedit_replay.scale import _describe, _fmt, _order, collect_cells, missing_cells, paired_difference
+
+    found = collect_cells(out_dir)
+    header = ["n", "algorithm", "mode"]
+    for _, label, paired in SCALE_COLUMNS:
+        header += [label] + ([f"{label} - spread"] if paired else [])
+    if found["batch"]:
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for n in sorted(found["batch"]):
+        cells = found["batch"][n]
+        for key, cell in sorted(cells.items(), key=_order):
+            alg, mode = key.split("/")
+            ref = cells.get(f"{alg}/spread")
+            row = [str(n), alg, mode]
+            for k, _, paired in SCALE_COLUMNS:
+                row.append(_fmt(tuple(cell["run"]["summary"][k])))
+                if paired:
+                    if mode == "spread" or ref is None:
+                        row.append("-")
+                    else:
+                        stat = paired_difference(cell["run"]["per_edit"], ref["run"]["per_edit"], k)
+                        star = "*" if stat[0] is not None and (stat[1] > 0 or stat[2] < 0) else ""
+                        row.append(_fmt(stat, signed=True) + star)
+            print("| " + " | ".join(row) + " |")
+    for (b, total), series in sorted(found["sequential"].items()):
+        print(f"\nsequential: {total} edits in batches of {b}\n")
+        head = ["edits made", "algorithm", "mode"] + [label for _, label, _ in SCALE_COLUMNS]
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for key, steps in sorted(series.items(), key=_order):
+            for cell in steps:
+                if cell.get("evaluated"):
+                    print("| " + " | ".join([str(cell["edits"])] + key.split("/") + [
+                        _fmt(tuple(cell["summary"][k])) for k, _, _ in SCALE_COLUMNS]) + " |")
+    missing = missing_cells(out_dir)
+    if missing:
+        print("\nmissing (planned, not finished):\n")
+        for cell in missing:
+            print(f"- {_describe(cell)}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--scale":
+        scale_tables(sys.argv[2])
+    else:
+        main(sys.argv[1])

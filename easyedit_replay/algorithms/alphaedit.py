@@ -274,6 +274,16 @@ class AlphaEdit(Algorithm):
         eye = torch.eye(keys.shape[0], dtype=proj.dtype, device=dev)
         return torch.linalg.solve(proj @ (keys @ keys.T + cache) + inp.hparams.L2 * eye, proj @ keys @ resid.T)
 
+    def capacity(self, keys, cov, hp, state: AlphaEditState, weight_name) -> torch.Tensor:
+        """``q = k^T B^{-1} P k`` with ``B = P cache + L2 I``: by Sherman-Morrison, the
+        solve ``(B + P k k^T)^{-1} P k r^T`` of one key realizes ``q / (1 + q)`` of ``r``
+        (``k^T P k / L2`` with an empty cache)."""
+        keys = keys.float()
+        proj = state.P[weight_name].to(keys.device).float()
+        cache = state.cache[weight_name].to(keys.device).float()
+        b = proj @ cache + hp.L2 * torch.eye(keys.shape[0], dtype=keys.dtype, device=keys.device)
+        return (keys * torch.linalg.solve(b, proj @ keys)).sum(dim=0).double()
+
     def finalize(self, model, tok, hp, state: AlphaEditState, context) -> Optional[PendingCaches]:
         """The caches after this batch (``cache + K K^T`` per rewritten weight), stored by
         :meth:`commit`."""

@@ -34,8 +34,9 @@ class UpdateInputs:
 
     Shapes: ``keys [d_in, m]`` (m = requests; already averaged over context
     templates), ``error [d_out, m]`` = target - current in the model dtype,
-    ``divisor`` the share (``n - i``, its sqrt, or 1), ``cov [d_in, d_in]`` the
-    second moment ``E[k k^T]`` (float32).
+    ``divisor`` the share (``n - i``, its sqrt, or 1; for ``replay_capacity`` a ``[m]``
+    tensor, one per request, so ``error / divisor`` divides each column), ``cov
+    [d_in, d_in]`` the second moment ``E[k k^T]`` (float32).
     """
 
     step: int
@@ -44,7 +45,7 @@ class UpdateInputs:
     weight_name: str
     keys: torch.Tensor
     error: torch.Tensor
-    divisor: float
+    divisor: Any  # float, or a [m] tensor
     cov: torch.Tensor
     hparams: Any
     state: Dict[str, Any]
@@ -93,6 +94,24 @@ class Algorithm:
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         """The weight update ``[d_out, d_in]`` for one site (float64 unless stated)."""
         raise NotImplementedError
+
+    def capacity(self, keys: torch.Tensor, cov: torch.Tensor, hp, state: Dict[str, Any],
+                 weight_name: str) -> torch.Tensor:
+        """``[m]`` float64 capacity ``q = k^T B^{-1} k`` of this rule for each key alone: a
+        solve for one key realizes ``q / (1 + q)`` of the requested change and costs
+        ``|d|^2 / q`` (its regularizer) for a delivered change ``d`` (the
+        ``replay_capacity`` construction, :mod:`easyedit_replay.targets`).
+
+        Args:
+            keys: ``[d_in, m]`` keys (averaged over context templates).
+            cov: ``[d_in, d_in]`` second moment of the rewritten module's input.
+
+        Default (MEMIT's and PMET's ridge solve ``(lambda C + K K^T)``): ``B = lambda C``,
+        ``lambda = mom2_update_weight`` (Sherman-Morrison on MEMIT's eq. 14).
+        """
+        keys = keys.double()
+        solved = torch.linalg.solve(hp.mom2_update_weight * cov.double().to(keys.device), keys)
+        return (keys * solved).sum(dim=0)
 
     def finalize(self, model, tok, hp, state, context) -> Optional[Any]:
         """Called with every update written, before weights are restored; returns

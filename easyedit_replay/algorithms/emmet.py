@@ -15,6 +15,7 @@ that raises (``D`` singular); so do we, and we log it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,17 @@ def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2
 class EMMET(Algorithm):
     name = "EMMET"
     hparams_class = EMMETHyperParams
+
+    def capacity(self, keys, cov, hp, state, weight_name) -> torch.Tensor:
+        """``q = k^T C'^{-1} k / emmet_lambda`` with ``C' = lambda C + update_norm_lambda I``:
+        one key's relaxed equality solve realizes ``q / (1 + q)`` (``D = K^T C'^-1 K +
+        emmet_lambda I``); ``emmet_lambda = 0`` gives ``inf`` (an exact constraint)."""
+        keys = keys.double()
+        c = hp.mom2_update_weight * cov.double().to(keys.device)
+        if hp.update_norm_lambda != 0:
+            c = c + hp.update_norm_lambda * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        q = (keys * torch.linalg.solve(c, keys)).sum(dim=0)
+        return q / hp.emmet_lambda if hp.emmet_lambda else torch.full_like(q, math.inf)
 
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         hp = inp.hparams

@@ -1,0 +1,164 @@
+"""``easyedit-replay scale`` on the real model (few edits, edit layers 7 and 8, 2 anchor steps, no fluency):
+a stopped run resumes to the same cells, a one-batch cell equals ``compare`` on the same
+records, and the sequential bookkeeping (edits evaluated, AlphaEdit's key cache)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from easyedit_replay import scale
+from easyedit_replay.algorithms import load_hparams
+from easyedit_replay.cli import default_hparams_path
+from easyedit_replay.scale import ScaleConfig, run_scale
+
+pytestmark = pytest.mark.slow
+
+N_BOOT = 200
+
+
+LAYERS = [7, 8]
+
+
+def _hparams(stats_dir, alg):
+    return load_hparams(default_hparams_path(alg=f"{alg}_REPLAY"), stats_dir=stats_dir, v_num_grad_steps=2,
+                        layers=LAYERS)
+
+
+def _batch_cfg():
+    return ScaleConfig(sizes=[1, 2], modes=("spread", "replay"), fluency=False, n_boot=N_BOOT, progress=False)
+
+
+def _seq_cfg():
+    return ScaleConfig(sizes=[4], modes=("spread",), sequential=True, batch_size=2, curve=True, fluency=False,
+                       n_boot=N_BOOT, progress=False)
+
+
+def _run_both(model, tok, records, stats_dir, out, report=False):
+    run_scale(model, tok, records, {"MEMIT": _hparams(stats_dir, "MEMIT")}, _batch_cfg(), out, report=False)
+    run_scale(model, tok, records, {"AlphaEdit": _hparams(stats_dir, "AlphaEdit")}, _seq_cfg(), out, report=report)
+
+
+def _timeless(obj):
+    """``obj`` without wall-clock fields (they differ between any two runs)."""
+    if isinstance(obj, dict):
+        return {k: _timeless(v) for k, v in obj.items()
+                if not (k.endswith("seconds") or k in ("finished", "timing"))}
+    if isinstance(obj, list):
+        return [_timeless(v) for v in obj]
+    return obj
+
+
+def _cells(out):
+    return {str(p.relative_to(out)): _timeless(json.loads(p.read_text())) for p in sorted(out.glob("cells/**/*.json"))}
+
+
+@pytest.fixture(scope="module")
+def reference(model_tok, stats_dir, demo_records, tmp_path_factory):
+    """An uninterrupted run: one batch of 1 and of 2 (MEMIT, spread and replay) and 4
+    AlphaEdit edits in 2 sequential batches of 2, evaluated after each."""
+    from easyedit_replay.algorithms.alphaedit import reset_alphaedit_cache
+
+    model, tok = model_tok
+    reset_alphaedit_cache(model)
+    out = tmp_path_factory.mktemp("scale_reference")
+    _run_both(model, tok, demo_records[:4], stats_dir, out)
+    return out
+
+
+def test_stopped_run_resumes_to_the_same_cells(model_tok, stats_dir, demo_records, reference, tmp_path, monkeypatch):
+    """Stop (KeyboardInterrupt) right after the first edited cell of each kind is written,
+    rerun: finished cells are not recomputed, and every cell equals the uninterrupted run's."""
+    model, tok = model_tok
+    real_write = scale.write_cell
+    written = []
+
+    def stop_after_first_edited_cell(path, cell, settings):
+        real_write(path, cell, settings)
+        written.append(path)
+        if cell["kind"] != "unedited" and sum(1 for p in written if "unedited" not in str(p)) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(scale, "write_cell", stop_after_first_edited_cell)
+    records = demo_records[:4]
+    with pytest.raises(KeyboardInterrupt):
+        run_scale(model, tok, records, {"MEMIT": _hparams(stats_dir, "MEMIT")}, _batch_cfg(), tmp_path)
+    first = [p for p in written if "unedited" not in str(p)]
+    assert [p.name for p in first] == ["MEMIT__spread.json"] and "n00001" in str(first[0])
+    written.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_scale(model, tok, records, {"AlphaEdit": _hparams(stats_dir, "AlphaEdit")}, _seq_cfg(), tmp_path)
+    assert [p.name for p in written if "unedited" not in str(p)] == ["step001.json"]
+    assert "report.md" not in {p.name for p in tmp_path.iterdir()}
+
+    monkeypatch.setattr(scale, "write_cell", lambda *a: (written.append(a[0]), real_write(*a)))
+    written.clear()
+    _run_both(model, tok, records, stats_dir, tmp_path, report=True)
+    resumed = sorted(str(p.relative_to(tmp_path)) for p in written if "unedited" not in str(p))
+    assert resumed == ["cells/batch/n00001/MEMIT__replay.json", "cells/batch/n00002/MEMIT__replay.json",
+                       "cells/batch/n00002/MEMIT__spread.json",
+                       "cells/seq_b0002_n00004/AlphaEdit__spread/step002.json"]
+    assert _cells(tmp_path) == _cells(reference)
+    report = (tmp_path / "report.md").read_text()
+    assert "Missing cells" not in report and "One batch of 2 edits" in report and "Sequential: 4 edits" in report
+    assert "![scale](scale_metrics.png)" in report and (tmp_path / "n00002" / "results.json").exists()
+
+
+def test_nested_prefix_cell_equals_compare(model_tok, stats_dir, demo_records, reference):
+    """The n = 2 cell of ``--n 1,2`` is ``compare --n 2``: the same per-edit numbers,
+    summaries and analyses (anchors come from the disk cache the scale run filled)."""
+    from easyedit_replay.experiment import CompareConfig, run_comparison
+
+    model, tok = model_tok
+    cfg = CompareConfig(modes=("spread", "replay"), fluency=False, target_accuracy=False, n_boot=N_BOOT,
+                        progress=False)
+    results = run_comparison(model, tok, demo_records[:2], {"MEMIT": _hparams(stats_dir, "MEMIT")}, cfg)
+    unedited = json.loads((reference / "cells/unedited/n00002.json").read_text())
+    assert _timeless(json.loads(json.dumps(results["unedited"]))) == {k: unedited[k] for k in ("per_edit", "summary")}
+    for mode in ("spread", "replay"):
+        cell = json.loads((reference / f"cells/batch/n00002/MEMIT__{mode}.json").read_text())
+        run = _timeless(json.loads(json.dumps(results["runs"][f"MEMIT/{mode}"], default=str)))
+        assert run == _timeless(cell["run"])
+        assert len(cell["run"]["per_edit"]) == 2 and cell["run"]["per_edit"][0]["efficacy_win"] is not None
+
+
+def test_sequential_bookkeeping(model_tok, stats_dir, demo_records, reference):
+    """After k batches of 2 the evaluation covers exactly the first 2k records, AlphaEdit's
+    key cache has rank 2k in every edited weight, and the numbers after 2 batches equal
+    editing the same two batches with ``apply_edit(sequential_edit=True)`` and evaluating."""
+    from easyedit_replay.algorithms.alphaedit import alphaedit_cache, reset_alphaedit_cache
+    from easyedit_replay.editor import apply_edit, resolve_templates, weight_transaction
+    from easyedit_replay.evaluate import evaluate_records
+    from easyedit_replay.tracing import resolve_parameter
+
+    model, tok = model_tok
+    records = demo_records[:4]
+    steps = [json.loads((reference / f"cells/seq_b0002_n00004/AlphaEdit__spread/step00{k}.json").read_text())
+             for k in (1, 2)]
+    for k, cell in enumerate(steps, start=1):
+        assert cell["evaluated"] and cell["edits"] == 2 * k and cell["requests"] == [2 * k - 2, 2 * k - 1]
+        assert cell["evaluated_cases"] == [r["case_id"] for r in records[: 2 * k]]
+        assert len(cell["per_edit"]) == 2 * k
+        ranks = cell["alphaedit_cache_rank"]
+        assert sorted(ranks) == [f"model.layers.{l}.mlp.down_proj.weight" for l in LAYERS]
+        assert set(ranks.values()) == {2 * k}
+    # the same two batches, edited and evaluated directly
+    hp = _hparams(stats_dir, "AlphaEdit").replace(alg_name="AlphaEdit_SPREAD")
+    templates = resolve_templates(model, tok, hp)
+    names = [f"model.layers.{l}.mlp.down_proj.weight" for l in LAYERS]
+    params = {name: resolve_parameter(model, name) for name in names}
+    baseline = evaluate_records(model, tok, records, None)
+    reset_alphaedit_cache(model)
+    with weight_transaction(params, restore_always=True):
+        for batch in (records[:2], records[2:]):
+            apply_edit(model, tok, batch, hp, context_templates=templates, sequential_edit=True)
+        cache = alphaedit_cache(model)
+        direct = evaluate_records(model, tok, records, baseline)
+    reset_alphaedit_cache(model)
+    assert all(int(torch.linalg.matrix_rank(c.double(), rtol=1e-6)) == 4 for c in cache.values())
+    for got, want in zip(steps[1]["per_edit"], direct):
+        assert got["logp_new"] == pytest.approx(want["logp_new"], abs=1e-4)
+        assert got["efficacy_win"] == want["efficacy_win"]
+        assert got["locality_dkl"] == pytest.approx(want["locality_dkl"], abs=1e-4)
