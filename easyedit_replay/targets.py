@@ -312,13 +312,6 @@ class Targets:
         dtype = torch.promote_types(z.dtype, torch.float32)  # half-precision models: subtract in float32
         return z.to(dtype) - current.to(device=z.device, dtype=dtype)
 
-    def residual(self, step: int, site: TargetSite, current: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
-        """``[R, d]`` residual handed to the update rule: ``(target - current) / divisor``,
-        the subtraction in the model dtype and the division in ``dtype`` (as EasyEdit:
-        float64 for MEMIT/EMMET/PMET, float32 for AlphaEdit); a per-request divisor
-        (``replay_capacity``) divides each row."""
-        return self.share_of(step, site, self.local_error(step, site, current), dtype)
-
     def share_of(self, step: int, site: TargetSite, error: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
         """``[R, d]`` ``error / divisor`` in ``dtype``, for a local error already computed
         (:meth:`local_error`); a per-request divisor divides each row."""
