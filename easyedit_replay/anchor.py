@@ -149,17 +149,22 @@ def _build_rows(tok, requests: Sequence[EditRequest], templates, fact_token: str
 
 
 class _Readout:
-    """``ln_f_module`` and ``lm_head_module``: :meth:`logits` ``[..., d] -> [..., V]`` (model dtype),
+    """``ln_f_module`` and ``lm_head_module``: :meth:`logits` ``[..., d] -> [..., V]`` float32,
     as ``compute_z`` reads the output distribution from a hidden state."""
 
     def __init__(self, ln_f, head):
         self.ln_f, self.weight, self.bias = ln_f, head.weight, getattr(head, "bias", None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.ln_f(h) @ self.weight.T.to(h.device)
-        if self.bias is not None:
-            out = out + self.bias.to(h.device)
-        return out
+        """Computed where the modules live: ``h`` moves to ``ln_f``'s device and the normed
+        state to the unembedding's, never the other way (the unembedding of a 128k-vocabulary
+        model is the largest matrix); float32 logits for half-precision models too
+        (:mod:`easyedit_replay.precision`)."""
+        norm_param = next(self.ln_f.parameters(), None)
+        if norm_param is not None and norm_param.device.type != "meta":
+            h = h.to(norm_param.device)
+        out = self.ln_f(h).to(self.weight.device).float() @ self.weight.float().T
+        return out if self.bias is None else out + self.bias.float()
 
 
 @dataclass
@@ -600,7 +605,7 @@ class _Problem:
         kl = torch.zeros(self.n_req, device=dev).index_add(0, torch.tensor(kl_req, device=dev), kl_val)
         wd = torch.zeros(self.n_req, device=dev)
         for s, init in enumerate(self.init):
-            wd = wd + (delta[s].norm(dim=-1) / init.float().norm(dim=-1) ** 2).to(dev)
+            wd = wd + (delta[s].norm(dim=-1) / init.float().norm(dim=-1).to(delta.device) ** 2).to(dev)
         wd = hp.v_weight_decay * wd
         return _StepLoss(factor.to(dev) * nll.nll_req + hp.kl_factor * kl + wd, nll, kl)
 

@@ -140,3 +140,33 @@ def passive_cosines(plan) -> Dict[int, torch.Tensor]:
         out[layer] = torch.nn.functional.cosine_similarity(own, passive, dim=-1)
         prev = after
     return out
+
+
+def update_agreement(updates: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+    """How closely each weight update of one edit matches the same edit computed another way
+    (e.g. a bf16 model against float32, a dispatched model against a plain one).
+
+    Args:
+        updates, reference: ``{weight_name: update}`` (any shapes, equal per name; any
+            dtype or device).
+
+    Returns:
+        ``{weight_name: {"cosine", "rel_diff", "rel_to_largest", "norm", "ref_norm"}}`` with
+        ``cosine`` of the flattened updates, ``rel_diff = |u - r| / |r|`` and
+        ``rel_to_largest = |u - r| / max_w |r_w|`` (Frobenius norms; the largest reference
+        update of the edit: a late replay layer's update can be 1% of the first layer's,
+        and its own relative difference then measures rounding, not the edit), float64.
+
+    Raises:
+        KeyError: ``updates`` lacks a weight of ``reference``.
+    """
+    pairs = {name: (updates[name].detach().double().cpu().flatten(), ref.detach().double().cpu().flatten())
+             for name, ref in reference.items()}
+    largest = max(float(r.norm()) for _, r in pairs.values())
+    out = {}
+    for name, (u, r) in pairs.items():
+        diff = float((u - r).norm())
+        out[name] = {"cosine": float(torch.nn.functional.cosine_similarity(u, r, dim=0)),
+                     "rel_diff": diff / float(r.norm()), "rel_to_largest": diff / largest,
+                     "norm": float(u.norm()), "ref_norm": float(r.norm())}
+    return out

@@ -33,6 +33,7 @@ from .keys import (
     sample_context_templates, template_probes, validate_templates,
 )
 from .model_info import max_positions
+from .precision import HALF_DTYPES, in_float32_window
 from .stats import second_moments
 from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
@@ -284,6 +285,7 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     return record
 
 
+@in_float32_window  # half-precision models: the edit window runs in float32 (precision.py)
 def compute_edit(
     model,
     tok,
@@ -410,7 +412,10 @@ def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False
                 w = params[name]
                 if return_orig_weights and name not in weights_copy:
                     weights_copy[name] = w.detach().clone()
-                w[...] += upd.to(device=w.device, dtype=w.dtype)
+                if w.dtype in HALF_DTYPES:  # one rounding to the weight dtype: round(W + dW) (precision.py)
+                    w.copy_((w.to(upd.dtype) + upd.to(w.device)).to(w.dtype))
+                else:  # EasyEdit's apply_*_to_model
+                    w[...] += upd.to(device=w.device, dtype=w.dtype)
         get_algorithm(hparams.alg_name).rule.commit(model, hparams, plan.pending)
     return weights_copy
 

@@ -14,7 +14,17 @@ defaults:
   (0: the paper's FE, 1: ``replay_remaining``).
 - ``anchor_batch_size``: requests optimized together in one anchor loop.
 - ``mom2_batch_tokens``: cap on tokens per statistics sample (EasyEdit's
-  ``batch_tokens`` of ``layer_stats``); ``None`` = the model's context length.
+  ``batch_tokens`` of ``layer_stats``; the file name then gets ``_t{N}``);
+  ``None`` = the statistics context length (below).
+- ``mom2_max_length`` (default 4096): cap on the statistics context length, applied
+  like EasyEdit's own Qwen (4096) and Mistral caps of ``npos`` (file name
+  unchanged): a text longer than this contributes its first ``mom2_max_length``
+  tokens. Bounds the memory of a 128k-context model's statistics pass (one
+  sequence of ``T`` tokens costs ``heads * T^2`` attention scores under eager
+  attention).
+- ``mom2_tokens_per_batch`` (default 4096): texts are packed into forward passes of
+  at most this many tokens (a text longer than this runs alone); changes only
+  float rounding, not the file name.
 - ``context_seed``: seed of the context-template sampler.
 - ``anchor_cache``: keep optimized anchors in the disk cache (``anchor_cache.py``).
 """
@@ -33,7 +43,8 @@ from .errors import HyperParamsError, field_error
 from .model_info import num_layers
 
 REPLAY_SHARES = ("full", "remaining")
-INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size")
+INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size", "mom2_max_length",
+                  "mom2_tokens_per_batch")
 MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
@@ -92,6 +103,8 @@ class ReplayHyperParams:
     replay_tau: float = 0.5
     anchor_batch_size: int = 16
     mom2_batch_tokens: Optional[int] = None
+    mom2_max_length: int = 4096
+    mom2_tokens_per_batch: int = 4096
     context_seed: int = 0
     anchor_cache: bool = True
 
@@ -237,13 +250,20 @@ class ReplayHyperParams:
             raise err("mom2_dataset", "is neither a known corpus ('bundled', 'self_generated', 'wikipedia', "
                       "'wikitext', 'wikitext2') nor an existing .txt file or folder")
 
+    # Module templates (a string, or a list of them) checked against the model for every
+    # edit layer (and v_loss_layer for layer_module_tmp), before any work starts.
+    MODULE_TEMPLATES: ClassVar[Tuple[str, ...]] = (
+        "layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp")
+
     def validate_for_model(self, model) -> None:
-        """Checks against a model: layer ranges and module templates that resolve (the
-        rewritten weights are resolved by the editor from the rule's sites).
+        """Checks against a model, before any work starts: layer ranges, and every module
+        template (:attr:`MODULE_TEMPLATES`, for every edit layer) and ``ln_f_module`` /
+        ``lm_head_module`` naming a module of ``model``.
 
         Raises:
-            HyperParamsError: a layer outside ``[0, num_layers)`` or a template that
-                names no module of ``model``.
+            HyperParamsError: a layer outside ``[0, num_layers)``, or a template that
+                names no module of ``model`` (the message names the field and the
+                closest module names).
         """
         from .tracing import resolve_module
 
@@ -253,8 +273,12 @@ class ReplayHyperParams:
                 raise field_error(HyperParamsError, "layers", self.layers, f"the model has {n} layers (0..{n - 1})")
             if not 0 <= self.v_loss_layer < n:
                 raise field_error(HyperParamsError, "v_loss_layer", self.v_loss_layer, f"must be in 0..{n - 1} (usually {n - 1})")
-        for layer in self.layers:
-            resolve_module(model, self.layer_module_tmp.format(layer), "layer_module_tmp")
+        for name in self.MODULE_TEMPLATES:
+            value = getattr(self, name)
+            for tmp in [value] if isinstance(value, str) else value:  # PMET's rewrite_module_tmps: a list
+                for layer in self.layers:
+                    resolve_module(model, tmp.format(layer), name)
+        resolve_module(model, self.layer_module_tmp.format(self.v_loss_layer), "layer_module_tmp")
         resolve_module(model, self.ln_f_module, "ln_f_module")
         lm = resolve_module(model, self.lm_head_module, "lm_head_module")
         if getattr(lm, "weight", None) is None:

@@ -11,8 +11,9 @@ EasyEdit compatibility (``rome/layer_stats.py`` + ``util/runningstats.py``):
 - contents ``mom2.constructor``, ``mom2.count``, ``mom2.mom2`` (the running SUM of
   ``k k^T`` in ``precision``) and ``sample_size``; ``C = mom2 / count``;
 - sample choice: the first ``n`` indices of ``range(len(corpus))`` shuffled by
-  ``random.Random(1)``; texts tokenized with truncation at the model's context
-  length (or ``mom2_batch_tokens``); tokens of all samples count.
+  ``random.Random(1)``; texts tokenized with truncation at the statistics
+  context length :func:`stats_length` (or ``mom2_batch_tokens``); tokens of all
+  samples count.
 
 So a user's existing EasyEdit statistics are reused, and ours load in EasyEdit.
 Where our sample-length cap applies, the file name gets ``_t{N}`` before the
@@ -96,6 +97,22 @@ def context_length(model) -> int:
     if "qwen" in model_type:
         npos = min(npos, 4096)
     return npos
+
+
+def stats_length(model, hparams) -> int:
+    """``npos`` of the statistics pass: :func:`context_length` capped at
+    ``hparams.mom2_max_length`` (default 4096), the way EasyEdit caps Qwen's and
+    Mistral's; it sets the truncation length and, with ``mom2_batch_tokens``, the
+    ``_t{N}`` part of the file name. For a model whose config says 131072 positions
+    (Llama-3.1/3.2) this is what keeps one long text from running as a single
+    131072-token sequence (``heads * T^2`` attention scores under eager attention).
+
+    Raises:
+        StatisticsError: the config names no context length.
+    """
+    cap = getattr(hparams, "mom2_max_length", None)
+    npos = context_length(model)
+    return min(npos, int(cap)) if cap else npos
 
 
 def known_corpus(mom2_dataset: str) -> bool:
@@ -345,7 +362,7 @@ def module_stats_path(model, hparams, module: str, stats_dir=None) -> Path:
     (AlphaEdit's projections) are keyed by."""
     return stats_path(stats_dir or hparams.stats_dir, model_stats_name(model), dataset_name(hparams.mom2_dataset),
                       module, hparams.mom2_dtype, hparams.mom2_n_samples,
-                      getattr(hparams, "mom2_batch_tokens", None), context_length(model))
+                      getattr(hparams, "mom2_batch_tokens", None), stats_length(model, hparams))
 
 
 def second_moments(model, tok, hparams, modules: Sequence[str], stats_dir=None, force: bool = False,
@@ -354,7 +371,8 @@ def second_moments(model, tok, hparams, modules: Sequence[str], stats_dir=None, 
 
     Looks in memory, then in EasyEdit's cache files; computes every missing module
     in ONE pass over the corpus and writes their files. Uses ``hparams.mom2_dataset,
-    mom2_n_samples, mom2_dtype, stats_dir, mom2_batch_tokens``.
+    mom2_n_samples, mom2_dtype, stats_dir, mom2_batch_tokens, mom2_max_length,
+    mom2_tokens_per_batch``.
 
     Raises:
         StatisticsError: corpus unavailable, or a cache file with the wrong shape,
@@ -363,9 +381,7 @@ def second_moments(model, tok, hparams, modules: Sequence[str], stats_dir=None, 
     Source: EasyEdit ``memit_main.get_cov`` + ``rome/layer_stats.layer_stats``.
     """
     stats_dir = stats_dir or hparams.stats_dir
-    name = model_stats_name(model)
-    ds_name = dataset_name(hparams.mom2_dataset)
-    npos = context_length(model)
+    npos = stats_length(model, hparams)
     batch_tokens = getattr(hparams, "mom2_batch_tokens", None)
     maxlen = min(npos, batch_tokens) if batch_tokens else npos
     precision = hparams.mom2_dtype
@@ -374,8 +390,8 @@ def second_moments(model, tok, hparams, modules: Sequence[str], stats_dir=None, 
     missing: List[str] = []
     paths = {}
     for m in modules:
-        key = (name, ds_name, m, precision, n, batch_tokens, str(Path(stats_dir).resolve()))
         paths[m] = module_stats_path(model, hparams, m, stats_dir)
+        key = str(paths[m].resolve())  # the file's identity (model, corpus, module, dtype, sizes)
         if not force and key in _MEMORY:
             result[m] = _MEMORY[key]
             continue
@@ -389,11 +405,12 @@ def second_moments(model, tok, hparams, modules: Sequence[str], stats_dir=None, 
     if missing:
         texts = corpus_texts(hparams.mom2_dataset, model, tok, n, stats_dir, progress)
         chosen = [texts[i] for i in sample_indices(len(texts), n)]
-        collected = collect_second_moments(model, tok, chosen, missing, maxlen, precision, progress=progress)
+        collected = collect_second_moments(model, tok, chosen, missing, maxlen, precision,
+                                           tokens_per_batch=getattr(hparams, "mom2_tokens_per_batch", 4096),
+                                           progress=progress)
         for m, (count, total) in collected.items():
             save_second_moment(paths[m], count, total, n)
-            key = (name, ds_name, m, precision, n, batch_tokens, str(Path(stats_dir).resolve()))
-            result[m] = _MEMORY[key] = (total / count).float()
+            result[m] = _MEMORY[str(paths[m].resolve())] = (total / count).float()
     return {m: result[m] for m in modules}
 
 

@@ -263,10 +263,71 @@ def test_register_is_idempotent_in_process(fake_host, monkeypatch):
             del sys.modules[name]
 
 
-def test_stock_and_replay_yamls_differ_only_in_alg_name():
-    stock, replay = yaml.safe_load(STOCK_YAML.read_text()), yaml.safe_load(REPLAY_YAML.read_text())
-    assert stock.pop("alg_name") == "MEMIT" and replay.pop("alg_name") == "MEMIT_REPLAY"
-    assert stock == replay
+# Stock twins of the SmolLM2 plugin YAMLs: {stock alg_name: (plugin twin, fields that may differ)}.
+# PMET: target_leading_space is a plugin field stock PMETHyperParams rejects; AlphaEdit: stock
+# needs P_loc as a path (it calls os.path.exists on it).
+STOCK_TWINS = {
+    "MEMIT": ("MEMIT_REPLAY", set()),
+    "MEMIT-FE": ("MEMIT_REPLAY", set()),
+    "PMET": ("PMET_REPLAY", {"target_leading_space"}),
+    "EMMET": ("EMMET_REPLAY", set()),
+    "AlphaEdit": ("AlphaEdit_REPLAY", {"P_loc"}),
+}
+# (module under easyeditor.models, hparams class) of each stock name
+STOCK_HPARAMS = {
+    "MEMIT": ("memit.memit_hparams", "MEMITHyperParams"),
+    "MEMIT-FE": ("memit_FE.memit_FE_hparams", "MEMITFEHyperParams"),
+    "PMET": ("pmet.pmet_hparams", "PMETHyperParams"),
+    "EMMET": ("emmet.emmet_hparams", "EMMETHyperParams"),
+    "AlphaEdit": ("alphaedit.AlphaEdit_hparams", "AlphaEditHyperParams"),
+}
+
+
+def _twin_path(alg: str) -> Path:
+    return ROOT / "hparams" / alg / "smollm2-135m.yaml"
+
+
+@pytest.mark.parametrize("stock_name", sorted(STOCK_TWINS))
+def test_stock_twin_yamls_differ_only_in_alg_name_and_what_stock_requires(stock_name):
+    twin, allowed = STOCK_TWINS[stock_name]
+    stock, replay = yaml.safe_load(_twin_path(stock_name).read_text()), yaml.safe_load(_twin_path(twin).read_text())
+    assert stock.pop("alg_name") == stock_name and replay.pop("alg_name") == twin
+    differing = {k for k in set(stock) | set(replay) if stock.get(k, "<absent>") != replay.get(k, "<absent>")}
+    assert differing <= allowed, {k: (stock.get(k), replay.get(k)) for k in differing}
+    if stock_name == "PMET":
+        assert "target_leading_space" not in stock and replay["target_leading_space"] is True
+    if stock_name == "AlphaEdit":
+        assert isinstance(stock["P_loc"], str) and stock["P_loc"].endswith(".pt") and replay["P_loc"] is None
+
+
+def test_stock_twin_yamls_load_with_easyedit_hparams_classes(tmp_path):
+    """Each stock twin loads with EasyEdit's own ``from_hparams`` of its algorithm (in
+    EasyEdit's interpreter), and the dataclass holds the YAML's values."""
+    root = _easyedit_root()
+    python = os.environ.get("EASYEDIT_PYTHON", sys.executable)
+    code = textwrap.dedent(f"""
+        import dataclasses, json, sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from easyedit_stock import import_stock
+        out = {{}}
+        for name, (module, cls) in {STOCK_HPARAMS!r}.items():
+            hp = getattr(import_stock({str(root)!r}, module), cls).from_hparams({str(ROOT / "hparams")!r} + "/" + name + "/smollm2-135m.yaml")
+            out[name] = dataclasses.asdict(hp)
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    if proc.returncode != 0 and "No module named" in proc.stderr:
+        pytest.skip(f"{python} cannot import EasyEdit's requirements: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tests.test_memit_fe import _yaml_values
+
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(loaded) == sorted(STOCK_HPARAMS)
+    for name, fields in loaded.items():
+        assert fields["alg_name"] == name
+        for key, value in _yaml_values(_twin_path(name)).items():
+            assert fields[key] == value, (name, key, fields[key], value)
 
 
 def test_host_loader_branch():
@@ -296,6 +357,33 @@ def test_patches_apply_to_checkout():
         assert proc.returncode == 0, f"{patch.name}: {proc.stderr}"
 
 
+PUNKT_TAB_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+
+
+def untrained_punkt(python: str, nltk_dir: Path, env: dict) -> Path:
+    """Write an untrained Punkt model under ``nltk_dir`` in the layout the NLTK of
+    ``python`` reads: ``tokenizers/punkt_tab/english/`` (four text files, empty = no
+    trained parameters) for NLTK >= 3.9, ``tokenizers/punkt/english.pickle`` (and
+    ``PY3/``) before. Returns ``nltk_dir`` (for ``NLTK_DATA``)."""
+    version = subprocess.run([python, "-c", "import nltk; print(nltk.__version__)"], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+    if tuple(int(x) for x in version.split(".")[:2]) >= (3, 9):
+        tab = nltk_dir / "tokenizers" / "punkt_tab" / "english"
+        tab.mkdir(parents=True, exist_ok=True)
+        for name in PUNKT_TAB_FILES:
+            (tab / name).touch()
+    else:
+        subprocess.run([python, "-c", textwrap.dedent(f"""
+            import os, pickle
+            from nltk.tokenize.punkt import PunktSentenceTokenizer
+            for sub in ("PY3", ""):
+                d = os.path.join({str(nltk_dir)!r}, "tokenizers", "punkt", sub)
+                os.makedirs(d, exist_ok=True)
+                pickle.dump(PunktSentenceTokenizer(), open(os.path.join(d, "english.pickle"), "wb"))
+        """)], env=env, check=True)
+    return nltk_dir
+
+
 @pytest.fixture(scope="module")
 def easyedit_env(tmp_path_factory):
     """Interpreter, environment and exported model for subprocesses running EasyEdit."""
@@ -313,23 +401,16 @@ def easyedit_env(tmp_path_factory):
         EASYEDIT_REPLAY_TEST_SITEDIR=str(ROOT),  # the .pth hook, as if installed
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
     )
-    # EasyEdit's fluency metric needs NLTK's punkt; offline, an untrained Punkt model stands in.
-    check = subprocess.run([python, "-c", "import nltk; nltk.data.find('tokenizers/punkt')"], env=env,
+    # EasyEdit's fluency metric calls nltk.word_tokenize, which needs NLTK's Punkt data;
+    # offline, an untrained Punkt model stands in.
+    check = subprocess.run([python, "-c", "import nltk; nltk.word_tokenize('It works. Yes.')"], env=env,
                            capture_output=True, text=True)
     if check.returncode != 0:
         if "No module named" in check.stderr:
             pytest.skip(f"{python} lacks EasyEdit's requirements ({check.stderr.strip().splitlines()[-1]}); "
                         f"set EASYEDIT_PYTHON to an interpreter that has them")
-        nltk_dir = base / "nltk_data"
-        subprocess.run([python, "-c", textwrap.dedent(f"""
-            import os, pickle
-            from nltk.tokenize.punkt import PunktSentenceTokenizer
-            for sub in ("PY3", ""):
-                d = os.path.join({str(nltk_dir)!r}, "tokenizers", "punkt", sub)
-                os.makedirs(d, exist_ok=True)
-                pickle.dump(PunktSentenceTokenizer(), open(os.path.join(d, "english.pickle"), "wb"))
-        """)], env=env, check=True)
-        env["NLTK_DATA"] = str(nltk_dir)
+        env["NLTK_DATA"] = str(untrained_punkt(python, base / "nltk_data", env))
+        subprocess.run([python, "-c", "import nltk; nltk.word_tokenize('It works. Yes.')"], env=env, check=True)
     yamls = {}
     for name, src in (("stock", STOCK_YAML), ("replay", REPLAY_YAML)):
         cfg = yaml.safe_load(src.read_text())

@@ -21,7 +21,7 @@ anchor deltas added at the first edit layer (:mod:`easyedit_replay.targets`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,6 +52,8 @@ class PMETHyperParams(ReplayHyperParams):
     # easyedit-replay: None = stock rule (a space only for "gpt" models); true/false forces it
     target_leading_space: Optional[bool] = None
 
+
+    MODULE_TEMPLATES: ClassVar[Tuple[str, ...]] = ReplayHyperParams.MODULE_TEMPLATES + ("rewrite_module_tmps",)
 
     def __post_init__(self) -> None:
         """Base normalization plus a single template string -> a one-entry list."""

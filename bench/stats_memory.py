@@ -1,0 +1,134 @@
+"""Peak memory of the statistics pass on a 128k-context config (not part of the test run).
+
+SmolLM2-135M with ``max_position_embeddings`` patched to 131072 (Llama-3.1/3.2's
+value), eager or SDPA attention, and a corpus of one very long text (``--tokens``
+tokens, the bundled corpus's texts joined on one line) plus a few short lines.
+Each configuration runs in its own process, which reports the peak resident set
+size (``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own
+address space; ``ru_maxrss`` instead keeps the parent's RSS at fork across ``exec``,
+so a child of a large pytest process reported the parent's 3.2 GB) after computing the second
+moment of ``model.layers.4.mlp.down_proj`` (plus the RSS right after loading the
+model, for reference).
+
+    python bench/stats_memory.py --tokens 2048,8192,32768 --attn eager,sdpa
+
+``--max-length`` sets ``mom2_max_length`` (the sequence-length cap; omitted: the
+hparams default). Run this on a checkout without the cap to get "before" numbers
+(keep ``--tokens`` small there: without the cap an eager pass over T tokens holds
+``heads * T^2`` attention scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+POSITIONS = 131072
+MODULE = "model.layers.4.mlp.down_proj"
+
+
+def long_corpus(tok, n_tokens: int, path: Path, n_short: int = 3) -> Path:
+    """Write ``path``: one line of at least ``n_tokens`` tokens, then ``n_short`` short lines."""
+    from easyedit_replay.stats import bundled_texts
+
+    texts = [t.replace("\n", " ") for t in bundled_texts()]
+    line, i = [], 0
+    while len(tok.encode(" ".join(line))) < n_tokens:
+        line.extend(texts[i % len(texts)] for _ in range(8))
+        i += 8
+    path.write_text(" ".join(line) + "\n" + "\n".join(texts[:n_short]) + "\n", encoding="utf-8")
+    return path
+
+
+def child(args) -> None:
+    """One measurement in this process; prints one JSON line."""
+    import resource
+    import time
+
+    import torch
+
+    from easyedit_replay.algorithms import load_hparams
+    from easyedit_replay.cli import default_hparams_path
+    from easyedit_replay.models import load_model
+    from easyedit_replay.stats import second_moments
+
+    if args.limit_gb:  # address-space limit: a regression fails with MemoryError instead of exhausting the machine
+        limit = int(args.limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.set_num_threads(1)
+    model, tok = load_model()
+    model.config.max_position_embeddings = POSITIONS
+    model.set_attn_implementation(args.attn)
+    with open("/proc/self/status") as fh:
+        loaded = next(int(l.split()[1]) for l in fh if l.startswith("VmRSS")) / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = long_corpus(tok, args.tokens, Path(tmp) / "long.txt")
+        n_lines = len(corpus.read_text().splitlines())
+        changes = dict(mom2_dataset=str(corpus), mom2_n_samples=n_lines, layers=[4])
+        if args.max_length:
+            changes["mom2_max_length"] = args.max_length
+        hp = load_hparams(default_hparams_path(), stats_dir=str(Path(tmp) / "stats"), **changes)
+        started = time.perf_counter()
+        second_moments(model, tok, hp, [MODULE], progress=False)
+        seconds = time.perf_counter() - started
+        files = sorted(p.name for p in Path(tmp, "stats").rglob("*.npz"))
+    peak = peak_rss_mb()
+    print(json.dumps(dict(attn=args.attn, tokens=args.tokens, max_length=getattr(hp, "mom2_max_length", None),
+                          rss_after_load_mb=round(loaded), peak_rss_mb=round(peak), seconds=round(seconds, 1),
+                          files=files)))
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process in MB: ``VmHWM`` (Linux; reset at ``exec``), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="2048,8192,32768", help="lengths of the long text (comma-separated)")
+    p.add_argument("--attn", default="eager,sdpa", help="attention implementations (comma-separated)")
+    p.add_argument("--max-length", type=int, default=None, help="mom2_max_length (default: the hparams default)")
+    p.add_argument("--out", default=None, help="append the result lines to this file")
+    p.add_argument("--limit-gb", type=float, default=None, help="address-space limit of each measuring process")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.tokens, args.attn = int(args.tokens), args.attn
+        return child(args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    lines = [f"# bench/stats_memory.py {' '.join(sys.argv[1:])}  ({platform.machine()}, torch threads 1)"]
+    print(lines[0])
+    for attn in args.attn.split(","):
+        for n in args.tokens.split(","):
+            cmd = [sys.executable, str(HERE), "--child", "--tokens", n, "--attn", attn]
+            if args.max_length:
+                cmd += ["--max-length", str(args.max_length)]
+            if args.limit_gb:
+                cmd += ["--limit-gb", str(args.limit_gb)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else \
+                json.dumps(dict(attn=attn, tokens=int(n), error=f"exit {out.returncode}: {out.stderr.strip()[-300:]}"))
+            print(line, flush=True)
+            lines.append(line)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
