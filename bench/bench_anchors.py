@@ -116,6 +116,22 @@ def matmul_flops_per_s(seconds: float = 2.0) -> float:
     return 2 * 4096 * 576 * 1536 / best
 
 
+def padding_efficiency(rows, order, chunk: int) -> float:
+    """Real over padded tokens when the requests in ``order`` (None: sorted by their longest
+    row, as ``optimize_anchors`` orders them) go in chunks of ``chunk``, every row of a chunk
+    padded to the chunk's longest row."""
+    by_request = {}
+    for row in rows:
+        by_request.setdefault(row.request, []).append(len(row.ids))
+    if order is None:
+        order = sorted(by_request, key=lambda r: max(by_request[r]))
+    real = padded = 0
+    for start in range(0, len(order), chunk):
+        lens = [n for r in order[start:start + chunk] for n in by_request[r]]
+        real, padded = real + sum(lens), padded + max(lens) * len(lens)
+    return real / padded
+
+
 def bench_throughput(args, say):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -141,6 +157,9 @@ def bench_throughput(args, say):
         reqs = prepare_requests(load_records(DATASETS[name], args.n))
         rows = _build_rows(tok, reqs, templates, hp.fact_token, None)
         lens = [len(r.ids) for r in rows]
+        say(f"  {name}: padding efficiency (real / padded tokens) of chunks of {hp.anchor_batch_size}: "
+            f"file order {padding_efficiency(rows, list(range(len(reqs))), hp.anchor_batch_size):.2f}, "
+            f"by length {padding_efficiency(rows, None, hp.anchor_batch_size):.2f}")
         target = sum(len(target_token_ids(tok, r.target_new)) for r in reqs) / len(reqs)
         for what in args.anchors.split(","):
             layer = layers[what]

@@ -296,13 +296,18 @@ def _cache_lookup(spec: _Spec, requests, rows_of: List[List[_Row]], templates):
 
 def _optimize_in_chunks(spec: _Spec, rows_of: List[List[_Row]], missing: List[int], progress: bool,
                         fast_loop: bool, save: Callable[[int, "cache_mod.Entry"], None]) -> None:
-    """Optimize the requests ``missing`` in chunks of ``anchor_batch_size`` (parameters frozen),
+    """Optimize the requests ``missing`` in chunks of ``anchor_batch_size`` (parameters frozen;
+    requests ordered by their longest row, so a chunk's rows have similar lengths),
     calling ``save(request index, Entry)`` for each request as soon as its chunk finishes. One
     :class:`LayerLoop` serves every chunk (None when ``fast_loop`` is off or unsupported)."""
     chunk = max(1, int(getattr(spec.hparams, "anchor_batch_size", 16) or 16))
     loop = None
     if fast_loop and missing:
         loop = LayerLoop.build(spec.model, spec.hparams, spec.layer, spec.sites, spec.loss_layer, spec.readout)
+    # Chunks of requests of similar prompt length: every row of a chunk's forward pass is
+    # padded to the chunk's longest row (CounterFact, chunks of 16: real / padded tokens
+    # 0.63 in file order, 0.77 sorted). Float rounding only: chunking is not in the cache key.
+    missing = sorted(missing, key=lambda r: max(len(row.ids) for row in rows_of[r]))
     with frozen_parameters(spec.model):
         for start in range(0, len(missing), chunk):
             idx = missing[start:start + chunk]

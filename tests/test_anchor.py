@@ -35,3 +35,31 @@ def test_batched_anchors_equal_per_request(model_tok, hparams, templates, demo_r
     assert mean_diff < 1e-3 * scale
     assert torch.allclose(batched.init, alone.init, rtol=1e-5, atol=1e-4)
     assert torch.allclose(batched.nll, alone.nll, rtol=1e-3, atol=1e-4)
+
+
+def test_chunks_hold_requests_of_similar_length(model_tok, hparams, templates, monkeypatch):
+    """Requests go into chunks ordered by their longest prompt row (less padding), and each
+    request still gets its own anchor back in request order."""
+    from easyedit_replay import anchor
+
+    model, tok = model_tok
+    short = {"prompt": "Paris is in", "subject": "Paris", "target_new": "Italy"}
+    long = {"prompt": "The old stone bridge over the river in the middle of Paris is in", "subject": "Paris",
+            "target_new": "Spain"}
+    reqs = prepare_requests([long, short, long, short])
+    chunks = []
+
+    def fake_chunk(spec, rows, n_req, progress, loop):
+        chunks.append(sorted({len(row.ids) for row in rows if not row.kl}))
+        # each request's anchor is its longest row length, so the order of the result is visible
+        lengths = [max(len(row.ids) for row in rows if row.request == j) for j in range(n_req)]
+        delta = torch.tensor(lengths, dtype=torch.float32)[None, :, None].expand(1, n_req, 4).contiguous()
+        return delta.clone(), delta, torch.zeros(n_req), torch.ones(n_req, dtype=torch.long)
+
+    monkeypatch.setattr(anchor, "_optimize_chunk", fake_chunk)
+    monkeypatch.setattr(anchor, "hidden_size", lambda model: 4)
+    res = optimize_anchors(model, tok, reqs, with_fields(hparams, anchor_batch_size=2), hparams.layers[0],
+                           [hparams.layer_module_tmp], templates, anchor_cache=False, fast_loop=False)
+    assert len(chunks) == 2 and max(chunks[0]) < min(chunks[1])  # the two short requests first
+    got = res.delta[0, :, 0].tolist()
+    assert got[0] == got[2] > got[1] == got[3]  # back in request order
