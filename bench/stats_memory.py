@@ -4,7 +4,9 @@ SmolLM2-135M with ``max_position_embeddings`` patched to 131072 (Llama-3.1/3.2's
 value), eager or SDPA attention, and a corpus of one very long text (``--tokens``
 tokens, the bundled corpus's texts joined on one line) plus a few short lines.
 Each configuration runs in its own process, which reports the peak resident set
-size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after computing the second
+size (``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own
+address space; ``ru_maxrss`` instead keeps the parent's RSS at fork across ``exec``,
+so a child of a large pytest process reported the parent's 3.2 GB) after computing the second
 moment of ``model.layers.4.mlp.down_proj`` (plus the RSS right after loading the
 model, for reference).
 
@@ -78,10 +80,21 @@ def child(args) -> None:
         second_moments(model, tok, hp, [MODULE], progress=False)
         seconds = time.perf_counter() - started
         files = sorted(p.name for p in Path(tmp, "stats").rglob("*.npz"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps(dict(attn=args.attn, tokens=args.tokens, max_length=getattr(hp, "mom2_max_length", None),
                           rss_after_load_mb=round(loaded), peak_rss_mb=round(peak), seconds=round(seconds, 1),
                           files=files)))
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process in MB: ``VmHWM`` (Linux; reset at ``exec``), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
