@@ -11,7 +11,7 @@ half-precision model:
   accumulated in ``mom2_dtype`` (float32 by default);
 - anchors: the delta is a float32 tensor, added to a float32 state when the anchor
   layer lies in the window (always, for both ``l_1`` and ``l_n``); the NLL and KL
-  are computed from float32 logits (:func:`~easyedit_replay.anchor.unembed`);
+  are computed from float32 logits (``anchor._Readout.logits``);
 - keys, current states and replayed targets are read from float32 layers;
 - the solve runs in float64 (MEMIT, PMET, EMMET) or float32 (AlphaEdit), as for a
   float32 model;
