@@ -168,6 +168,7 @@ def read_at_lookup(
     inputs: Iterable[str] = (),
     add: Optional[Dict[str, torch.Tensor]] = None,
     batch_size: int = 64,
+    compact: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Read module outputs/inputs at each probe's lookup token, in batched no-grad passes.
 
@@ -177,6 +178,10 @@ def read_at_lookup(
         add: ``{module_name: values [N, d]}`` added to that module's output at each
             probe's lookup token before anything downstream runs (forward replay).
         batch_size: sequences per forward pass.
+        compact: run each sequence only up to its lookup token (a causal model's
+            state there does not depend on later tokens) and batch them longest
+            first (little padding); float rounding only. False: whole sequences in
+            the given order (``bench/bench_reads.py`` compares the two).
 
     Returns:
         ``{"out:" + name: [N, d], "in:" + name: [N, d_in]}`` in the model's dtype, on
@@ -199,16 +204,20 @@ def read_at_lookup(
     for p, s in zip(unique, seqs):
         if not 0 <= p.index < len(s):
             raise RequestError(f"lookup index {p.index} is outside the {len(s)} tokens of {p.text!r}")
+    run_order = list(range(len(seqs)))
+    if compact:  # rows are put back in order below
+        seqs = [s[: p.index + 1] for p, s in zip(unique, seqs)]
+        run_order.sort(key=lambda i: -len(seqs[i]))
     chunks: Dict[str, List[torch.Tensor]] = {}
     with torch.no_grad():
         for start in range(0, len(unique), batch_size):
-            stop = start + batch_size
-            ids, mask = pad_right(seqs[start:stop], pad, dev)
+            batch = run_order[start:start + batch_size]
+            ids, mask = pad_right([seqs[i] for i in batch], pad, dev)
             rows = torch.arange(ids.shape[0])
-            cols = torch.tensor([p.index for p in unique[start:stop]])
+            cols = torch.tensor([unique[i].index for i in batch])
             edits = {}
             for name, values in (add or {}).items():
-                vals = values[start:stop]
+                vals = values[torch.tensor(batch, device=values.device)]
                 edits[name] = lambda h, v=vals: add_at_positions(h, rows, cols, v)
             trace = Trace(model, outputs=outputs, inputs=inputs, edits=edits, stop_when_done=True)
             run(model, trace, input_ids=ids, attention_mask=mask)
@@ -218,11 +227,12 @@ def read_at_lookup(
             for name in inputs:
                 h = trace.inputs[name]
                 chunks.setdefault("in:" + name, []).append(h[rows.to(h.device), cols.to(h.device)])
+    back = torch.empty(len(run_order), dtype=torch.long)
+    back[torch.tensor(run_order, dtype=torch.long)] = torch.arange(len(run_order))
+    order = back.tolist() if order is None else [back[i].item() for i in order]
     result = {k: torch.cat(v, 0) for k, v in chunks.items()}
-    if order is not None:
-        index = torch.tensor(order)
-        result = {k: v[index.to(v.device)] for k, v in result.items()}
-    return result
+    index = torch.tensor(order, dtype=torch.long)
+    return {k: v[index.to(v.device)] for k, v in result.items()}
 
 
 # ----------------------------------------------------------------------------- context templates

@@ -192,3 +192,32 @@ def test_memit_replay_batch_edit_of_demo_edits(model_tok, hparams, demo_records)
     print("greedy hits", hits, "of", len(records), "specificity", specificity)
     assert hits >= 7
     assert specificity >= 0.75
+
+
+def test_compact_reads_equal_whole_sequences_in_order(model_tok, hparams, templates, demo_records):
+    """``read_at_lookup`` runs each sequence only up to its lookup token, longest first:
+    every row equals the same probe run alone and whole (no batch, no padding), rows come
+    back in the probes' order (duplicates included), and deltas added at the lookup token
+    stay with their rows."""
+    from easyedit_replay.keys import read_at_lookup, template_probes
+
+    model, tok = model_tok
+    reqs = prepare_requests(demo_records[:3])
+    probes = template_probes(tok, reqs, templates, hparams.fact_token)
+    probes = probes + probes[:2]  # duplicates are run once and served twice
+    lengths = [len(token_ids(tok, p.text)) for p in probes]
+    assert any(p.index + 1 < n for p, n in zip(probes, lengths))  # some rows are cut: the test can fail
+    assert sorted(lengths, reverse=True) != lengths                 # ... and reordered
+    key, out = hparams.rewrite_module_tmp.format(5), hparams.layer_module_tmp.format(6)
+    reads = read_at_lookup(model, tok, probes, inputs=[key], outputs=[out])
+    for i, p in enumerate(probes):
+        alone = read_at_lookup(model, tok, [p], inputs=[key], outputs=[out], compact=False)
+        for name in ("in:" + key, "out:" + out):
+            ref = alone[name][0]
+            assert float((reads[name][i] - ref).norm() / ref.norm()) < 1e-4, (i, name)
+    first = hparams.layer_module_tmp.format(4)
+    delta = torch.randn(len(probes), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    moved = read_at_lookup(model, tok, probes, outputs=[out], add={first: delta})["out:" + out]
+    whole = read_at_lookup(model, tok, probes, outputs=[out], add={first: delta}, compact=False)["out:" + out]
+    assert float((moved - whole).norm() / whole.norm()) < 1e-4
+    assert float((moved - reads["out:" + out]).norm(dim=-1).min()) > 1e-2  # every row got its delta

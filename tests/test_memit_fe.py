@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,8 @@ import torch
 import yaml
 
 from easyedit_replay.editor import compute_edit
-from easyedit_replay.stats import second_moments
 
+from .easyedit_host import host_inputs, relative_differences, run_host_script, run_stock
 from .test_core import with_fields
 
 HERE = Path(__file__).resolve().parent
@@ -36,23 +34,6 @@ requires_fe = pytest.mark.skipif(
 PARITY_TOLERANCE = 1e-4
 
 
-def run_stock(alg: str, inputs: dict, tmp_path: Path, tag: str = "") -> dict:
-    """EasyEdit's ``execute_*`` for ``alg`` in a child process (tests/easyedit_stock.py)."""
-    src, out = tmp_path / f"inputs{tag}.pt", tmp_path / f"stock{tag}.pt"
-    torch.save(inputs, src)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([os.environ.get("EASYEDIT_PYTHON", sys.executable), str(HERE / "easyedit_stock.py"),
-                           alg, str(src), str(out)], capture_output=True, text=True, env=env, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
-
-
-def relative_differences(ours: dict, stock: dict) -> dict:
-    """``{weight_name: |ours - stock| / |stock|}`` (Frobenius norms, float64)."""
-    assert sorted(ours) == sorted(stock)
-    return {k: float((ours[k].double() - stock[k].double()).norm() / stock[k].double().norm()) for k in stock}
-
-
 @pytest.mark.slow
 @requires_fe
 def test_replay_equals_easyedit_memit_fe(model_tok, hparams, templates, demo_records, stats_dir, tmp_path):
@@ -64,8 +45,6 @@ def test_replay_equals_easyedit_memit_fe(model_tok, hparams, templates, demo_rec
     both requests in one batch and only through the layers from ``l_1`` on, and the
     replay reads every request's bare prompt in one right-padded batch, where
     MEMIT-FE runs one request at a time through the whole model."""
-    from easyedit_replay.models import resolve_model_path
-
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=6)
     assert hp.alg_name == "MEMIT_REPLAY" and hp.replay_share == "full"
@@ -75,10 +54,7 @@ def test_replay_equals_easyedit_memit_fe(model_tok, hparams, templates, demo_rec
     divided = compute_edit(model, tok, records, hp, mode="replay_remaining", context_templates=templates,
                            stats_dir=stats_dir, anchor=plan.anchors).updates
     modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
-    covs = second_moments(model, tok, hp, modules, stats_dir=stats_dir)
-    stock = run_stock("MEMIT-FE", {"model_path": resolve_model_path(hp.model_name), "requests": records,
-                                   "hparams": hp.to_dict(), "templates": templates,
-                                   "covs": {m: covs[m].cpu() for m in modules}}, tmp_path)
+    stock = run_stock("MEMIT-FE", host_inputs(model_tok, hp, records, templates, modules, stats_dir), tmp_path)
     rel = relative_differences(plan.updates, stock)
     print("relative difference per layer, MEMIT_REPLAY vs MEMIT-FE:", {k: f"{v:.2e}" for k, v in rel.items()})
     assert len(rel) == len(hp.layers) and all(float(stock[k].norm()) > 0 for k in stock)
@@ -148,21 +124,14 @@ def test_easyedit_memit_fe_cache_serves_stale_z(model_tok, hparams, templates, d
     optimization settings, nor the algorithm, nor the weights: in each of the three
     cases of tests/easyedit_fe_cache.py the cached run differs from a fresh one.
     (Our anchor cache keys all three: tests/test_anchor_cache.py.)"""
-    from easyedit_replay.models import resolve_model_path
-
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=4)
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} | {"case_id": 900 + i}
                for i, r in enumerate(demo_records[:2])]
     modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
-    covs = second_moments(model, tok, hp, modules, stats_dir=stats_dir)
     src, report = tmp_path / "inputs.pt", tmp_path / "report.json"
-    torch.save({"model_path": resolve_model_path(hp.model_name), "requests": records, "hparams": hp.to_dict(),
-                "templates": templates, "covs": {m: covs[m].cpu() for m in modules}}, src)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([os.environ.get("EASYEDIT_PYTHON", sys.executable), str(HERE / "easyedit_fe_cache.py"),
-                           str(src), str(report)], capture_output=True, text=True, env=env, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.save(host_inputs(model_tok, hp, records, templates, modules, stats_dir), src)
+    run_host_script("easyedit_fe_cache.py", src, report)
     out = json.loads(report.read_text())
     print("MEMIT-FE z cache, largest relative update difference cached vs fresh:", out)
     assert out["v_lr"]["cached_vs_writer"] == 0.0       # the v_lr 0.1 run got the v_lr 0.5 z ...
@@ -185,15 +154,11 @@ def test_easyedit_memit_fe_with_base_editor_padding_is_another_edit(model_tok, h
     updates of ``execute_memit`` with the tokenizer as BaseEditor leaves it (left) vs
     right-padded, same everything else. (The plugin pads right internally whatever the
     tokenizer says.)"""
-    from easyedit_replay.models import resolve_model_path
-
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=6)
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:1]]
     modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
-    covs = second_moments(model, tok, hp, modules, stats_dir=stats_dir)
-    inputs = {"model_path": resolve_model_path(hp.model_name), "requests": records, "hparams": hp.to_dict(),
-              "templates": templates, "covs": {m: covs[m].cpu() for m in modules}}
+    inputs = host_inputs(model_tok, hp, records, templates, modules, stats_dir)
     right = run_stock("MEMIT-FE", inputs, tmp_path, "_right")
     left = run_stock("MEMIT-FE", inputs | {"padding_side": "left"}, tmp_path, "_left")
     rel = relative_differences(left, right)

@@ -4,8 +4,6 @@ real batch edits in both modes, validation, and equivalence with EasyEdit's stoc
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,9 @@ from easyedit_replay.errors import HyperParamsError
 from easyedit_replay.evaluate import evaluate_records, summarize
 from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.keys import prepare_requests
-from easyedit_replay.stats import second_moments
 from easyedit_replay.targets import build_targets
 
+from .easyedit_host import host_inputs, relative_differences, run_stock
 from .test_core import module_outputs_of_prompt, with_fields
 
 HERE = Path(__file__).resolve().parent
@@ -154,24 +152,13 @@ def test_pmet_spread_equals_stock_easyedit(model_tok, pmet_hp, templates, demo_r
     Stock runs in a child process (``EASYEDIT_PYTHON``, default this interpreter) with
     ``CONTEXT_TEMPLATES_CACHE`` and ``COV_CACHE`` set to our templates and second moments.
     """
-    from easyedit_replay.models import resolve_model_path
-
     model, tok = model_tok
     hp = with_fields(pmet_hp, alg_name="PMET_SPREAD", layers=[4, 5, 6], v_num_grad_steps=6,
                      target_leading_space=None)  # stock's own space rule
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:2]]
     ours = compute_edit(model, tok, records, hp, context_templates=templates, stats_dir=stats_dir).updates
     modules = [t.format(l) for l in hp.layers for t in hp.rewrite_module_tmps]
-    covs = second_moments(model, tok, hp, modules, stats_dir=stats_dir)
-    inputs, out = tmp_path / "inputs.pt", tmp_path / "stock.pt"
-    torch.save({"model_path": resolve_model_path(hp.model_name), "requests": records, "hparams": hp.to_dict(),
-                "templates": templates, "covs": {m: covs[m].cpu() for m in modules}}, inputs)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([os.environ.get("EASYEDIT_PYTHON", sys.executable), str(HERE / "easyedit_stock.py"),
-                           "PMET", str(inputs), str(out)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stock = torch.load(out)
-    assert sorted(stock) == sorted(ours)
-    errors = {k: float((ours[k].double() - stock[k].double()).norm() / stock[k].double().norm()) for k in stock}
+    stock = run_stock("PMET", host_inputs(model_tok, hp, records, templates, modules, stats_dir), tmp_path)
+    errors = relative_differences(ours, stock)
     print("relative error per weight vs stock PMET:", {k: f"{v:.2e}" for k, v in errors.items()})
     assert max(errors.values()) < 1e-4
