@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 RESULTS = HERE.parent / "results" / "bench_evaluation_cpu.txt"
@@ -115,9 +117,7 @@ def main(argv=None) -> int:
             say(f"n={n:4d}   ratio: score {s0 / s1:.2f}x, fluency {f0 / f1:.2f}x, per cell {(s0 + f0) / (s1 + f1):.2f}x "
                 f"faster; largest metric difference {largest_difference(r0, r1):.1e}")
     say(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    append_results(args.out, lines)
     return 0
 
 

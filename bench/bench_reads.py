@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
+
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results" / "bench_reads_cpu.txt"
 
@@ -84,9 +86,7 @@ def main(argv=None) -> int:
              f"the whole)",
              f"  ratio {times[False] / times[True]:.2f}x faster; largest relative difference {largest:.1e}"]
     print("\n".join(lines))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    append_results(args.out, lines)
     return 0
 
 

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
+
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results" / "bench_scale_cost_cpu.txt"
 STAGES = (("anchors", "optimize_anchors"), ("statistics", "second_moments"), ("keys/reads", "read_at_lookup"),
@@ -117,9 +119,7 @@ def main(argv=None) -> int:
         lines.append(f"  anchors at 25 steps (estimated: {args.anchor_s_per_request:.1f} s/request x {args.n} requests "
                      f"x {n_layers} anchor layer): {est:.0f} s = {est / 3600:.1f} h")
     print("\n".join(lines))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    append_results(args.out, lines)
     return 0
 
 

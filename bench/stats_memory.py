@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 POSITIONS = 131072
@@ -94,6 +96,8 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -125,9 +129,7 @@ def main() -> None:
                 json.dumps(dict(attn=attn, tokens=int(n), error=f"exit {out.returncode}: {out.stderr.strip()[-300:]}"))
             print(line, flush=True)
             lines.append(line)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write("\n".join(lines) + "\n")
+    append_results(args.out, lines)
 
 
 if __name__ == "__main__":
