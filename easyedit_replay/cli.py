@@ -217,7 +217,7 @@ def _common_options(c) -> None:
     c.add_argument("--modes", default="spread,replay",
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
                         "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
-                        "replay_capacity (default: spread,replay)")
+                        "replay_capacity, replay_joint (default: spread,replay)")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
     c.add_argument("--steps", type=int, help="override v_num_grad_steps")
     c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")

@@ -332,6 +332,10 @@ def compute_edit(
     started = time.perf_counter()
     setup = _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options)
     rule, reqs, templates, sites = setup.rule, setup.requests, setup.templates, setup.sites
+    if setup.construction.share == "joint" and (len(sites) != 1 or sites[0].target.template != hparams.layer_module_tmp):
+        raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint plans changes of the block output "
+                               f"(layer_module_tmp); this rule edits {len(sites)} other site(s) per layer. Use "
+                               f"replay_capacity, which shares per site")
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
     targets = build_targets(model, tok, reqs, hparams, anchors, setup.construction, [s.target for s in sites],
                             setup.anchor_templates, rule.sqrt_share)
@@ -341,8 +345,10 @@ def compute_edit(
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
     layers = list(hparams.layers)
-    if setup.construction.share == "capacity":
+    if setup.construction.share in ("capacity", "joint"):
         targets.capacity = _capacities(model, tok, hparams, setup, key_probes, targets.edit_layers)
+    if setup.construction.share == "joint" and len(targets.edit_layers) > 1:
+        _plan_jointly(model, tok, hparams, setup, targets)
     site_names = {(l, s.target.template): s.target.template.format(l) for l in layers for s in sites}
     reads = read_at_lookup(model, tok, now_probes, outputs=list(site_names.values()))
     unedited = {key: reads["out:" + name].float() for key, name in site_names.items()}
@@ -361,6 +367,26 @@ def compute_edit(
         pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
     return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
                     records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory)
+
+
+def _plan_jointly(model, tok, hparams, setup: "_Setup", targets: Targets) -> None:
+    """``replay_joint``: replace the targets of ``l_1..l_{n-1}`` with the jointly planned
+    states (:func:`easyedit_replay.joint.joint_plan`); its cost goes to ``targets.info``.
+
+    Raises:
+        HyperParamsError: an infinite capacity (EMMET with ``emmet_lambda = 0``)."""
+    from .joint import joint_plan
+
+    template, layers = hparams.layer_module_tmp, targets.edit_layers
+    if any(bool(torch.isinf(targets.capacity[(l, template)]).any()) for l in layers):
+        raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint needs a finite capacity at every edit "
+                               f"layer (emmet_lambda = 0 delivers exactly); set emmet_lambda > 0 or use "
+                               f"replay_capacity")
+    plan = joint_plan(model, tok, setup.requests, hparams, targets.values[(layers[-1], template)],
+                      {l: targets.capacity[(l, template)] for l in layers}, layers, template)
+    for layer, state in plan.trajectory.items():
+        targets.values[(layer, template)] = state
+    targets.info.update({"joint_" + k: v for k, v in plan.info().items()})
 
 
 def _capacities(model, tok, hparams, setup: "_Setup", key_probes, edit_layers) -> Dict[Tuple[int, str], torch.Tensor]:

@@ -158,6 +158,8 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, 
                        "update_norm": {r.weight_name: r.update_norm for r in plan.records},
                        "residual_ratio": {str(l): v.tolist() for l, v in ratios.items()},
                        "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}}
+    if plan.targets.info:  # construction-specific cost (replay_joint: seconds, iterations)
+        out["analysis"]["targets"] = dict(plan.targets.info)
     last = list(ratios)[-1]
     out["rows"] = {i: {"final_ratio": float(ratios[last][k])} for k, i in enumerate(idx)}
     if cfg.target_accuracy:

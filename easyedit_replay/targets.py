@@ -58,6 +58,13 @@ replay_capacity:
     ``(1 + q_i) / (1 + Q_i)`` of the replayed residual that remains (``Q_i`` summed
     over ``l_i..l_n``) realizes it layer by layer. The last layer's share is 1; with
     one layer able to deliver (every other ``q = 0``) it is FE.
+replay_joint:
+    replay's anchor; the same objective with the Jacobians ``J_j`` of the layers
+    between the edits in place of the identity: ``d_j = q_j J_j^T mu``, ``(I + sum_j
+    q_j J_j J_j^T) mu = r`` (:mod:`easyedit_replay.joint`). Layer ``l_j`` targets the
+    planned state ``t_j`` (the unedited model with ``d_1..d_j`` added) and takes
+    ``(1 + q_j) / q_j`` of its local residual; the last layer its full residual to
+    ``z^{l_n}``.
 
 With one edit layer every construction gives bit-identical targets and residuals.
 """
@@ -65,7 +72,7 @@ With one edit layer every construction gives bit-identical targets and residuals
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -88,8 +95,9 @@ class Construction:
             edited layer itself).
         share: ``"divide"`` (``n - i`` edited layers left, PMET ``sqrt``),
             ``"full"``, ``"hparams"`` (``replay_share``: ``full`` or ``remaining``),
-            ``"tau"`` (``(n - i)^replay_tau``) or ``"capacity"`` (per request, from the
-            update rule's capacity at each layer left).
+            ``"tau"`` (``(n - i)^replay_tau``), ``"capacity"`` (per request, from the
+            update rule's capacity at each layer left) or ``"joint"`` (per request,
+            ``(1 + q) / q`` of the residual to the jointly planned state).
         replay: later edit layers' targets come from one replay forward pass of
             the first anchor.
         summary: one line for help texts.
@@ -149,9 +157,11 @@ CONSTRUCTIONS: Dict[str, Construction] = {c.name: c for c in (
                  "replay_remaining)", param="replay_tau"),
     Construction("replay_capacity", (FIRST,), "all", "own", "capacity", True,
                  "replayed targets, each layer's share from what the layers left can deliver (q/(1+q))"),
+    Construction("replay_joint", (FIRST,), "all", "own", "joint", True,
+                 "replay's anchor, per-layer changes from one solve through the Jacobians between the edits"),
 )}
 MODES = tuple(CONSTRUCTIONS)  # the built-in constructions, in the paper's order
-SHARES = ("divide", "full", "hparams", "tau", "capacity")
+SHARES = ("divide", "full", "hparams", "tau", "capacity", "joint")
 
 
 def register_construction(construction: Construction) -> Construction:
@@ -259,6 +269,7 @@ class Targets:
     sqrt_share: bool = False
     tau: Optional[float] = None
     capacity: Optional[Dict[Tuple[int, str], torch.Tensor]] = None
+    info: Dict[str, float] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -285,6 +296,8 @@ class Targets:
         """
         if self.construction.share == "capacity":
             return self._capacity_divisor(step, site)
+        if self.construction.share == "joint":
+            return self._joint_divisor(step, site)
         if not self.divide:
             return 1.0
         remaining = len(self.edit_layers) - step
@@ -299,6 +312,16 @@ class Targets:
         # an infinite capacity (EMMET with emmet_lambda = 0) delivers exactly: it takes all that is left
         share = torch.where(torch.isinf(q_here), torch.ones_like(q_here), (1 + q_here) / (1 + q_all))
         share = torch.where(torch.isinf(q_all) & ~torch.isinf(q_here), torch.zeros_like(share), share)
+        return (1 / share).float()
+
+    def _joint_divisor(self, step: int, site: Optional[TargetSite]):
+        if step == len(self.edit_layers) - 1:
+            return 1.0
+        if self.capacity is None or site is None:
+            raise ValueError("replay_joint needs Targets.capacity (set by compute_edit) and the site")
+        q = self.capacity[(self.edit_layers[step], site.template)].double()
+        # ask for (1 + q) / q of the planned change so that the solve realizes it; q = 0: nothing
+        share = torch.where(q > 0, (1 + q) / q.clamp_min(1e-300), torch.zeros_like(q))
         return (1 / share).float()
 
     def local_error(self, step: int, site: TargetSite, current: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,10 @@ optimizations.
   the rule's real behaviour, not on an assumption;
 - ``replay_capacity`` on one layer is ``replay`` / ``onelayer`` on that layer, its
   last share is 1 and its earlier shares are ``(1 + q_i) / (1 + Q_i)``;
-- neither rule optimizes an anchor of its own: replay's are read from the cache.
+- ``replay_joint`` (the joint solve through the Jacobians) equals a dense solve with
+  Jacobians read one basis vector at a time, differs from the additive solution, and is
+  replay on one layer;
+- no rule optimizes an anchor of its own: replay's are read from the cache.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def test_capacity_on_one_layer_is_replay_and_onelayer(model_tok, stats_dir, demo
     hp = _hp(stats_dir, layers=[6])
     replay = compute_edit(model, tok, demo_records_module, hp, mode="replay", context_templates=TEMPLATES)
     pool = dict(replay.anchors)
-    for mode in ("replay_capacity", "onelayer"):
+    for mode in ("replay_capacity", "replay_joint", "onelayer"):
         plan = compute_edit(model, tok, demo_records_module, hp, mode=mode, context_templates=TEMPLATES, anchor=pool)
         _same_updates(plan, replay, f"{mode} on one layer")
 
@@ -159,7 +162,7 @@ def test_new_rules_reuse_replays_anchors_from_the_cache(model_tok, stats_dir, de
     monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(tmp_path / "anchors"))
     hp = _hp(stats_dir, anchor_cache=True)
     replay = compute_edit(model, tok, demo_records_module, hp, mode="replay", context_templates=TEMPLATES)
-    for mode, changes in [("replay_tau", {"replay_tau": 0.25}), ("replay_capacity", {})]:
+    for mode, changes in [("replay_tau", {"replay_tau": 0.25}), ("replay_capacity", {}), ("replay_joint", {})]:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
             plan = compute_edit(model, tok, demo_records_module, hp.replace(**changes), mode=mode,
@@ -180,3 +183,88 @@ def test_mode_specs_and_replay_tau_validation(stats_dir):
         parse_mode("replay_share")
     with pytest.raises(HyperParamsError, match="replay_tau"):
         _hp(stats_dir, replay_tau=1.5)
+
+
+def _dense_jacobians(model, tok, hp, req, layers):
+    """``{l_j: [d, d]}`` ``d h^{l_n} / d h^{l_j}`` at the lookup token of one bare prompt,
+    one row per basis vector: ``d`` copies of the prompt in one batch, row ``k`` pulls
+    back ``e_k``."""
+    from easyedit_replay.batching import pad_right, token_ids
+    from easyedit_replay.keys import lookup_index
+    from easyedit_replay.tracing import Trace, add_at_positions, run
+
+    width = model.config.hidden_size
+    look = lookup_index(tok, req.prompt, req.subject, hp.fact_token)
+    ids, mask = pad_right([token_ids(tok, req.text)[: look + 1]] * width, 0)
+    rows, cols = torch.arange(width), torch.full((width,), look)
+    out = {}
+    for layer in layers[:-1]:
+        delta = torch.zeros(width, width, requires_grad=True)
+        edits = {hp.layer_module_tmp.format(layer): lambda h: add_at_positions(h, rows, cols, delta)}
+        name = hp.layer_module_tmp.format(layers[-1])
+        trace = Trace(model, outputs=[name], edits=edits, detach=False, stop_when_done=True)
+        with torch.enable_grad():
+            run(model, trace, input_ids=ids, attention_mask=mask)
+            final = trace.outputs[name][rows, cols]
+            (rows_of_j,) = torch.autograd.grad(final, [delta], grad_outputs=torch.eye(width))
+        out[layer] = rows_of_j.double()  # row k: e_k^T J
+    return out
+
+
+def test_joint_solve_equals_a_dense_solve(memit_plans, model_tok, stats_dir, demo_records_module):
+    """The conjugate-gradient plan == ``d_j = q_j J_j^T (I + sum_j q_j J_j J_j^T)^{-1} r``
+    with every Jacobian read densely; and the Jacobians matter: the plan is not the
+    additive (identity-Jacobian) solution ``q_j r / (1 + Q)``."""
+    from easyedit_replay.joint import joint_plan
+
+    hp, out = memit_plans
+    model, tok = model_tok
+    replay = out["replay"]
+    site = hp.layer_module_tmp
+    q = {l: out["capacity"].targets.capacity[(l, site)] for l in LAYERS}
+    z_last = replay.targets.values[(LAYERS[-1], site)]
+    plan = joint_plan(model, tok, replay.requests, hp, z_last, q, LAYERS, site, tol=1e-6, max_iter=300)
+    assert plan.relative_residual < 1e-4 and plan.iterations > 1
+    for r, req in enumerate(replay.requests):
+        jac = _dense_jacobians(model, tok, hp, req, LAYERS)
+        resid = (z_last[r] - replay.unedited[(LAYERS[-1], site)][r]).double()
+        qr = {l: float(q[l][r]) for l in LAYERS}
+        m = (1 + qr[LAYERS[-1]]) * torch.eye(len(resid), dtype=torch.float64)
+        for l, j in jac.items():
+            m += qr[l] * j @ j.T
+        mu = torch.linalg.solve(m, resid)
+        additive = resid / (1 + sum(qr.values()))
+        for l, j in jac.items():
+            expect = qr[l] * j.T @ mu
+            got = plan.deltas[l][r].double()
+            assert float((got - expect).norm() / expect.norm()) < 1e-3, (r, l)
+            assert float((got - qr[l] * additive).norm() / expect.norm()) > 0.05, (r, l)  # J is not I
+
+
+def test_joint_edit_targets_the_planned_states(memit_plans, model_tok, stats_dir, demo_records_module):
+    """``replay_joint`` targets the planned states at ``l_1..l_{n-1}`` and ``z^{l_n}`` at the
+    last layer, asking each earlier layer for ``(1 + q) / q`` of its local residual."""
+    hp, out = memit_plans
+    model, tok = model_tok
+    plan = compute_edit(model, tok, demo_records_module, hp, mode="replay_joint", context_templates=TEMPLATES,
+                        anchor=dict(out["replay"].anchors))
+    t, site = plan.targets, plan.targets.sites[0]
+    last = (LAYERS[-1], site.template)
+    assert torch.equal(t.values[last], out["replay"].targets.values[last])
+    assert t.info["joint_iterations"] > 0 and t.info["joint_seconds"] > 0
+    for i, layer in enumerate(LAYERS[:-1]):
+        q = t.capacity[(layer, site.template)].double()
+        assert torch.allclose(t.divisor(i, site).double(), q / (1 + q), rtol=1e-6)
+        rec = plan.residuals[(layer, site.template)].double()
+        assert float(rec.norm()) > 0
+    assert t.divisor(len(LAYERS) - 1, site) == 1.0
+    # the planned first-layer state is the unedited state plus the planned change
+    first = (LAYERS[0], site.template)
+    assert not torch.allclose(t.values[first], out["replay"].targets.values[first])
+
+
+def test_joint_refuses_pmet(model_tok, stats_dir, demo_records_module):
+    model, tok = model_tok
+    hp = _hp(stats_dir, "PMET")
+    with pytest.raises(HyperParamsError, match="replay_joint"):
+        compute_edit(model, tok, demo_records_module, hp, mode="replay_joint", context_templates=TEMPLATES)
