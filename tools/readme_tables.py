@@ -1,7 +1,7 @@
 """Condensed markdown tables of a ``compare`` run, as pasted into README "Results".
 
     python tools/readme_tables.py docs/results/cf48_all/results.json
-    python tools/readme_tables.py --scale docs/results/scale_cf      # "Results at scale"
+    python tools/readme_tables.py --scale docs/results/scale_cf [--modes spread,replay,blue]   # "Results at scale"
 
 Prints (1) the paper's metrics plus EasyEdit's efficacy, specificity and fluency, one row
 per algorithm and mode, mean [95% bootstrap interval]; (2) the residual ratio after each
@@ -62,7 +62,9 @@ SCALE_COLUMNS = (("efficacy_exact", "eff. Acc", True), ("generalization_exact", 
                  ("final_ratio", "final resid. ratio", False))
 
 
-def scale_tables(out_dir: str) -> None:
+def scale_tables(out_dir: str, modes=None) -> None:
+    """The README's "Results at scale" tables from ``scale --out DIR`` cells (only the
+    ``modes`` listed, all when None), the sequential tables and the missing cells."""
     from easyedit_replay.scale import _describe, _fmt, _order, collect_cells, missing_cells, paired_difference
 
     found = collect_cells(out_dir)
@@ -75,6 +77,8 @@ def scale_tables(out_dir: str) -> None:
         cells = found["batch"][n]
         for key, cell in sorted(cells.items(), key=_order):
             alg, mode = key.split("/")
+            if modes and mode not in modes:
+                continue
             ref = cells.get(f"{alg}/spread")
             row = [str(n), alg, mode]
             for k, _, paired in SCALE_COLUMNS:
@@ -104,7 +108,8 @@ def scale_tables(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--scale":
-        scale_tables(sys.argv[2])
+    if sys.argv[1] == "--scale":  # --scale DIR [--modes spread,replay,blue]
+        chosen = sys.argv[sys.argv.index("--modes") + 1].split(",") if "--modes" in sys.argv else None
+        scale_tables(sys.argv[2], chosen)
     else:
         main(sys.argv[1])
