@@ -60,7 +60,9 @@ class JointPlan:
         trajectory: ``{l_j: [R, d]}`` the planned state ``t_j`` at the output of block
             ``l_j`` (model dtype), the targets of layers ``l_1..l_{n-1}``.
         iterations: the most conjugate-gradient iterations any chunk ran.
-        relative_residual: the largest ``|M mu - r| / |r|`` over requests at the end.
+        relative_residual: the largest relative residual ``|M mu - r| / |r|`` over
+            requests at the end, as conjugate gradients' running estimate (not
+            recomputed; a NaN residual would stop the iteration unnoticed).
         seconds: wall time of the whole plan (solve + trajectory pass).
     """
 
