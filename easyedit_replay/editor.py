@@ -384,7 +384,11 @@ def _plan_jointly(model, tok, hparams, setup: "_Setup", targets: Targets) -> Non
                                f"replay_capacity")
     plan = joint_plan(model, tok, setup.requests, hparams, targets.values[(layers[-1], template)],
                       {l: targets.capacity[(l, template)] for l in layers}, layers, template)
+    if not plan.relative_residual < 1:  # NaN or a diverged solve
+        raise NumericalError(f"replay_joint: the joint solve did not converge (relative residual "
+                             f"{plan.relative_residual}); no weight was changed")
     for layer, state in plan.trajectory.items():
+        _check_finite(state, f"replay_joint planned state at layer {layer}")
         targets.values[(layer, template)] = state
     targets.info.update({"joint_" + k: v for k, v in plan.info().items()})
 

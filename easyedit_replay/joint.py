@@ -62,7 +62,7 @@ class JointPlan:
         iterations: the most conjugate-gradient iterations any chunk ran.
         relative_residual: the largest relative residual ``|M mu - r| / |r|`` over
             requests at the end, as conjugate gradients' running estimate (not
-            recomputed; a NaN residual would stop the iteration unnoticed).
+            recomputed; NaN if the solve broke down: ``compute_edit`` refuses it).
         seconds: wall time of the whole plan (solve + trajectory pass).
     """
 
@@ -201,7 +201,7 @@ def joint_plan(model, tok, requests: Sequence[EditRequest], hparams, z_last: tor
         plan.iterations = max(plan.iterations, iterations)
         worst.append(float(rel.max()))
     plan.deltas = {l: torch.cat(v, 0) for l, v in plan.deltas.items()}
-    plan.relative_residual = max(worst)
+    plan.relative_residual = float("nan") if any(w != w for w in worst) else max(worst)
     plan.trajectory = planned_trajectory(model, tok, probes, plan.deltas, names)
     plan.seconds = time.perf_counter() - started
     return plan

@@ -181,6 +181,10 @@ def register_construction(construction: Construction) -> Construction:
     if c.measure == "own" and not c.replay and c.edit == "all":
         raise ValueError(f"Construction({c.name!r}): edits every layer, measures each at itself, but has "
                          f"no replay to give the middle layers targets")
+    if c.share == "joint" and (c.anchors != (FIRST,) or not c.replay or c.measure != "own" or c.edit != "all"):
+        raise ValueError(f"Construction({c.name!r}): share 'joint' plans from replay's l_1 anchor and measures "
+                         f"each edited layer at itself: use anchors=('first',), replay=True, measure='own', "
+                         f"edit='all'")
     CONSTRUCTIONS[c.name] = c
     return c
 

@@ -268,3 +268,34 @@ def test_joint_refuses_pmet(model_tok, stats_dir, demo_records_module):
     hp = _hp(stats_dir, "PMET")
     with pytest.raises(HyperParamsError, match="replay_joint"):
         compute_edit(model, tok, demo_records_module, hp, mode="replay_joint", context_templates=TEMPLATES)
+
+
+def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans, model_tok, demo_records_module,
+                                                                    monkeypatch):
+    """A solve that breaks down (NaN residual) is a NumericalError before any weight is
+    written; a construction with share 'joint' must be a replay construction."""
+    import dataclasses
+
+    import easyedit_replay.joint as joint
+    from easyedit_replay.errors import NumericalError
+    from easyedit_replay.targets import get_construction, register_construction
+
+    hp, out = memit_plans
+    model, tok = model_tok
+    real = joint.joint_plan
+
+    def broken(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        plan.relative_residual = float("nan")
+        return plan
+
+    monkeypatch.setattr(joint, "joint_plan", broken)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NumericalError, match="did not converge"):
+        compute_edit(model, tok, demo_records_module, hp, mode="replay_joint", context_templates=TEMPLATES,
+                     anchor=dict(out["replay"].anchors))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    spread_like = dataclasses.replace(get_construction("replay_joint"), name="joint_from_last", anchors=("last",),
+                                      replay=False, measure="last")
+    with pytest.raises(ValueError, match="share 'joint'"):
+        register_construction(spread_like)
