@@ -374,14 +374,12 @@ def _plan_jointly(model, tok, hparams, setup: "_Setup", targets: Targets) -> Non
     states (:func:`easyedit_replay.joint.joint_plan`); its cost goes to ``targets.info``.
 
     Raises:
-        HyperParamsError: an infinite capacity (EMMET with ``emmet_lambda = 0``)."""
+        HyperParamsError: an infinite capacity (EMMET with ``emmet_lambda = 0``; from
+            :func:`~easyedit_replay.joint.joint_plan`).
+        NumericalError: the solve broke down or a planned state is not finite."""
     from .joint import joint_plan
 
     template, layers = hparams.layer_module_tmp, targets.edit_layers
-    if any(bool(torch.isinf(targets.capacity[(l, template)]).any()) for l in layers):
-        raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint needs a finite capacity at every edit "
-                               f"layer (emmet_lambda = 0 delivers exactly); set emmet_lambda > 0 or use "
-                               f"replay_capacity")
     plan = joint_plan(model, tok, setup.requests, hparams, targets.values[(layers[-1], template)],
                       {l: targets.capacity[(l, template)] for l in layers}, layers, template)
     if not plan.relative_residual < 1:  # NaN or a diverged solve

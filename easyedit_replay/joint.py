@@ -46,6 +46,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from .batching import input_device, pad_id_of, pad_right, token_ids
+from .errors import HyperParamsError
 from .keys import EditRequest, bare_probes
 from .tracing import Trace, add_at_positions, run
 
@@ -141,8 +142,9 @@ def joint_plan(model, tok, requests: Sequence[EditRequest], hparams, z_last: tor
         :class:`JointPlan`.
 
     Raises:
-        ValueError: fewer than two layers, a capacity that is not finite, or a
-            missing layer in ``capacity``.
+        ValueError: fewer than two layers or a missing layer in ``capacity``.
+        HyperParamsError (a ValueError): a capacity that is not finite (EMMET with
+            ``emmet_lambda = 0``).
 
     Source: our derivation (module docstring); the capacity ``q`` is
     ``Algorithm.capacity``; the joint objective is ``replay_capacity``'s with the
@@ -155,8 +157,9 @@ def joint_plan(model, tok, requests: Sequence[EditRequest], hparams, z_last: tor
         if layer not in capacity:
             raise ValueError(f"joint_plan: no capacity for layer {layer}")
         if not bool(torch.isfinite(capacity[layer]).all()):
-            raise ValueError(f"replay_joint needs finite capacities; layer {layer} has an infinite one "
-                             f"(EMMET with emmet_lambda = 0 delivers exactly: use replay or replay_capacity)")
+            raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint needs a finite capacity at every "
+                                   f"edit layer; layer {layer} has an infinite one (EMMET with emmet_lambda = 0 "
+                                   f"delivers exactly): set emmet_lambda > 0 or use replay_capacity")
     from .anchor import frozen_parameters
 
     started = time.perf_counter()

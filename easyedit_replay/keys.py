@@ -227,11 +227,10 @@ def read_at_lookup(
             for name in inputs:
                 h = trace.inputs[name]
                 chunks.setdefault("in:" + name, []).append(h[rows.to(h.device), cols.to(h.device)])
-    back = torch.empty(len(run_order), dtype=torch.long)
+    back = torch.empty(len(run_order), dtype=torch.long)  # unique probe -> its row in the results
     back[torch.tensor(run_order, dtype=torch.long)] = torch.arange(len(run_order))
-    order = back.tolist() if order is None else [back[i].item() for i in order]
+    index = back if order is None else back[torch.tensor(order, dtype=torch.long)]
     result = {k: torch.cat(v, 0) for k, v in chunks.items()}
-    index = torch.tensor(order, dtype=torch.long)
     return {k: v[index.to(v.device)] for k, v in result.items()}
 
 

@@ -299,3 +299,17 @@ def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans,
                                       replay=False, measure="last")
     with pytest.raises(ValueError, match="share 'joint'"):
         register_construction(spread_like)
+
+
+def test_joint_needs_finite_capacities(memit_plans, model_tok):
+    """EMMET with emmet_lambda = 0 has an infinite capacity: a HyperParamsError naming the
+    field, raised before any forward pass."""
+    from easyedit_replay.joint import joint_plan
+
+    hp, out = memit_plans
+    model, tok = model_tok
+    q = {l: torch.ones(2) for l in LAYERS}
+    q[LAYERS[1]] = torch.tensor([1.0, float("inf")])
+    z_last = out["replay"].targets.values[(LAYERS[-1], hp.layer_module_tmp)]
+    with pytest.raises(HyperParamsError, match="emmet_lambda"):
+        joint_plan(model, tok, out["replay"].requests, hp, z_last, q, LAYERS, hp.layer_module_tmp)
