@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import matmul_flops_per_s  # bench/ is sys.path[0] when a benchmark runs
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 RESULTS = HERE.parent / "results" / "bench_anchors_cpu.txt"
@@ -55,8 +57,6 @@ def _records(n):
 
 
 def bench_loop(args, say):
-    import torch
-
     from easyedit_replay.anchor import optimize_anchors
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.editor import resolve_templates
@@ -98,22 +98,6 @@ def bench_loop(args, say):
 
 DATASETS = {"demo": None, "counterfact": COUNTERFACT,
             "zsre": ROOT.parent / "shared" / "data" / "zsre" / "zsre-1k.json"}
-
-
-def matmul_flops_per_s(seconds: float = 2.0) -> float:
-    """Measured float32 FLOP/s of a ``[4096, 576] @ [576, 1536]`` product (the MLP shape of
-    SmolLM2 at a few thousand tokens), best of repeated timings over ``seconds``."""
-    import torch
-
-    a, b = torch.randn(4096, 576), torch.randn(576, 1536)
-    for _ in range(3):
-        a @ b
-    best, end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 4096 * 576 * 1536 / best
 
 
 def padding_efficiency(rows, order, chunk: int) -> float:

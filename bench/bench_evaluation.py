@@ -15,6 +15,11 @@ at git revision REV (loaded from ``git show``; fluency with its generate batch o
 run side by side, alternating, and the largest difference of any metric between the
 two is printed (they differ only by float rounding).
 
+With ``--limit`` each part of the current code runs once more under
+``torch.utils.flop_counter.FlopCounterMode`` (not timed), and its FLOPs divided by the
+measured matmul FLOP/s of this CPU (``_report.matmul_flops_per_s``) give its compute
+limit in s/edit, printed next to the measured time ("x limit" = measured / limit).
+
     python bench/bench_evaluation.py --data ../shared/data/counterfact/counterfact-val.json \\
         --sizes 48,192 --compare-rev 1e5f72e
 """
@@ -31,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
+from _report import append_results, matmul_flops_per_s  # bench/ is sys.path[0] when a benchmark runs
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -66,11 +71,33 @@ def largest_difference(a, b) -> float:
     return worst
 
 
+def limit_line(n: int, timed, flops_s: float, score, fluency) -> str:
+    """One line: the FLOPs of ``score()`` and ``fluency()`` (counted, not timed), their
+    compute limit in s/edit at ``flops_s``, and the measured ``timed = (score s, fluency s,
+    rows)`` as a multiple of it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parts = []
+    for name, run, seconds in (("score", score, timed[0]), ("fluency", fluency, timed[1])):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run()
+        limit = counter.get_total_flops() / flops_s
+        parts.append((name, counter.get_total_flops(), limit, seconds))
+    total_limit, total = sum(p[2] for p in parts), sum(p[3] for p in parts)
+    text = "  ".join(f"{name} {fl / 1e12:.2f} TFLOP, limit {lim / n:.3f} s/edit ({sec / lim:.1f}x limit)"
+                     for name, fl, lim, sec in parts)
+    return (f"n={n:4d}   limit: {text}; per cell limit {total_limit / n:.3f} s/edit, measured "
+            f"{total / n:.3f} ({total / total_limit:.1f}x limit)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="edits file (default: the bundled demo edits)")
     p.add_argument("--sizes", default="8,48")
     p.add_argument("--compare-rev", help="also time evaluate.py at this git revision, side by side")
+    p.add_argument("--limit", action="store_true",
+                   help="also count each part's FLOPs and print its compute limit next to its time")
     p.add_argument("--label", default="", help="a note written next to the numbers")
     p.add_argument("--out", default=str(RESULTS), help="append the results here ('' to skip)")
     args = p.parse_args(argv)
@@ -100,6 +127,9 @@ def main(argv=None) -> int:
     say(f"\n# bench_evaluation {args.label} | {platform.machine()} torch {torch.__version__} "
         f"threads {torch.get_num_threads()} | data {args.data or 'demo'} | {time.strftime('%Y-%m-%d %H:%M')}")
     reference = evaluate.evaluate_records(model, tok, records, None)
+    flops_s = matmul_flops_per_s() if args.limit else None
+    if args.limit:
+        say(f"matmul {flops_s / 1e9:.1f} GFLOP/s measured ({torch.get_num_threads()} thread(s))")
     for n in sizes:
         recs, ref = records[:n], reference[:n]
         got = {}
@@ -116,6 +146,9 @@ def main(argv=None) -> int:
             (s0, f0, r0), (s1, f1, r1) = got[args.compare_rev], got["now"]
             say(f"n={n:4d}   ratio: score {s0 / s1:.2f}x, fluency {f0 / f1:.2f}x, per cell {(s0 + f0) / (s1 + f1):.2f}x "
                 f"faster; largest metric difference {largest_difference(r0, r1):.1e}")
+        if args.limit:
+            say(limit_line(n, got["now"], flops_s, lambda: evaluate.evaluate_records(model, tok, recs, ref),
+                           lambda: fluency_scores(model, tok, recs, 24)))
     say(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     append_results(args.out, lines)
     return 0
