@@ -154,12 +154,15 @@ def plots(results: Dict, out: Path) -> List[Path]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="results.json of `easyedit-replay compare --out DIR`")
-    p.add_argument("--out", help="directory for the two PNG plots (default: beside the results)")
+    p.add_argument("--out", help="directory for report.md and the two PNG plots (default: beside the results)")
     args = p.parse_args(argv)
     results = json.loads(Path(args.results).read_text())
-    print("\n".join(tables(results)))
+    text = "\n".join(tables(results))
+    print(text)
     out = Path(args.out or Path(args.results).parent)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text.lstrip("\n") + "\n")
+    print(f"wrote {out / 'report.md'}")
     for path in plots(results, out):
         print(f"wrote {path}")
 
