@@ -14,6 +14,8 @@ from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.scale import ScaleConfig, run_scale
 
+from .conftest import ROOT, SHARED_DATA, requires_shared
+
 pytestmark = pytest.mark.slow
 
 N_BOOT = 200
@@ -162,3 +164,20 @@ def test_sequential_bookkeeping(model_tok, stats_dir, demo_records, reference):
         assert got["logp_new"] == pytest.approx(want["logp_new"], abs=1e-4)
         assert got["efficacy_win"] == want["efficacy_win"]
         assert got["locality_dkl"] == pytest.approx(want["locality_dkl"], abs=1e-4)
+
+
+@requires_shared
+def test_anchor_bank_lists_the_banked_zsre_anchors(capsys):
+    """tools/anchor_bank.py on the committed bank: the ZsRE 192 cells' anchors (replay at
+    layer 4, spread at layer 8, MEMIT YAML) are all there, and PMET's are not ZsRE's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("anchor_bank", ROOT / "tools" / "anchor_bank.py")
+    bank = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bank)
+    assert bank.main([str(ROOT / "docs" / "results" / "anchors"),
+                      "--data", f"{SHARED_DATA / 'zsre' / 'zsre-1k.json'}:192"]) == 0
+    out = capsys.readouterr().out
+    assert "zsre-1k.json first 192: layer 4, 1 site(s): 192 banked, 0 missing" in out
+    assert "zsre-1k.json first 192: layer 8, 1 site(s): 192 banked, 0 missing" in out
+    assert "zsre-1k.json first 192: layer 4, 2 site(s): 0 banked, 192 missing" in out
