@@ -35,11 +35,12 @@ def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
     return [b for b in names if default_hparams_path(model, f"{b}_REPLAY").exists()]
 
 
-def _prepare(args, n: Optional[int]):
+def _prepare(args, n: Optional[int], load: bool = True):
     """Shared by ``compare`` and ``scale``: hyperparameters per algorithm (bundled YAMLs or
     ``--hparams``, with the command-line overrides), the statistics folder, the first
     ``n`` records (validated) and the model, in that order, so bad input fails before
-    the model loads. Returns ``(by_alg, stats_dir, records, model, tok, model_name, modes)``."""
+    the model loads. Returns ``(by_alg, stats_dir, records, model, tok, model_name, modes)``
+    (``model`` and ``tok`` None with ``load=False``)."""
     from .algorithms import get_algorithm, load_hparams
     from .data import load_records, validate_records
     from .models import cache_root, load_model
@@ -80,6 +81,8 @@ def _prepare(args, n: Optional[int]):
     if not args.quiet:
         logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
     model_name = args.model or next(iter(by_alg.values())).model_name
+    if not load:
+        return by_alg, stats_dir, records, None, None, model_name, modes
     print(f"loading {model_name} ...", file=sys.stderr)
     model, tok = load_model(model_name, device=args.device)
     return by_alg, stats_dir, records, model, tok, model_name, modes
@@ -130,7 +133,7 @@ def parse_sizes(text: str) -> List[int]:
 
 
 def cmd_scale(args) -> int:
-    from .scale import ScaleConfig, run_scale, write_scale_report
+    from .scale import ScaleConfig, record_plan, run_scale, write_scale_report
 
     if args.report_only:
         print(write_scale_report(args.out))
@@ -140,13 +143,16 @@ def cmd_scale(args) -> int:
         raise ReplayError("--sequential needs --batch-size B (edits per batch)")
     if args.batch_size and not args.sequential:
         raise ReplayError("--batch-size is for --sequential runs; one-batch cells edit all n at once")
-    by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, max(sizes))
+    by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, max(sizes), load=not args.plan_only)
     cfg = ScaleConfig(sizes=sizes, modes=modes, sequential=args.sequential, batch_size=args.batch_size,
                       curve=args.curve, fluency=not args.no_fluency, target_accuracy=args.target_accuracy,
                       seed=args.seed or 0, progress=not args.quiet)
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
+    if args.plan_only:
+        print(record_plan(args.out, cfg, list(by_alg), meta={"model": model_name, "data": str(args.data or "demo")}))
+        return 0
     report = run_scale(model, tok, records, by_alg, cfg, args.out, stats_dir=stats_dir,
                        meta={"model": model_name, "data": str(args.data or "demo")})
     print(report)
@@ -257,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", required=True, help="directory of the cells, report.md and plots (a rerun resumes)")
     sc.add_argument("--report-only", action="store_true", help="rewrite report.md and the plots from the cells "
                     "found; compute nothing")
+    sc.add_argument("--plan-only", action="store_true", help="record the cells this command would make in "
+                    "OUT/scale.json (report.md then lists the unfinished ones as missing) and rewrite the report; "
+                    "load no model, compute nothing")
     sc.set_defaults(func=cmd_scale)
 
     e = sub.add_parser("export-model", help="write a Hugging Face copy of a bundled model alias")

@@ -391,6 +391,23 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
     return write_scale_report(out, cfg.n_boot, cfg.seed) if report else None
 
 
+def record_plan(out_dir, cfg: ScaleConfig, algs: Sequence[str], meta: Optional[dict] = None) -> Path:
+    """Add the cells of ``cfg`` x ``algs`` to ``out_dir/scale.json`` without making any
+    (``scale --plan-only``), so that the report lists the unfinished ones as missing;
+    then rewrite the report. Returns ``out_dir/report.md``.
+
+    Raises:
+        ReplayError: a sequential plan without a batch size.
+    """
+    if cfg.sequential and not cfg.batch_size:
+        raise ReplayError("--sequential needs --batch-size B (edits per batch)")
+    cfg.sizes = sorted({int(n) for n in cfg.sizes})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _update_plan(out, planned_cells(cfg, list(algs)), meta)
+    return write_scale_report(out, cfg.n_boot, cfg.seed)
+
+
 def _update_plan(out: Path, plan: List[dict], meta: Optional[dict]) -> None:
     path = out / "scale.json"
     data = json.loads(path.read_text()) if path.exists() else {"planned": [], "meta": {}}

@@ -181,3 +181,24 @@ def test_anchor_bank_lists_the_banked_zsre_anchors(capsys):
     assert "zsre-1k.json first 192: layer 4, 1 site(s): 192 banked, 0 missing" in out
     assert "zsre-1k.json first 192: layer 8, 1 site(s): 192 banked, 0 missing" in out
     assert "zsre-1k.json first 192: layer 4, 2 site(s): 0 banked, 192 missing" in out
+
+
+def test_plan_only_lists_the_planned_cells_as_missing_without_a_model(tmp_path, capsys):
+    """``scale --plan-only`` records the cells in scale.json and the report lists the
+    unfinished ones; no model is loaded and no cell is made. A sequential plan adds its
+    steps beside the one-batch cells."""
+    from easyedit_replay.cli import main
+
+    out = tmp_path / "scale"
+    assert main(["scale", "--plan-only", "--n", "4,8", "--algs", "MEMIT", "--modes", "spread,replay",
+                 "--out", str(out)]) == 0
+    assert main(["scale", "--plan-only", "--n", "8", "--sequential", "--batch-size", "4", "--algs", "AlphaEdit",
+                 "--modes", "replay", "--out", str(out)]) == 0
+    assert "loading" not in capsys.readouterr().err
+    assert not (out / "cells").exists() or not any((out / "cells").rglob("*.json"))
+    planned = json.loads((out / "scale.json").read_text())["planned"]
+    assert len(planned) == 2 * 2 + 2
+    report = (out / "report.md").read_text()
+    for line in ("- one batch, n = 4, MEMIT/spread", "- one batch, n = 8, MEMIT/replay"):
+        assert line in report
+    assert report.count("AlphaEdit/replay") >= 2  # both sequential steps
