@@ -45,7 +45,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -119,6 +119,12 @@ class CacheKey:
     description: str
 
 
+def request_description(req) -> Dict[str, str]:
+    """The part of an anchor's key that names its request (a prepared request's ``prompt``,
+    ``subject`` and ``target_new``)."""
+    return {"prompt": req.prompt, "subject": req.subject, "target_new": req.target_new}
+
+
 def request_keys(model, requests, rows_by_request: Sequence[Sequence[tuple]], hparams, layer: int,
                  sites: Sequence[str], loss_name: str, templates, nll_factor: float, adaptive_nll: bool,
                  early_stop: float) -> List[CacheKey]:
@@ -147,7 +153,7 @@ def request_keys(model, requests, rows_by_request: Sequence[Sequence[tuple]], hp
     }
     keys = []
     for req, rows in zip(requests, rows_by_request):
-        desc = dict(common, request={"prompt": req.prompt, "subject": req.subject, "target_new": req.target_new},
+        desc = dict(common, request=request_description(req),
                     rows=[[list(ids), int(look), bool(kl)] for ids, look, kl in rows])
         text = json.dumps(desc, sort_keys=True, default=str)
         keys.append(CacheKey(hashlib.blake2b(text.encode(), digest_size=20).hexdigest(), text))
@@ -208,6 +214,15 @@ class AnchorStore:
             log.warning("anchor cache file %s does not match (%s); recomputing and replacing it", path, problem)
             return None
         return Entry(tensors["init"], tensors["delta"], tensors["nll"], tensors["steps"])
+
+    def stored_keys(self) -> Iterator[Tuple[Path, dict]]:
+        """``(path, key description)`` of every anchor file under ``root``, read from the
+        files' metadata only (no tensor is loaded; nothing is validated)."""
+        from safetensors import safe_open
+
+        for path in sorted(self.root.glob("*/*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                yield path, json.loads((f.metadata() or {})["key"])
 
     def put(self, key: CacheKey, entry: Entry) -> Path:
         """Write ``entry`` for ``key`` atomically under a file lock; returns the path."""

@@ -21,19 +21,18 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def read_keys(folder: Path):
-    """``[(group, model fingerprint, (prompt, subject, target_new))]`` for every anchor file
-    under ``folder``; ``group`` is ``"layer L, S site(s)"``."""
-    from safetensors import safe_open
+def _request(description: dict) -> str:
+    return json.dumps(description, sort_keys=True)
 
-    out = []
-    for path in sorted(folder.glob("*/*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            key = json.loads(f.metadata()["key"])
-        req = key["request"]
-        group = f"layer {key['layer']}, {len(key['sites'])} site(s)"
-        out.append((group, key["model"], (req["prompt"], req["subject"], req["target_new"])))
-    return out
+
+def read_keys(folder: Path):
+    """``[(group, model fingerprint, request)]`` for every anchor file under ``folder``
+    (:meth:`AnchorStore.stored_keys`); ``group`` is ``"layer L, S site(s)"`` and
+    ``request`` the key's request part (:func:`request_description`) as text."""
+    from easyedit_replay.anchor_cache import AnchorStore
+
+    return [(f"layer {key['layer']}, {len(key['sites'])} site(s)", key["model"], _request(key["request"]))
+            for _, key in AnchorStore(folder).stored_keys()]
 
 
 def main(argv=None) -> int:
@@ -53,6 +52,7 @@ def main(argv=None) -> int:
     for group in sorted(groups):
         print(f"  {group}: {len(groups[group])} requests (model fingerprints: {', '.join(sorted(models[group]))})")
     if args.data:
+        from easyedit_replay.anchor_cache import request_description
         from easyedit_replay.data import load_records
         from easyedit_replay.keys import prepare_requests
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             path, _, n = spec.rpartition(":")
             if not path or not n.isdigit():
                 p.error(f"--data {spec!r}: give FILE:N, e.g. counterfact-val.json:768")
-            reqs = [(r.prompt, r.subject, r.target_new) for r in prepare_requests(load_records(path, int(n)))]
+            reqs = [_request(request_description(r)) for r in prepare_requests(load_records(path, int(n)))]
             for group in sorted(groups):
                 have = sum(r in groups[group] for r in reqs)
                 print(f"  {Path(path).name} first {len(reqs)}: {group}: {have} banked, {len(reqs) - have} missing")
