@@ -150,11 +150,11 @@ def cmd_scale(args) -> int:
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
+    meta = {"model": model_name, "data": str(args.data or "demo")}
     if args.plan_only:
-        print(record_plan(args.out, cfg, list(by_alg), meta={"model": model_name, "data": str(args.data or "demo")}))
+        print(record_plan(args.out, cfg, list(by_alg), meta=meta))
         return 0
-    report = run_scale(model, tok, records, by_alg, cfg, args.out, stats_dir=stats_dir,
-                       meta={"model": model_name, "data": str(args.data or "demo")})
+    report = run_scale(model, tok, records, by_alg, cfg, args.out, stats_dir=stats_dir, meta=meta)
     print(report)
     return 0
 

@@ -352,16 +352,9 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
 
     from .editor import resolve_templates
 
-    sizes = sorted({int(n) for n in cfg.sizes})
-    if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
-        raise ReplayError(f"--n {','.join(map(str, cfg.sizes))}: sizes must lie in 1..{len(records)} "
-                          f"(the records loaded)")
+    _check_sizes(cfg, len(records))
+    sizes = cfg.sizes
     b = cfg.batch_size if cfg.sequential else None
-    if cfg.sequential and (b is None or not 1 <= int(b) <= sizes[-1]):
-        raise ReplayError(f"--batch-size {b}: a sequential run needs a batch size in 1..{sizes[-1]} (the largest --n)")
-    if not cfg.sequential and cfg.batch_size is not None:
-        raise ReplayError(f"--batch-size {cfg.batch_size}: one-batch cells edit all n at once; batch sizes are for --sequential")
-    cfg.sizes = sizes
     out = Path(out_dir)
     by_alg = {a: (hp.replace(stats_dir=stats_dir) if stats_dir else hp) for a, hp in hparams_by_alg.items()}
     templates = {a: resolve_templates(model, tok, hp) for a, hp in by_alg.items()}
@@ -391,17 +384,35 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
     return write_scale_report(out, cfg.n_boot, cfg.seed) if report else None
 
 
+def _check_sizes(cfg: ScaleConfig, n_records: Optional[int]) -> None:
+    """Sort ``cfg.sizes`` in place and check them and the batch size (``n_records`` None:
+    no upper bound on the sizes).
+
+    Raises:
+        ReplayError: a size outside 1..n_records, a sequential run without a batch size in
+            1..max(sizes), or a batch size for a one-batch run.
+    """
+    sizes = sorted({int(n) for n in cfg.sizes})
+    if not sizes or sizes[0] < 1 or (n_records is not None and sizes[-1] > n_records):
+        bound = f"in 1..{n_records} (the records loaded)" if n_records is not None else "positive"
+        raise ReplayError(f"--n {','.join(map(str, cfg.sizes))}: sizes must be {bound}")
+    b = cfg.batch_size if cfg.sequential else None
+    if cfg.sequential and (b is None or not 1 <= int(b) <= sizes[-1]):
+        raise ReplayError(f"--batch-size {b}: a sequential run needs a batch size in 1..{sizes[-1]} (the largest --n)")
+    if not cfg.sequential and cfg.batch_size is not None:
+        raise ReplayError(f"--batch-size {cfg.batch_size}: one-batch cells edit all n at once; batch sizes are for --sequential")
+    cfg.sizes = sizes
+
+
 def record_plan(out_dir, cfg: ScaleConfig, algs: Sequence[str], meta: Optional[dict] = None) -> Path:
     """Add the cells of ``cfg`` x ``algs`` to ``out_dir/scale.json`` without making any
     (``scale --plan-only``), so that the report lists the unfinished ones as missing;
     then rewrite the report. Returns ``out_dir/report.md``.
 
     Raises:
-        ReplayError: a sequential plan without a batch size.
+        ReplayError: bad sizes or batch size (the checks of :func:`run_scale`).
     """
-    if cfg.sequential and not cfg.batch_size:
-        raise ReplayError("--sequential needs --batch-size B (edits per batch)")
-    cfg.sizes = sorted({int(n) for n in cfg.sizes})
+    _check_sizes(cfg, None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _update_plan(out, planned_cells(cfg, list(algs)), meta)
