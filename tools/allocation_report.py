@@ -19,26 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List
+
+from easyedit_replay.scale import paired_difference
 
 COLUMNS = (("efficacy_exact", "eff. Acc"), ("generalization_exact", "gen. Acc"), ("locality_dkl", "DKL"),
            ("locality_top1", "Top-1"))
 REFERENCE = "replay"
-
-
-def paired_difference(a: Sequence[Optional[float]], b: Sequence[Optional[float]], n_boot: int = 1000,
-                      seed: int = 0) -> Tuple[Optional[float], Optional[float], Optional[float]]:
-    """``(mean, lo, hi)`` of ``a - b`` over the edits both have, with a 95% percentile
-    bootstrap interval that resamples edits (pairs), not each side separately."""
-    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-    if not diffs:
-        return None, None, None
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(n_boot))
-    return sum(diffs) / n, means[int(0.025 * (n_boot - 1))], means[-int(0.025 * (n_boot - 1)) - 1]
 
 
 def _cell(stat, digits=2, sign=False) -> str:
@@ -70,8 +58,7 @@ def tables(results: Dict) -> List[str]:
             if ref is None or mode == REFERENCE:
                 paired = ["-"] * len(COLUMNS)
             else:
-                paired = [_cell(paired_difference([r.get(k) for r in run["per_edit"]],
-                                                  [r.get(k) for r in ref["per_edit"]]), sign=True)
+                paired = [_cell(paired_difference(run["per_edit"], ref["per_edit"], k), sign=True)
                           for k, _ in COLUMNS]
             lines.append(f"| {mode} | " + " | ".join(cells + paired) + " |")
         lines += ["", "| rule | " + " | ".join(f"norm dW layer {l}" for l in _layers(runs)) + " | "
