@@ -19,6 +19,9 @@
          request ran before its early stop (of ``v_num_grad_steps``), the rows per
          request (context templates + the KL prompt), their token lengths, and the
          target length, which is what explains a dataset's cost.
+  padding  only the padding efficiency (real over padded tokens) of the anchor chunks
+         of the first ``--n`` requests per dataset, in file order and sorted by length
+         as ``optimize_anchors`` sorts them; no optimization, seconds to run.
 
 The requests of ``loop`` and ``cache`` are the bundled demo edits (24) and, beyond 24,
 ``../shared/data/counterfact/counterfact-val.json``. ``--steps`` shortens the
@@ -116,16 +119,46 @@ def padding_efficiency(rows, order, chunk: int) -> float:
     return real / padded
 
 
+def say_padding(name: str, n: int, tok, templates, hp, say):
+    """Print the padding efficiency of the anchor chunks of the first ``n`` requests of
+    dataset ``name``, in file order and sorted by length (``optimize_anchors``' order);
+    returns ``(requests, rows)``."""
+    from easyedit_replay.anchor import _build_rows
+    from easyedit_replay.data import load_records
+    from easyedit_replay.keys import prepare_requests
+
+    reqs = prepare_requests(load_records(DATASETS[name], n))
+    rows = _build_rows(tok, reqs, templates, hp.fact_token, None)
+    say(f"  {name}, {len(reqs)} requests: padding efficiency (real / padded tokens) of chunks of "
+        f"{hp.anchor_batch_size}: file order {padding_efficiency(rows, list(range(len(reqs))), hp.anchor_batch_size):.2f}, "
+        f"by length {padding_efficiency(rows, None, hp.anchor_batch_size):.2f}")
+    return reqs, rows
+
+
+def bench_padding(args, say):
+    """Padding efficiency only (no optimization): the token counts behind sorting the
+    requests by length before chunking."""
+    from easyedit_replay.algorithms import load_hparams
+    from easyedit_replay.cli import default_hparams_path
+    from easyedit_replay.editor import resolve_templates
+    from easyedit_replay.models import load_model
+
+    hp = load_hparams(default_hparams_path())
+    model, tok = load_model(hp.model_name)
+    templates = resolve_templates(model, tok, hp)
+    say(f"\n[padding] MEMIT anchor chunks of {hp.anchor_batch_size} requests, rows padded to the chunk's longest")
+    for name in args.data.split(","):
+        say_padding(name, args.n, tok, templates, hp, say)
+
+
 def bench_throughput(args, say):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from easyedit_replay.anchor import _build_rows, optimize_anchors, target_token_ids
+    from easyedit_replay.anchor import optimize_anchors, target_token_ids
     from easyedit_replay.algorithms import load_hparams
     from easyedit_replay.cli import default_hparams_path
-    from easyedit_replay.data import load_records
     from easyedit_replay.editor import resolve_templates
-    from easyedit_replay.keys import prepare_requests
     from easyedit_replay.models import load_model
 
     hp = load_hparams(default_hparams_path(), **({"v_num_grad_steps": args.steps} if args.steps else {}))
@@ -138,12 +171,8 @@ def bench_throughput(args, say):
     say(f"  {'data':>11} {'layer':>5} {'req':>4} {'s/req':>7} {'req/s':>7} {'GFLOP/req':>9} {'limit s/req':>11} "
         f"{'x limit':>7} {'steps/req':>9} {'rows/req':>8} {'tok/row':>7} {'max tok':>7} {'target tok':>10}")
     for name in args.data.split(","):
-        reqs = prepare_requests(load_records(DATASETS[name], args.n))
-        rows = _build_rows(tok, reqs, templates, hp.fact_token, None)
+        reqs, rows = say_padding(name, args.n, tok, templates, hp, say)
         lens = [len(r.ids) for r in rows]
-        say(f"  {name}: padding efficiency (real / padded tokens) of chunks of {hp.anchor_batch_size}: "
-            f"file order {padding_efficiency(rows, list(range(len(reqs))), hp.anchor_batch_size):.2f}, "
-            f"by length {padding_efficiency(rows, None, hp.anchor_batch_size):.2f}")
         target = sum(len(target_token_ids(tok, r.target_new)) for r in reqs) / len(reqs)
         for what in args.anchors.split(","):
             layer = layers[what]
@@ -190,14 +219,14 @@ def bench_cache(args, say):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="loop,cache")
+    p.add_argument("--parts", default="loop,cache", help="comma-separated: loop, cache, throughput, padding")
     p.add_argument("--sizes", default="1,8,32")
     p.add_argument("--steps", type=int, help="override v_num_grad_steps (default: the YAML's 25)")
     p.add_argument("--cache-n", type=int, default=8)
     p.add_argument("--anchors", default="replay,spread", help="which anchor layers: replay (first edit layer), spread (last)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--data", default="demo,counterfact,zsre", help="throughput: datasets (demo, counterfact, zsre)")
-    p.add_argument("--n", type=int, default=16, help="throughput: requests per dataset")
+    p.add_argument("--data", default="demo,counterfact,zsre", help="throughput, padding: datasets (demo, counterfact, zsre)")
+    p.add_argument("--n", type=int, default=16, help="throughput, padding: requests per dataset")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     import torch
@@ -218,6 +247,8 @@ def main():
         bench_cache(args, say)
     if "throughput" in parts:
         bench_throughput(args, say)
+    if "padding" in parts:
+        bench_padding(args, say)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -215,14 +215,15 @@ class AnchorStore:
             return None
         return Entry(tensors["init"], tensors["delta"], tensors["nll"], tensors["steps"])
 
-    def stored_keys(self) -> Iterator[Tuple[Path, dict]]:
-        """``(path, key description)`` of every anchor file under ``root``, read from the
-        files' metadata only (no tensor is loaded; nothing is validated)."""
+    def stored(self) -> Iterator[Tuple[Path, dict, int]]:
+        """``(path, key description, optimization steps)`` of every anchor file under
+        ``root``: the key from the files' metadata, the steps from the one scalar tensor
+        ``steps`` (the anchors themselves are not loaded; nothing is validated)."""
         from safetensors import safe_open
 
         for path in sorted(self.root.glob("*/*.safetensors")):
             with safe_open(str(path), framework="pt") as f:
-                yield path, json.loads((f.metadata() or {})["key"])
+                yield path, json.loads((f.metadata() or {})["key"]), int(f.get_tensor("steps"))
 
     def put(self, key: CacheKey, entry: Entry) -> Path:
         """Write ``entry`` for ``key`` atomically under a file lock; returns the path."""

@@ -1,13 +1,19 @@
 """What an anchor cache folder holds, counted against the first records of edit files.
 
 Reads only each file's metadata (the key that ``easyedit_replay.anchor_cache`` stores
-and checks), never the tensors, so it is fast on a bank of thousands of files. Anchors
+and checks) and its scalar step count, never the anchors, so it is fast on a bank of
+thousands of files. Anchors
 are grouped by anchor layer and sites (one site: the MEMIT/EMMET/AlphaEdit YAML; two:
 PMET's attention and MLP outputs). With ``--data FILE:N`` it says how many of the first
 N records of FILE have a banked anchor in each group, i.e. how much of a ``scale
 --n N`` run would come from the bank. A file written for another model or template
 set is counted too (the key's model fingerprint is printed per group): such a file is
 a miss when a run reads it.
+
+Each line also gives the optimization steps per request (mean, of ``v_num_grad_steps``)
+and how many requests ran all of them, i.e. the early stop (loss < 0.05) did not fire
+before the last step: the main reason an anchor costs more on one dataset than on
+another (README "Cost at scale").
 
     python tools/anchor_bank.py docs/results/anchors \\
         --data ../shared/data/counterfact/counterfact-val.json:768 --data ../shared/data/zsre/zsre-1k.json:192
@@ -26,13 +32,26 @@ def _request(description: dict) -> str:
 
 
 def read_keys(folder: Path):
-    """``[(group, model fingerprint, request)]`` for every anchor file under ``folder``
-    (:meth:`AnchorStore.stored_keys`); ``group`` is ``"layer L, S site(s)"`` and
-    ``request`` the key's request part (:func:`request_description`) as text."""
+    """``[(group, model fingerprint, request, steps, max steps)]`` for every anchor file
+    under ``folder`` (:meth:`AnchorStore.stored`); ``group`` is ``"layer L, S site(s)"``,
+    ``request`` the key's request part (:func:`request_description`) as text, ``steps``
+    the optimization steps the anchor took and ``max steps`` its ``v_num_grad_steps``."""
     from easyedit_replay.anchor_cache import AnchorStore
 
-    return [(f"layer {key['layer']}, {len(key['sites'])} site(s)", key["model"], _request(key["request"]))
-            for _, key in AnchorStore(folder).stored_keys()]
+    return [(f"layer {key['layer']}, {len(key['sites'])} site(s)", key["model"], _request(key["request"]), steps,
+             int(key["hparams"]["v_num_grad_steps"]))
+            for _, key, steps in AnchorStore(folder).stored()]
+
+
+def steps_summary(files) -> str:
+    """``"steps 23.1/25, 55% ran all"`` over ``files`` (``(steps, max steps)`` pairs); ``""``
+    when there are none."""
+    if not files:
+        return ""
+    ran_all = sum(steps >= most for steps, most in files)
+    most = sorted({m for _, m in files})
+    return (f"steps {sum(s for s, _ in files) / len(files):.1f}/{'/'.join(map(str, most))}, "
+            f"{ran_all} of {len(files)} ran all ({100 * ran_all / len(files):.0f}%)")
 
 
 def main(argv=None) -> int:
@@ -45,12 +64,16 @@ def main(argv=None) -> int:
     keys = read_keys(Path(args.folder))
     groups = defaultdict(set)
     models = defaultdict(set)
-    for group, model, req in keys:
+    steps = defaultdict(lambda: defaultdict(list))  # group -> request -> [(steps, max steps)] (one per file)
+    for group, model, req, n_steps, most in keys:
         groups[group].add(req)
         models[group].add(model)
+        steps[group][req].append((n_steps, most))
     print(f"{args.folder}: {len(keys)} anchor files")
     for group in sorted(groups):
-        print(f"  {group}: {len(groups[group])} requests (model fingerprints: {', '.join(sorted(models[group]))})")
+        files = [f for per_req in steps[group].values() for f in per_req]
+        print(f"  {group}: {len(groups[group])} requests, {steps_summary(files)} "
+              f"(model fingerprints: {', '.join(sorted(models[group]))})")
     if args.data:
         from easyedit_replay.anchor_cache import request_description
         from easyedit_replay.data import load_records
@@ -63,7 +86,9 @@ def main(argv=None) -> int:
             reqs = [_request(request_description(r)) for r in prepare_requests(load_records(path, int(n)))]
             for group in sorted(groups):
                 have = sum(r in groups[group] for r in reqs)
-                print(f"  {Path(path).name} first {len(reqs)}: {group}: {have} banked, {len(reqs) - have} missing")
+                files = [f for r in reqs for f in steps[group].get(r, [])]
+                tail = f"; {steps_summary(files)}" if files else ""
+                print(f"  {Path(path).name} first {len(reqs)}: {group}: {have} banked, {len(reqs) - have} missing{tail}")
     return 0
 
 
