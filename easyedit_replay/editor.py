@@ -217,6 +217,29 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
     return out
 
 
+def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
+                    context_templates: Optional[List[List[str]]] = None, progress: bool = False,
+                    stats_dir=None) -> Dict[int, AnchorResult]:
+    """Only stage 2 of :func:`compute_edit`: the anchors a ``mode`` edit of ``requests``
+    would optimize, through the same set-up (requests, context templates, statistics),
+    so they land in the anchor disk cache under the keys an edit looks up. For filling
+    an anchor bank ahead of the edits, e.g. in several processes on disjoint requests
+    (``tools/bank_anchors.py``). The model is not changed.
+
+    Args: as :func:`compute_edit` (``mode``: the construction; spread needs the ``l_n``
+    anchor, replay the ``l_1`` one, BLUE both).
+
+    Returns:
+        ``{anchor layer: AnchorResult}`` (``delta [S, R, d]`` float32, ``R`` requests).
+
+    Raises:
+        HyperParamsError, RequestError, NumericalError, StatisticsError, as
+        :func:`compute_edit`.
+    """
+    setup = _setup(model, tok, requests, hparams, mode, context_templates, None, progress, stats_dir, None)
+    return _anchors(model, tok, hparams, setup, None, progress)
+
+
 def _hidden_reads(model, tok, probes, hparams) -> Dict[int, torch.Tensor]:
     """``{layer: [R, d] float32}`` block outputs at the lookup token for every edit layer."""
     names = {l: hparams.layer_module_tmp.format(l) for l in hparams.layers}

@@ -75,6 +75,37 @@ def test_hit_gives_bit_identical_updates(model_tok, hparams, demo_records, ancho
         assert "2 loaded from the cache, 1 optimized" in caplog.text
 
 
+def test_anchors_banked_in_shards_are_all_hits_for_the_edit(model_tok, hparams, demo_records, anchor_dir, caplog):
+    """``tools/bank_anchors.py``'s mechanism: ``compute_anchors`` on disjoint shards of the
+    requests writes exactly the keys a later ``compute_edit`` of all of them looks up, and
+    the edit then gets the banked anchors (no optimization, same deltas)."""
+    import importlib.util
+    from pathlib import Path
+
+    from easyedit_replay.editor import compute_anchors, compute_edit
+
+    spec = importlib.util.spec_from_file_location("bank_anchors", Path(__file__).parents[1] / "tools" / "bank_anchors.py")
+    bank = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bank)
+    assert bank.shard_indices(5, "1/2") == [0, 2, 4] and bank.shard_indices(5, "2/2") == [1, 3]
+    with pytest.raises(ValueError, match="--shard '3/2'"):
+        bank.shard_indices(5, "3/2")
+
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=2)
+    recs = demo_records[:3]
+    shards = [compute_anchors(model, tok, [recs[i] for i in bank.shard_indices(3, f"{j}/2")], hp, mode="replay",
+                              context_templates=TEMPLATES) for j in (1, 2)]
+    assert [sorted(a) for a in shards] == [[hp.layers[0]], [hp.layers[0]]]
+    assert len(_files(anchor_dir)) == 3
+    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+        plan = compute_edit(model, tok, recs, hp, mode="replay", context_templates=TEMPLATES)
+        assert "3 loaded from the cache, 0 optimized" in caplog.text
+    banked = torch.cat([shards[0][hp.layers[0]].delta[:, :1], shards[1][hp.layers[0]].delta[:, :1],
+                        shards[0][hp.layers[0]].delta[:, 1:]], dim=1)  # requests 0, 1, 2
+    assert torch.equal(plan.anchors[hp.layers[0]].delta, banked)
+
+
 def test_changed_inputs_miss(model_tok, hparams, demo_records, anchor_dir, caplog):
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=2)
