@@ -493,16 +493,19 @@ def _summary(cell_run: dict, key: str):
 
 def batch_table(found: dict, n: int, metrics=TABLE_METRICS) -> List[List[str]]:
     """Rows (header first) of the size-``n`` table: mean [95% CI] per metric, one row per
-    algorithm and mode, and the edit seconds."""
-    header = ["algorithm", "mode"] + [h for _, h in metrics] + ["edit s"]
+    algorithm and mode, and the cell's seconds: the edit (anchors the process had to
+    optimize for it included), scoring and fluency (``-`` where a cell has no timing)."""
+    header = ["algorithm", "mode"] + [h for _, h in metrics] + ["edit s", "scoring s", "fluency s"]
     rows = [header]
     un = found["unedited"].get(n)
     if un:
         rows.append(["-", "unedited"] + [_fmt(tuple(un["summary"][k])) if k in un["summary"] else "-"
-                                         for k, _ in metrics] + ["-"])
+                                         for k, _ in metrics] + ["-", "-", "-"])
     for key, cell in sorted(found["batch"].get(n, {}).items(), key=_order):
         run = cell["run"]
-        rows.append(key.split("/") + [_fmt(_summary(run, k)) for k, _ in metrics] + [f"{run['seconds']:.0f}"])
+        timing = run.get("timing") or {}
+        rows.append(key.split("/") + [_fmt(_summary(run, k)) for k, _ in metrics] + [f"{run['seconds']:.0f}"]
+                    + [f"{timing[k]:.0f}" if k in timing else "-" for k in ("eval_seconds", "fluency_seconds")])
     return rows
 
 
