@@ -181,9 +181,9 @@ def test_anchor_bank_lists_the_banked_zsre_anchors(capsys):
     out = capsys.readouterr().out
     # with the optimization steps the banked anchors took: on ZsRE the early stop
     # (loss < 0.05) rarely fires before the 25th step
-    assert "zsre-1k.json first 192: layer 4, 1 site(s): 192 banked, 0 missing; steps 24.7/25, 178 of 192 ran all" in out
-    assert "zsre-1k.json first 192: layer 8, 1 site(s): 192 banked, 0 missing; steps 24.8/25, 181 of 192 ran all" in out
-    assert "zsre-1k.json first 192: layer 4, 2 site(s): 0 banked, 192 missing" in out
+    assert "zsre-1k.json first 192: layer 4, 1 site(s), model 85845f37: 192 banked, 0 missing; steps 24.7/25, 178 of 192 ran all" in out
+    assert "zsre-1k.json first 192: layer 8, 1 site(s), model 85845f37: 192 banked, 0 missing; steps 24.8/25, 181 of 192 ran all" in out
+    assert "zsre-1k.json first 192: layer 4, 2 site(s), model 85845f37: 0 banked, 192 missing" in out
 
 
 def test_plan_only_lists_the_planned_cells_as_missing_without_a_model(tmp_path, capsys):

@@ -3,12 +3,14 @@
 Reads only each file's metadata (the key that ``easyedit_replay.anchor_cache`` stores
 and checks) and its scalar step count, never the anchors, so it is fast on a bank of
 thousands of files. Anchors
-are grouped by anchor layer and sites (one site: the MEMIT/EMMET/AlphaEdit YAML; two:
-PMET's attention and MLP outputs). With ``--data FILE:N`` it says how many of the first
+are grouped by anchor layer, sites (one site: the MEMIT/EMMET/AlphaEdit YAML; two:
+PMET's attention and MLP outputs) and model fingerprint (the first 8 hex digits of the
+key's fingerprint of every weight: the unedited model has one, each batch of a
+sequential series after the first another). With ``--data FILE:N`` it says how many of the first
 N records of FILE have a banked anchor in each group, i.e. how much of a ``scale
---n N`` run would come from the bank. A file written for another model or template
-set is counted too (the key's model fingerprint is printed per group): such a file is
-a miss when a run reads it.
+--n N`` run would come from the bank (a one-batch run reads only the unedited model's
+group). A file written for another template set is counted too: such a file is a miss
+when a run reads it.
 
 Each line also gives the optimization steps per request (mean, of ``v_num_grad_steps``)
 and how many requests ran all of them, i.e. the early stop (loss < 0.05) did not fire
@@ -32,14 +34,15 @@ def _request(description: dict) -> str:
 
 
 def read_keys(folder: Path):
-    """``[(group, model fingerprint, request, steps, max steps)]`` for every anchor file
-    under ``folder`` (:meth:`AnchorStore.stored`); ``group`` is ``"layer L, S site(s)"``,
+    """``[(group, request, steps, max steps)]`` for every anchor file under ``folder``
+    (:meth:`AnchorStore.stored`); ``group`` is ``"layer L, S site(s), model F"`` (``F``:
+    the first 8 hex digits of the model fingerprint),
     ``request`` the key's request part (:func:`request_description`) as text, ``steps``
     the optimization steps the anchor took and ``max steps`` its ``v_num_grad_steps``."""
     from easyedit_replay.anchor_cache import AnchorStore
 
-    return [(f"layer {key['layer']}, {len(key['sites'])} site(s)", key["model"], _request(key["request"]), steps,
-             int(key["hparams"]["v_num_grad_steps"]))
+    return [(f"layer {key['layer']}, {len(key['sites'])} site(s), model {key['model'][:8]}", _request(key["request"]),
+             steps, int(key["hparams"]["v_num_grad_steps"]))
             for _, key, steps in AnchorStore(folder).stored()]
 
 
@@ -63,17 +66,14 @@ def main(argv=None) -> int:
 
     keys = read_keys(Path(args.folder))
     groups = defaultdict(set)
-    models = defaultdict(set)
     steps = defaultdict(lambda: defaultdict(list))  # group -> request -> [(steps, max steps)] (one per file)
-    for group, model, req, n_steps, most in keys:
+    for group, req, n_steps, most in keys:
         groups[group].add(req)
-        models[group].add(model)
         steps[group][req].append((n_steps, most))
     print(f"{args.folder}: {len(keys)} anchor files")
     for group in sorted(groups):
         files = [f for per_req in steps[group].values() for f in per_req]
-        print(f"  {group}: {len(groups[group])} requests, {steps_summary(files)} "
-              f"(model fingerprints: {', '.join(sorted(models[group]))})")
+        print(f"  {group}: {len(groups[group])} requests, {steps_summary(files)}")
     if args.data:
         from easyedit_replay.anchor_cache import request_description
         from easyedit_replay.data import load_records
