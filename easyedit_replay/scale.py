@@ -584,11 +584,13 @@ def plot_bands(lines: List[tuple], path: Path, title: str, xlabel: str, log_x: b
                differences: bool = False) -> Optional[Path]:
     """One panel row per algorithm, one column per :data:`SCALE_METRICS` metric, one
     line per ``(alg, label, mode, points)`` in ``lines`` with ``points = {metric: [(x,
-    (mean, lo, hi))]}``, its interval as a band (non-finite points left out).
+    (mean, lo, hi))]}``, its interval as a band (non-finite points left out), each mode
+    in one color throughout.
     ``differences``: a zero line, and titles say which sign is better."""
     algs = list(dict.fromkeys(alg for alg, *_ in lines))
     if not algs:
         return None
+    colors = {mode: f"C{i % 10}" for i, mode in enumerate(dict.fromkeys(mode for _, _, mode, _ in lines))}
     plt = _plt()
     fig, axes = plt.subplots(len(algs), len(SCALE_METRICS), figsize=(3.1 * len(SCALE_METRICS), 2.6 * len(algs)),
                              squeeze=False)
@@ -604,9 +606,10 @@ def plot_bands(lines: List[tuple], path: Path, title: str, xlabel: str, log_x: b
                     continue
                 ax = axes[r][c]
                 xs = [x for x, _ in pts]
-                drawn, = ax.plot(xs, [st[0] for _, st in pts], marker=marker, linestyle=style, label=label)
+                ax.plot(xs, [st[0] for _, st in pts], marker=marker, linestyle=style, label=label,
+                        color=colors[mode])  # one color per mode in every panel
                 ax.fill_between(xs, [st[1] for _, st in pts], [st[2] for _, st in pts], alpha=0.15,
-                                color=drawn.get_color())
+                                color=colors[mode])
         for c, (_, label, higher) in enumerate(SCALE_METRICS):
             ax = axes[r][c]
             if log_x and ax.lines:
