@@ -152,7 +152,8 @@ def resolve_templates(model, tok, hparams, context_templates=None) -> List[List[
 
 @dataclass
 class _Setup:
-    """Stage 1 of :func:`compute_edit`: everything fixed before any anchor is optimized."""
+    """Stage 1 of :func:`compute_edit`: everything fixed before any anchor is optimized
+    (``covs`` empty and ``state`` None when set up for the anchors alone)."""
 
     rule: Algorithm
     construction: Construction
@@ -165,7 +166,10 @@ class _Setup:
     anchor_templates: List[str]
 
 
-def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options) -> _Setup:
+def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options,
+           statistics: bool = True) -> _Setup:
+    """Stage 1; with ``statistics`` False the second moments and the rule's ``prepare``
+    (which only the update rule reads, never an anchor) are skipped."""
     reg = get_algorithm(hparams.alg_name)
     rule = algorithm or reg.rule
     construction = get_construction(mode or reg.construction)
@@ -183,9 +187,11 @@ def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, pr
     reqs = prepare_requests(requests, leading_space=rule.leading_space(model, hparams))
     check_prompt_lengths(model, tok, reqs)
     templates = resolve_templates(model, tok, hparams, context_templates)
-    modules = [s.rewrite_template.format(l) for l in hparams.layers for s in sites]
-    covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
-    state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})
+    covs, state = {}, None
+    if statistics:
+        modules = [s.rewrite_template.format(l) for l in hparams.layers for s in sites]
+        covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
+        state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})
     return _Setup(rule, construction, reqs, templates, sites, params, covs, state, rule.anchor_templates(hparams))
 
 
@@ -218,11 +224,12 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
 
 
 def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
-                    context_templates: Optional[List[List[str]]] = None, progress: bool = False,
-                    stats_dir=None) -> Dict[int, AnchorResult]:
+                    context_templates: Optional[List[List[str]]] = None,
+                    progress: bool = False) -> Dict[int, AnchorResult]:
     """Only stage 2 of :func:`compute_edit`: the anchors a ``mode`` edit of ``requests``
-    would optimize, through the same set-up (requests, context templates, statistics),
-    so they land in the anchor disk cache under the keys an edit looks up. For filling
+    would optimize, through the same set-up (requests, context templates; no covariance
+    statistics, which no anchor reads), so they land in the anchor disk cache under the
+    keys an edit looks up. For filling
     an anchor bank ahead of the edits, e.g. in several processes on disjoint requests
     (``tools/bank_anchors.py``). The model is not changed.
 
@@ -233,10 +240,10 @@ def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
         ``{anchor layer: AnchorResult}`` (``delta [S, R, d]`` float32, ``R`` requests).
 
     Raises:
-        HyperParamsError, RequestError, NumericalError, StatisticsError, as
-        :func:`compute_edit`.
+        HyperParamsError, RequestError, NumericalError, as :func:`compute_edit`.
     """
-    setup = _setup(model, tok, requests, hparams, mode, context_templates, None, progress, stats_dir, None)
+    setup = _setup(model, tok, requests, hparams, mode, context_templates, None, progress, None, None,
+                   statistics=False)
     return _anchors(model, tok, hparams, setup, None, progress)
 
 

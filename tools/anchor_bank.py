@@ -65,15 +65,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     keys = read_keys(Path(args.folder))
-    groups = defaultdict(set)
     steps = defaultdict(lambda: defaultdict(list))  # group -> request -> [(steps, max steps)] (one per file)
     for group, req, n_steps, most in keys:
-        groups[group].add(req)
         steps[group][req].append((n_steps, most))
     print(f"{args.folder}: {len(keys)} anchor files")
-    for group in sorted(groups):
+    for group in sorted(steps):
         files = [f for per_req in steps[group].values() for f in per_req]
-        print(f"  {group}: {len(groups[group])} requests, {steps_summary(files)}")
+        print(f"  {group}: {len(steps[group])} requests, {steps_summary(files)}")
     if args.data:
         from easyedit_replay.anchor_cache import request_description
         from easyedit_replay.data import load_records
@@ -84,8 +82,8 @@ def main(argv=None) -> int:
             if not path or not n.isdigit():
                 p.error(f"--data {spec!r}: give FILE:N, e.g. counterfact-val.json:768")
             reqs = [_request(request_description(r)) for r in prepare_requests(load_records(path, int(n)))]
-            for group in sorted(groups):
-                have = sum(r in groups[group] for r in reqs)
+            for group in sorted(steps):
+                have = sum(r in steps[group] for r in reqs)
                 files = [f for r in reqs for f in steps[group].get(r, [])]
                 tail = f"; {steps_summary(files)}" if files else ""
                 print(f"  {Path(path).name} first {len(reqs)}: {group}: {have} banked, {len(reqs) - have} missing{tail}")

@@ -61,12 +61,11 @@ def main(argv=None) -> int:
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.data import load_records
     from easyedit_replay.editor import compute_anchors
-    from easyedit_replay.models import cache_root, load_model
+    from easyedit_replay.models import load_model
 
     logging.basicConfig(format="%(message)s")
     logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
     hp = load_hparams(args.hparams or default_hparams_path(alg=f"{args.alg}_REPLAY"))
-    stats_dir = hp.stats_dir if args.hparams else str(cache_root() / "stats")  # as compare/scale
     records = load_records(path, int(n))
     batch = [records[i] for i in idx]
     model, tok = load_model(hp.model_name)
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
           f"{hp.alg_name}, modes {args.modes}, bank {anchor_cache_dir()}", flush=True)
     for mode in args.modes.split(","):
         start = time.perf_counter()
-        anchors = compute_anchors(model, tok, batch, hp, mode=mode, progress=True, stats_dir=stats_dir)
+        anchors = compute_anchors(model, tok, batch, hp, mode=mode, progress=True)
         print(f"{mode}: anchor layer(s) {sorted(anchors)} for {len(batch)} requests in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     return 0
