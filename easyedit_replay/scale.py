@@ -509,44 +509,83 @@ def batch_table(found: dict, n: int, metrics=TABLE_METRICS) -> List[List[str]]:
     return rows
 
 
+def against_spread(per_edit_by_key: Dict[str, list]):
+    """``(alg, mode, rows, reference)`` for every non-spread ``"ALG/mode"`` of
+    ``per_edit_by_key`` whose algorithm also has a spread entry, in table order: the
+    per-edit rows of the mode and of spread on the same edits, for
+    :func:`paired_difference`. ``per_edit_by_key`` maps ``"ALG/mode"`` to the per-edit
+    rows of one batch of ``n`` (or of one sequential step, all edits made so far)."""
+    for key, rows in sorted(per_edit_by_key.items(), key=_order):
+        alg, mode = key.split("/")
+        ref = per_edit_by_key.get(f"{alg}/spread")
+        if mode != "spread" and ref is not None:
+            yield alg, mode, rows, ref
+
+
+def _batch_per_edit(found: dict, n: int) -> Dict[str, list]:
+    return {key: cell["run"]["per_edit"] for key, cell in found["batch"].get(n, {}).items()}
+
+
+def sequential_per_edit(series: Dict[str, List[dict]]) -> Dict[int, Dict[str, list]]:
+    """``{edits made: {"ALG/mode": per-edit rows of all edits made so far}}`` from the
+    evaluated steps of one sequential series (``collect_cells(...)["sequential"][(b,
+    total)]``); the modes of one algorithm are paired at the steps both have evaluated."""
+    out: Dict[int, Dict[str, list]] = {}
+    for key, steps in series.items():
+        for cell in steps:
+            if cell.get("evaluated"):
+                out.setdefault(cell["edits"], {})[key] = cell["per_edit"]
+    return dict(sorted(out.items()))
+
+
+def _marked(stat) -> str:
+    clear = stat[0] is not None and (stat[1] > 0 or stat[2] < 0)
+    return _fmt(stat, signed=True) + ("*" if clear else "")
+
+
 def paired_table(found: dict, n: int, n_boot: int, seed: int, metrics=TABLE_METRICS) -> List[List[str]]:
     """Rows (header first): ``mode - spread`` on the same edits, mean [95% paired
     bootstrap interval], one row per algorithm and non-spread mode; a ``*`` marks an
     interval that excludes 0."""
-    header = ["algorithm", "mode - spread"] + [h for _, h in metrics]
-    rows = [header]
-    cells = found["batch"].get(n, {})
-    for key, cell in sorted(cells.items(), key=_order):
-        alg, mode = key.split("/")
-        ref = cells.get(f"{alg}/spread")
-        if mode == "spread" or ref is None:
-            continue
-        row = [alg, mode]
-        for k, _ in metrics:
-            stat = paired_difference(cell["run"]["per_edit"], ref["run"]["per_edit"], k, n_boot, seed)
-            mark = "*" if stat[0] is not None and (stat[1] > 0 or stat[2] < 0) else ""
-            row.append(_fmt(stat, signed=True) + mark)
-        rows.append(row)
+    rows = [["algorithm", "mode - spread"] + [h for _, h in metrics]]
+    for alg, mode, per_edit, ref in against_spread(_batch_per_edit(found, n)):
+        rows.append([alg, mode] + [_marked(paired_difference(per_edit, ref, k, n_boot, seed)) for k, _ in metrics])
+    return rows
+
+
+def sequential_paired_table(series: Dict[str, List[dict]], n_boot: int, seed: int,
+                            metrics=TABLE_METRICS) -> List[List[str]]:
+    """Rows (header first) of one sequential series: ``mode - spread`` on all edits made
+    so far, at every step both have evaluated, mean [95% paired bootstrap interval]
+    (``*``: excludes 0)."""
+    rows = [["algorithm", "mode - spread", "edits made"] + [h for _, h in metrics]]
+    by_step = sequential_per_edit(series)
+    for alg, mode in dict.fromkeys((a, m) for made in by_step.values() for a, m, _, _ in against_spread(made)):
+        for made, per_edit_by_key in by_step.items():
+            if f"{alg}/{mode}" in per_edit_by_key and f"{alg}/spread" in per_edit_by_key:
+                per_edit, ref = per_edit_by_key[f"{alg}/{mode}"], per_edit_by_key[f"{alg}/spread"]
+                rows.append([alg, mode, str(made)]
+                            + [_marked(paired_difference(per_edit, ref, k, n_boot, seed)) for k, _ in metrics])
     return rows
 
 
 def clear_differences(found: dict, n_boot: int, seed: int) -> List[str]:
     """Plain-words lines: every paired difference ``mode - spread`` (SCALE_METRICS) whose
-    95% interval excludes 0, per size, with its direction (better / worse)."""
+    95% interval excludes 0, per size of one batch and per evaluated step of each
+    sequential series, with its direction (better / worse)."""
+    groups = [(f"n = {n}", _batch_per_edit(found, n)) for n in sorted(found["batch"])]
+    for (b, total), series in sorted(found["sequential"].items()):
+        groups += [(f"sequential in batches of {b}, {made} edits made", per_edit_by_key)
+                   for made, per_edit_by_key in sequential_per_edit(series).items()]
     lines = []
-    for n in sorted(found["batch"]):
-        cells = found["batch"][n]
-        for key, cell in sorted(cells.items(), key=_order):
-            alg, mode = key.split("/")
-            ref = cells.get(f"{alg}/spread")
-            if mode == "spread" or ref is None:
-                continue
+    for where, per_edit_by_key in groups:
+        for alg, mode, per_edit, ref in against_spread(per_edit_by_key):
             for k, label, higher in SCALE_METRICS:
-                mean, lo, hi = paired_difference(cell["run"]["per_edit"], ref["run"]["per_edit"], k, n_boot, seed)
+                mean, lo, hi = paired_difference(per_edit, ref, k, n_boot, seed)
                 if mean is None or (lo <= 0 <= hi):
                     continue
                 better = (mean > 0) == higher
-                lines.append(f"- n = {n}, {alg}: {mode} - spread, {label} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                lines.append(f"- {where}, {alg}: {mode} - spread, {label} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                              f"({'better' if better else 'worse'})")
     return lines
 
@@ -584,8 +623,8 @@ def plot_bands(lines: List[tuple], path: Path, title: str, xlabel: str, log_x: b
                differences: bool = False) -> Optional[Path]:
     """One panel row per algorithm, one column per :data:`SCALE_METRICS` metric, one
     line per ``(alg, label, mode, points)`` in ``lines`` with ``points = {metric: [(x,
-    (mean, lo, hi))]}``, its interval as a band (non-finite points left out), each mode
-    in one color throughout.
+    (mean, lo, hi))]}``, its interval as a band (an error bar for a line of one point;
+    non-finite points left out), each mode in one color throughout.
     ``differences``: a zero line, and titles say which sign is better."""
     algs = list(dict.fromkeys(alg for alg, *_ in lines))
     if not algs:
@@ -610,6 +649,9 @@ def plot_bands(lines: List[tuple], path: Path, title: str, xlabel: str, log_x: b
                         color=colors[mode])  # one color per mode in every panel
                 ax.fill_between(xs, [st[1] for _, st in pts], [st[2] for _, st in pts], alpha=0.15,
                                 color=colors[mode])
+                if len(pts) == 1:  # a band needs two points: the interval as an error bar
+                    (x, (mean, lo, hi)), = pts
+                    ax.errorbar([x], [mean], yerr=[[mean - lo], [hi - mean]], color=colors[mode], capsize=3)
         for c, (_, label, higher) in enumerate(SCALE_METRICS):
             ax = axes[r][c]
             if log_x and ax.lines:
@@ -642,17 +684,22 @@ def plot_scale(found: dict, path: Path) -> Optional[Path]:
     return plot_bands(lines, path, "one batch of n edits: mean over edits, 95% bootstrap band", "edits in the batch")
 
 
+def _paired_lines(groups: Dict[int, Dict[str, list]], suffix: str, n_boot: int, seed: int) -> List[tuple]:
+    """:func:`plot_bands` lines of ``mode - spread`` against ``x`` for ``groups = {x:
+    {"ALG/mode": per-edit rows}}``, one line per algorithm and non-spread mode."""
+    points: Dict[str, dict] = {}
+    for x, per_edit_by_key in groups.items():
+        for alg, mode, per_edit, ref in against_spread(per_edit_by_key):
+            line = points.setdefault(f"{alg}/{mode}", {m: [] for m, _, _ in SCALE_METRICS})
+            for m, _, _ in SCALE_METRICS:
+                line[m].append((x, paired_difference(per_edit, ref, m, n_boot, seed)))
+    return [(key.split("/")[0], key.split("/")[1] + suffix, key.split("/")[1], pts)
+            for key, pts in sorted(points.items(), key=_order)]
+
+
 def plot_paired(found: dict, path: Path, n_boot: int, seed: int) -> Optional[Path]:
     """``mode - spread`` on the same edits vs ``n``, 95% paired bootstrap bands."""
-    keys = sorted({k for cells in found["batch"].values() for k in cells if not k.endswith("/spread")}, key=_order)
-    lines = []
-    for key in keys:
-        alg, mode = key.split("/")
-        ref = f"{alg}/spread"
-        ns = sorted(n for n, cells in found["batch"].items() if key in cells and ref in cells)
-        rows = {n: (found["batch"][n][key]["run"]["per_edit"], found["batch"][n][ref]["run"]["per_edit"]) for n in ns}
-        lines.append((alg, mode, mode, {m: [(n, paired_difference(*rows[n], m, n_boot, seed)) for n in ns]
-                                        for m, _, _ in SCALE_METRICS}))
+    lines = _paired_lines({n: _batch_per_edit(found, n) for n in sorted(found["batch"])}, "", n_boot, seed)
     return plot_bands(lines, path, "paired difference mode - spread on the same edits, 95% paired bootstrap band",
                       "edits in the batch", differences=True)
 
@@ -669,6 +716,16 @@ def plot_sequential_scale(found: dict, path: Path) -> Optional[Path]:
                               {m: [(c["edits"], _summary(c, m)) for c in steps] for m, _, _ in SCALE_METRICS}))
     return plot_bands(lines, path, "sequential editing: metrics of all edits made so far, 95% bootstrap band",
                       "edits made", log_x=False)
+
+
+def plot_sequential_paired(found: dict, path: Path, n_boot: int, seed: int) -> Optional[Path]:
+    """Sequential series: ``mode - spread`` on all edits made so far vs the number made,
+    95% paired bootstrap bands."""
+    lines = []
+    for (b, total), series in sorted(found["sequential"].items()):
+        lines += _paired_lines(sequential_per_edit(series), f" (batches of {b})", n_boot, seed)
+    return plot_bands(lines, path, "sequential editing: paired difference mode - spread on all edits made so far, "
+                      "95% paired bootstrap band", "edits made", log_x=False, differences=True)
 
 
 def missing_cells(out_dir, found: Optional[dict] = None) -> List[dict]:
@@ -692,7 +749,8 @@ def write_scale_report(out_dir, n_boot: int = 1000, seed: int = 0) -> Path:
                           json.dumps(results_for_n(found, n, meta), indent=1, default=str))
     plots = {"scale": plot_scale(found, out / "scale_metrics.png"),
              "paired": plot_paired(found, out / "scale_paired.png", n_boot, seed),
-             "sequential": plot_sequential_scale(found, out / "scale_sequential.png")}
+             "sequential": plot_sequential_scale(found, out / "scale_sequential.png"),
+             "sequential_paired": plot_sequential_paired(found, out / "scale_sequential_paired.png", n_boot, seed)}
     title = f"{meta.get('model', 'model')}: edits from {meta.get('data', '?')} at growing n"
     lines = [f"# {title}", "",
              "Cells: mean over edits [95% percentile bootstrap interval, 1000 resamples]. Paired tables: "
@@ -709,7 +767,9 @@ def write_scale_report(out_dir, n_boot: int = 1000, seed: int = 0) -> Path:
         lines += ["## Paired differences whose 95% interval excludes 0", ""] + (clear or ["- none"]) + [""]
     for (b, total), series in sorted(found["sequential"].items()):
         lines += [f"## Sequential: {total} edits in batches of {b}", "",
-                  render_markdown(sequential_table(series)), ""]
+                  render_markdown(sequential_table(series)), "",
+                  f"Paired differences, sequential in batches of {b} (all edits made so far):", "",
+                  render_markdown(sequential_paired_table(series, n_boot, seed)), ""]
         ranks = [(key, c["step"], c["alphaedit_cache_rank"]) for key, steps in sorted(series.items(), key=_order)
                  for c in steps if c.get("alphaedit_cache_rank")]
         if ranks:

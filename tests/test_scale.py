@@ -205,3 +205,32 @@ def test_plan_only_lists_the_planned_cells_as_missing_without_a_model(tmp_path, 
     for line in ("- one batch, n = 4, MEMIT/spread", "- one batch, n = 8, MEMIT/replay"):
         assert line in report
     assert report.count("AlphaEdit/replay") >= 2  # both sequential steps
+
+
+def test_sequential_series_are_paired_against_spread_on_the_edits_made():
+    """The paired difference ``mode - spread`` of a sequential series, on the committed
+    CounterFact 8 x 96 cells: paired at each number of edits made that both modes have
+    evaluated (MEMIT at 96 and 192, AlphaEdit at 96 only when its spread series has
+    nothing more), on all edits made so far, and in the report's plain-words lines."""
+    series_dir = ROOT / "docs" / "results" / "scale_cf" / "cells" / "seq_b0096_n00768"
+    series = {f"{alg}/{mode}": [json.loads((series_dir / f"{alg}__{mode}" / f"step{k:03d}.json").read_text())
+                                for k in steps]
+              for alg, mode, steps in (("MEMIT", "spread", (1, 2, 3)), ("MEMIT", "replay", (1, 2)),
+                                       ("AlphaEdit", "spread", (1,)), ("AlphaEdit", "replay", (1,)))}
+    by_made = scale.sequential_per_edit(series)
+    assert {made: sorted(cells) for made, cells in by_made.items()} == {
+        96: ["AlphaEdit/replay", "AlphaEdit/spread", "MEMIT/replay", "MEMIT/spread"],
+        192: ["MEMIT/replay", "MEMIT/spread"], 288: ["MEMIT/spread"]}
+    assert all(len(rows) == made for made, cells in by_made.items() for rows in cells.values())
+    table = scale.sequential_paired_table(series, n_boot=1000, seed=0)
+    assert [row[:3] for row in table[1:]] == [["MEMIT", "replay", "96"], ["MEMIT", "replay", "192"],
+                                              ["AlphaEdit", "replay", "96"]]
+    column = table[0].index("eff. Acc")
+    # replay's efficacy lead over spread is clear after each of MEMIT's first two batches
+    assert [row[column] for row in table[1:3]] == ["+0.08 [+0.03, +0.14]*", "+0.08 [+0.03, +0.13]*"]
+    found = {"batch": {}, "sequential": {(96, 768): series}}
+    lines = scale.clear_differences(found, n_boot=1000, seed=0)
+    assert ("- sequential in batches of 96, 192 edits made, MEMIT: replay - spread, eff. Acc +0.078 "
+            "[+0.026, +0.130] (better)") in lines
+    assert ("- sequential in batches of 96, 96 edits made, AlphaEdit: replay - spread, gen. Acc -0.073 "
+            "[-0.135, -0.010] (worse)") in lines

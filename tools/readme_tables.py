@@ -12,7 +12,8 @@ is read from the results file written by ``easyedit-replay compare --out DIR``.
 one condensed table per kind (one batch at every n; each sequential series): the
 paper's metrics with their 95% bootstrap intervals and, next to efficacy Acc,
 generalization Acc and DKL, the paired difference ``mode - spread`` on the same edits
-with its paired bootstrap interval (``*``: the interval excludes 0). Planned cells that
+(in a sequential series: all edits made so far) with its paired bootstrap interval
+(``*``: the interval excludes 0). Planned cells that
 are not finished are listed as missing rows.
 """
 
@@ -62,44 +63,60 @@ SCALE_COLUMNS = (("efficacy_exact", "eff. Acc", True), ("generalization_exact", 
                  ("final_ratio", "final resid. ratio", False))
 
 
+def _scale_rows(first: str, cells: dict, modes) -> list:
+    """``(key, markdown row)``, one per ``"ALG/mode"`` of ``cells`` (``{key: (summary, per-edit rows)}``,
+    one batch of n or one sequential step): each SCALE_COLUMNS metric with its interval
+    and, where marked, ``mode - spread`` on the same edits with its paired interval."""
+    from easyedit_replay.scale import _fmt, _marked, _order, paired_difference
+
+    rows = []
+    for key, (summary, per_edit) in sorted(cells.items(), key=_order):
+        alg, mode = key.split("/")
+        if modes and mode not in modes:
+            continue
+        ref = cells.get(f"{alg}/spread")
+        row = [first, alg, mode]
+        for k, _, paired in SCALE_COLUMNS:
+            row.append(_fmt(tuple(summary[k])))
+            if paired:
+                if mode == "spread" or ref is None:
+                    row.append("-")
+                else:
+                    row.append(_marked(paired_difference(per_edit, ref[1], k)))
+        rows.append((key, "| " + " | ".join(row) + " |"))
+    return rows
+
+
 def scale_tables(out_dir: str, modes=None) -> None:
     """The README's "Results at scale" tables from ``scale --out DIR`` cells (only the
-    ``modes`` listed, all when None), the sequential tables and the missing cells."""
-    from easyedit_replay.scale import _describe, _fmt, _order, collect_cells, missing_cells, paired_difference
+    ``modes`` listed, all when None): one batch at every n, then each sequential series
+    by edits made (rows grouped by algorithm and mode), both with the paired columns,
+    and the missing cells."""
+    from easyedit_replay.scale import _describe, _order, collect_cells, missing_cells
 
     found = collect_cells(out_dir)
-    header = ["n", "algorithm", "mode"]
-    for _, label, paired in SCALE_COLUMNS:
-        header += [label] + ([f"{label} - spread"] if paired else [])
+
+    def header(first):
+        head = [first, "algorithm", "mode"]
+        for _, label, paired in SCALE_COLUMNS:
+            head += [label] + ([f"{label} - spread"] if paired else [])
+        return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
+
     if found["batch"]:
-        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        print(header("n"))
     for n in sorted(found["batch"]):
-        cells = found["batch"][n]
-        for key, cell in sorted(cells.items(), key=_order):
-            alg, mode = key.split("/")
-            if modes and mode not in modes:
-                continue
-            ref = cells.get(f"{alg}/spread")
-            row = [str(n), alg, mode]
-            for k, _, paired in SCALE_COLUMNS:
-                row.append(_fmt(tuple(cell["run"]["summary"][k])))
-                if paired:
-                    if mode == "spread" or ref is None:
-                        row.append("-")
-                    else:
-                        stat = paired_difference(cell["run"]["per_edit"], ref["run"]["per_edit"], k)
-                        star = "*" if stat[0] is not None and (stat[1] > 0 or stat[2] < 0) else ""
-                        row.append(_fmt(stat, signed=True) + star)
-            print("| " + " | ".join(row) + " |")
+        cells = {key: (c["run"]["summary"], c["run"]["per_edit"]) for key, c in found["batch"][n].items()}
+        print("\n".join(row for _, row in _scale_rows(str(n), cells, modes)))
     for (b, total), series in sorted(found["sequential"].items()):
-        print(f"\nsequential: {total} edits in batches of {b}\n")
-        head = ["edits made", "algorithm", "mode"] + [label for _, label, _ in SCALE_COLUMNS]
-        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-        for key, steps in sorted(series.items(), key=_order):
-            for cell in steps:
-                if cell.get("evaluated"):
-                    print("| " + " | ".join([str(cell["edits"])] + key.split("/") + [
-                        _fmt(tuple(cell["summary"][k])) for k, _, _ in SCALE_COLUMNS]) + " |")
+        print(f"\nsequential: {total} edits in batches of {b}\n\n" + header("edits made"))
+        steps = {}
+        for key, cells in series.items():
+            for c in cells:
+                if c.get("evaluated"):
+                    steps.setdefault(c["edits"], {})[key] = (c["summary"], c["per_edit"])
+        rows = [(_order(key), made, row) for made, cells in steps.items()
+                for key, row in _scale_rows(str(made), cells, modes)]
+        print("\n".join(row for *_, row in sorted(rows)))
     missing = missing_cells(out_dir)
     if missing:
         print("\nmissing (planned, not finished):\n")
