@@ -602,6 +602,41 @@ def sequential_table(steps_by_key: Dict[str, List[dict]], metrics=TABLE_METRICS)
     return rows
 
 
+def retention_table(steps_by_key: Dict[str, List[dict]], key: str = "efficacy_exact") -> List[List[str]]:
+    """Rows (header first) of one sequential series: after each evaluated step, the mean
+    of ``key`` (per-edit, default exact-match efficacy) over the edits of each batch made
+    so far, so that forgetting shows: batch 1's edits after step 1, 2, ... A cell of a
+    batch not yet made is empty."""
+    evaluated = {k: [c for c in steps if c.get("evaluated")] for k, steps in steps_by_key.items()}
+    n_batches = max((c["step"] for steps in evaluated.values() for c in steps), default=0)
+    rows = [["algorithm", "mode", "edits made"] + [f"batch {j + 1}" for j in range(n_batches)]]
+    for k, steps in sorted(evaluated.items(), key=_order):
+        for cell in steps:
+            b = cell["batch_size"]
+            means = []
+            for j in range(n_batches):
+                values = [r[key] for r in cell["per_edit"][j * b:(j + 1) * b] if r.get(key) is not None]
+                means.append(f"{sum(values) / len(values):.2f}" if values and j < cell["step"] else "")
+            rows.append(k.split("/") + [str(cell["edits"])] + means)
+    return rows
+
+
+def update_norm_table(steps_by_key: Dict[str, List[dict]]) -> List[List[str]]:
+    """Rows (header first) of one sequential series: the Frobenius norm of each step's
+    weight update per edited weight (``analysis["update_norm"]``; a column is named by
+    the weight's layer index), one row per step."""
+    names = list(dict.fromkeys(n for steps in steps_by_key.values() for c in steps
+                               for n in (c.get("analysis") or {}).get("update_norm", {})))
+    layer = {n: next((part for part in n.split(".") if part.isdigit()), None) for n in names}
+    rows = [["algorithm", "mode", "step"] + [f"|dW| layer {layer[n]}" if layer[n] else f"|dW| {n}" for n in names]]
+    for k, steps in sorted(steps_by_key.items(), key=_order):
+        for cell in steps:
+            norms = (cell.get("analysis") or {}).get("update_norm", {})
+            rows.append(k.split("/") + [str(cell["step"])]
+                        + [f"{norms[n]:.1f}" if n in norms else "-" for n in names])
+    return rows
+
+
 def _finite(stat) -> bool:
     return stat[0] is not None and all(math.isfinite(v) for v in stat)
 
@@ -769,7 +804,11 @@ def write_scale_report(out_dir, n_boot: int = 1000, seed: int = 0) -> Path:
         lines += [f"## Sequential: {total} edits in batches of {b}", "",
                   render_markdown(sequential_table(series)), "",
                   f"Paired differences, sequential in batches of {b} (all edits made so far):", "",
-                  render_markdown(sequential_paired_table(series, n_boot, seed)), ""]
+                  render_markdown(sequential_paired_table(series, n_boot, seed)), "",
+                  "Retention: efficacy Acc of each batch's edits after every step (forgetting of the earlier "
+                  "batches):", "", render_markdown(retention_table(series)), "",
+                  "Each step's weight update, Frobenius norm per edited weight:", "",
+                  render_markdown(update_norm_table(series)), ""]
         ranks = [(key, c["step"], c["alphaedit_cache_rank"]) for key, steps in sorted(series.items(), key=_order)
                  for c in steps if c.get("alphaedit_cache_rank")]
         if ranks:

@@ -211,7 +211,8 @@ def test_sequential_series_are_paired_against_spread_on_the_edits_made():
     """The paired difference ``mode - spread`` of a sequential series, on the committed
     CounterFact 8 x 96 cells: paired at each number of edits made that both modes have
     evaluated (MEMIT at 96 and 192, AlphaEdit at 96 only when its spread series has
-    nothing more), on all edits made so far, and in the report's plain-words lines."""
+    nothing more), on all edits made so far, and in the report's plain-words lines; the
+    retention table (each batch's efficacy after every step) and the update norms."""
     series_dir = ROOT / "docs" / "results" / "scale_cf" / "cells" / "seq_b0096_n00768"
     series = {f"{alg}/{mode}": [json.loads((series_dir / f"{alg}__{mode}" / f"step{k:03d}.json").read_text())
                                 for k in steps]
@@ -234,3 +235,11 @@ def test_sequential_series_are_paired_against_spread_on_the_edits_made():
             "[+0.026, +0.130] (better)") in lines
     assert ("- sequential in batches of 96, 96 edits made, AlphaEdit: replay - spread, gen. Acc -0.073 "
             "[-0.135, -0.010] (worse)") in lines
+    # forgetting: each earlier batch's efficacy after every step, and each step's update norms
+    retention = scale.retention_table(series)
+    assert retention[0] == ["algorithm", "mode", "edits made", "batch 1", "batch 2", "batch 3"]
+    assert retention[3] == ["MEMIT", "spread", "288", "0.86", "0.81", "0.94"]
+    assert retention[5] == ["MEMIT", "replay", "192", "0.95", "0.95", ""]
+    norms = scale.update_norm_table(series)
+    assert norms[0] == ["algorithm", "mode", "step"] + [f"|dW| layer {l}" for l in range(4, 9)]
+    assert norms[4] == ["MEMIT", "replay", "1", "75.5", "59.6", "37.4", "21.1", "13.0"]
