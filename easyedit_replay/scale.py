@@ -32,8 +32,10 @@ then runs as in an uninterrupted run.
 
 :func:`write_scale_report` turns every cell found into ``report.md`` (tables with
 95% bootstrap intervals, the paired differences ``mode - spread`` on the same edits
-with a paired bootstrap interval, missing cells marked), PNG plots (metrics vs
-``n``, paired differences vs ``n``, sequential metrics vs edits made) and one
+with a paired bootstrap interval - for a sequential series on all edits made so far,
+at each step - a sequential series' retention and update-norm tables, missing cells
+marked), PNG plots (metrics vs ``n``, paired differences vs ``n``, sequential metrics
+and paired differences vs edits made) and one
 ``n<N>/results.json`` per size in ``compare``'s format (``tools/readme_tables.py``).
 """
 
