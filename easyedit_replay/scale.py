@@ -528,16 +528,23 @@ def _batch_per_edit(found: dict, n: int) -> Dict[str, list]:
     return {key: cell["run"]["per_edit"] for key, cell in found["batch"].get(n, {}).items()}
 
 
-def sequential_per_edit(series: Dict[str, List[dict]]) -> Dict[int, Dict[str, list]]:
-    """``{edits made: {"ALG/mode": per-edit rows of all edits made so far}}`` from the
-    evaluated steps of one sequential series (``collect_cells(...)["sequential"][(b,
-    total)]``); the modes of one algorithm are paired at the steps both have evaluated."""
-    out: Dict[int, Dict[str, list]] = {}
+def sequential_steps(series: Dict[str, List[dict]]) -> Dict[int, Dict[str, dict]]:
+    """``{edits made: {"ALG/mode": step cell}}`` of the evaluated steps of one sequential
+    series (``collect_cells(...)["sequential"][(b, total)]``), in order of edits made; the
+    modes of one algorithm are paired at the steps both have evaluated."""
+    out: Dict[int, Dict[str, dict]] = {}
     for key, steps in series.items():
         for cell in steps:
             if cell.get("evaluated"):
-                out.setdefault(cell["edits"], {})[key] = cell["per_edit"]
+                out.setdefault(cell["edits"], {})[key] = cell
     return dict(sorted(out.items()))
+
+
+def sequential_per_edit(series: Dict[str, List[dict]]) -> Dict[int, Dict[str, list]]:
+    """``{edits made: {"ALG/mode": per-edit rows of all edits made so far}}``, the per-edit
+    rows of :func:`sequential_steps`, for :func:`against_spread`."""
+    return {made: {key: cell["per_edit"] for key, cell in cells.items()}
+            for made, cells in sequential_steps(series).items()}
 
 
 def _marked(stat) -> str:

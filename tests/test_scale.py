@@ -243,3 +243,24 @@ def test_sequential_series_are_paired_against_spread_on_the_edits_made():
     norms = scale.update_norm_table(series)
     assert norms[0] == ["algorithm", "mode", "step"] + [f"|dW| layer {l}" for l in range(4, 9)]
     assert norms[4] == ["MEMIT", "replay", "1", "75.5", "59.6", "37.4", "21.1", "13.0"]
+
+
+def test_readme_scale_tables_are_the_tool_output_of_the_committed_cells():
+    """Every row of README "Results at scale" (one batch at each n, and the sequential
+    series) is a row that ``tools/readme_tables.py --scale`` prints from the committed
+    cells of ``docs/results/scale_cf`` or ``scale_zsre``: a README number that no cell
+    backs, or a cell rerun without the README updated, fails here."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Results at scale"):readme.index("## Use with EasyEdit")]
+    rows = [line for line in section.splitlines() if re.match(r"\| \d+ \| [A-Za-z]+ \| [a-z_]+ \|", line)]
+    assert len(rows) >= 40, "the README's scale tables were not found"
+    printed = set()
+    for out in ("scale_cf", "scale_zsre"):
+        text = subprocess.run([sys.executable, str(ROOT / "tools" / "readme_tables.py"), "--scale",
+                               str(ROOT / "docs" / "results" / out)], capture_output=True, text=True, check=True).stdout
+        printed |= set(text.splitlines())
+    assert [row for row in rows if row not in printed] == []

@@ -66,23 +66,21 @@ SCALE_COLUMNS = (("efficacy_exact", "eff. Acc", True), ("generalization_exact", 
 def _scale_rows(first: str, cells: dict, modes) -> list:
     """``(key, markdown row)``, one per ``"ALG/mode"`` of ``cells`` (``{key: (summary, per-edit rows)}``,
     one batch of n or one sequential step): each SCALE_COLUMNS metric with its interval
-    and, where marked, ``mode - spread`` on the same edits with its paired interval."""
-    from easyedit_replay.scale import _fmt, _marked, _order, paired_difference
+    and, where marked, ``mode - spread`` on the same edits with its paired interval
+    (pairs from ``scale.against_spread``, as in report.md)."""
+    from easyedit_replay.scale import _fmt, _marked, _order, against_spread, paired_difference
 
+    reference = {f"{alg}/{mode}": ref for alg, mode, _, ref in
+                 against_spread({key: per_edit for key, (_, per_edit) in cells.items()})}
     rows = []
     for key, (summary, per_edit) in sorted(cells.items(), key=_order):
-        alg, mode = key.split("/")
-        if modes and mode not in modes:
+        if modes and key.split("/")[1] not in modes:
             continue
-        ref = cells.get(f"{alg}/spread")
-        row = [first, alg, mode]
+        row = [first, *key.split("/")]
         for k, _, paired in SCALE_COLUMNS:
             row.append(_fmt(tuple(summary[k])))
             if paired:
-                if mode == "spread" or ref is None:
-                    row.append("-")
-                else:
-                    row.append(_marked(paired_difference(per_edit, ref[1], k)))
+                row.append(_marked(paired_difference(per_edit, reference[key], k)) if key in reference else "-")
         rows.append((key, "| " + " | ".join(row) + " |"))
     return rows
 
@@ -92,7 +90,7 @@ def scale_tables(out_dir: str, modes=None) -> None:
     ``modes`` listed, all when None): one batch at every n, then each sequential series
     by edits made (rows grouped by algorithm and mode), both with the paired columns,
     and the missing cells."""
-    from easyedit_replay.scale import _describe, _order, collect_cells, missing_cells
+    from easyedit_replay.scale import _describe, _order, collect_cells, missing_cells, sequential_steps
 
     found = collect_cells(out_dir)
 
@@ -109,13 +107,9 @@ def scale_tables(out_dir: str, modes=None) -> None:
         print("\n".join(row for _, row in _scale_rows(str(n), cells, modes)))
     for (b, total), series in sorted(found["sequential"].items()):
         print(f"\nsequential: {total} edits in batches of {b}\n\n" + header("edits made"))
-        steps = {}
-        for key, cells in series.items():
-            for c in cells:
-                if c.get("evaluated"):
-                    steps.setdefault(c["edits"], {})[key] = (c["summary"], c["per_edit"])
-        rows = [(_order(key), made, row) for made, cells in steps.items()
-                for key, row in _scale_rows(str(made), cells, modes)]
+        rows = [(_order(key), made, row) for made, cells in sequential_steps(series).items()
+                for key, row in _scale_rows(str(made), {k: (c["summary"], c["per_edit"]) for k, c in cells.items()},
+                                            modes)]
         print("\n".join(row for *_, row in sorted(rows)))
     missing = missing_cells(out_dir)
     if missing:
