@@ -181,7 +181,7 @@ def read_at_lookup(
         compact: run each sequence only up to its lookup token (a causal model's
             state there does not depend on later tokens) and batch them longest
             first (little padding); float rounding only. False: whole sequences in
-            the given order (``bench/bench_reads.py`` compares the two).
+            the given order (``benchmarks/bench_reads.py`` compares the two).
 
     Returns:
         ``{"out:" + name: [N, d], "in:" + name: [N, d_in]}`` in the model's dtype, on

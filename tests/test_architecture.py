@@ -1,5 +1,5 @@
 """The house rules: no import cycles, one registration per algorithm and per target
-construction (a toy of each added in tests/toy_extensions.py)."""
+construction (a toy of each added in tests/helpers/toy_extensions.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_graph():
-    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
     graph = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(graph)
     return graph
@@ -60,7 +60,7 @@ def toys():
     from easyedit_replay.algorithms import RULES
     from easyedit_replay.targets import CONSTRUCTIONS
 
-    from . import toy_extensions
+    from .helpers import toy_extensions
 
     toy_extensions.register()
     yield toy_extensions

@@ -24,8 +24,8 @@ import yaml
 from tests.conftest import ROOT, SHARED_DATA, requires_shared
 
 PTH = ROOT / "easyedit_replay_autoload.pth"
-STUBS = Path(__file__).resolve().parent / "host_stubs"
-PROBE = Path(__file__).resolve().parent / "easyedit_probe.py"
+STUBS = Path(__file__).resolve().parent / "helpers" / "host_stubs"
+PROBE = Path(__file__).resolve().parent / "helpers" / "easyedit_probe.py"
 REPLAY_YAML = ROOT / "hparams" / "MEMIT_REPLAY" / "smollm2-135m.yaml"
 STOCK_YAML = ROOT / "hparams" / "MEMIT" / "smollm2-135m.yaml"
 # Post-edit rewrite accuracy (EasyEdit's teacher-forced token accuracy) of
@@ -307,7 +307,7 @@ def test_stock_twin_yamls_load_with_easyedit_hparams_classes(tmp_path):
     python = os.environ.get("EASYEDIT_PYTHON", sys.executable)
     code = textwrap.dedent(f"""
         import dataclasses, json, sys
-        sys.path.insert(0, {str(ROOT / "tests")!r})
+        sys.path.insert(0, {str(ROOT / "tests" / "helpers")!r})
         from easyedit_stock import import_stock
         out = {{}}
         for name, (module, cls) in {STOCK_HPARAMS!r}.items():

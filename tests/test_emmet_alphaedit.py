@@ -35,7 +35,7 @@ from easyedit_replay.tracing import resolve_parameter
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Measured thresholds (bench/results/emmet_alphaedit_smollm2_tuning.txt). On the first 4
+# Measured thresholds (hparams/README.md, "EMMET and AlphaEdit"). On the first 4
 # demo edits every algorithm and mode measured efficacy 1.0 and specificity 1.0
 # (generalization 0.5); the thresholds leave one miss of margin.
 EFFICACY = {("EMMET", "spread"): 0.75, ("EMMET", "replay"): 0.75, ("AlphaEdit", "spread"): 0.75, ("AlphaEdit", "replay"): 0.75}
@@ -441,7 +441,7 @@ def test_spread_equals_stock_easyedit(tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"{python} cannot import EasyEdit's requirements; set EASYEDIT_PYTHON to a Python that can")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([python, str(ROOT / "tests" / "stock_emmet_alphaedit.py")], capture_output=True, text=True,
+    out = subprocess.run([python, str(ROOT / "tests" / "helpers" / "stock_emmet_alphaedit.py")], capture_output=True, text=True,
                          env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])

@@ -4,7 +4,7 @@ values, and MEMIT-FE's per-case z cache.
 
 Tests against the host need ``EASYEDIT_ROOT`` (a checkout with ``easyeditor/models/memit_FE``)
 and run EasyEdit's code in a child process (``EASYEDIT_PYTHON``, default this
-interpreter) with ``tests/easyedit_stock.py``; they skip otherwise.
+interpreter) with ``tests/helpers/easyedit_stock.py``; they skip otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import yaml
 
 from easyedit_replay.editor import compute_edit
 
-from .easyedit_host import host_inputs, relative_differences, run_host_script, run_stock
+from .helpers.easyedit_host import host_inputs, relative_differences, run_host_script, run_stock
 from .test_core import with_fields
 
 HERE = Path(__file__).resolve().parent
@@ -122,7 +122,7 @@ def test_easyedit_memit_fe_cache_serves_stale_z(model_tok, hparams, templates, d
     """MEMIT-FE's z cache key ``(layer, clamp_norm_factor, case_id)`` (used when
     ``apply_memit_FE_to_model`` is called with a ``cache_template``) holds neither the
     optimization settings, nor the algorithm, nor the weights: in each of the three
-    cases of tests/easyedit_fe_cache.py the cached run differs from a fresh one.
+    cases of tests/helpers/easyedit_fe_cache.py the cached run differs from a fresh one.
     (Our anchor cache keys all three: tests/test_anchor_cache.py.)"""
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=4)

@@ -19,7 +19,7 @@ from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.keys import prepare_requests
 from easyedit_replay.targets import build_targets
 
-from .easyedit_host import host_inputs, relative_differences, run_stock
+from .helpers.easyedit_host import host_inputs, relative_differences, run_stock
 from .test_core import module_outputs_of_prompt, with_fields
 
 HERE = Path(__file__).resolve().parent
@@ -109,7 +109,7 @@ def test_single_layer_pmet_replay_equals_spread_bitwise(model_tok, pmet_hp, temp
         assert torch.equal(upd, updates["PMET_REPLAY"][name]), name
 
 
-# Measured on the 8 demo edits with the bundled YAML (see bench/results/pmet_smollm2_tuning.txt);
+# Measured on the 8 demo edits with the bundled YAML (hparams/README.md, "PMET");
 # the thresholds sit one edit below the measurement.
 # Measured: efficacy_win spread 0.875, replay 1.0; specificity spread 0.875, replay 1.0.
 EFFICACY_MIN = {"PMET_SPREAD": 0.75, "PMET_REPLAY": 0.875}

@@ -1,6 +1,6 @@
 """Real models as researchers run them (issue 19): the YAMLs for the models users edit,
 statistics memory on a 128k-context config, a model dispatched through accelerate's
-hooks, tied heads, decoder layers that return a bare tensor, and bench/gpu_check.py."""
+hooks, tied heads, decoder layers that return a bare tensor, and scripts/gpu_check.py."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_statistics_peak_memory_on_a_131072_position_config(attn):
     a regression fails here instead of exhausting the machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "stats_memory.py"), "--child", "--tokens", "12000",
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "stats_memory_child.py"), "--tokens", "12000",
                           "--attn", attn, "--limit-gb", "4"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -206,13 +206,13 @@ def test_decoder_layers_returning_a_bare_tensor_or_a_tuple(model_tok, hparams, t
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8), layer
 
 
-# ----------------------------------------------------------------------------- bench/gpu_check.py
+# ----------------------------------------------------------------------------- scripts/gpu_check.py
 
 
 def _gpu_check():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

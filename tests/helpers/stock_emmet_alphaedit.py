@@ -64,7 +64,7 @@ def main():
     records = load_records(None, 6)
     batches = [records[:3], records[3:6]]
     templates = [["{}"], ["The following is true. {}", "I read this yesterday. {}"]]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
     steps = int(os.environ.get("STOCK_CHECK_STEPS", "4"))
     out = {}
     for alg, main_name, hp_name in (("EMMET", "easyeditor.models.emmet.emmet_main", "EMMETHyperParams"),

@@ -17,9 +17,9 @@ to the edit's largest float32 layer update; ``--reference none`` skips it), and 
 offloaded to the CPU, executed on the GPU) and reports its agreement with the
 plain model's updates.
 
-    python bench/gpu_check.py                        # CUDA, bf16, 8 edits, the YAMLs' 25 anchor steps
-    python bench/gpu_check.py --out bench/results/gpu_check.txt --dispatch
-    python bench/gpu_check.py --device cpu --n 1 --steps 1 --algs MEMIT   # the same path on the CPU
+    python scripts/gpu_check.py                        # CUDA, bf16, 8 edits, the YAMLs' 25 anchor steps
+    python scripts/gpu_check.py --out benchmarks/results/gpu_check_cuda.txt --dispatch
+    python scripts/gpu_check.py --device cpu --n 1 --steps 1 --algs MEMIT   # the same path on the CPU
 
 Without a CUDA device (and ``--device`` left at ``cuda``) it prints why and exits with status 2.
 """
@@ -48,7 +48,7 @@ def no_cuda_message(torch) -> Optional[str]:
     if torch.cuda.is_available():
         return None
     build = torch.version.cuda or "none (a CPU-only build)"
-    return (f"bench/gpu_check.py needs a CUDA device, and torch.cuda.is_available() is False here "
+    return (f"scripts/gpu_check.py needs a CUDA device, and torch.cuda.is_available() is False here "
             f"(torch {torch.__version__}, CUDA build: {build}). Run it on a machine with an NVIDIA GPU and a "
             f"CUDA build of torch, or pass --device cpu to run the same check on the CPU (slow).")
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     rows = run(args)
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
-    text = (f"# bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    text = (f"# scripts/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
             f"# {gpu}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s in all\n\n" + render(rows) + "\n")
     print(text)
     if args.out:

@@ -15,11 +15,11 @@ of each stage and the peak resident memory of the process:
 The anchors are NOT optimized: a pool of anchors with zero deltas (the unedited
 states at the lookup token, one batched read) stands in for them, so the other
 stages run at full size in minutes. Their cost at 25 steps is the anchor loop's
-seconds per request (``bench/bench_anchors.py --parts throughput``) times the
+seconds per request (``benchmarks/bench_anchors.py --parts throughput``) times the
 requests and anchor layers; the report prints that product next to the measured
 stages when ``--anchor-s-per-request`` is given.
 
-    python bench/bench_scale_cost.py --data ../shared/data/counterfact/counterfact-val.json --n 768
+    python benchmarks/bench_scale_cost.py --data ../shared/data/counterfact/counterfact-val.json --n 768
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
+from _report import append_results  # benchmarks/ is sys.path[0] when a benchmark runs
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results" / "bench_scale_cost_cpu.txt"

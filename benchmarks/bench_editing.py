@@ -11,7 +11,7 @@ own) on the same inputs; the parent prints ratios measured in this one run:
            after the layer) vs one full forward pass per layer (EasyEdit's way)
   stock    (with EASYEDIT_ROOT) EasyEdit's stock MEMIT vs our MEMIT_SPREAD
 
-    python bench/bench_editing.py --parts edit,anchors,stats --sizes 1,8,32,128 --steps 10
+    python benchmarks/bench_editing.py --parts edit,anchors,stats --sizes 1,8,32,128 --steps 10
 """
 
 from __future__ import annotations

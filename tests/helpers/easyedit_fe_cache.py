@@ -1,10 +1,10 @@
 """Can MEMIT-FE's per-case z cache serve a stale z? (a child process, EasyEdit's interpreter)
 
-    EASYEDIT_ROOT=/path/to/EasyEdit python tests/easyedit_fe_cache.py inputs.pt report.json
+    EASYEDIT_ROOT=/path/to/EasyEdit python tests/helpers/easyedit_fe_cache.py inputs.pt report.json
 
 ``execute_memit`` of ``easyeditor/models/memit_FE`` (and of stock MEMIT) stores each
 z as ``cache_template.format(layer, clamp_norm_factor, case_id)`` and loads any file
-found under that name. ``inputs.pt`` is as for ``tests/easyedit_stock.py`` with two
+found under that name. ``inputs.pt`` is as for ``tests/helpers/easyedit_stock.py`` with two
 requests (``case_id`` set). Three cases, each on its own empty cache folder:
 
 - ``v_lr``: MEMIT-FE with ``v_lr`` 0.5 writes the cache; MEMIT-FE with ``v_lr`` 0.1 on

@@ -1,6 +1,6 @@
 """Run one of EasyEdit's stock ``execute_*`` functions on prepared inputs (a child process).
 
-    EASYEDIT_ROOT=/path/to/EasyEdit python tests/easyedit_stock.py PMET inputs.pt deltas.pt
+    EASYEDIT_ROOT=/path/to/EasyEdit python tests/helpers/easyedit_stock.py PMET inputs.pt deltas.pt
 
 ``inputs.pt`` (``torch.save`` of a dict) holds ``model_path``, ``requests``,
 ``hparams`` (our fields; the stock dataclass keeps its own), ``templates`` (the

@@ -1,7 +1,7 @@
 """Print the package's internal import graph and its cycles, at module level and at call time.
 
-    python tools/import_graph.py            # the graph, one line per module, then cycles
-    python tools/import_graph.py --check    # exit 1 if any cycle exists at either level
+    python scripts/import_graph.py            # the graph, one line per module, then cycles
+    python scripts/import_graph.py --check    # exit 1 if any cycle exists at either level
 
 An edge ``a -> b`` is an ``import``/``from ... import`` of ``easyedit_replay.b`` in ``a``.
 Module-level edges run when ``a`` is imported (class bodies included); function-level

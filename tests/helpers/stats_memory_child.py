@@ -1,38 +1,25 @@
-"""Peak memory of the statistics pass on a 128k-context config (not part of the test run).
+"""One measurement of the statistics pass's peak memory on a 128k-context config, in this
+process (run as a child: ``tests/test_real_models.py`` and ``benchmarks/stats_memory.py``).
 
 SmolLM2-135M with ``max_position_embeddings`` patched to 131072 (Llama-3.1/3.2's
 value), eager or SDPA attention, and a corpus of one very long text (``--tokens``
-tokens, the bundled corpus's texts joined on one line) plus a few short lines.
-Each configuration runs in its own process, which reports the peak resident set
-size (``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own
-address space; ``ru_maxrss`` instead keeps the parent's RSS at fork across ``exec``,
-so a child of a large pytest process reported the parent's 3.2 GB) after computing the second
-moment of ``model.layers.4.mlp.down_proj`` (plus the RSS right after loading the
-model, for reference).
+tokens, the bundled corpus's texts joined on one line) plus a few short lines. After
+computing the second moment of ``model.layers.4.mlp.down_proj`` it prints one JSON line
+with the peak resident set size (``VmHWM`` of ``/proc/self/status``, the high-water mark
+of this process's own address space; ``ru_maxrss`` instead keeps the parent's RSS at
+fork across ``exec``, so a child of a large pytest process reported the parent's 3.2 GB)
+and the RSS right after loading the model, for reference.
 
-    python bench/stats_memory.py --tokens 2048,8192,32768 --attn eager,sdpa
-
-``--max-length`` sets ``mom2_max_length`` (the sequence-length cap; omitted: the
-hparams default). Run this on a checkout without the cap to get "before" numbers
-(keep ``--tokens`` small there: without the cap an eager pass over T tokens holds
-``heads * T^2`` attention scores).
+    python tests/helpers/stats_memory_child.py --tokens 12000 --attn eager --limit-gb 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
-
-HERE = Path(__file__).resolve()
-ROOT = HERE.parents[1]
 POSITIONS = 131072
 MODULE = "model.layers.4.mlp.down_proj"
 
@@ -101,35 +88,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="2048,8192,32768", help="lengths of the long text (comma-separated)")
-    p.add_argument("--attn", default="eager,sdpa", help="attention implementations (comma-separated)")
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, required=True, help="length of the long text")
+    p.add_argument("--attn", required=True, help="attention implementation: eager or sdpa")
     p.add_argument("--max-length", type=int, default=None, help="mom2_max_length (default: the hparams default)")
-    p.add_argument("--out", default=None, help="append the result lines to this file")
-    p.add_argument("--limit-gb", type=float, default=None, help="address-space limit of each measuring process")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        args.tokens, args.attn = int(args.tokens), args.attn
-        return child(args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    lines = [f"# bench/stats_memory.py {' '.join(sys.argv[1:])}  ({platform.machine()}, torch threads 1)"]
-    print(lines[0])
-    for attn in args.attn.split(","):
-        for n in args.tokens.split(","):
-            cmd = [sys.executable, str(HERE), "--child", "--tokens", n, "--attn", attn]
-            if args.max_length:
-                cmd += ["--max-length", str(args.max_length)]
-            if args.limit_gb:
-                cmd += ["--limit-gb", str(args.limit_gb)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else \
-                json.dumps(dict(attn=attn, tokens=int(n), error=f"exit {out.returncode}: {out.stderr.strip()[-300:]}"))
-            print(line, flush=True)
-            lines.append(line)
-    append_results(args.out, lines)
+    p.add_argument("--limit-gb", type=float, default=None, help="address-space limit of this process")
+    child(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ context template, as the layer loop reads them) and the current states (output o
 layer at the bare prompts). Prints seconds per edit of each, the ratio, the real over
 padded tokens, and the largest relative difference between the two (float rounding).
 
-    python bench/bench_reads.py --data ../shared/data/counterfact/counterfact-val.json --n 192
+    python benchmarks/bench_reads.py --data ../shared/data/counterfact/counterfact-val.json --n 192
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _report import append_results  # bench/ is sys.path[0] when a benchmark runs
+from _report import append_results  # benchmarks/ is sys.path[0] when a benchmark runs
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results" / "bench_reads_cpu.txt"

@@ -1,5 +1,5 @@
 """Running EasyEdit's own code next to ours: the inputs both sides share and the child
-process that runs a host script (``tests/easyedit_stock.py``, ``tests/easyedit_fe_cache.py``)
+process that runs a host script (``tests/helpers/easyedit_stock.py``, ``tests/helpers/easyedit_fe_cache.py``)
 with ``EASYEDIT_PYTHON`` (default this interpreter). Used by the parity tests that
 need ``EASYEDIT_ROOT``."""
 
@@ -32,7 +32,7 @@ def host_inputs(model_tok, hp, records: Sequence[dict], templates, modules: Sequ
 def run_host_script(script: str, *args: str, timeout: int = 1800) -> None:
     """Run ``tests/<script> *args`` in a child process with ``EASYEDIT_PYTHON`` and this
     checkout on ``PYTHONPATH``; assert it exits 0 (its stderr tail is the message)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([os.environ.get("EASYEDIT_PYTHON", sys.executable), str(HERE / script), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,7 +40,7 @@ def run_host_script(script: str, *args: str, timeout: int = 1800) -> None:
 
 def run_stock(alg: str, inputs: dict, tmp_path: Path, tag: str = "") -> dict:
     """EasyEdit's ``execute_*`` for ``alg`` on ``inputs`` in a child process
-    (tests/easyedit_stock.py); returns its updates ``{weight name: tensor}``."""
+    (tests/helpers/easyedit_stock.py); returns its updates ``{weight name: tensor}``."""
     src, out = tmp_path / f"inputs{tag}.pt", tmp_path / f"stock{tag}.pt"
     torch.save(inputs, src)
     run_host_script("easyedit_stock.py", alg, src, out)

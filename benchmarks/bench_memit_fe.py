@@ -19,7 +19,7 @@ Also printed: the largest relative difference between the two anchors (MEMIT-FE'
 Runs in EasyEdit's interpreter with the plugin importable, from the repository root:
 
     EASYEDIT_ROOT=/path/to/EasyEdit PYTHONPATH=$PWD OMP_NUM_THREADS=1 \\
-        /path/to/easyedit-venv/bin/python bench/bench_memit_fe.py --sizes 8,32
+        /path/to/easyedit-venv/bin/python benchmarks/bench_memit_fe.py --sizes 8,32
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
     from easyedit_replay.editor import resolve_templates
     from easyedit_replay.models import cache_root, load_model
     from easyedit_replay.stats import second_moments
-    from tests.easyedit_stock import import_stock
+    from tests.helpers.easyedit_stock import import_stock
 
     fe = import_stock(root, "memit_FE.memit_FE_main")
     hp = load_hparams(ROOT / "hparams" / "MEMIT_REPLAY" / "smollm2-135m.yaml", stats_dir=str(cache_root() / "stats"))

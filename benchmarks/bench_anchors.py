@@ -27,7 +27,7 @@ The requests of ``loop`` and ``cache`` are the bundled demo edits (24) and, beyo
 ``../shared/data/counterfact/counterfact-val.json``. ``--steps`` shortens the
 anchor optimization (the bundled YAML has 25 steps); the results file says which.
 
-    python bench/bench_anchors.py --sizes 1,8,32 --steps 5 --cache-n 8
+    python benchmarks/bench_anchors.py --sizes 1,8,32 --steps 5 --cache-n 8
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import matmul_flops_per_s  # bench/ is sys.path[0] when a benchmark runs
+from _report import matmul_flops_per_s  # benchmarks/ is sys.path[0] when a benchmark runs
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -237,7 +237,7 @@ def main():
         print(text, flush=True)
         lines.append(text)
 
-    say(f"bench/bench_anchors.py {' '.join(sys.argv[1:])}")
+    say(f"benchmarks/bench_anchors.py {' '.join(sys.argv[1:])}")
     say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M')}")
     parts = args.parts.split(",")
