@@ -1,4 +1,4 @@
-"""Command line: ``easyedit-replay compare | scale | export-model | stats | make-corpus``.
+"""Command line: ``easyedit-replay compare | scale | anchors | export-model | stats | make-corpus``.
 
 ``compare`` edits the same requests with backward spreading and with forward
 replay (one batch edit each, from the same original weights) and prints
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import anchor_bank
 from .errors import ReplayError
 
 log = logging.getLogger("easyedit_replay")
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/scale.json (report.md then lists the unfinished ones as missing) and rewrite the report; "
                     "load no model, compute nothing")
     sc.set_defaults(func=cmd_scale)
+
+    anchor_bank.add_subcommands(sub, lambda alg: default_hparams_path(alg=alg))
 
     e = sub.add_parser("export-model", help="write a Hugging Face copy of a bundled model alias")
     e.add_argument("alias", help="e.g. smollm2-135m")

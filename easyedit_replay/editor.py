@@ -231,7 +231,7 @@ def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
     statistics, which no anchor reads), so they land in the anchor disk cache under the
     keys an edit looks up. For filling
     an anchor bank ahead of the edits, e.g. in several processes on disjoint requests
-    (``tools/bank_anchors.py``). The model is not changed.
+    (``easyedit-replay anchors bank``). The model is not changed.
 
     Args: as :func:`compute_edit` (``mode``: the construction; spread needs the ``l_n``
     anchor, replay the ``l_1`` one, BLUE both).

@@ -76,19 +76,15 @@ def test_hit_gives_bit_identical_updates(model_tok, hparams, demo_records, ancho
 
 
 def test_anchors_banked_in_shards_are_all_hits_for_the_edit(model_tok, hparams, demo_records, anchor_dir, caplog):
-    """``tools/bank_anchors.py``'s mechanism: ``compute_anchors`` on disjoint shards of the
-    requests writes exactly the keys a later ``compute_edit`` of all of them looks up, and
-    the edit then gets the banked anchors (no optimization, same deltas)."""
-    import importlib.util
-    from pathlib import Path
-
+    """``easyedit-replay anchors bank``'s mechanism: ``compute_anchors`` on disjoint shards of
+    the requests writes exactly the keys a later ``compute_edit`` of all of them looks up,
+    and the edit then gets the banked anchors (no optimization, same deltas)."""
+    from easyedit_replay import anchor_bank as bank
     from easyedit_replay.editor import compute_anchors, compute_edit
+    from easyedit_replay.errors import ReplayError
 
-    spec = importlib.util.spec_from_file_location("bank_anchors", Path(__file__).parents[1] / "tools" / "bank_anchors.py")
-    bank = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bank)
     assert bank.shard_indices(5, "1/2") == [0, 2, 4] and bank.shard_indices(5, "2/2") == [1, 3]
-    with pytest.raises(ValueError, match="--shard '3/2'"):
+    with pytest.raises(ReplayError, match="--shard '3/2'"):
         bank.shard_indices(5, "3/2")
 
     model, tok = model_tok
@@ -319,3 +315,4 @@ def test_compare_fails_fast_on_bad_hparams_and_modes(tmp_path, monkeypatch, caps
     bad.write_text("alg_name: MEMIT_REPLAY\nlayers: [4, 3]\n")
     assert main(["compare", "--hparams", str(bad), "--quiet"]) == 2
     assert "hp.yaml" in capsys.readouterr().err
+

@@ -168,22 +168,31 @@ def test_sequential_bookkeeping(model_tok, stats_dir, demo_records, reference):
 
 @requires_shared
 def test_anchor_bank_lists_the_banked_zsre_anchors(capsys):
-    """tools/anchor_bank.py on the committed bank: the ZsRE 192 cells' anchors (replay at
-    layer 4, spread at layer 8, MEMIT YAML) are all there with their step counts, and
-    PMET's are not ZsRE's."""
-    import importlib.util
+    """``easyedit-replay anchors info`` on the committed bank: the ZsRE 192 cells' anchors
+    (replay at layer 4, spread at layer 8, MEMIT YAML) are all there with their step
+    counts, and PMET's are not ZsRE's."""
+    from easyedit_replay.cli import main
 
-    spec = importlib.util.spec_from_file_location("anchor_bank", ROOT / "tools" / "anchor_bank.py")
-    bank = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bank)
-    assert bank.main([str(ROOT / "docs" / "results" / "anchors"),
-                      "--data", f"{SHARED_DATA / 'zsre' / 'zsre-1k.json'}:192"]) == 0
+    assert main(["anchors", "info", str(ROOT / "docs" / "results" / "anchors"),
+                 "--data", f"{SHARED_DATA / 'zsre' / 'zsre-1k.json'}:192"]) == 0
     out = capsys.readouterr().out
     # with the optimization steps the banked anchors took: on ZsRE the early stop
     # (loss < 0.05) rarely fires before the 25th step
     assert "zsre-1k.json first 192: layer 4, 1 site(s), model 85845f37: 192 banked, 0 missing; steps 24.7/25, 178 of 192 ran all" in out
     assert "zsre-1k.json first 192: layer 8, 1 site(s), model 85845f37: 192 banked, 0 missing; steps 24.8/25, 181 of 192 ran all" in out
     assert "zsre-1k.json first 192: layer 4, 2 site(s), model 85845f37: 0 banked, 192 missing" in out
+
+
+def test_anchors_commands_refuse_a_data_item_without_its_count(capsys):
+    """``--data FILE`` without ``:N`` is an error naming the fix, before any file is read."""
+    from easyedit_replay.cli import main
+
+    for argv in (["anchors", "info", "--data", "counterfact-val.json"],
+                 ["anchors", "bank", "--data", "counterfact-val.json", "--shard", "1/2"],
+                 ["anchors", "bank", "--data", "counterfact-val.json:8", "--shard", "3/2"]):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("'counterfact-val.json': give FILE:N") == 2 and "--shard '3/2': give j/k" in err
 
 
 def test_plan_only_lists_the_planned_cells_as_missing_without_a_model(tmp_path, capsys):

@@ -1,0 +1,204 @@
+"""Anchor banks: ``easyedit-replay anchors info | bank``.
+
+An anchor bank is an anchor disk cache folder (:mod:`easyedit_replay.anchor_cache`)
+kept and shared on purpose, e.g. committed beside measured results
+(``docs/results/anchors``) so that a later run on any machine loads the anchors
+instead of optimizing them again.
+
+``anchors info [FOLDER] [--data FILE:N ...]`` says what a folder holds. It reads only
+each file's metadata (the key the cache stores and checks) and its scalar step count,
+never the anchors, so it is fast on thousands of files. Anchors are grouped by anchor
+layer, sites (one site: the MEMIT/EMMET/AlphaEdit YAML; two: PMET's attention and
+MLP outputs) and model fingerprint (the first 8 hex digits of the key's fingerprint
+of every weight: the unedited model has one, each batch of a sequential series after
+the first another). With ``--data FILE:N`` it says how many of the first N records
+of FILE have a banked anchor in each group, i.e. how much of a ``scale --n N`` run
+would come from the bank (a one-batch run reads only the unedited model's group). A
+file written for another template set is counted too: such a file is a miss when a
+run reads it. Each line also gives the optimization steps per request (mean, of
+``v_num_grad_steps``) and how many requests ran all of them, i.e. the early stop
+(loss < 0.05) did not fire before the last step.
+
+``anchors bank --data FILE:N [--shard j/k]`` fills a bank ahead of the edits. It
+computes only the anchors (:func:`easyedit_replay.editor.compute_anchors`: the edit's
+own set-up, so the same cache keys) for every ``k``-th of the first ``N`` records, so
+``k`` processes (cores, GPUs, machines sharing a folder) fill one bank side by side;
+requests already banked are loaded, not optimized. A later ``scale`` or ``compare``
+run on the same records then finds every anchor. Anchors depend on the weights, so
+this fills one-batch cells and the first batch of a sequential series only (later
+batches see an edited model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, List, Sequence, Tuple
+
+from .errors import ReplayError
+
+DEFAULT_FOLDER = "docs/results/anchors"
+
+
+def parse_data_spec(spec: str) -> Tuple[str, int]:
+    """``"FILE:N"`` -> ``(FILE, N)``.
+
+    Raises:
+        ReplayError: no ``:N`` with a non-negative integer ``N``.
+    """
+    path, _, n = spec.rpartition(":")
+    if not path or not n.isdigit():
+        raise ReplayError(f"--data {spec!r}: give FILE:N, e.g. counterfact-val.json:768")
+    return path, int(n)
+
+
+def shard_indices(n: int, shard: str) -> List[int]:
+    """Indices ``i`` in ``0..n-1`` of shard ``"j/k"`` (``i % k == j - 1``).
+
+    Raises:
+        ReplayError: ``shard`` is not ``j/k`` with ``1 <= j <= k``.
+    """
+    j, _, k = shard.partition("/")
+    if not (j.isdigit() and k.isdigit() and 1 <= int(j) <= int(k)):
+        raise ReplayError(f"--shard {shard!r}: give j/k with 1 <= j <= k, e.g. 1/2")
+    return [i for i in range(n) if i % int(k) == int(j) - 1]
+
+
+def _request(description: dict) -> str:
+    return json.dumps(description, sort_keys=True)
+
+
+def read_keys(folder: Path):
+    """``[(group, request, steps, max steps)]`` for every anchor file under ``folder``
+    (:meth:`~easyedit_replay.anchor_cache.AnchorStore.stored`); ``group`` is
+    ``"layer L, S site(s), model F"`` (``F``: the first 8 hex digits of the model
+    fingerprint), ``request`` the key's request part
+    (:func:`~easyedit_replay.anchor_cache.request_description`) as text, ``steps`` the
+    optimization steps the anchor took and ``max steps`` its ``v_num_grad_steps``."""
+    from .anchor_cache import AnchorStore
+
+    return [(f"layer {key['layer']}, {len(key['sites'])} site(s), model {key['model'][:8]}", _request(key["request"]),
+             steps, int(key["hparams"]["v_num_grad_steps"]))
+            for _, key, steps in AnchorStore(folder).stored()]
+
+
+def steps_summary(files) -> str:
+    """``"steps 23.1/25, 55% ran all"`` over ``files`` (``(steps, max steps)`` pairs); ``""``
+    when there are none."""
+    if not files:
+        return ""
+    ran_all = sum(steps >= most for steps, most in files)
+    most = sorted({m for _, m in files})
+    return (f"steps {sum(s for s, _ in files) / len(files):.1f}/{'/'.join(map(str, most))}, "
+            f"{ran_all} of {len(files)} ran all ({100 * ran_all / len(files):.0f}%)")
+
+
+def info(folder: str, data: Sequence[str] = ()) -> List[str]:
+    """The lines ``anchors info`` prints: every group of ``folder`` with its request count
+    and steps, then for each ``FILE:N`` of ``data`` how many of those records each group
+    holds.
+
+    Raises:
+        ReplayError: a ``data`` item that is not ``FILE:N``.
+    """
+    specs = [parse_data_spec(spec) for spec in data]  # bad input fails before any file is read
+    keys = read_keys(Path(folder))
+    steps = defaultdict(lambda: defaultdict(list))  # group -> request -> [(steps, max steps)] (one per file)
+    for group, req, n_steps, most in keys:
+        steps[group][req].append((n_steps, most))
+    lines = [f"{folder}: {len(keys)} anchor files"]
+    for group in sorted(steps):
+        files = [f for per_req in steps[group].values() for f in per_req]
+        lines.append(f"  {group}: {len(steps[group])} requests, {steps_summary(files)}")
+    if specs:
+        from .anchor_cache import request_description
+        from .data import load_records
+        from .keys import prepare_requests
+
+        for path, n in specs:
+            reqs = [_request(request_description(r)) for r in prepare_requests(load_records(path, n))]
+            for group in sorted(steps):
+                have = sum(r in steps[group] for r in reqs)
+                files = [f for r in reqs for f in steps[group].get(r, [])]
+                tail = f"; {steps_summary(files)}" if files else ""
+                lines.append(f"  {Path(path).name} first {len(reqs)}: {group}: {have} banked, "
+                             f"{len(reqs) - have} missing{tail}")
+    return lines
+
+
+def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", progress: bool = True) -> List[str]:
+    """Optimize (or load) the anchors of shard ``shard`` of the first N records of ``data``
+    (``FILE:N``) for every construction in ``modes``, with the YAML at ``hparams_path``,
+    into the anchor cache (``$EASYEDIT_REPLAY_ANCHOR_CACHE`` or the user cache). Returns
+    the lines ``anchors bank`` prints.
+
+    Raises:
+        ReplayError: a bad ``data`` or ``shard`` (before the model loads), or any error
+            of :func:`~easyedit_replay.editor.compute_anchors`.
+    """
+    import logging
+
+    from .algorithms import load_hparams
+    from .anchor_cache import anchor_cache_dir
+    from .data import load_records
+    from .editor import compute_anchors
+    from .models import load_model
+
+    path, n = parse_data_spec(data)
+    idx = shard_indices(n, shard)
+    logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
+    hp = load_hparams(hparams_path)
+    records = load_records(path, n)
+    batch = [records[i] for i in idx]
+    model, tok = load_model(hp.model_name)
+    lines = [f"{len(batch)} of the first {n} records of {Path(path).name} (shard {shard}), "
+             f"{hp.alg_name}, modes {','.join(modes)}, bank {anchor_cache_dir()}"]
+    print(lines[-1], flush=True)
+    for mode in modes:
+        start = time.perf_counter()
+        anchors = compute_anchors(model, tok, batch, hp, mode=mode, progress=progress)
+        lines.append(f"{mode}: anchor layer(s) {sorted(anchors)} for {len(batch)} requests in "
+                     f"{time.perf_counter() - start:.0f} s")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def _cmd_info(args) -> int:
+    print("\n".join(info(args.folder, args.data)))
+    return 0
+
+
+def _cmd_bank(args, default_hparams: Callable[[str], Path]) -> int:
+    if args.bank:
+        os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"] = str(Path(args.bank).resolve())
+    bank(args.hparams or default_hparams(f"{args.alg}_REPLAY"), args.data, args.modes.split(","), args.shard,
+         progress=not args.quiet)
+    return 0
+
+
+def add_subcommands(sub, default_hparams: Callable[[str], Path]) -> None:
+    """Add ``anchors info`` and ``anchors bank`` to the CLI's subparsers ``sub``;
+    ``default_hparams(alg_name)`` gives the bundled YAML of ``--alg``."""
+    a = sub.add_parser("anchors", help="anchor banks: what a folder holds (info), fill one ahead of the edits (bank)")
+    asub = a.add_subparsers(dest="anchors_command", required=True)
+    i = asub.add_parser("info", help="count a folder's anchors per anchor layer, sites and model, against the first "
+                        "records of edit files")
+    i.add_argument("folder", nargs="?", default=DEFAULT_FOLDER, help=f"anchor folder (default {DEFAULT_FOLDER})")
+    i.add_argument("--data", action="append", default=[], metavar="FILE:N",
+                   help="an edit file and how many of its first records to look up (repeatable)")
+    i.set_defaults(func=_cmd_info)
+    b = asub.add_parser("bank", help="optimize the anchors of the first N records into the anchor cache, one "
+                        "shard per process")
+    b.add_argument("--data", required=True, metavar="FILE:N", help="an edit file and how many of its first records")
+    b.add_argument("--alg", default="MEMIT", help="base algorithm of the bundled SmolLM2 YAML (default MEMIT; "
+                   "EMMET and AlphaEdit share its anchors)")
+    b.add_argument("--hparams", help="a plugin YAML instead of the bundled one")
+    b.add_argument("--modes", default="spread,replay", help="constructions whose anchors to bank (default "
+                   "spread,replay)")
+    b.add_argument("--shard", default="1/1", help="j/k: this process takes every k-th request, from the j-th")
+    b.add_argument("--bank", help="anchor folder (default: $EASYEDIT_REPLAY_ANCHOR_CACHE or the user cache)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=lambda args: _cmd_bank(args, default_hparams))
