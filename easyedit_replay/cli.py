@@ -36,6 +36,30 @@ def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
     return [b for b in names if default_hparams_path(model, f"{b}_REPLAY").exists()]
 
 
+def bundled_model(model: Optional[str]) -> str:
+    """The bundled YAMLs' name (``hparams/<ALG>_REPLAY/<name>.yaml``) for ``--model``: the
+    default SmolLM2 without ``--model``, else the model's alias or last path component
+    (``/models/llama3-8b`` -> ``llama3-8b``).
+
+    Raises:
+        ReplayError: no bundled YAML has that name (the message names ``--hparams``).
+    """
+    from .algorithms import RULES
+    from .models import ALIASES, DEFAULT_MODEL
+
+    if not model:
+        return DEFAULT_MODEL
+    name = Path(str(model).rstrip("/")).name
+    if name.lower() in ALIASES:  # an alias's other spellings share its YAMLs
+        name = next(k for k, v in ALIASES.items() if v is ALIASES[name.lower()])
+    if any(default_hparams_path(name, f"{b}_REPLAY").exists() for b in RULES):
+        return name
+    folders = [default_hparams_path(DEFAULT_MODEL, f"{b}_REPLAY").parent for b in RULES]
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+    raise ReplayError(f"--model {model}: no bundled YAML hparams/<ALG>_REPLAY/{name}.yaml (bundled: "
+                      f"{', '.join(known)}); pass --hparams with a YAML for this model")
+
+
 def _prepare(args, n: Optional[int], load: bool = True):
     """Shared by ``compare`` and ``scale``: hyperparameters per algorithm (bundled YAMLs or
     ``--hparams``, with the command-line overrides), the statistics folder, the first
@@ -63,12 +87,13 @@ def _prepare(args, n: Optional[int], load: bool = True):
         by_alg = {get_algorithm(hp.alg_name).base: hp}
         stats_dir = args.stats_dir or hp.stats_dir
     else:
-        algs = args.algs.split(",") if args.algs else bundled_algorithms()
+        model = bundled_model(args.model)  # --model without --hparams: that model's bundled YAMLs, or an error
+        algs = args.algs.split(",") if args.algs else bundled_algorithms(model)
         by_alg = {}
         for alg in algs:
-            path = default_hparams_path("smollm2-135m", f"{alg}_REPLAY")
+            path = default_hparams_path(model, f"{alg}_REPLAY")
             if not path.exists():
-                raise ReplayError(f"--algs {alg}: no bundled YAML {path.name} for {alg}; pass --hparams")
+                raise ReplayError(f"--algs {alg}: no bundled YAML {alg}_REPLAY/{path.name}; pass --hparams")
             by_alg[alg] = load_hparams(path, **overrides)
         stats_dir = args.stats_dir or str(cache_root() / "stats")
     # Fail fast: data, requests and modes (above) are checked before the model is loaded.
@@ -218,7 +243,8 @@ def _common_options(c) -> None:
     """Options ``compare`` and ``scale`` share: what is edited, how, and with which model."""
     c.add_argument("--algs", help="comma-separated base algorithms (default: every one with a bundled SmolLM2 YAML)")
     c.add_argument("--hparams", help="one plugin YAML instead of the bundled ones (its alg_name picks the algorithm)")
-    c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name)")
+    c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name); without "
+                   "--hparams, the bundled YAMLs named after it are used (hparams/<ALG>_REPLAY/<name>.yaml)")
     c.add_argument("--data", help="edits in EasyEdit's CounterFact or ZsRE format (default: bundled demo edits)")
     c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
     c.add_argument("--modes", default="spread,replay",

@@ -316,3 +316,37 @@ def test_compare_fails_fast_on_bad_hparams_and_modes(tmp_path, monkeypatch, caps
     assert main(["compare", "--hparams", str(bad), "--quiet"]) == 2
     assert "hp.yaml" in capsys.readouterr().err
 
+
+def test_model_without_hparams_takes_its_bundled_yamls_or_refuses(monkeypatch, capsys):
+    """``--model X`` without ``--hparams`` edits with the bundled YAMLs named after X
+    (``hparams/<ALG>_REPLAY/X.yaml``), never silently with SmolLM2's; a model with no
+    bundled YAML is an error naming ``--hparams``, before any model loads."""
+    from easyedit_replay.algorithms import load_hparams
+    from easyedit_replay.cli import _prepare, build_parser, main
+
+    from .conftest import ROOT
+
+    ROOT_HPARAMS = ROOT / "hparams"
+
+    _no_model_load(monkeypatch)
+
+    def prepared(*argv):
+        by_alg, *_, model_name, _ = _prepare(build_parser().parse_args(["compare", *argv]), 2, load=False)
+        return {alg: hp.to_dict() for alg, hp in by_alg.items()}, model_name
+
+    got, model_name = prepared("--model", "/models/llama3-8b/", "--algs", "MEMIT,AlphaEdit")
+    assert model_name == "/models/llama3-8b/"
+    for alg in ("MEMIT", "AlphaEdit"):
+        assert got[alg] == load_hparams(ROOT_HPARAMS / f"{alg}_REPLAY" / "llama3-8b.yaml").to_dict()
+    assert got["MEMIT"]["v_loss_layer"] == 31  # not SmolLM2's 29
+    assert list(prepared("--model", "qwen3.5-9b")[0]) == ["AlphaEdit"]  # the algorithms with a YAML for it
+    smol = load_hparams(ROOT_HPARAMS / "MEMIT_REPLAY" / "smollm2-135m.yaml").to_dict()
+    assert prepared("--algs", "MEMIT")[0]["MEMIT"] == smol == prepared("--model", "SmolLM2-135M-Instruct",
+                                                                        "--algs", "MEMIT")[0]["MEMIT"]
+
+    assert main(["compare", "--model", "meta-llama/Meta-Llama-3-8B", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--model meta-llama/Meta-Llama-3-8B: no bundled YAML" in err and "pass --hparams" in err
+    assert "llama3-8b" in err  # the bundled names are listed
+    assert main(["scale", "--model", "gpt2-xl", "--algs", "PMET", "--plan-only", "--out", "unused"]) == 2
+    assert "--algs PMET: no bundled YAML PMET_REPLAY/gpt2-xl.yaml; pass --hparams" in capsys.readouterr().err
