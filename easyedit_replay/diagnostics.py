@@ -6,7 +6,7 @@ the lookup token is compared with that layer's target ``t^{l_i}``:
 
     relative error = |h^{l_i} - t^{l_i}| / |t^{l_i}|
 
-Targets (see METHOD.md):
+Targets (docs/method.md, "Diagnostics"):
 
 - replay, BLUE, OneLayer (constructions that measure each layer at itself): the
   layer's own target, ``t^{l_i} = z^{l_i}`` (replay: the replayed state, the

@@ -34,7 +34,7 @@ With one edit layer it is replay (and onelayer) on that layer.
 Cost: per chunk of requests one forward pass through blocks ``0..l_n`` kept for the
 backward, then per conjugate-gradient iteration one backward and one double-backward
 pass through ``l_1..l_n``; ``JointPlan.seconds`` and ``.iterations`` report it
-(README "Sharing the replayed residual across layers").
+(docs/method.md, "Sharing the replayed residual"; measured costs in docs/results.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,13 @@
-"""Target construction: the one place where backward spreading, forward replay and
-the paper's baselines differ (METHOD.md; Liu et al., ICML 2026, sections 4-5).
+"""Target constructions: backward spreading, forward replay, the paper's baselines and
+the shares beyond the paper (docs/method.md; Liu et al., ICML 2026, sections 4-5).
+
+This module defines every construction (:data:`CONSTRUCTIONS`), builds the targets
+(:func:`build_targets`, the replay forward pass) and sets the share of the residual
+(:meth:`Targets.divisor`). Two other modules branch on a construction's fields:
+:mod:`easyedit_replay.editor` (which layers get anchors and edits, and for
+``replay_capacity`` / ``replay_joint`` the capacities and the joint plan) and
+:mod:`easyedit_replay.joint` (the joint plan of ``replay_joint``). The update rules
+(:mod:`easyedit_replay.algorithms`) never see the construction.
 
 Edit layers ``R = [l_1 < ... < l_n]`` (``hparams.layers``). A target construction
 (:class:`Construction`, the "mode") says
@@ -39,7 +47,8 @@ nodiv:
     spreading without dividing: anchor at ``l_n``, state measured at ``l_n``, every
     layer takes the full residual (the paper's Table 2, "No-dividing").
 
-Beyond the paper, two shares of the replayed residual (issue 16; README "Method"):
+Beyond the paper, three shares of the replayed residual (docs/method.md, "Sharing the
+replayed residual"):
 
 replay_tau:
     replay's targets and anchor; layer ``l_i`` takes ``(z^{l_i} - h^{l_i}_cur) /
@@ -376,7 +385,7 @@ def build_targets(
     Raises:
         ValueError: an anchor layer of the construction is missing from ``anchors``.
 
-    Source: METHOD.md "Forward replay", steps 1-2; "The paper's baselines".
+    Source: docs/method.md, "Forward replay" steps 1-2 and "The constructions".
     """
     c = get_construction(mode)
     if isinstance(anchors, AnchorResult):

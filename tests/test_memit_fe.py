@@ -29,7 +29,7 @@ requires_fe = pytest.mark.skipif(
     not EASYEDIT_ROOT or not Path(EASYEDIT_ROOT, "easyeditor", "models", "memit_FE").is_dir(),
     reason="set EASYEDIT_ROOT to an EasyEdit checkout with MEMIT-FE (and EASYEDIT_PYTHON to its interpreter)")
 # Measured (6 anchor steps, 2 demo edits, SmolLM2, float32): per-layer relative difference
-# of the updates 2.6e-6 (layer 4) rising to 6.6e-6 (layer 8) (README "MEMIT_REPLAY and
+# of the updates 2.6e-6 (layer 4) rising to 6.6e-6 (layer 8) (docs/easyedit.md, "MEMIT_REPLAY and
 # EasyEdit's MEMIT-FE").
 PARITY_TOLERANCE = 1e-4
 
@@ -100,8 +100,8 @@ def test_replay_yamls_take_memit_fe_values():
 @pytest.mark.parametrize("alg", ["PMET", "EMMET", "AlphaEdit"])
 def test_other_replay_yamls_take_their_stock_values(alg):
     """EasyEdit ships FE only for MEMIT, so ``<ALG>_REPLAY/<model>.yaml`` takes the
-    stock ``hparams/<ALG>/<model>.yaml`` values (README "MEMIT_REPLAY and EasyEdit's
-    MEMIT-FE", "Hyperparameters"): every field but ``alg_name`` and ``stats_dir``."""
+    stock ``hparams/<ALG>/<model>.yaml`` values (docs/configuration.md, "YAMLs for the models
+    users run"): every field but ``alg_name`` and ``stats_dir``."""
     ours = sorted((HPARAMS / f"{alg}_REPLAY").glob("*.yaml"))
     compared = 0
     for path in ours:

@@ -1,4 +1,4 @@
-"""The allocation sweep of issue 16 (README "Sharing the replayed residual"), read from
+"""The allocation sweep of issue 16 (docs/results.md, "Sharing the replayed residual"), read from
 ``easyedit-replay compare --out DIR`` results:
 
     python tools/allocation_report.py docs/results/cf192_alloc/results.json --out docs/results/cf192_alloc

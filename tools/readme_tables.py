@@ -1,7 +1,7 @@
-"""Condensed markdown tables of a ``compare`` run, as pasted into README "Results".
+"""Condensed markdown tables of a ``compare`` run, as pasted into docs/results.md.
 
     python tools/readme_tables.py docs/results/cf48_all/results.json
-    python tools/readme_tables.py --scale docs/results/scale_cf [--modes spread,replay,blue]   # "Results at scale"
+    python tools/readme_tables.py --scale docs/results/scale_cf [--modes spread,replay,blue]   # docs/results.md "Results at scale"
 
 Prints (1) the paper's metrics plus EasyEdit's efficacy, specificity and fluency, one row
 per algorithm and mode, mean [95% bootstrap interval]; (2) the residual ratio after each
@@ -86,7 +86,7 @@ def _scale_rows(first: str, cells: dict, modes) -> list:
 
 
 def scale_tables(out_dir: str, modes=None) -> None:
-    """The README's "Results at scale" tables from ``scale --out DIR`` cells (only the
+    """The "Results at scale" tables of docs/results.md from ``scale --out DIR`` cells (only the
     ``modes`` listed, all when None): one batch at every n, then each sequential series
     by edits made (rows grouped by algorithm and mode), both with the paired columns,
     and the missing cells."""

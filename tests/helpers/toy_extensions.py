@@ -1,5 +1,5 @@
 """A toy update rule and a toy target construction, each added in this one file with
-one registration call, as README "Architecture" describes (used by test_architecture.py)."""
+one registration call, as CONTRIBUTING.md "Add an algorithm" and "Add a target construction" describe (used by test_architecture.py)."""
 
 from __future__ import annotations
 
