@@ -315,6 +315,17 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     return record
 
 
+def construction_refusal(construction: Construction, rule: Algorithm, hparams) -> Optional[str]:
+    """Why ``rule`` with ``hparams`` cannot run ``construction``, or None when it can.
+    ``replay_joint`` plans changes of the block output, so it needs one site per layer
+    whose target is ``layer_module_tmp`` (PMET's two module-output sites are refused)."""
+    sites = rule.sites(hparams)
+    if construction.share == "joint" and (len(sites) != 1 or sites[0].target.template != hparams.layer_module_tmp):
+        return (f"replay_joint plans changes of the block output (layer_module_tmp); this rule edits "
+                f"{len(sites)} other site(s) per layer. Use replay_capacity, which shares per site")
+    return None
+
+
 @in_float32_window  # half-precision models: the edit window runs in float32 (precision.py)
 def compute_edit(
     model,
@@ -362,10 +373,9 @@ def compute_edit(
     started = time.perf_counter()
     setup = _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options)
     rule, reqs, templates, sites = setup.rule, setup.requests, setup.templates, setup.sites
-    if setup.construction.share == "joint" and (len(sites) != 1 or sites[0].target.template != hparams.layer_module_tmp):
-        raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint plans changes of the block output "
-                               f"(layer_module_tmp); this rule edits {len(sites)} other site(s) per layer. Use "
-                               f"replay_capacity, which shares per site")
+    refusal = construction_refusal(setup.construction, rule, hparams)
+    if refusal:
+        raise HyperParamsError(f"alg_name {hparams.alg_name}: {refusal}")
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
     targets = build_targets(model, tok, reqs, hparams, anchors, setup.construction, [s.target for s in sites],
                             setup.anchor_templates, rule.sqrt_share)
