@@ -153,11 +153,81 @@ def pick(rows: Sequence[dict]) -> dict:
             "default_cells": cells, "best": best}
 
 
+POINT_FIELDS = ("clamp_norm_factor", "v_lr", "v_weight_decay", "v_num_grad_steps")
+
+
+def anchor_norms(anchor_dir, records: Sequence[dict]) -> List[dict]:
+    """Anchor norms of ``records`` found in an anchor store, per operating point and
+    anchor layer: ``[{"point", "layer", "n", "ratio", "delta", "h"}]`` with the means over
+    requests of ``|delta| / |h|``, ``|delta|`` and ``|h|`` (``h`` = the anchor site's
+    output before editing, ``init`` of :class:`~easyedit_replay.anchor.AnchorResult`;
+    one site per layer: MEMIT's YAMLs, which EMMET and AlphaEdit share). Read from the
+    files' metadata, no model: a file counts when its request (prompt, subject,
+    target_new) is one of ``records`` and its objective matches a bundled point's four
+    anchor settings; of the model fingerprints found (a sequential series banks
+    anchors made on edited weights too) the one with the most requests is used."""
+    from safetensors import safe_open
+
+    from .algorithms import load_hparams
+    from .cli import OPERATING_POINTS, default_hparams_path
+
+    points = {}
+    for point in OPERATING_POINTS:
+        hp = load_hparams(default_hparams_path("smollm2-135m", "MEMIT_REPLAY", point))
+        points[tuple(float(getattr(hp, f)) for f in POINT_FIELDS)] = point
+    wanted = set()
+    for r in records:
+        prompt = r["prompt"] if "{}" in r["prompt"] else r["prompt"].replace(r["subject"], "{}", 1)
+        wanted.add((prompt, r["subject"], r["target_new"].strip()))
+    acc: Dict[Tuple[str, int], List[Tuple[float, float]]] = {}
+    for path in Path(anchor_dir).glob("*/*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            key = json.loads(f.metadata()["key"])
+            req = key["request"]
+            point = points.get(tuple(float(key["hparams"][k]) for k in POINT_FIELDS))
+            if (point is None or len(key["sites"]) != 1
+                    or (req["prompt"], req["subject"], req["target_new"].strip()) not in wanted):
+                continue
+            delta, init = f.get_tensor("delta").float(), f.get_tensor("init").float()
+        group = acc.setdefault((point, int(key["layer"])), {}).setdefault(key["model"], [])
+        group.append((float(delta.norm()), float(init.norm())))
+    out = []
+    for (point, layer), by_model in sorted(acc.items()):
+        vals = max(by_model.values(), key=len)  # the weights most of these requests were anchored on
+        n = len(vals)
+        out.append({"point": point, "layer": layer, "n": n, "ratio": sum(d / h for d, h in vals) / n,
+                    "delta": sum(d for d, _ in vals) / n, "h": sum(h for _, h in vals) / n})
+    return out
+
+
 def _row_text(r: dict) -> List[str]:
     norms = " ".join(f"{r['update_norm'][k]:.1f}" for k in sorted(r["update_norm"], key=str))
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     return [r["point"], f"{r['lambda']:g}", r["alg"], r["mode"], f(r["eff_acc"]), f(r["gen_acc"]), f(r["score"]),
             f(r["dkl"]), f(r["top1"]), f(r["fluency"]), norms]
+
+
+def _anchor_norm_lines(meta: dict) -> List[str]:
+    """The report's anchor-norm table (:func:`anchor_norms` of the grid's records in the
+    anchor store in use); empty when the data file or the store is not at hand."""
+    from .anchor_cache import anchor_cache_dir
+    from .cli import parse_records
+    from .data import load_records
+    from .experiment import render_markdown
+
+    data, store = meta.get("data"), anchor_cache_dir()
+    if not data or not Path(data).exists() or not store.exists():
+        return []
+    records = load_records(data, records=parse_records(meta.get("records") or ":"))
+    norms = anchor_norms(store, records)
+    if not norms:
+        return []
+    rows = [["point", "anchor layer", "requests", "mean abs(delta) / abs(h)", "mean abs(delta)", "mean abs(h)"]]
+    rows += [[r["point"], str(r["layer"]), str(r["n"]), f"{r['ratio']:.3f}", f"{r['delta']:.1f}", f"{r['h']:.1f}"]
+             for r in norms]
+    return ["", "## Anchor norms", "", "Layer 4 is replay's anchor (the first edit layer), layer 8 spreading's (the "
+            "last); h = the layer's output at the subject's last token before editing, delta = the optimized "
+            "change (its norm is clamped to clamp_norm_factor x abs(h)).", ""] + render_markdown(rows).splitlines()
 
 
 def write_tuning_report(out_dir) -> Path:
@@ -195,6 +265,7 @@ def write_tuning_report(out_dir) -> Path:
         lines += ["", "## The whole grid", "", "Means over the edits of each cell (one batch); score = (eff. Acc + "
                   "gen. Acc) / 2; |dW| = Frobenius norm of each edit layer's weight change.", ""]
         lines += render_markdown([header] + [_row_text(r) for r in rows]).splitlines()
+        lines += _anchor_norm_lines(meta)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "grid.json", json.dumps(rows, indent=1))
     return out / "report.md"
