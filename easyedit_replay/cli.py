@@ -22,9 +22,35 @@ from .errors import ReplayError
 log = logging.getLogger("easyedit_replay")
 
 
-def default_hparams_path(model: str = "smollm2-135m", alg: str = "MEMIT_REPLAY") -> Path:
-    """The bundled YAML for ``alg`` on ``model`` (shipped inside the package)."""
-    return Path(__file__).resolve().parent / "configs" / alg / f"{model}.yaml"
+OPERATING_POINTS = ("bundled", "paper", "host-fe")
+
+
+def default_hparams_path(model: str = "smollm2-135m", alg: str = "MEMIT_REPLAY", point: str = "bundled") -> Path:
+    """The bundled YAML for ``alg`` on ``model`` at operating point ``point`` (shipped
+    inside the package): ``<alg>/<model>.yaml`` for ``bundled``, else
+    ``<alg>/<model>-<point>.yaml`` (``hparams/README.md`` says where each point's values
+    come from)."""
+    name = model if point == "bundled" else f"{model}-{point}"
+    return Path(__file__).resolve().parent / "configs" / alg / f"{name}.yaml"
+
+
+def parse_records(text: Optional[str]) -> Optional[slice]:
+    """``"1823:1919"`` -> ``slice(1823, 1919)``: the records of ``--data`` to use, as a
+    Python slice (``"-96:"`` is the last 96); None when not given.
+
+    Raises:
+        ReplayError: not of the form ``START:END`` with integers (names ``--records``).
+    """
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (int(x) if x.strip() else None for x in parts)
+    except ValueError:
+        raise ReplayError(f"--records {text!r}: expected START:END, e.g. 1823:1919 (a Python slice of --data)") from None
+    return slice(start, end)
 
 
 def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
@@ -39,7 +65,8 @@ def bundled_algorithms(model: str = "smollm2-135m") -> List[str]:
 def bundled_model(model: Optional[str]) -> str:
     """The bundled YAMLs' name (``hparams/<ALG>_REPLAY/<name>.yaml``) for ``--model``: the
     default SmolLM2 without ``--model``, else the model's alias or last path component
-    (``/models/llama3-8b`` -> ``llama3-8b``).
+    (``/models/llama3-8b`` -> ``llama3-8b``); ``--point`` then picks among that model's
+    operating points.
 
     Raises:
         ReplayError: no bundled YAML has that name (the message names ``--hparams``).
@@ -52,10 +79,12 @@ def bundled_model(model: Optional[str]) -> str:
     name = Path(str(model).rstrip("/")).name
     if name.lower() in ALIASES:  # an alias's other spellings share its YAMLs
         name = next(k for k, v in ALIASES.items() if v is ALIASES[name.lower()])
-    if any(default_hparams_path(name, f"{b}_REPLAY").exists() for b in RULES):
+    variants = tuple(f"-{point}" for point in OPERATING_POINTS if point != "bundled")  # <model>-<point>.yaml
+    if not name.endswith(variants) and any(default_hparams_path(name, f"{b}_REPLAY").exists() for b in RULES):
         return name
     folders = [default_hparams_path(DEFAULT_MODEL, f"{b}_REPLAY").parent for b in RULES]
-    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+    stems = {p.stem for folder in folders for p in folder.glob("*.yaml")}
+    known = sorted(s for s in stems if not s.endswith(variants))
     raise ReplayError(f"--model {model}: no bundled YAML hparams/<ALG>_REPLAY/{name}.yaml (bundled: "
                       f"{', '.join(known)}); pass --hparams with a YAML for this model")
 
@@ -82,6 +111,10 @@ def _prepare(args, n: Optional[int], load: bool = True):
         overrides["v_num_grad_steps"] = args.steps
     if args.no_anchor_cache:
         overrides["anchor_cache"] = False
+    if args.lambda_ is not None:
+        overrides["mom2_update_weight"] = args.lambda_
+    if args.hparams and args.point != "bundled":
+        raise ReplayError(f"--point {args.point} picks a bundled YAML; with --hparams the YAML sets the values")
     if args.hparams:
         hp = load_hparams(args.hparams, **overrides)
         by_alg = {get_algorithm(hp.alg_name).base: hp}
@@ -91,13 +124,14 @@ def _prepare(args, n: Optional[int], load: bool = True):
         algs = args.algs.split(",") if args.algs else bundled_algorithms(model)
         by_alg = {}
         for alg in algs:
-            path = default_hparams_path(model, f"{alg}_REPLAY")
+            path = default_hparams_path(model, f"{alg}_REPLAY", args.point)
             if not path.exists():
-                raise ReplayError(f"--algs {alg}: no bundled YAML {alg}_REPLAY/{path.name}; pass --hparams")
+                raise ReplayError(f"--algs {alg} --point {args.point}: no bundled YAML {alg}_REPLAY/{path.name}; "
+                                  f"pass --hparams")
             by_alg[alg] = load_hparams(path, **overrides)
         stats_dir = args.stats_dir or str(cache_root() / "stats")
     # Fail fast: data, requests and modes (above) are checked before the model is loaded.
-    records = load_records(args.data, n)
+    records = load_records(args.data, n, records=parse_records(args.records))
     for hp in by_alg.values():
         # The leading space of target_new only changes its spelling, not what is valid;
         # PMET's default depends on the model name, which is not loaded yet.
@@ -176,12 +210,49 @@ def cmd_scale(args) -> int:
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
-    meta = {"model": model_name, "data": str(args.data or "demo")}
+    meta = {"model": model_name, "data": str(args.data or "demo"), "records": args.records or ":",
+            "operating_point": sorted({hp.operating_point for hp in by_alg.values()})}
     if args.plan_only:
         print(record_plan(args.out, cfg, list(by_alg), meta=meta))
         return 0
     report = run_scale(model, tok, records, by_alg, cfg, args.out, stats_dir=stats_dir, meta=meta)
     print(report)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """The operating-point grid on a tuning split (:mod:`easyedit_replay.tune`)."""
+    from .scale import ScaleConfig
+    from .tune import RULE, run_tuning, write_tuning_report
+
+    if args.report_only:
+        print(write_tuning_report(args.out).read_text())
+        return 0
+    points = [p.strip() for p in args.points.split(",") if p.strip()]
+    bad = [p for p in points if p not in OPERATING_POINTS]
+    if bad or not points:
+        raise ReplayError(f"--points {args.points}: expected names from {', '.join(OPERATING_POINTS)}")
+    try:
+        lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+    except ValueError:
+        lambdas = []
+    if not lambdas or min(lambdas) < 0:
+        raise ReplayError(f"--lambdas {args.lambdas}: expected comma-separated non-negative numbers, e.g. 1000,5000")
+    by_point = {}
+    for point in points:
+        args.point = point
+        by_alg, stats_dir, records, _, _, model_name, modes = _prepare(args, None, load=False)
+        by_point[point] = by_alg
+    cfg = ScaleConfig(sizes=[len(records)], modes=modes, fluency=not args.no_fluency, seed=args.seed or 0,
+                      progress=not args.quiet)
+    print(RULE, file=sys.stderr)
+    print(f"loading {model_name} ...", file=sys.stderr)
+    from .models import load_model
+
+    model, tok = load_model(model_name, device=args.device)
+    meta = {"model": model_name, "data": str(args.data or "demo"), "records": args.records or ":"}
+    report = run_tuning(model, tok, records, by_point, lambdas, cfg, args.out, stats_dir=stats_dir, meta=meta)
+    print(report.read_text())
     return 0
 
 
@@ -251,6 +322,13 @@ def _common_options(c) -> None:
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
                         "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
                         "replay_capacity, replay_joint (default: spread,replay)")
+    c.add_argument("--point", default="bundled", choices=OPERATING_POINTS,
+                   help="operating point of the bundled YAMLs: bundled (default), paper (the FE authors' anchor "
+                        "settings), host-fe (EasyEdit's MEMIT-FE); see hparams/README.md")
+    c.add_argument("--lambda", dest="lambda_", type=float,
+                   help="override mom2_update_weight (the covariance weight lambda)")
+    c.add_argument("--records", help="use this slice of --data before --n, START:END (e.g. 1823:1919, or -96: "
+                                     "for the last 96); default: from the first record")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
     c.add_argument("--steps", type=int, help="override v_num_grad_steps")
     c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
@@ -294,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/scale.json (report.md then lists the unfinished ones as missing) and rewrite the report; "
                     "load no model, compute nothing")
     sc.set_defaults(func=cmd_scale)
+
+    t = sub.add_parser("tune", help="the operating-point grid (points x lambda x algorithm x construction) on a "
+                       "tuning split, one batch per cell, and the rule that picks the default; a rerun resumes")
+    _common_options(t)
+    t.set_defaults(algs="MEMIT,EMMET,AlphaEdit")
+    t.add_argument("--points", default=",".join(OPERATING_POINTS), help="comma-separated operating points "
+                   f"(default {','.join(OPERATING_POINTS)})")
+    t.add_argument("--lambdas", default="1000,5000,15000,30000", help="comma-separated mom2_update_weight values "
+                   "(default 1000,5000,15000,30000)")
+    t.add_argument("--out", required=True, help="directory of the grid: OUT/<point>/lambda<L>/ scale cells, "
+                   "OUT/report.md, OUT/grid.json")
+    t.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from the cells found")
+    t.set_defaults(func=cmd_tune)
 
     anchor_bank.add_subcommands(sub, lambda alg: default_hparams_path(alg=alg))
 

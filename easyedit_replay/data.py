@@ -77,11 +77,17 @@ def _from_memit_counterfact(item: dict, i: int) -> dict:
     }
 
 
-def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None) -> List[dict]:
+def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None,
+                 records: Optional[slice] = None) -> List[dict]:
     """Read ``path`` (default: the bundled demo edits) and return canonical records.
 
     Args:
-        n: keep the first ``n`` records (all when None); must be in ``1..len(file)``.
+        n: keep the first ``n`` records (all when None) of the selection; must be in
+            ``1..len(selection)``.
+        records: a slice of the file's items to select first (``compare --records``,
+            e.g. ``slice(1823, 1919)`` for a tuning split at the end of a file); the
+            records keep their position in the file as ``case_id`` where the file
+            has none.
 
     Raises:
         RequestError: missing or unreadable file, invalid JSON, not a non-empty list
@@ -105,6 +111,15 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None) -
         data = [data]
     if not isinstance(data, list) or not data:
         raise RequestError(f"{where}: expected a non-empty JSON list of edits")
+    offset = 0
+    if records is not None:
+        offset = range(len(data))[records].start if len(range(len(data))[records]) else 0
+        selected = data[records]
+        if not selected:
+            raise RequestError(f"--records {records.start}:{records.stop}: selects no item of {where} "
+                               f"({len(data)} edits); pass a range inside 0:{len(data)}")
+        data = selected
+        where = f"{where} [{offset}:{offset + len(data)}]"
     if n is not None and not 1 <= n <= len(data):
         raise RequestError(f"--n {n}: {where} holds {len(data)} edits; pass --n between 1 and {len(data)}")
     bad = next((i for i, item in enumerate(data) if not isinstance(item, dict)), None)
@@ -125,7 +140,7 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None) -
     records = []
     for i, item in enumerate(data[: n if n is not None else len(data)]):
         try:
-            records.append(convert(item, i))
+            records.append(convert(item, offset + i))
         except (KeyError, TypeError) as exc:
             raise RequestError(f"{where}: item {i} lacks field {exc}") from None
     return records

@@ -27,6 +27,11 @@ defaults:
   float rounding, not the file name.
 - ``context_seed``: seed of the context-template sampler.
 - ``anchor_cache``: keep optimized anchors in the disk cache (``anchor_cache.py``).
+- ``operating_point``: the name of the anchor settings a YAML carries (``bundled``,
+  ``paper``, ``host-fe``: ``hparams/README.md``); a label, read by ``compare`` and
+  ``scale`` to record which point made a cell. The values themselves key cells and
+  anchors, so two points never share either.
+- ``hparams_source``: the file (and repository) the values were taken from.
 """
 
 from __future__ import annotations
@@ -107,6 +112,8 @@ class ReplayHyperParams:
     mom2_tokens_per_batch: int = 4096
     context_seed: int = 0
     anchor_cache: bool = True
+    operating_point: str = "bundled"
+    hparams_source: Optional[str] = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -227,6 +234,8 @@ class ReplayHyperParams:
             raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
         if self.mom2_dtype not in MOM2_DTYPES:
             raise err("mom2_dtype", f"must be one of {list(MOM2_DTYPES)}")
+        if not isinstance(self.operating_point, str) or not self.operating_point:
+            raise err("operating_point", "must be a non-empty name, e.g. 'bundled', 'paper' or 'host-fe'")
         if not isinstance(self.anchor_cache, bool):
             raise err("anchor_cache", "must be true or false")
         if self.replay_share not in REPLAY_SHARES:

@@ -70,7 +70,9 @@ SCALE_METRICS = (
 )
 TABLE_METRICS = tuple(PAPER_METRICS) + (("fluency", "fluency"), ("final_ratio", "final resid. ratio"))
 # hparams fields that do not change what a cell measures (paths, caching, chunking)
-UNKEYED_HPARAMS = ("stats_dir", "anchor_cache", "anchor_batch_size", "device", "model_parallel")
+# and labels (the operating point's name and source: its values key the cell)
+UNKEYED_HPARAMS = ("stats_dir", "anchor_cache", "anchor_batch_size", "device", "model_parallel",
+                   "operating_point", "hparams_source")
 
 
 @dataclass
@@ -227,7 +229,8 @@ def _batch_cell(ctx: _Context, n: int, alg: str, mode: str) -> None:
                    None, ctx.anchors)
     run["summary"] = summarize_ci(run["per_edit"], ctx.cfg.n_boot, ctx.cfg.seed)
     run["layers"] = list(hp.layers)
-    write_cell(path, {"kind": "batch", "n": n, "alg": alg, "mode": mode, "run": run}, settings)
+    write_cell(path, {"kind": "batch", "n": n, "alg": alg, "mode": mode, "operating_point": hp.operating_point,
+                      "run": run}, settings)
 
 
 def _steps(total: int, b: int) -> List[List[int]]:
@@ -287,7 +290,8 @@ def _sequential_series(ctx: _Context, alg: str, mode: str) -> None:
                               k)
             rows.update(step["rows"])
             made = idx[-1] + 1
-            cell = {"kind": "sequential", "alg": alg, "mode": mode, "batch_size": b, "total": total, "step": k + 1,
+            cell = {"kind": "sequential", "alg": alg, "mode": mode, "operating_point": hp.operating_point,
+                    "batch_size": b, "total": total, "step": k + 1,
                     "edits": made, "requests": idx, "batch_rows": {str(i): step["rows"][i] for i in idx},
                     "analysis": step["analysis"], "accuracy": step["accuracy"], "seconds": step["seconds"],
                     "timing": {"diagnostic_seconds": step["diagnostic_seconds"]},

@@ -347,6 +347,13 @@ def test_model_without_hparams_takes_its_bundled_yamls_or_refuses(monkeypatch, c
     assert main(["compare", "--model", "meta-llama/Meta-Llama-3-8B", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--model meta-llama/Meta-Llama-3-8B: no bundled YAML" in err and "pass --hparams" in err
-    assert "llama3-8b" in err  # the bundled names are listed
+    assert "llama3-8b" in err and "-paper" not in err  # the bundled models are listed, not their operating points
+    assert main(["compare", "--model", "smollm2-135m-paper", "--quiet"]) == 2  # a point is not a model: --point paper
+    assert "--model smollm2-135m-paper: no bundled YAML" in capsys.readouterr().err
     assert main(["scale", "--model", "gpt2-xl", "--algs", "PMET", "--plan-only", "--out", "unused"]) == 2
-    assert "--algs PMET: no bundled YAML PMET_REPLAY/gpt2-xl.yaml; pass --hparams" in capsys.readouterr().err
+    assert "no bundled YAML PMET_REPLAY/gpt2-xl.yaml; pass --hparams" in capsys.readouterr().err
+    # --point picks among the named model's YAMLs
+    paper = load_hparams(ROOT_HPARAMS / "MEMIT_REPLAY" / "smollm2-135m-paper.yaml").to_dict()
+    assert prepared("--model", "smollm2-135m", "--point", "paper", "--algs", "MEMIT")[0]["MEMIT"] == paper
+    assert main(["compare", "--model", "llama3-8b", "--point", "paper", "--algs", "MEMIT", "--quiet"]) == 2
+    assert "no bundled YAML MEMIT_REPLAY/llama3-8b-paper.yaml" in capsys.readouterr().err
