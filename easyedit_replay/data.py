@@ -146,6 +146,25 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None,
     return records
 
 
+def parse_records(text: Optional[str]) -> Optional[slice]:
+    """``"1823:1919"`` -> ``slice(1823, 1919)``: the records of ``--data`` to use, as a
+    Python slice (``"-96:"`` is the last 96); None when not given.
+
+    Raises:
+        RequestError: not of the form ``START:END`` with integers (names ``--records``).
+    """
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (int(x) if x.strip() else None for x in parts)
+    except ValueError:
+        raise RequestError(f"--records {text!r}: expected START:END, e.g. 1823:1919 (a Python slice of --data)") from None
+    return slice(start, end)
+
+
 TEXT_FIELDS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
 
 

@@ -169,7 +169,7 @@ def anchor_norms(anchor_dir, records: Sequence[dict]) -> List[dict]:
     from safetensors import safe_open
 
     from .algorithms import load_hparams
-    from .cli import OPERATING_POINTS, default_hparams_path
+    from .bundled import OPERATING_POINTS, default_hparams_path
 
     points = {}
     for point in OPERATING_POINTS:
@@ -211,8 +211,7 @@ def _anchor_norm_lines(meta: dict) -> List[str]:
     """The report's anchor-norm table (:func:`anchor_norms` of the grid's records in the
     anchor store in use); empty when the data file or the store is not at hand."""
     from .anchor_cache import anchor_cache_dir
-    from .cli import parse_records
-    from .data import load_records
+    from .data import load_records, parse_records
     from .experiment import render_markdown
 
     data, store = meta.get("data"), anchor_cache_dir()
