@@ -36,7 +36,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .errors import ReplayError
 
@@ -129,11 +129,13 @@ def info(folder: str, data: Sequence[str] = ()) -> List[str]:
     return lines
 
 
-def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", progress: bool = True) -> List[str]:
+def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", progress: bool = True,
+         records: Optional[str] = None) -> List[str]:
     """Optimize (or load) the anchors of shard ``shard`` of the first N records of ``data``
-    (``FILE:N``) for every construction in ``modes``, with the YAML at ``hparams_path``,
-    into the anchor cache (``$EASYEDIT_REPLAY_ANCHOR_CACHE`` or the user cache). Returns
-    the lines ``anchors bank`` prints.
+    (``FILE:N``; with ``records="START:END"`` the first N of that slice of the file, as
+    ``compare --records``) for every construction in ``modes``, with the YAML at
+    ``hparams_path``, into the anchor cache (``$EASYEDIT_REPLAY_ANCHOR_CACHE`` or the user
+    cache). Returns the lines ``anchors bank`` prints.
 
     Raises:
         ReplayError: a bad ``data`` or ``shard`` (before the model loads), or any error
@@ -143,7 +145,7 @@ def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", prog
 
     from .algorithms import load_hparams
     from .anchor_cache import anchor_cache_dir
-    from .data import load_records
+    from .data import load_records, parse_records
     from .editor import compute_anchors
     from .models import load_model
 
@@ -151,10 +153,11 @@ def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", prog
     idx = shard_indices(n, shard)
     logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
     hp = load_hparams(hparams_path)
-    records = load_records(path, n)
-    batch = [records[i] for i in idx]
+    where = f"{Path(path).name}[{records}]" if records else Path(path).name
+    selected = load_records(path, n, records=parse_records(records))
+    batch = [selected[i] for i in idx]
     model, tok = load_model(hp.model_name)
-    lines = [f"{len(batch)} of the first {n} records of {Path(path).name} (shard {shard}), "
+    lines = [f"{len(batch)} of the first {n} records of {where} (shard {shard}), "
              f"{hp.alg_name}, modes {','.join(modes)}, bank {anchor_cache_dir()}"]
     print(lines[-1], flush=True)
     for mode in modes:
@@ -171,17 +174,17 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_bank(args, default_hparams: Callable[[str], Path]) -> int:
+def _cmd_bank(args, default_hparams: Callable[..., Path]) -> int:
     if args.bank:
         os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"] = str(Path(args.bank).resolve())
-    bank(args.hparams or default_hparams(f"{args.alg}_REPLAY"), args.data, args.modes.split(","), args.shard,
-         progress=not args.quiet)
+    bank(args.hparams or default_hparams(f"{args.alg}_REPLAY", args.point), args.data, args.modes.split(","),
+         args.shard, progress=not args.quiet, records=args.records)
     return 0
 
 
-def add_subcommands(sub, default_hparams: Callable[[str], Path]) -> None:
+def add_subcommands(sub, default_hparams: Callable[..., Path]) -> None:
     """Add ``anchors info`` and ``anchors bank`` to the CLI's subparsers ``sub``;
-    ``default_hparams(alg_name)`` gives the bundled YAML of ``--alg``."""
+    ``default_hparams(alg_name, point)`` gives the bundled YAML of ``--alg`` at ``--point``."""
     a = sub.add_parser("anchors", help="anchor banks: what a folder holds (info), fill one ahead of the edits (bank)")
     asub = a.add_subparsers(dest="anchors_command", required=True)
     i = asub.add_parser("info", help="count a folder's anchors per anchor layer, sites and model, against the first "
@@ -196,6 +199,9 @@ def add_subcommands(sub, default_hparams: Callable[[str], Path]) -> None:
     b.add_argument("--alg", default="MEMIT", help="base algorithm of the bundled SmolLM2 YAML (default MEMIT; "
                    "EMMET and AlphaEdit share its anchors)")
     b.add_argument("--hparams", help="a plugin YAML instead of the bundled one")
+    b.add_argument("--point", default="bundled", help="operating point of the bundled YAML (bundled, paper, host-fe)")
+    b.add_argument("--records", help="take the first N records of this slice of FILE, START:END (as compare "
+                   "--records)")
     b.add_argument("--modes", default="spread,replay", help="constructions whose anchors to bank (default "
                    "spread,replay)")
     b.add_argument("--shard", default="1/1", help="j/k: this process takes every k-th request, from the j-th")

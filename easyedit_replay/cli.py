@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from the cells found")
     t.set_defaults(func=cmd_tune)
 
-    anchor_bank.add_subcommands(sub, lambda alg: default_hparams_path(alg=alg))
+    anchor_bank.add_subcommands(sub, lambda alg, point="bundled": default_hparams_path(alg=alg, point=point))
 
     e = sub.add_parser("export-model", help="write a Hugging Face copy of a bundled model alias")
     e.add_argument("alias", help="e.g. smollm2-135m")
