@@ -124,8 +124,9 @@ def _updates_per_mode(model, tok, hp, modes, records, templates):
 def test_half_precision_updates_match_float32_for_every_construction(alg, model_tok, case_for, stats_dir,
                                                                       templates, demo_records):
     """bf16 and fp16 weights: no dtype error, finite updates, and each layer's update within
-    UPDATE_TOL (REDUCED_UPDATE_TOL on the reduced path) of the float32 edit; every construction for MEMIT, spread and replay for the
-    others (the constructions differ only in the target bookkeeping the MEMIT run covers).
+    UPDATE_TOL (REDUCED_UPDATE_TOL on the reduced path) of the float32 edit; every
+    construction for MEMIT, spread and replay for the others (the constructions differ only
+    in the target bookkeeping the MEMIT run covers).
     Anchors are shared across the constructions of one dtype, as in ``compare``. On a dtype's
     reduced path both edits run on the truncated copy (``case_for``): on a CPU that emulates
     half precision, the anchor optimization through the 22 half-precision layers above the
@@ -240,7 +241,7 @@ def test_half_path_is_forced_by_the_environment_variable():
 
 def test_rate_check_measures_this_cpu_on_one_thread(half_plan):
     assert set(half_plan.rates) == {"float32", "bfloat16", "float16"}
-    assert all(1.0 < r < 1e5 for r in half_plan.rates.values()), half_plan.rates  # 1 GFLOP/s is emulated bf16
+    assert all(0.01 < r < 1e5 for r in half_plan.rates.values()), half_plan.rates  # emulated bf16: about 1
     assert half_plan.choice == half_choice()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -260,7 +261,8 @@ def test_truncated_copy_is_the_models_first_layers(model_tok):
     assert small.model.embed_tokens.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     ids = torch.tensor([tok("The Eiffel Tower is located in the city of")["input_ids"]])
     seen = {}
-    hook = model.model.layers[5].register_forward_hook(lambda m, a, out: seen.update(h=out[0] if isinstance(out, tuple) else out))
+    hook = model.model.layers[5].register_forward_hook(
+        lambda m, a, out: seen.update(h=out[0] if isinstance(out, tuple) else out))
     try:
         with torch.no_grad():
             model(input_ids=ids)
