@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 model, the bundled hyperparameters, ../shared data."""
+"""Shared fixtures: the real SmolLM2 model, the bundled hyperparameters, ../shared data, the
+half-precision plan (:mod:`tests.half_precision`); the per-test time limit's note."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from .half_precision import HalfPlan, half_choice, measure_rates
+from .time_limit import pytest_runtest_makereport  # noqa: F401  (a hook)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EASYEDIT_REPLAY_SHARED", ROOT.parent / "shared"))
@@ -67,3 +71,23 @@ def private_anchor_cache(tmp_path_factory):
         os.environ.pop("EASYEDIT_REPLAY_ANCHOR_CACHE", None)
     else:
         os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"] = old
+
+
+_HALF_PLANS = []
+
+
+@pytest.fixture(scope="session")
+def half_plan() -> HalfPlan:
+    """The measured half-precision matmul rates and the path of the end-to-end half tests
+    (:class:`tests.half_precision.HalfPlan`); printed in the terminal summary."""
+    plan = HalfPlan(measure_rates(), half_choice())
+    _HALF_PLANS.append(plan)
+    return plan
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The half-precision path and its measured rates, when a test used :func:`half_plan`."""
+    for plan in _HALF_PLANS:
+        terminalreporter.write_sep("-", "half-precision tests")
+        for name in ("bfloat16", "float16"):
+            terminalreporter.write_line(plan.reason(name))

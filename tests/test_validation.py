@@ -3,6 +3,7 @@ padding-side independence, concurrent statistics, half-precision edits."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from easyedit_replay.errors import HyperParamsError, NumericalError, ReplayError
 from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.keys import prepare_requests
 
+from .half_precision import reduced_copy
 from .test_core import assert_unchanged, snapshot, with_fields
 
 GOOD = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome"}
@@ -202,14 +204,21 @@ def test_non_finite_update_is_caught_before_any_write(model_tok, hparams, templa
     assert_unchanged(model, before)
 
 
-def test_bf16_model_edits_with_finite_weights(model_tok, hparams, templates, demo_records):
+def test_bf16_model_edits_with_finite_weights(model_tok, hparams, templates, demo_records, half_plan):
+    """A bf16 edit (layers 3-5, 15 anchor steps, 2 demo edits) writes finite bf16 weights and
+    raises each target's log-probability by more than a nat. On bf16's reduced path
+    (tests/half_precision.py) the model is the truncated copy of ``reduced_copy`` (layers 0-8).
+    Measured gains (nats): whole model 4.95 and 8.32; truncated copy 25.35 and 7.42 (native
+    bf16), 25.08 and 7.30 (emulated)."""
     from easyedit_replay.evaluate import score_targets
 
     model, tok = model_tok
-    import copy
-
+    layers = [3, 4, 5]
+    changes = {}
+    if half_plan.reduced("bfloat16"):
+        model, changes = reduced_copy(model, layers)
     half = copy.deepcopy(model).to(torch.bfloat16)
-    hp = with_fields(hparams, layers=[3, 4, 5], v_num_grad_steps=15)
+    hp = with_fields(hparams, layers=layers, v_num_grad_steps=15, **changes)
     rec = demo_records[:2]
     pre = score_targets(half, tok, [r["prompt"] for r in rec], [r["target_new"] for r in rec])
     _, orig = apply_edit(half, tok, rec, hp, context_templates=templates, return_orig_weights=True)
@@ -217,6 +226,7 @@ def test_bf16_model_edits_with_finite_weights(model_tok, hparams, templates, dem
         w = half.get_parameter(name)
         assert w.dtype == torch.bfloat16 and torch.isfinite(w).all() and not torch.equal(w, orig[name])
     post = score_targets(half, tok, [r["prompt"] for r in rec], [r["target_new"] for r in rec])
+    print("bf16 edit: log P(target_new) gains", [round(b.logprob - a.logprob, 2) for a, b in zip(pre, post)])
     assert all(b.logprob > a.logprob + 1.0 for a, b in zip(pre, post))
 
 
