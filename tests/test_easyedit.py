@@ -24,7 +24,8 @@ import yaml
 from tests.conftest import ROOT, SHARED_DATA, requires_shared
 
 PTH = ROOT / "easyedit_replay_autoload.pth"
-STUBS = Path(__file__).resolve().parent / "helpers" / "host_stubs"
+STUBS = ROOT / "examples" / "easyedit" / "host_stubs"
+OFFLINE_PUNKT = ROOT / "examples" / "easyedit" / "offline_punkt.py"
 PROBE = Path(__file__).resolve().parent / "helpers" / "easyedit_probe.py"
 REPLAY_YAML = ROOT / "hparams" / "MEMIT_REPLAY" / "smollm2-135m.yaml"
 STOCK_YAML = ROOT / "hparams" / "MEMIT" / "smollm2-135m.yaml"
@@ -357,30 +358,11 @@ def test_patches_apply_to_checkout():
         assert proc.returncode == 0, f"{patch.name}: {proc.stderr}"
 
 
-PUNKT_TAB_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
-
-
 def untrained_punkt(python: str, nltk_dir: Path, env: dict) -> Path:
     """Write an untrained Punkt model under ``nltk_dir`` in the layout the NLTK of
-    ``python`` reads: ``tokenizers/punkt_tab/english/`` (four text files, empty = no
-    trained parameters) for NLTK >= 3.9, ``tokenizers/punkt/english.pickle`` (and
-    ``PY3/``) before. Returns ``nltk_dir`` (for ``NLTK_DATA``)."""
-    version = subprocess.run([python, "-c", "import nltk; print(nltk.__version__)"], env=env, capture_output=True,
-                             text=True, check=True).stdout.strip()
-    if tuple(int(x) for x in version.split(".")[:2]) >= (3, 9):
-        tab = nltk_dir / "tokenizers" / "punkt_tab" / "english"
-        tab.mkdir(parents=True, exist_ok=True)
-        for name in PUNKT_TAB_FILES:
-            (tab / name).touch()
-    else:
-        subprocess.run([python, "-c", textwrap.dedent(f"""
-            import os, pickle
-            from nltk.tokenize.punkt import PunktSentenceTokenizer
-            for sub in ("PY3", ""):
-                d = os.path.join({str(nltk_dir)!r}, "tokenizers", "punkt", sub)
-                os.makedirs(d, exist_ok=True)
-                pickle.dump(PunktSentenceTokenizer(), open(os.path.join(d, "english.pickle"), "wb"))
-        """)], env=env, check=True)
+    ``python`` reads (``examples/easyedit/offline_punkt.py``). Returns ``nltk_dir``
+    (for ``NLTK_DATA``)."""
+    subprocess.run([python, str(OFFLINE_PUNKT), str(nltk_dir)], env=env, check=True, capture_output=True)
     return nltk_dir
 
 

@@ -1,17 +1,18 @@
-"""Test-only stand-ins for EasyEdit's import-time multimodal dependencies.
+"""Import-only stand-ins for EasyEdit's multimodal dependencies, for CPU-only torch.
 
 ``import easyeditor`` imports ``timm`` and ``torchvision`` for its BLIP-2 /
-multimodal trainers; the MEMIT-family editing path never uses them. On a machine
-with a CPU-only torch build there may be no matching torchvision wheel (PyPI's
-Linux torchvision links CUDA torch), so ``tests/test_easyedit.py`` puts this
-folder on PYTHONPATH of the EasyEdit subprocess. It only acts for a module that
-cannot be found otherwise: it then serves an empty stand-in whose attributes are
-inert placeholders. With EasyEdit's own requirements installed it does nothing.
+multimodal trainers; the MEMIT-family editing path never uses them. PyPI's Linux
+torchvision links the CUDA build of torch and does not load with a CPU-only torch
+(``operator torchvision::nms does not exist``). With this folder on ``PYTHONPATH``
+(``examples/easyedit/run_recipe.sh`` puts it there after uninstalling torchvision;
+the host tests do the same), Python imports this file at start-up. It only acts for
+a module that cannot be imported otherwise: it then serves an empty stand-in whose
+attributes are inert placeholders. Where the real packages import, it does nothing.
 
 It also processes the plugin's ``.pth`` file exactly as an installed copy would
 (``site.addsitedir``) when ``EASYEDIT_REPLAY_TEST_SITEDIR`` names the folder that
-holds it, so the subprocess gets the post-import hook without installing the
-plugin into the EasyEdit interpreter.
+holds it, so the tests get the post-import hook without installing the plugin into
+the EasyEdit interpreter.
 """
 
 import importlib.abc
@@ -45,7 +46,7 @@ class _Placeholder:
         return (object,)
 
     def __repr__(self):
-        return f"<test stand-in {self._name}>"
+        return f"<stand-in {self._name}>"
 
 
 class _StubModule(types.ModuleType):

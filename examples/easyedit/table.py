@@ -1,6 +1,6 @@
-"""The README table of tools/easyedit_side_by_side.sh runs (README "Use with EasyEdit").
+"""The table of examples/easyedit/side_by_side.sh runs (docs/easyedit.md).
 
-    python tools/easyedit_table.py OUT_DIR
+    python examples/easyedit/table.py OUT_DIR
 
 Reads OUT_DIR/times.tsv and each run's results JSON (written by
 ``run_AlphaEdit_editing.py``) and prints one Markdown row per finished run: the

@@ -3,7 +3,7 @@
 plugin twins in ``examples/run_AlphaEdit_editing.py``).
 
     cd EasyEdit/examples
-    python /path/to/easyedit-replay/tools/run_easyedit_example.py run_AlphaEdit_editing.py \
+    python /path/to/easyedit-replay/examples/easyedit/run_example.py run_AlphaEdit_editing.py \
         --editing_method MEMIT --hparams_dir ../yaml/PMET.yaml --data_dir ../cf --data_type CF ...
 
 Every argument after the script path goes to the script as its own ``sys.argv``.
