@@ -60,7 +60,7 @@ def main() -> None:
     if cls is None:
         sys.exit(f"the loaded EasyEdit ({easyeditor.__file__}) has no {name} for alg_name {alg_name!r}")
     setattr(easyeditor, f"{opts.editing_method}HyperParams", cls)
-    print(f"run_easyedit_example: {os.path.basename(script)} unchanged; --editing_method "
+    print(f"examples/easyedit/run_example.py: {os.path.basename(script)} unchanged; --editing_method "
           f"{opts.editing_method} loads {name} for alg_name {alg_name}", flush=True)
     sys.argv = [script] + script_args
     runpy.run_path(script, run_name="__main__")
