@@ -23,7 +23,7 @@ import torch
 from easyedit_replay.editor import compute_edit
 
 from .conftest import ROOT
-from .easyedit_host import host_inputs, relative_differences
+from .helpers.easyedit_host import host_inputs, relative_differences
 from .test_core import with_fields
 
 PATCH = ROOT / "patches" / "easyedit-memit-fe-padding.diff"

@@ -2,7 +2,7 @@
 
     EASYEDIT_ROOT=/path/to/EasyEdit python tests/helpers/easyedit_fe_editor.py inputs.pt report.pt
 
-``inputs.pt`` is as for ``tests/easyedit_stock.py``: ``model_path``, ``requests``,
+``inputs.pt`` is as for ``tests/helpers/easyedit_stock.py``: ``model_path``, ``requests``,
 ``hparams`` (our fields; ``MEMITFEHyperParams`` keeps its own), ``templates`` (written
 into MEMIT-FE's ``CONTEXT_TEMPLATES_CACHE``) and ``covs`` (written into its
 ``COV_CACHE``), so the host edits from the same templates and statistics as the plugin.
