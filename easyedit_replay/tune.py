@@ -106,7 +106,8 @@ def grid_rows(out_dir) -> List[dict]:
                     rows.append({"point": point_dir.name, "lambda": float(lam_dir.name[len("lambda"):]),
                                  "alg": cell["alg"], "mode": cell["mode"], "n": n, "eff_acc": eff, "gen_acc": gen,
                                  "dkl": mean("locality_dkl"), "top1": mean("locality_top1"),
-                                 "fluency": mean("fluency"), "score": (eff + gen) / 2, "update_norm": norms})
+                                 "fluency": mean("fluency"), "score": (eff + gen) / 2, "update_norm": norms,
+                                 "_per_edit": cell["run"]["per_edit"]})
     return rows
 
 
@@ -207,6 +208,42 @@ def _row_text(r: dict) -> List[str]:
             f(r["dkl"]), f(r["top1"]), f(r["fluency"]), norms]
 
 
+PAIRED = (("efficacy_exact", "eff. Acc"), ("generalization_exact", "gen. Acc"), ("locality_dkl", "DKL"))
+
+
+def _paired_lines(rows: Sequence[dict], chosen: dict) -> List[str]:
+    """Paired differences replay - spread on the same edits (95% paired bootstrap
+    interval, :func:`~easyedit_replay.scale.paired_difference`): at each point with each
+    algorithm's default lambda, and each construction at its own best admissible cell
+    against spreading at ITS best."""
+    from .experiment import render_markdown
+    from .scale import _fmt, paired_difference
+
+    def pair(r, ref):
+        return [_fmt(paired_difference(r["_per_edit"], ref["_per_edit"], k), signed=True) for k, _ in PAIRED]
+
+    cells = {(r["point"], r["lambda"], r["alg"], r["mode"]): r for r in rows}
+    header = ["point", "lambda", "alg", "spread eff. / gen. / DKL", "replay eff. / gen. / DKL"] + [
+        f"replay - spread {h}" for _, h in PAIRED]
+    table = [header]
+    for (point, lam, alg, mode), r in sorted(cells.items(), key=lambda x: (x[0][2], x[0][0])):
+        ref = cells.get((point, lam, alg, "spread"))
+        if mode != "replay" or ref is None or lam != chosen["lambda"].get(alg, BUNDLED_LAMBDA.get(alg)):
+            continue
+        f = lambda c: f"{c['eff_acc']:.2f} / {c['gen_acc']:.2f} / {c['dkl']:.3f}"  # noqa: E731
+        table.append([point, f"{lam:g}", alg, f(ref), f(r)] + pair(r, ref))
+    best = [["alg", "replay's best cell", "spread's best cell"] + [f"replay - spread {h}" for _, h in PAIRED]]
+    for (alg, mode), r in sorted(chosen["best"].items()):
+        ref = chosen["best"].get((alg, "spread"))
+        if mode == "replay" and ref is not None:
+            best.append([alg, f"{r['point']} lambda {r['lambda']:g}", f"{ref['point']} lambda {ref['lambda']:g}"]
+                        + pair(r, ref))
+    return (["", "## Replay against spreading on the same edits", "",
+             "At each point, with each algorithm's default lambda (the rule's pick; AlphaEdit's solve does not read "
+             "lambda, its L2 term regularizes instead):", ""] + render_markdown(table).splitlines()
+            + ["", "Each at its own best admissible cell (rule item 5):", ""] + render_markdown(best).splitlines())
+
+
 def _anchor_norm_lines(meta: dict) -> List[str]:
     """The report's anchor-norm table (:func:`anchor_norms` of the grid's records in the
     anchor store in use); empty when the data file or the store is not at hand."""
@@ -261,10 +298,12 @@ def write_tuning_report(out_dir) -> Path:
                   "|dW| per layer"]
         best = sorted(chosen["best"].values(), key=lambda r: (algs.get(r["alg"], 9), r["mode"]))
         lines += render_markdown([header] + [_row_text(r) for r in best]).splitlines()
+        lines += _paired_lines(rows, chosen)
         lines += ["", "## The whole grid", "", "Means over the edits of each cell (one batch); score = (eff. Acc + "
                   "gen. Acc) / 2; |dW| = Frobenius norm of each edit layer's weight change.", ""]
         lines += render_markdown([header] + [_row_text(r) for r in rows]).splitlines()
         lines += _anchor_norm_lines(meta)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "grid.json", json.dumps(rows, indent=1))
+    atomic_write_text(out / "grid.json", json.dumps([{k: v for k, v in r.items() if not k.startswith("_")}
+                                                     for r in rows], indent=1))
     return out / "report.md"
