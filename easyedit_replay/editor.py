@@ -33,6 +33,7 @@ from .keys import (
     sample_context_templates, template_probes, validate_templates,
 )
 from .model_info import max_positions
+from .postnorm import PostNorm, anchor_templates as post_norm_anchor_templates, post_norms
 from .precision import HALF_DTYPES, in_float32_window
 from .stats import second_moments
 from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
@@ -164,6 +165,7 @@ class _Setup:
     covs: Dict[str, torch.Tensor]
     state: Any
     anchor_templates: List[str]
+    post_norms: Dict[int, PostNorm] = field(default_factory=dict)  # {layer: norm after its rewrite} (postnorm.py)
 
 
 def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options,
@@ -192,7 +194,9 @@ def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, pr
         modules = [s.rewrite_template.format(l) for l in hparams.layers for s in sites]
         covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
         state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})
-    return _Setup(rule, construction, reqs, templates, sites, params, covs, state, rule.anchor_templates(hparams))
+    norms = post_norms(model, hparams, sites)  # {} for additive blocks (LLaMA, ...)
+    return _Setup(rule, construction, reqs, templates, sites, params, covs, state,
+                  post_norm_anchor_templates(rule.anchor_templates(hparams), hparams, norms), norms)
 
 
 def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, AnchorResult]:
@@ -219,6 +223,11 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
                                      setup.templates, progress=progress, **setup.rule.anchor_objective(hparams))
         elif found.delta.shape[1] != len(setup.requests):
             raise misfit(found, layer)
+        elif list(found.sites) != [t.format(layer) for t in setup.anchor_templates]:
+            raise HyperParamsError(
+                f"the anchor passed in at layer {layer} sits at {list(found.sites)}; this edit optimizes its "
+                f"anchor at {[t.format(layer) for t in setup.anchor_templates]} (hparams.post_norm and the "
+                f"rule's anchor sites decide); pass an anchor optimized for it, or none")
         out[layer] = found
     return out
 
@@ -289,16 +298,22 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     measure = targets.measure_layer(step)
     target_module = site.target.template.format(measure)
     n_keys = len(loop.key_probes)
-    reads = read_at_lookup(loop.model, loop.tok, loop.key_probes + loop.now_probes, outputs=[target_module],
-                           inputs=[rewrite])
+    post = setup.post_norms.get(layer) if site.target.template == loop.hparams.layer_module_tmp else None
+    reads = read_at_lookup(loop.model, loop.tok, loop.key_probes + loop.now_probes,
+                           outputs=[target_module] + ([rewrite] if post is not None else []), inputs=[rewrite])
     keys = average_over_templates(reads["in:" + rewrite][:n_keys], setup.templates)  # [R, d_in]
     error = targets.local_error(step, site.target, reads["out:" + target_module][n_keys:])  # [R, d_out]
     _check_finite(keys, f"keys at {rewrite}")
     _check_finite(error, f"residual at layer {layer}")
     weight = setup.params[wname]
-    divisor = targets.divisor(step, site.target)
+    rule_error, divisor = error, targets.divisor(step, site.target)
+    if post is not None:  # post-norm MLP: the block-output share becomes the change down_proj writes
+        rule_error = post.rewrite_residual(targets.share_of(step, site.target, error), reads["out:" + rewrite][n_keys:],
+                                          loop.hparams.clamp_norm_factor)
+        divisor = 1.0
+        _check_finite(rule_error, f"post-norm residual at layer {layer}")
     upd = setup.rule.update(UpdateInputs(
-        step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=error.T, divisor=divisor,
+        step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=rule_error.T, divisor=divisor,
         cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device,
     ))
     upd = match_shape(upd, weight.shape, wname)

@@ -101,7 +101,7 @@ def fluency_scores(model, tok, records, tokens: int = 24) -> List[float]:
 
 ANCHOR_FIELDS = ("layer_module_tmp", "fact_token", "v_num_grad_steps", "v_lr", "v_loss_layer",
                  "v_weight_decay", "clamp_norm_factor", "kl_factor", "ln_f_module", "lm_head_module",
-                 "anchor_batch_size")
+                 "anchor_batch_size", "post_norm")  # post_norm: a post-norm block's anchor site (postnorm.py)
 
 
 def anchor_key(model, hp, layer: int, batch: Sequence[int], templates=()):

@@ -32,6 +32,13 @@ defaults:
   ``scale`` to record which point made a cell. The values themselves key cells and
   anchors, so two points never share either.
 - ``hparams_source``: the file (and repository) the values were taken from.
+- ``post_norm``: ``"invert"`` (default) or ``"additive"``. Where the rewritten module's
+  output passes through a norm before the residual stream (Gemma 2/3's
+  ``post_feedforward_layernorm``, detected from the model), ``invert`` optimizes the
+  anchor on the rewritten module's output and turns each layer's block-output residual
+  into the change that module must write (:mod:`easyedit_replay.postnorm`);
+  ``additive`` keeps stock EasyEdit's assumption that the two are the same. No effect
+  on models without such a norm.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from .errors import HyperParamsError, field_error
 from .model_info import num_layers
 
 REPLAY_SHARES = ("full", "remaining")
+POST_NORM_MODES = ("invert", "additive")  # easyedit_replay.postnorm
 INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size", "mom2_max_length",
                   "mom2_tokens_per_batch")
 MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -114,6 +122,7 @@ class ReplayHyperParams:
     anchor_cache: bool = True
     operating_point: str = "bundled"
     hparams_source: Optional[str] = None
+    post_norm: str = "invert"
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -238,6 +247,9 @@ class ReplayHyperParams:
             raise err("operating_point", "must be a non-empty name, e.g. 'bundled', 'paper' or 'host-fe'")
         if not isinstance(self.anchor_cache, bool):
             raise err("anchor_cache", "must be true or false")
+        if self.post_norm not in POST_NORM_MODES:
+            raise err("post_norm", f"must be one of {list(POST_NORM_MODES)} (invert: edit through a post-norm "
+                      f"MLP such as Gemma's correctly; additive: stock EasyEdit's assumption)")
         if self.replay_share not in REPLAY_SHARES:
             raise err("replay_share", f"must be one of {list(REPLAY_SHARES)}")
         if not is_number(self.replay_tau) or not 0 <= self.replay_tau <= 1:

