@@ -22,6 +22,7 @@ reports the whole grid with the picks.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -32,7 +33,18 @@ from .files import atomic_write_text
 # reported evaluation prefix is EVALUATION_PREFIX records.
 TUNING_SPLITS = {"counterfact-val.json": (1823, 1919), "zsre-1k.json": (952, 1000)}
 EVALUATION_PREFIX = 768
-BUNDLED_LAMBDA = {"MEMIT": 5000.0, "EMMET": 5000.0, "AlphaEdit": 5000.0}
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_lambda(alg: str) -> Optional[float]:
+    """``mom2_update_weight`` of ``alg``'s bundled SmolLM2 YAML (the rule's "bundled
+    lambda"); None for an algorithm without one."""
+    from .algorithms import load_hparams
+    from .bundled import default_hparams_path
+
+    path = default_hparams_path("smollm2-135m", f"{alg}_REPLAY")
+    return float(load_hparams(path).mom2_update_weight) if path.exists() else None
+
 TIE = 0.005
 
 RULE = """\
@@ -117,7 +129,7 @@ def _better(a: dict, b: Optional[dict]) -> bool:
         return True
     if abs(a["score"] - b["score"]) > TIE:
         return a["score"] > b["score"]
-    rank = lambda r: (r["point"] != "bundled", r["lambda"] != BUNDLED_LAMBDA.get(r["alg"]), r["lambda"])  # noqa: E731
+    rank = lambda r: (r["point"] != "bundled", r["lambda"] != bundled_lambda(r["alg"]), r["lambda"])  # noqa: E731
     return rank(a) < rank(b)
 
 
@@ -125,7 +137,7 @@ def admissible(rows: Sequence[dict]) -> List[dict]:
     """The rows whose DKL is no larger than their (alg, mode) cell at the bundled point
     and bundled lambda (:data:`RULE` item 2); rows without that reference are dropped."""
     ref = {(r["alg"], r["mode"]): r["dkl"] for r in rows
-           if r["point"] == "bundled" and r["lambda"] == BUNDLED_LAMBDA.get(r["alg"])}
+           if r["point"] == "bundled" and r["lambda"] == bundled_lambda(r["alg"])}
     return [r for r in rows if (r["alg"], r["mode"]) in ref and r["dkl"] <= ref[(r["alg"], r["mode"])]]
 
 
@@ -170,6 +182,7 @@ def anchor_norms(anchor_dir, records: Sequence[dict]) -> List[dict]:
     from safetensors import safe_open
 
     from .algorithms import load_hparams
+    from .anchor_cache import AnchorStore
     from .bundled import OPERATING_POINTS, default_hparams_path
 
     points = {}
@@ -180,15 +193,14 @@ def anchor_norms(anchor_dir, records: Sequence[dict]) -> List[dict]:
     for r in records:
         prompt = r["prompt"] if "{}" in r["prompt"] else r["prompt"].replace(r["subject"], "{}", 1)
         wanted.add((prompt, r["subject"], r["target_new"].strip()))
-    acc: Dict[Tuple[str, int], List[Tuple[float, float]]] = {}
-    for path in Path(anchor_dir).glob("*/*.safetensors"):
+    acc: Dict[Tuple[str, int], Dict[str, List[Tuple[float, float]]]] = {}
+    for path, key, _ in AnchorStore(Path(anchor_dir)).stored():
+        req = key["request"]
+        point = points.get(tuple(float(key["hparams"][k]) for k in POINT_FIELDS))
+        if (point is None or len(key["sites"]) != 1
+                or (req["prompt"], req["subject"], req["target_new"].strip()) not in wanted):
+            continue
         with safe_open(str(path), framework="pt") as f:
-            key = json.loads(f.metadata()["key"])
-            req = key["request"]
-            point = points.get(tuple(float(key["hparams"][k]) for k in POINT_FIELDS))
-            if (point is None or len(key["sites"]) != 1
-                    or (req["prompt"], req["subject"], req["target_new"].strip()) not in wanted):
-                continue
             delta, init = f.get_tensor("delta").float(), f.get_tensor("init").float()
         group = acc.setdefault((point, int(key["layer"])), {}).setdefault(key["model"], [])
         group.append((float(delta.norm()), float(init.norm())))
@@ -228,7 +240,7 @@ def _paired_lines(rows: Sequence[dict], chosen: dict) -> List[str]:
     table = [header]
     for (point, lam, alg, mode), r in sorted(cells.items(), key=lambda x: (x[0][2], x[0][0])):
         ref = cells.get((point, lam, alg, "spread"))
-        if mode != "replay" or ref is None or lam != chosen["lambda"].get(alg, BUNDLED_LAMBDA.get(alg)):
+        if mode != "replay" or ref is None or lam != chosen["lambda"].get(alg, bundled_lambda(alg)):
             continue
         f = lambda c: f"{c['eff_acc']:.2f} / {c['gen_acc']:.2f} / {c['dkl']:.3f}"  # noqa: E731
         table.append([point, f"{lam:g}", alg, f(ref), f(r)] + pair(r, ref))
