@@ -44,8 +44,10 @@ bit-identical to an edit without them):
 - ``norm_anchor``: ``true`` rescales every target to the norm anchor of its layer
   (NAS, "Norm Anchors Make Model Edits Last", arXiv 2602.02543): the value the
   rewritten module must output for the target is rescaled to the mean of those
-  values over the first batch edited on the unedited model, and dropped when it is
-  more than twice that (the anchor and every replayed target alike).
+  values over the first batch of the model's sequential record (in a sequence edited
+  with the option on from its start: the first batch, edited on the unedited model),
+  and dropped when it is more than twice that (the anchor and every replayed target
+  alike).
 """
 
 from __future__ import annotations

@@ -34,9 +34,10 @@ without them):
     t``), is rescaled to the norm anchor ``N`` of that layer, and set back to ``v0``
     (the request is not edited at that layer) when ``|v*| > 2 N``. Applied to every
     target a construction has: the anchor and each replayed target. ``N`` is the mean
-    ``|v*|`` over the first batch the record holds (edited on the unedited model),
-    leaving out the top 5% as NAS does; NAS estimates it once per model from anchors
-    optimized for a sample of CounterFact rewrites with the same objective.
+    ``|v*|`` over the first batch the record holds (in a sequence edited with the
+    option on from its start, the first batch, edited on the unedited model), leaving
+    out the top 5% as NAS does; NAS estimates it once per model from anchors optimized
+    for a sample of CounterFact rewrites with the same objective.
 
 The options compose with every target construction. ``replay_capacity`` and
 ``replay_joint`` size their shares from the rule's capacity without the protected keys.
