@@ -112,18 +112,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def parse_sizes(text: str) -> List[int]:
+def parse_sizes(text: str, option: str = "--n") -> List[int]:
     """``"48,192,768"`` -> ``[48, 192, 768]``.
 
     Raises:
-        ReplayError: an item that is not a positive integer (names ``--n``).
+        ReplayError: an item that is not a positive integer (names ``option``).
     """
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 1:
-        raise ReplayError(f"--n {text!r}: expected comma-separated positive integers, e.g. 48,192,768")
+        raise ReplayError(f"{option} {text!r}: expected comma-separated positive integers, e.g. 48,192,768")
     return sorted(set(sizes))
 
 
@@ -139,9 +139,12 @@ def cmd_scale(args) -> int:
     if args.batch_size and not args.sequential:
         raise ReplayError("--batch-size is for --sequential runs; one-batch cells edit all n at once")
     by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, max(sizes), load=not args.plan_only)
+    attribution = parse_sizes(args.attribution, "--attribution") if args.attribution else []
+    if attribution and not args.sequential:
+        raise ReplayError("--attribution is for --sequential runs: it names steps of the series")
     cfg = ScaleConfig(sizes=sizes, modes=modes, sequential=args.sequential, batch_size=args.batch_size,
                       curve=args.curve, fluency=not args.no_fluency, target_accuracy=args.target_accuracy,
-                      seed=args.seed or 0, progress=not args.quiet)
+                      seed=args.seed or 0, progress=not args.quiet, attribution=attribution)
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
@@ -256,7 +259,8 @@ def _common_options(c) -> None:
     c.add_argument("--modes", default="spread,replay",
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
                         "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
-                        "replay_capacity, replay_joint (default: spread,replay)")
+                        "replay_capacity, replay_joint; '+option' adds a sequential-editing option: +old_keys, "
+                        "+rekeyed, +norm_anchor (e.g. replay+rekeyed; default: spread,replay)")
     c.add_argument("--point", default="bundled", choices=OPERATING_POINTS,
                    help="operating point of the bundled YAMLs: bundled (default), paper (the FE authors' anchor "
                         "settings), host-fe (EasyEdit's MEMIT-FE); see hparams/README.md")
@@ -300,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--batch-size", type=int, help="edits per batch of a --sequential run")
     sc.add_argument("--curve", action="store_true", help="--sequential: evaluate all edits so far after every batch")
     sc.add_argument("--target-accuracy", action="store_true", help="also measure the per-layer target error (dear)")
+    sc.add_argument("--attribution", help="--sequential: comma-separated steps after which each earlier batch's "
+                    "efficacy is re-scored with each edited layer set back to its weights right after that batch "
+                    "(2 + layers evaluations per earlier batch); cells made with it differ from cells without")
     sc.add_argument("--out", required=True, help="directory of the cells, report.md and plots (a rerun resumes)")
     sc.add_argument("--report-only", action="store_true", help="rewrite report.md and the plots from the cells "
                     "found; compute nothing")

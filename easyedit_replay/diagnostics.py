@@ -36,6 +36,15 @@ read the residual stream at the lookup token along the layer-by-layer edit
   layer ``l``'s own update makes to its output, ``dm_l = h_l(after l) - h_l(before
   l)``, and the change it causes at ``l_n``, ``h_L(after l) - h_L(before l)``
   (1 at ``l_n`` itself by definition).
+
+For sequential editing (``scale --sequential`` records them in every step cell):
+
+- :func:`norm_report`: the anchor's ``|delta|`` and ``|z|`` and each edited layer's
+  target norm, relative to the unedited model's mean output norm of that module
+  (:func:`output_norms`);
+- :func:`restore_attribution`: an earlier batch's efficacy now, with every edited
+  weight set back to its value right after that batch, and with each one alone set
+  back (the key drift itself is :func:`easyedit_replay.sequential.key_drift`).
 """
 
 from __future__ import annotations
@@ -169,4 +178,118 @@ def update_agreement(updates: Dict[str, torch.Tensor], reference: Dict[str, torc
         out[name] = {"cosine": float(torch.nn.functional.cosine_similarity(u, r, dim=0)),
                      "rel_diff": diff / float(r.norm()), "rel_to_largest": diff / largest,
                      "norm": float(u.norm()), "ref_norm": float(r.norm())}
+    return out
+
+
+# ----------------------------------------------------------------------------- sequential editing
+
+
+def norm_modules(hparams) -> List[str]:
+    """The modules whose outputs :func:`norm_report` measures: every edit layer's anchor
+    sites (``Algorithm.anchor_templates``) and target sites (the rule's ``sites``)."""
+    from .algorithms import get_algorithm
+
+    rule = get_algorithm(hparams.alg_name).rule
+    templates = list(rule.anchor_templates(hparams)) + [s.target.template for s in rule.sites(hparams)]
+    return list(dict.fromkeys(t.format(l) for l in hparams.layers for t in templates))
+
+
+def output_norms(model, tok, requests, hparams, modules: List[str]) -> Dict[str, float]:
+    """``{module: mean |output|}`` at the lookup token of the bare prompts of ``requests``
+    (EasyEdit request dicts or :class:`~easyedit_replay.keys.EditRequest`), one batched
+    forward pass: on the unedited model, the reference :func:`norm_report` divides by."""
+    from .keys import prepare_requests
+
+    reqs = prepare_requests([r.raw if hasattr(r, "raw") else r for r in requests])
+    reads = read_at_lookup(model, tok, bare_probes(tok, reqs, hparams.fact_token), outputs=modules)
+    return {m: float(reads["out:" + m].float().norm(dim=-1).mean()) for m in modules}
+
+
+def norm_report(plan, reference: Dict[str, float]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Norms of one edit's anchors and targets, relative to ``reference`` (the unedited
+    model's mean output norm of each module, :func:`output_norms`).
+
+    Returns:
+        ``{"anchor": {module: {"delta", "delta_max", "z", "z_max"}}, "targets": {module:
+        {"norm", "max"}}, "reference": {module: mean |h|}}``: means (and maxima) over the
+        batch's requests of ``|delta| / ref`` and ``|z| / ref`` at each anchor site, and of
+        ``|t| / ref`` for the target ``t`` of every edited layer (:func:`layer_targets`:
+        spreading's implicit per-layer targets; the replayed ones; norm-anchored targets
+        as the edit used them).
+
+    Raises:
+        KeyError: ``reference`` lacks a module of the plan (see :func:`norm_modules`).
+    """
+    out: Dict[str, Dict[str, Dict[str, float]]] = {"anchor": {}, "targets": {}, "reference": {}}
+    for layer, anchor in sorted(plan.anchors.items()):
+        for s, module in enumerate(anchor.sites):
+            ref = reference[module]
+            delta = anchor.delta[s].float().norm(dim=-1) / ref
+            z = anchor.value[s].float().norm(dim=-1) / ref
+            out["anchor"][module] = {"delta": float(delta.mean()), "delta_max": float(delta.max()),
+                                     "z": float(z.mean()), "z_max": float(z.max())}
+            out["reference"][module] = ref
+    for template in sorted({t for _, t in plan.targets.values}):
+        for layer, target in layer_targets(plan, template).items():
+            module = template.format(layer)
+            norm = target.float().cpu().norm(dim=-1) / reference[module]
+            out["targets"][module] = {"norm": float(norm.mean()), "max": float(norm.max())}
+            out["reference"][module] = reference[module]
+    return out
+
+
+def efficacy_means(model, tok, records) -> Dict[str, float]:
+    """Means over ``records`` (canonical records) of ``efficacy_exact``, ``efficacy_win``
+    and ``logp_new`` (:func:`~easyedit_replay.evaluate.evaluate_records` on the edit prompt
+    alone)."""
+    from .evaluate import evaluate_records
+
+    rows = evaluate_records(model, tok, [{k: r.get(k) for k in ("prompt", "target_new", "ground_truth")}
+                                         for r in records])
+    out = {}
+    for key in ("efficacy_exact", "efficacy_win", "logp_new"):
+        values = [row[key] for row in rows if row[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def restore_attribution(model, tok, batches: Dict[int, list], snapshots: Dict[int, Dict[str, torch.Tensor]],
+                        params: Dict[str, torch.nn.Parameter]) -> Dict[str, dict]:
+    """Where an earlier batch's efficacy went: for each batch ``j`` of ``batches`` (its
+    records), its efficacy now, with every edited weight set back to its value right
+    after batch ``j`` (the model as batch ``j`` left it), and with each edited weight
+    alone set back (that layer's value no longer overwritten by the later batches, and
+    the keys after it no longer moved by that layer's later updates). The weights are
+    restored bit-identically after each reading.
+
+    Args:
+        batches: ``{j: records of batch j}``.
+        snapshots: ``{j: {weight name: tensor right after batch j}}`` for every ``j``.
+        params: ``{weight name: parameter}`` of the edited weights.
+
+    Returns:
+        ``{str(j): {"now": eff, "after_batch": eff, "restored": {weight name: eff}}}`` with
+        ``eff`` the :func:`efficacy_means` of batch ``j``'s records.
+
+    Raises:
+        KeyError: a batch without a snapshot, or a snapshot of a weight not in ``params``.
+    """
+    from .editor import weight_transaction
+
+    def set_back(names, j):
+        with torch.no_grad():
+            for name in names:
+                params[name].copy_(snapshots[j][name])
+
+    out = {}
+    for j, records in sorted(batches.items()):
+        entry = {"now": efficacy_means(model, tok, records), "restored": {}}
+        with weight_transaction(params, restore_always=True):
+            set_back(snapshots[j], j)
+            entry["after_batch"] = efficacy_means(model, tok, records)
+        for name in snapshots[j]:
+            with weight_transaction(params, restore_always=True):
+                set_back([name], j)
+                entry["restored"][name] = efficacy_means(model, tok, records)
+        out[str(j)] = entry
     return out

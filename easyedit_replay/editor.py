@@ -35,6 +35,7 @@ from .keys import (
 from .model_info import max_positions
 from .postnorm import PostNorm, anchor_templates as post_norm_anchor_templates, post_norms
 from .precision import HALF_DTYPES, in_float32_window
+from . import sequential
 from .stats import second_moments
 from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
@@ -94,6 +95,9 @@ class EditPlan:
     unedited: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
     residuals: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
     trajectory: Optional[Trajectory] = None
+    # The model's sequential-editing record as this edit used it, and this batch's entry
+    # (committed by apply_plan): :class:`easyedit_replay.sequential.SequentialContext`.
+    sequential: Optional[sequential.SequentialContext] = None
 
     @property
     def anchor(self) -> AnchorResult:
@@ -154,7 +158,7 @@ def resolve_templates(model, tok, hparams, context_templates=None) -> List[List[
 @dataclass
 class _Setup:
     """Stage 1 of :func:`compute_edit`: everything fixed before any anchor is optimized
-    (``covs`` empty and ``state`` None when set up for the anchors alone)."""
+    (``covs`` empty and ``state`` and ``sequential`` None when set up for the anchors alone)."""
 
     rule: Algorithm
     construction: Construction
@@ -166,6 +170,7 @@ class _Setup:
     state: Any
     anchor_templates: List[str]
     post_norms: Dict[int, PostNorm] = field(default_factory=dict)  # {layer: norm after its rewrite} (postnorm.py)
+    sequential: Optional[sequential.SequentialContext] = None
 
 
 def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options,
@@ -189,14 +194,15 @@ def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, pr
     reqs = prepare_requests(requests, leading_space=rule.leading_space(model, hparams))
     check_prompt_lengths(model, tok, reqs)
     templates = resolve_templates(model, tok, hparams, context_templates)
-    covs, state = {}, None
+    covs, state, seq = {}, None, None
     if statistics:
         modules = [s.rewrite_template.format(l) for l in hparams.layers for s in sites]
         covs = second_moments(model, tok, hparams, modules, stats_dir=stats_dir, progress=progress)
         state = rule.prepare(model, tok, hparams, covs, {**dict(options or {}), "stats_dir": stats_dir or hparams.stats_dir})
+        seq = sequential.prepare(model, hparams, rule, reqs, templates, params, options)
     norms = post_norms(model, hparams, sites)  # {} for additive blocks (LLaMA, ...)
     return _Setup(rule, construction, reqs, templates, sites, params, covs, state,
-                  post_norm_anchor_templates(rule.anchor_templates(hparams), hparams, norms), norms)
+                  post_norm_anchor_templates(rule.anchor_templates(hparams), hparams, norms), norms, seq)
 
 
 def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, AnchorResult]:
@@ -268,7 +274,8 @@ class _EditLoop:
     """Stage 4 of :func:`compute_edit`, shared by every site: the probes (``key_probes``: each
     request in each context template; ``now_probes``: the bare prompts), the original weights,
     and what the sites produce (``updates`` by weight name, ``residuals`` by (layer, target
-    template), ``[R, d]`` float32)."""
+    template), ``[R, d]`` float32). With re-keyed protection the earlier edits' key probes
+    join each site's read (:meth:`~easyedit_replay.sequential.SequentialContext.reread_probes`)."""
 
     model: Any
     tok: Any
@@ -297,24 +304,32 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     wname = f"{rewrite}.weight"
     measure = targets.measure_layer(step)
     target_module = site.target.template.format(measure)
-    n_keys = len(loop.key_probes)
+    n_keys, n_now = len(loop.key_probes), len(loop.now_probes)
     post = setup.post_norms.get(layer) if site.target.template == loop.hparams.layer_module_tmp else None
-    reads = read_at_lookup(loop.model, loop.tok, loop.key_probes + loop.now_probes,
+    earlier = setup.sequential.reread_probes(loop.tok, wname) if setup.sequential else None
+    reads = read_at_lookup(loop.model, loop.tok, loop.key_probes + loop.now_probes + (earlier.probes if earlier else []),
                            outputs=[target_module] + ([rewrite] if post is not None else []), inputs=[rewrite])
     keys = average_over_templates(reads["in:" + rewrite][:n_keys], setup.templates)  # [R, d_in]
-    error = targets.local_error(step, site.target, reads["out:" + target_module][n_keys:])  # [R, d_out]
+    error = targets.local_error(step, site.target, reads["out:" + target_module][n_keys:n_keys + n_now])  # [R, d_out]
     _check_finite(keys, f"keys at {rewrite}")
     _check_finite(error, f"residual at layer {layer}")
+    protected = None
+    if setup.sequential is not None:
+        reread = earlier.average(reads["in:" + rewrite][n_keys + n_now:]) if earlier else None  # [m_old, d_in]
+        protected = setup.sequential.protected(wname, reread)
+        if protected is not None:
+            _check_finite(protected, f"protected earlier keys at {rewrite}")
+        setup.sequential.keep_keys(wname, keys)
     weight = setup.params[wname]
     rule_error, divisor = error, targets.divisor(step, site.target)
     if post is not None:  # post-norm MLP: the block-output share becomes the change down_proj writes
-        rule_error = post.rewrite_residual(targets.share_of(step, site.target, error), reads["out:" + rewrite][n_keys:],
+        rule_error = post.rewrite_residual(targets.share_of(step, site.target, error), reads["out:" + rewrite][n_keys:n_keys + n_now],
                                           loop.hparams.clamp_norm_factor)
         divisor = 1.0
         _check_finite(rule_error, f"post-norm residual at layer {layer}")
     upd = setup.rule.update(UpdateInputs(
         step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=rule_error.T, divisor=divisor,
-        cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device,
+        cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device, protected=protected,
     ))
     upd = match_shape(upd, weight.shape, wname)
     _check_finite(upd, f"update of {wname}")
@@ -357,8 +372,9 @@ def compute_edit(
 ) -> EditPlan:
     """Compute the weight updates of one batch edit; the model is left unchanged.
 
-    Stages: set-up (requests, templates, statistics, rule state) -> anchors (one per
-    anchor layer of the construction) -> targets -> the layer loop (for each edited
+    Stages: set-up (requests, templates, statistics, rule state, the model's
+    sequential record) -> anchors (one per anchor layer of the construction) ->
+    targets (norm-anchored with ``norm_anchor``) -> the layer loop (for each edited
     layer, first to last, and each rewritten site: keys and current state in one
     forward pass -> residual -> update rule -> write; then the trajectory read) ->
     the rule's finalize. Every touched weight is restored at the end.
@@ -372,7 +388,8 @@ def compute_edit(
             (default: from ``alg_name``).
         context_templates: inject templates (default: sampled, seeded, cached).
         options: extra keyword arguments of the ``apply_*`` call, handed to the
-            algorithm's ``prepare`` (e.g. AlphaEdit's ``reset_cache``).
+            algorithm's ``prepare`` (e.g. AlphaEdit's ``reset_cache``) and to
+            :func:`easyedit_replay.sequential.prepare` (``sequential_edit``, ``reset_cache``).
         anchor: reuse anchors optimized earlier on the same weights for the same
             requests and templates: one :class:`AnchorResult` or ``{layer: AnchorResult}``
             (BLUE reuses replay's ``l_1`` anchor and spreading's ``l_n`` anchor).
@@ -394,6 +411,7 @@ def compute_edit(
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
     targets = build_targets(model, tok, reqs, hparams, anchors, setup.construction, [s.target for s in sites],
                             setup.anchor_templates, rule.sqrt_share)
+    setup.sequential.adjust_targets(model, tok, hparams, targets, sites)  # norm_anchor (NAS); else nothing
     for key, value in targets.values.items():
         _check_finite(value, f"target at layer {key[0]} ({key[1]})")
 
@@ -421,7 +439,8 @@ def compute_edit(
             trajectory.after[layer] = _hidden_reads(model, tok, now_probes, hparams)
         pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
     return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
-                    records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory)
+                    records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory,
+                    setup.sequential)
 
 
 def _plan_jointly(model, tok, hparams, setup: "_Setup", targets: Targets) -> None:
@@ -478,7 +497,8 @@ class WeightsCopy(dict):
 
 def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False) -> WeightsCopy:
     """Add ``plan.updates`` to the weights of ``model`` (as EasyEdit's ``apply_*_to_model``
-    do) and commit the rule's pending state (AlphaEdit's key cache), in a transaction.
+    do) and commit the rule's pending state (AlphaEdit's key cache) and the batch's entry
+    in the model's sequential record (:mod:`easyedit_replay.sequential`), in a transaction.
 
     Returns:
         :class:`WeightsCopy`: ``{weight_name: original tensor}`` when ``return_orig_weights``
@@ -500,6 +520,7 @@ def apply_plan(model, plan: EditPlan, hparams, return_orig_weights: bool = False
                 else:  # EasyEdit's apply_*_to_model
                     w[...] += upd.to(device=w.device, dtype=w.dtype)
         get_algorithm(hparams.alg_name).rule.commit(model, hparams, plan.pending)
+        sequential.commit(model, plan.sequential)
     return weights_copy
 
 

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .diagnostics import passive_cosines, residual_ratios, target_accuracy
+from .diagnostics import norm_report, passive_cosines, residual_ratios, target_accuracy
 from .editor import apply_plan, compute_edit, resolve_templates, weight_transaction
 from .evaluate import evaluate_records, greedy_generate, ngram_entropy
 from .targets import parse_mode
@@ -126,13 +126,18 @@ def _public(row: dict) -> dict:
 
 
 def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, templates, anchors: Optional[dict],
-               pristine: bool, number: int, diagnose: bool = True) -> Dict:
+               pristine: bool, number: int, diagnose: bool = True,
+               norm_reference: Optional[Dict[str, float]] = None) -> Dict:
     """Edit the batch ``records[i] for i in idx`` into ``model`` (compute + apply).
 
     ``anchors`` (a dict shared across calls, keyed by :func:`anchor_key`) lends and
     receives anchors when ``pristine`` (the weights are the unedited ones). With
     ``diagnose`` the plan's section-4 analyses and, with ``cfg.target_accuracy``, the
-    per-layer target accuracy are read.
+    per-layer target accuracy are read; with ``norm_reference`` (the unedited model's
+    mean output norm per module, :func:`~easyedit_replay.diagnostics.output_norms`) also
+    the anchor and target norms relative to it (``analysis["norms"]``,
+    :func:`~easyedit_replay.diagnostics.norm_report`). A norm-anchored edit reports its
+    norm anchors in ``analysis["norm_anchor"]``.
 
     Returns:
         ``{"rows": {i: partial per-edit row}, "analysis": dict | None, "accuracy": dict |
@@ -160,6 +165,10 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, 
                        "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}}
     if plan.targets.info:  # construction-specific cost (replay_joint: seconds, iterations)
         out["analysis"]["targets"] = dict(plan.targets.info)
+    if norm_reference is not None:
+        out["analysis"]["norms"] = norm_report(plan, norm_reference)
+    if plan.sequential is not None and plan.sequential.norms:
+        out["analysis"]["norm_anchor"] = dict(plan.sequential.norms)
     last = list(ratios)[-1]
     out["rows"] = {i: {"final_ratio": float(ratios[last][k])} for k, i in enumerate(idx)}
     if cfg.target_accuracy:

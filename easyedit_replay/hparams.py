@@ -39,6 +39,27 @@ defaults:
   into the change that module must write (:mod:`easyedit_replay.postnorm`);
   ``additive`` keeps stock EasyEdit's assumption that the two are the same. No effect
   on models without such a norm.
+
+Sequential editing (:mod:`easyedit_replay.sequential`; both off by default, which is
+bit-identical to an edit without them):
+
+- ``sequential_keys``: which keys of EARLIER batches of the same model the solve
+  protects. ``"stock"`` (default): each algorithm as shipped (MEMIT, EMMET, PMET: none;
+  AlphaEdit: its sequential cache of the keys as read at their edit). ``"edit_time"``:
+  the earlier batches' keys as read at their edit are added to the solve of MEMIT,
+  EMMET and PMET (the FE authors' ``add_old_keys``: ``K K^T`` of each batch accumulated
+  into the next batches' solve; AlphaEdit's stock cache already is this).
+  ``"rekeyed"``: the earlier edits' keys are re-read on the current model at each
+  layer's solve (the layers before it already updated by this batch) and protected
+  instead of the stale ones, in MEMIT's, EMMET's and PMET's solve and in place of
+  AlphaEdit's sequential cache.
+- ``norm_anchor``: ``true`` rescales every target to the norm anchor of its layer
+  (NAS, "Norm Anchors Make Model Edits Last", arXiv 2602.02543): the value the
+  rewritten module must output for the target is rescaled to the mean of those
+  values over the first batch of the model's sequential record (in a sequence edited
+  with the option on from its start: the first batch, edited on the unedited model),
+  and dropped when it is more than twice that (the anchor and every replayed target
+  alike).
 """
 
 from __future__ import annotations
@@ -56,6 +77,7 @@ from .model_info import num_layers
 
 REPLAY_SHARES = ("full", "remaining")
 POST_NORM_MODES = ("invert", "additive")  # easyedit_replay.postnorm
+SEQUENTIAL_KEYS = ("stock", "edit_time", "rekeyed")
 INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size", "mom2_max_length",
                   "mom2_tokens_per_batch")
 MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -123,6 +145,9 @@ class ReplayHyperParams:
     operating_point: str = "bundled"
     hparams_source: Optional[str] = None
     post_norm: str = "invert"
+    # easyedit-replay, sequential editing (easyedit_replay.sequential)
+    sequential_keys: str = "stock"
+    norm_anchor: bool = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -250,6 +275,11 @@ class ReplayHyperParams:
         if self.post_norm not in POST_NORM_MODES:
             raise err("post_norm", f"must be one of {list(POST_NORM_MODES)} (invert: edit through a post-norm "
                       f"MLP such as Gemma's correctly; additive: stock EasyEdit's assumption)")
+        if self.sequential_keys not in SEQUENTIAL_KEYS:
+            raise err("sequential_keys", f"must be one of {list(SEQUENTIAL_KEYS)} (stock: as the algorithm ships; "
+                      f"edit_time: earlier batches' keys as read at their edit; rekeyed: re-read on the current model)")
+        if not isinstance(self.norm_anchor, bool):
+            raise err("norm_anchor", "must be true or false")
         if self.replay_share not in REPLAY_SHARES:
             raise err("replay_share", f"must be one of {list(REPLAY_SHARES)}")
         if not is_number(self.replay_tau) or not 0 <= self.replay_tau <= 1:

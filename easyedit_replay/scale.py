@@ -14,7 +14,11 @@ Two kinds of cells, both computed by the functions behind ``compare``
   (:func:`~easyedit_replay.experiment.edit_batch`); after step ``k`` every edit made so
   far (``k * B``) is evaluated when ``k * B`` is one of ``--n``, at the last step, or
   at every step with ``--curve``. A step's cell also records the model fingerprint
-  after the step and, for AlphaEdit, the rank of the sequential key cache.
+  after the step, for AlphaEdit the rank of the sequential key cache, and
+  ``sequential``: the batch's anchor and target norms relative to the unedited
+  model's mean norms, the key drift of every batch made so far
+  (:func:`~easyedit_replay.sequential.key_drift`) and, at the ``--attribution``
+  steps, the restore-one-layer attribution of each earlier batch's efficacy.
 
 Cells are JSON files under ``OUT/cells/`` written atomically as soon as they finish:
 
@@ -46,16 +50,19 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .diagnostics import norm_modules, output_norms, restore_attribution
 from .errors import ReplayError
 from .experiment import (
     CompareConfig, PAPER_METRICS, bootstrap, edit_batch, mode_hparams, render_markdown, run_mode, score_rows,
     summarize_ci, unedited_block,
 )
 from .files import atomic_write_text
+from .sequential import key_drift, reset_sequential_state, track_sequential
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +91,16 @@ class ScaleConfig(CompareConfig):
     series their maximum is the number of edits ``N`` and the others are the points
     where it is evaluated. ``curve``: evaluate a sequential series after every batch.
     ``target_accuracy`` is off by default here: it reads every context template to
-    the loss layer once more, the dearest diagnostic.
+    the loss layer once more, the dearest diagnostic. ``attribution``: the steps of a
+    sequential series after which each earlier batch's efficacy is re-scored with its
+    edited weights set back one at a time (:func:`~easyedit_replay.diagnostics.restore_attribution`;
+    ``2 + layers`` evaluations of each earlier batch per such step).
     """
 
     sizes: Sequence[int] = (48, 192, 768)
     curve: bool = False
     target_accuracy: bool = False
+    attribution: Sequence[int] = ()
 
     def compare_config(self, batch_size=None, sequential=False) -> CompareConfig:
         """The :class:`CompareConfig` of one cell (one batch, or one step of a series)."""
@@ -260,8 +271,9 @@ def _sequential_series(ctx: _Context, alg: str, mode: str) -> None:
     cfg, b = ctx.cfg, int(ctx.cfg.batch_size)
     total = max(cfg.sizes)
     steps = _steps(total, b)
+    attribution = sorted({int(k) for k in cfg.attribution})
     settings = _settings(ctx, alg, mode, total, kind="sequential", batch_size=b, curve=cfg.curve,
-                         sizes=sorted(cfg.sizes))
+                         sizes=sorted(cfg.sizes), **({"attribution": attribution} if attribution else {}))
     paths = [step_path(ctx.out, b, total, alg, mode, k + 1) for k in range(len(steps))]
     done = []
     for p in paths:
@@ -275,38 +287,71 @@ def _sequential_series(ctx: _Context, alg: str, mode: str) -> None:
     params = {name: resolve_parameter(ctx.model, name) for name in weight_names(hp)}
     ccfg = cfg.compare_config(batch_size=b, sequential=True)
     reference = ctx.baseline(total)  # on the unedited weights, before the first batch is applied
+    norms = output_norms(ctx.model, ctx.tok, ctx.records[:total], hp, norm_modules(hp))  # unedited, too
     rows: Dict[int, dict] = {}
-    with weight_transaction(params, restore_always=True):
-        for k, idx in enumerate(steps):
-            if k < len(done):  # re-apply a finished step: anchors from the disk cache, no evaluation
-                edit_batch(ctx.model, ctx.tok, ctx.records, idx, hp, ccfg, ctx.templates[alg], ctx.anchors, k == 0, k,
-                           diagnose=False)
-                rows.update({int(i): r for i, r in done[k]["batch_rows"].items()})
-                if model_fingerprint(ctx.model) != done[k]["fingerprint"]:
-                    log.warning("%s/%s step %d re-applied to different weights than recorded (float rounding?); "
-                                "the steps after it continue from these weights", alg, mode, k + 1)
-                continue
-            step = edit_batch(ctx.model, ctx.tok, ctx.records, idx, hp, ccfg, ctx.templates[alg], ctx.anchors, k == 0,
-                              k)
-            rows.update(step["rows"])
-            made = idx[-1] + 1
-            cell = {"kind": "sequential", "alg": alg, "mode": mode, "operating_point": hp.operating_point,
-                    "batch_size": b, "total": total, "step": k + 1,
-                    "edits": made, "requests": idx, "batch_rows": {str(i): step["rows"][i] for i in idx},
-                    "analysis": step["analysis"], "accuracy": step["accuracy"], "seconds": step["seconds"],
-                    "timing": {"diagnostic_seconds": step["diagnostic_seconds"]},
-                    "fingerprint": model_fingerprint(ctx.model), "evaluated": False}
-            if alg == "AlphaEdit":
-                cell["alphaedit_cache_rank"] = alphaedit_cache_ranks(ctx.model)
-            if cfg.curve or made in cfg.sizes or k == len(steps) - 1:
-                baseline = reference[:made]
-                scored = score_rows(ctx.model, ctx.tok, ctx.records[:made], baseline, ccfg, cell["timing"])
-                per_edit = [{**rows[i], **scored[i]} for i in range(made)]
-                cell.update(evaluated=True, evaluated_cases=[r.get("case_id") for r in ctx.records[:made]],
-                            per_edit=per_edit, summary=summarize_ci(per_edit, cfg.n_boot, cfg.seed))
-            write_cell(paths[k], cell, settings)
-            if ctx.bar is not None:
-                ctx.bar.update(len(idx))
+    snapshots: Dict[int, Dict[str, object]] = {}  # the weights right after each step, for the attribution
+    reset_sequential_state(ctx.model)
+    track_sequential(ctx.model)  # record every batch's keys: the key drift reads them
+    try:
+        with weight_transaction(params, restore_always=True):
+            for k, idx in enumerate(steps):
+                if k < len(done):  # re-apply a finished step: anchors from the disk cache, no evaluation
+                    edit_batch(ctx.model, ctx.tok, ctx.records, idx, hp, ccfg, ctx.templates[alg], ctx.anchors, k == 0,
+                               k, diagnose=False)
+                    rows.update({int(i): r for i, r in done[k]["batch_rows"].items()})
+                    if model_fingerprint(ctx.model) != done[k]["fingerprint"]:
+                        log.warning("%s/%s step %d re-applied to different weights than recorded (float rounding?); "
+                                    "the steps after it continue from these weights", alg, mode, k + 1)
+                else:
+                    _sequential_step(ctx, alg, mode, hp, steps, k, rows, norms, reference, paths[k], settings,
+                                     snapshots, params, attribution)
+                if attribution:
+                    snapshots[k + 1] = {n: p.detach().clone() for n, p in params.items()}
+    finally:
+        reset_sequential_state(ctx.model)
+
+
+def _sequential_step(ctx: _Context, alg: str, mode: str, hp, steps, k: int, rows: Dict[int, dict],
+                     norms: Dict[str, float], reference: list, path: Path, settings: dict, snapshots: dict,
+                     params: dict, attribution: Sequence[int]) -> None:
+    """Edit step ``k`` (0-based) of a sequential series into the model and write its cell:
+    the batch's rows (added to ``rows``), analyses, timing, the model fingerprint,
+    AlphaEdit's cache ranks, ``sequential`` (the batch's anchor and target norms relative
+    to ``norms``, the key drift of every batch made so far, and at an ``attribution``
+    step the restore-one-layer attribution, from ``snapshots`` of the weights after each
+    earlier step) and, when the step is evaluated, every edit made so far against
+    ``reference``."""
+    from .anchor_cache import model_fingerprint
+
+    cfg, idx = ctx.cfg, steps[k]
+    ccfg = cfg.compare_config(batch_size=cfg.batch_size, sequential=True)
+    step = edit_batch(ctx.model, ctx.tok, ctx.records, idx, hp, ccfg, ctx.templates[alg], ctx.anchors, k == 0, k,
+                      norm_reference=norms)
+    rows.update(step["rows"])
+    made = idx[-1] + 1
+    cell = {"kind": "sequential", "alg": alg, "mode": mode, "operating_point": hp.operating_point,
+            "batch_size": int(cfg.batch_size), "total": max(cfg.sizes),
+            "step": k + 1, "edits": made, "requests": idx, "batch_rows": {str(i): step["rows"][i] for i in idx},
+            "analysis": step["analysis"], "accuracy": step["accuracy"], "seconds": step["seconds"],
+            "timing": {"diagnostic_seconds": step["diagnostic_seconds"]},
+            "fingerprint": model_fingerprint(ctx.model), "evaluated": False}
+    if alg == "AlphaEdit":
+        cell["alphaedit_cache_rank"] = alphaedit_cache_ranks(ctx.model)
+    start = time.perf_counter()
+    cell["sequential"] = {"norms": step["analysis"]["norms"],
+                          "key_drift": {str(j + 1): d for j, d in enumerate(key_drift(ctx.model, ctx.tok))}}
+    if k + 1 in attribution:
+        earlier = {j: [ctx.records[i] for i in steps[j - 1]] for j in range(1, k + 1)}
+        cell["sequential"]["attribution"] = restore_attribution(ctx.model, ctx.tok, earlier, snapshots, params)
+    cell["timing"]["sequential_diagnostic_seconds"] = time.perf_counter() - start
+    if cfg.curve or made in cfg.sizes or k == len(steps) - 1:
+        scored = score_rows(ctx.model, ctx.tok, ctx.records[:made], reference[:made], ccfg, cell["timing"])
+        per_edit = [{**rows[i], **scored[i]} for i in range(made)]
+        cell.update(evaluated=True, evaluated_cases=[r.get("case_id") for r in ctx.records[:made]],
+                    per_edit=per_edit, summary=summarize_ci(per_edit, cfg.n_boot, cfg.seed))
+    write_cell(path, cell, settings)
+    if ctx.bar is not None:
+        ctx.bar.update(len(idx))
 
 
 def planned_cells(cfg: ScaleConfig, algs: Sequence[str]) -> List[dict]:
@@ -396,7 +441,8 @@ def _check_sizes(cfg: ScaleConfig, n_records: Optional[int]) -> None:
 
     Raises:
         ReplayError: a size outside 1..n_records, a sequential run without a batch size in
-            1..max(sizes), or a batch size for a one-batch run.
+            1..max(sizes), a batch size for a one-batch run, or an attribution step
+            outside 2..(steps of the series).
     """
     sizes = sorted({int(n) for n in cfg.sizes})
     if not sizes or sizes[0] < 1 or (n_records is not None and sizes[-1] > n_records):
@@ -407,6 +453,11 @@ def _check_sizes(cfg: ScaleConfig, n_records: Optional[int]) -> None:
         raise ReplayError(f"--batch-size {b}: a sequential run needs a batch size in 1..{sizes[-1]} (the largest --n)")
     if not cfg.sequential and cfg.batch_size is not None:
         raise ReplayError(f"--batch-size {cfg.batch_size}: one-batch cells edit all n at once; batch sizes are for --sequential")
+    if cfg.attribution:
+        n_steps = len(_steps(sizes[-1], int(b))) if cfg.sequential else 0
+        if not cfg.sequential or any(not 2 <= int(k) <= n_steps for k in cfg.attribution):
+            raise ReplayError(f"--attribution {','.join(map(str, cfg.attribution))}: steps of a --sequential series "
+                              f"that have an earlier batch, in 2..{n_steps}")
     cfg.sizes = sizes
 
 
@@ -634,19 +685,74 @@ def retention_table(steps_by_key: Dict[str, List[dict]], key: str = "efficacy_ex
     return rows
 
 
+def _layer_of(name: str) -> str:
+    """``"model.layers.4.mlp.down_proj.weight"`` -> ``"layer 4"`` (the name itself without a layer index)."""
+    index = next((part for part in name.split(".") if part.isdigit()), None)
+    return f"layer {index}" if index is not None else name
+
+
+def _per_weight_table(steps_by_key: Dict[str, List[dict]], values, header, fmt: str) -> List[List[str]]:
+    """Rows (header first) of one sequential series, one per step: ``values(cell)`` (``{module
+    or weight name: number}``) in one column per name, headed ``header(name)`` (``"-"``
+    where a step has no value)."""
+    names = list(dict.fromkeys(n for steps in steps_by_key.values() for c in steps for n in values(c)))
+    rows = [["algorithm", "mode", "step"] + [header(n) for n in names]]
+    for k, steps in sorted(steps_by_key.items(), key=_order):
+        for cell in steps:
+            found = values(cell)
+            rows.append(k.split("/") + [str(cell["step"])] + [fmt.format(found[n]) if n in found else "-" for n in names])
+    return rows
+
+
 def update_norm_table(steps_by_key: Dict[str, List[dict]]) -> List[List[str]]:
     """Rows (header first) of one sequential series: the Frobenius norm of each step's
     weight update per edited weight (``analysis["update_norm"]``; a column is named by
     the weight's layer index), one row per step."""
+    return _per_weight_table(steps_by_key, lambda c: (c.get("analysis") or {}).get("update_norm", {}),
+                             lambda n: f"|dW| {_layer_of(n)}", "{:.1f}")
+
+
+def key_drift_table(steps_by_key: Dict[str, List[dict]], batch: int = 1) -> List[List[str]]:
+    """Rows (header first): after each step, how far the keys of batch ``batch``'s edits
+    have moved since their edit, mean ``|k_now - k_edit| / |k_edit|`` per edited weight
+    (``cell["sequential"]["key_drift"]``)."""
+    def values(cell):
+        drift = (cell.get("sequential") or {}).get("key_drift", {}).get(str(batch), {})
+        return {name: stats["relative_change"] for name, stats in drift.items()}
+
+    return _per_weight_table(steps_by_key, values, lambda n: f"key drift {_layer_of(n)}", "{:.4f}")
+
+
+def target_norm_table(steps_by_key: Dict[str, List[dict]]) -> List[List[str]]:
+    """Rows (header first): each step's anchor ``|delta|`` and the norm of its target at
+    every edited layer, means over the batch relative to the unedited model's mean norm
+    of that module (``cell["sequential"]["norms"]``)."""
+    def values(cell):
+        norms = (cell.get("sequential") or {}).get("norms", {})
+        out = {("delta", m): v["delta"] for m, v in norms.get("anchor", {}).items()}
+        out.update({("target", m): v["norm"] for m, v in norms.get("targets", {}).items()})
+        return out
+
+    return _per_weight_table(steps_by_key, values,
+                             lambda n: f"{'|delta|' if n[0] == 'delta' else '|t|'} {_layer_of(n[1])}", "{:.2f}")
+
+
+def attribution_table(steps_by_key: Dict[str, List[dict]], key: str = "efficacy_exact") -> List[List[str]]:
+    """Rows (header first) of the restore-one-layer attribution (``--attribution``): for
+    each attributed step and earlier batch, ``key`` of that batch's edits now, with every
+    edited weight set back to its value right after the batch, and with each one alone
+    set back."""
     names = list(dict.fromkeys(n for steps in steps_by_key.values() for c in steps
-                               for n in (c.get("analysis") or {}).get("update_norm", {})))
-    layer = {n: next((part for part in n.split(".") if part.isdigit()), None) for n in names}
-    rows = [["algorithm", "mode", "step"] + [f"|dW| layer {layer[n]}" if layer[n] else f"|dW| {n}" for n in names]]
+                               for entry in (c.get("sequential") or {}).get("attribution", {}).values()
+                               for n in entry["restored"]))
+    rows = [["algorithm", "mode", "step", "batch", "now", "all set back"] + [f"{_layer_of(n)} set back" for n in names]]
     for k, steps in sorted(steps_by_key.items(), key=_order):
         for cell in steps:
-            norms = (cell.get("analysis") or {}).get("update_norm", {})
-            rows.append(k.split("/") + [str(cell["step"])]
-                        + [f"{norms[n]:.1f}" if n in norms else "-" for n in names])
+            for j, entry in (cell.get("sequential") or {}).get("attribution", {}).items():
+                restored = entry["restored"]
+                rows.append(k.split("/") + [str(cell["step"]), j, f"{entry['now'][key]:.2f}",
+                                            f"{entry['after_batch'][key]:.2f}"]
+                            + [f"{restored[n][key]:.2f}" if n in restored else "-" for n in names])
     return rows
 
 
@@ -822,6 +928,15 @@ def write_scale_report(out_dir, n_boot: int = 1000, seed: int = 0) -> Path:
                   "batches):", "", render_markdown(retention_table(series)), "",
                   "Each step's weight update, Frobenius norm per edited weight:", "",
                   render_markdown(update_norm_table(series)), ""]
+        if any(c.get("sequential") for steps in series.values() for c in steps):
+            lines += ["Each step's anchor |delta| and targets |t|, relative to the unedited model's mean norm of the "
+                      "module (mean over the batch):", "", render_markdown(target_norm_table(series)), "",
+                      "Key drift of the first batch's edits after each step, |k_now - k_edit| / |k_edit| (mean):", "",
+                      render_markdown(key_drift_table(series)), ""]
+        if any((c.get("sequential") or {}).get("attribution") for steps in series.values() for c in steps):
+            lines += ["Where earlier batches' efficacy Acc went: now, with every edited weight set back to its value "
+                      "right after the batch, and with one weight set back:", "",
+                      render_markdown(attribution_table(series)), ""]
         ranks = [(key, c["step"], c["alphaedit_cache_rank"]) for key, steps in sorted(series.items(), key=_order)
                  for c in steps if c.get("alphaedit_cache_rank")]
         if ranks:

@@ -202,47 +202,67 @@ def get_construction(mode) -> Construction:
     """The :class:`Construction` named ``mode`` (a Construction passes through).
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones).
+        ValueError: an unknown name (the message lists the known ones), or a spec with
+            sequential options (``"replay+rekeyed"``), which set hyperparameters that a
+            construction alone does not carry.
     """
     if isinstance(mode, Construction):
         return mode
+    if "+" in str(mode):
+        raise ValueError(f"mode={mode!r}: '+{str(mode).split('+', 1)[1]}' sets hyperparameters; apply the spec "
+                         f"with experiment.mode_hparams, or set the option's field in the hparams and pass "
+                         f"mode={str(mode).split('+')[0]!r}")
     return parse_mode(mode)[0]
 
 
-def parse_mode(spec) -> Tuple[Construction, Dict[str, float]]:
-    """A mode spec of a comparison: ``"replay"``, or ``"replay_tau=0.25"`` for a
-    construction with a ``param`` (the value goes to that hyperparameter).
+def parse_mode(spec) -> Tuple[Construction, Dict[str, object]]:
+    """A mode spec of a comparison: ``"replay"``, ``"replay_tau=0.25"`` for a
+    construction with a ``param`` (the value goes to that hyperparameter), each
+    optionally followed by ``+option`` for registered sequential-editing options
+    (``"replay+rekeyed"``, ``"replay_tau=0.25+norm_anchor"``;
+    :data:`easyedit_replay.sequential.SEQUENTIAL_OPTIONS`).
 
     Returns:
-        ``(construction, {param: value})`` (an empty dict without ``=value``).
+        ``(construction, {hyperparameter: value})``: the ``param`` value and the
+        options' fields (an empty dict for a bare name).
 
     Raises:
-        ValueError: an unknown name, a value for a construction without a parameter,
-            or a value that is not a number.
+        ValueError: an unknown name or option, a value for a construction without a
+            parameter, or a value that is not a number.
     """
-    name, eq, value = str(spec).strip().partition("=")
+    from .sequential import parse_options
+
+    head, *options = str(spec).strip().split("+")
+    name, eq, value = head.partition("=")
     try:
         c = CONSTRUCTIONS[name.strip()]
     except KeyError:
         raise ValueError(f"mode={spec!r}; use one of {list(CONSTRUCTIONS)}") from None
+    try:
+        params: Dict[str, object] = parse_options(options)
+    except ValueError as exc:
+        raise ValueError(f"mode={spec!r}: {exc}") from None
     if not eq:
-        return c, {}
+        return c, params
     if not c.param:
         raise ValueError(f"mode={spec!r}: {c.name} takes no parameter; write {c.name!r}")
     try:
-        return c, {c.param: float(value)}
+        return c, {c.param: float(value), **params}
     except ValueError:
         raise ValueError(f"mode={spec!r}: {value!r} is not a number (e.g. {c.name}=0.5)") from None
 
 
 def mode_spec(spec) -> str:
-    """The canonical spelling of a mode spec (``" replay_tau=0.250"`` -> ``"replay_tau=0.25"``).
+    """The canonical spelling of a mode spec (``" replay_tau=0.250"`` -> ``"replay_tau=0.25"``,
+    ``"replay + rekeyed"`` -> ``"replay+rekeyed"``).
 
     Raises:
         ValueError: as :func:`parse_mode`.
     """
     c, params = parse_mode(spec)
-    return c.name + "".join(f"={v:g}" for v in params.values())
+    options = [o.strip() for o in str(spec).split("+")[1:]]
+    value = f"={params[c.param]:g}" if c.param and c.param in params else ""
+    return c.name + value + "".join(f"+{o}" for o in options)
 
 
 def anchor_layer(mode, layers: Sequence[int]) -> int:

@@ -12,6 +12,9 @@ Per edit layer, in float32 as stock:
 - After the batch, ``cache += K K^T`` for every edit layer (stock recomputes the keys
   with every update written; a layer's keys do not depend on its own or later
   layers' down-projections, so the keys used for its update are the same values).
+- ``sequential_keys: rekeyed`` (ours, off by default): ``cache`` in the solve is
+  replaced by ``sum K_old K_old^T`` of the earlier edits' keys re-read on the current
+  model (:mod:`easyedit_replay.sequential`); the stock cache is still kept.
 
 What differs from stock, on purpose:
 
@@ -44,6 +47,7 @@ import torch
 from ..errors import HyperParamsError, StatisticsError, field_error
 from ..files import atomic_write
 from ..hparams import ReplayHyperParams, is_number
+from ..sequential import weight_fingerprint as _fingerprint
 from ..stats import module_stats_path
 from ..tracing import resolve_parameter
 from .base import Algorithm, UpdateInputs
@@ -165,11 +169,6 @@ def projections(model, hparams, covs: Dict[str, torch.Tensor], stats_dir=None) -
 # ----------------------------------------------------------------------------- sequential cache
 
 
-def _fingerprint(weight: torch.Tensor) -> Tuple[float, float]:
-    w = weight.detach().double()
-    return float(w.sum()), float(w.pow(2).sum())
-
-
 @dataclass
 class _LayerCache:
     """Sequential-edit state of one rewritten weight of one model."""
@@ -246,6 +245,7 @@ class PendingCaches:
 class AlphaEdit(Algorithm):
     name = "AlphaEdit"
     hparams_class = AlphaEditHyperParams
+    keeps_edit_time_keys = True
 
     def prepare(self, model, tok, hp, covs, options) -> AlphaEditState:
         """Projections and the model's current key caches (``reset_cache=True``: empty)."""
@@ -263,13 +263,14 @@ class AlphaEdit(Algorithm):
 
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         """``solve(P (K K^T + cache) + L2 I, P K R^T)``: ``[d_in, d_out]`` float32 (stock layout;
-        the editor transposes it onto the weight)."""
+        the editor transposes it onto the weight). With ``inp.protected`` (re-keyed
+        protection) that Gram matrix, in float32, stands in for ``cache``."""
         st: AlphaEditState = inp.state
         dev = inp.device
         proj = st.P[inp.weight_name].to(dev).float()
         keys = inp.keys.to(dev).float()
         resid = inp.error.to(dev).float() / inp.divisor
-        cache = st.cache[inp.weight_name].to(dev).float()
+        cache = (st.cache[inp.weight_name] if inp.protected is None else inp.protected).to(dev).float()
         st.keys[inp.weight_name] = keys.detach().cpu()
         eye = torch.eye(keys.shape[0], dtype=proj.dtype, device=dev)
         return torch.linalg.solve(proj @ (keys @ keys.T + cache) + inp.hparams.L2 * eye, proj @ keys @ resid.T)

@@ -37,6 +37,10 @@ class UpdateInputs:
     ``divisor`` the share (``n - i``, its sqrt, or 1; for ``replay_capacity`` a ``[m]``
     tensor, one per request, so ``error / divisor`` divides each column), ``cov
     [d_in, d_in]`` the second moment ``E[k k^T]`` (float32).
+
+    ``protected``: ``[d_in, d_in]`` float64 ``sum K_old K_old^T`` over the keys of
+    earlier batches this solve must preserve (``hparams.sequential_keys``,
+    :mod:`easyedit_replay.sequential`), or None: the rule's stock solve, unchanged.
     """
 
     step: int
@@ -50,6 +54,7 @@ class UpdateInputs:
     hparams: Any
     state: Dict[str, Any]
     device: torch.device
+    protected: Optional[torch.Tensor] = None
 
 
 class Algorithm:
@@ -60,6 +65,9 @@ class Algorithm:
     sqrt_share: bool = False
     # EasyEdit's hyperparameter class of this algorithm (easyeditor.<name>HyperParams).
     host_hparams: str = ""
+    # The stock rule already protects the keys of earlier batches as read at their edit
+    # (AlphaEdit's sequential cache), so ``sequential_keys: edit_time`` adds nothing.
+    keeps_edit_time_keys: bool = False
 
     @property
     def host_hparams_name(self) -> str:

@@ -10,6 +10,9 @@ Equality-constrained batched editing, in float64 exactly as stock:
 
 Stock inverts ``D`` with ``torch.inverse`` and falls back to the pseudo-inverse when
 that raises (``D`` singular); so do we, and we log it.
+
+With protected keys of earlier batches (``sequential_keys``), ``C' += G``, ``G = sum
+K_old K_old^T`` (the FE authors' EMMET with ``add_old_keys``: ``coef * cov + cache_c``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -49,7 +53,8 @@ class EMMETHyperParams(ReplayHyperParams):
 
 
 def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_update_weight: float,
-                update_norm_lambda: float, emmet_lambda: float, where: str = "") -> torch.Tensor:
+                update_norm_lambda: float, emmet_lambda: float, where: str = "",
+                protected: Optional[torch.Tensor] = None) -> torch.Tensor:
     """EMMET's closed form ``resid @ (D^-1 K^T C'^-1)`` in float64.
 
     Args:
@@ -59,6 +64,7 @@ def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2
         mom2_update_weight, update_norm_lambda, emmet_lambda: see
             :class:`EMMETHyperParams`.
         where: weight name, for messages.
+        protected: ``[d_in, d_in]`` ``sum K_old K_old^T`` added to ``C'``, or None (stock).
 
     Returns:
         ``[d_out, d_in]`` float64 update.
@@ -76,6 +82,8 @@ def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2
         cov = cov * mom2_update_weight
     if update_norm_lambda != 0:
         cov = cov + update_norm_lambda * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    if protected is not None:
+        cov = cov + protected.double().to(cov.device)
     try:
         c_inv = torch.inverse(cov)
     except torch.linalg.LinAlgError as exc:
@@ -114,4 +122,4 @@ class EMMET(Algorithm):
         hp = inp.hparams
         resid = inp.error.double().to(inp.device) / inp.divisor
         return emmet_solve(inp.keys.to(inp.device), resid, inp.cov.to(inp.device), hp.mom2_update_weight,
-                           hp.update_norm_lambda, hp.emmet_lambda, inp.weight_name)
+                           hp.update_norm_lambda, hp.emmet_lambda, inp.weight_name, inp.protected)

@@ -1,11 +1,14 @@
 """MEMIT's update rule (Meng et al., 2023, eq. 14; EasyEdit ``memit_main.execute_memit``).
 
 ``dW = R K^T (lambda C + K K^T)^-1`` with ``R = error / (n - i)``, all in float64.
+With protected keys of earlier batches (``sequential_keys``), ``lambda C + K K^T + G``,
+``G = sum K_old K_old^T`` (the FE authors' ``add_old_keys``: their ``cache_c``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,19 +22,28 @@ class MEMITHyperParams(ReplayHyperParams):
 
 
 
-def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:
-    """``resid @ solve(weight * cov + K K^T, K)^T``.
+def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float,
+                protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``resid @ solve(weight * cov + K K^T (+ protected), K)^T``.
 
     Args:
         keys: ``[d_in, m]`` float64.
         resid: ``[d_out, m]`` float64.
         cov: ``[d_in, d_in]`` second moment (any float dtype; used in float64).
         weight: ``mom2_update_weight`` (lambda).
+        protected: ``[d_in, d_in]`` ``sum K_old K_old^T`` of earlier batches' keys, or
+            None (stock).
 
     Returns:
         ``[d_out, d_in]`` float64 update.
+
+    Source: EasyEdit ``memit_main.execute_memit``; with ``protected``, the FE authors'
+    ``memit_main.batch_edit`` with ``add_old_keys`` (``K K^T + cache_c + coef * cov``).
     """
-    adj_k = torch.linalg.solve(weight * cov.double() + keys @ keys.T, keys)
+    system = weight * cov.double() + keys @ keys.T
+    if protected is not None:
+        system = system + protected.double().to(system.device)
+    adj_k = torch.linalg.solve(system, keys)
     return resid @ adj_k.T
 
 
@@ -42,4 +54,4 @@ class MEMIT(Algorithm):
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         keys = inp.keys.double().to(inp.device)
         resid = inp.error.double().to(inp.device) / inp.divisor
-        return memit_solve(keys, resid, inp.cov.to(inp.device), inp.hparams.mom2_update_weight)
+        return memit_solve(keys, resid, inp.cov.to(inp.device), inp.hparams.mom2_update_weight, inp.protected)

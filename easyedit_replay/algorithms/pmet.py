@@ -110,19 +110,25 @@ def anchor_site_of(template: str, hp) -> int:
     return ATTN if "attn" in template else MLP
 
 
-def pmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:
-    """``resid @ K^T @ inverse(K K^T + weight * C)`` in the order ``execute_pmet`` uses.
+def pmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float,
+               protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``resid @ K^T @ inverse(K K^T + weight * C (+ protected))`` in the order ``execute_pmet`` uses.
 
     Args:
         keys: ``[d_in, m]`` float64.
         resid: ``[d_out, m]`` float64, already divided by ``sqrt(n - i)``.
         cov: ``[d_in, d_in]`` second moment (used in float64).
         weight: ``mom2_update_weight`` (lambda).
+        protected: ``[d_in, d_in]`` ``sum K_old K_old^T`` of earlier batches' keys at this
+            site (``sequential_keys``), or None (stock).
 
     Returns:
         ``[d_out, d_in]`` float64 update.
     """
-    return resid @ keys.T @ torch.inverse(keys @ keys.T + weight * cov.double())
+    system = keys @ keys.T + weight * cov.double()
+    if protected is not None:
+        system = system + protected.double().to(system.device)
+    return resid @ keys.T @ torch.inverse(system)
 
 
 class PMET(Algorithm):
@@ -154,4 +160,4 @@ class PMET(Algorithm):
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         keys = inp.keys.double().to(inp.device)
         resid = inp.error.double().to(inp.device) / inp.divisor
-        return pmet_solve(keys, resid, inp.cov.to(inp.device), inp.hparams.mom2_update_weight)
+        return pmet_solve(keys, resid, inp.cov.to(inp.device), inp.hparams.mom2_update_weight, inp.protected)

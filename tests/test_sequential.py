@@ -1,0 +1,281 @@
+"""Sequential editing on the real model (2-4 edits, 2 anchor steps): the options
+(``sequential_keys``, ``norm_anchor``) are bit-identical to an edit without them when
+off, the model's record of earlier batches and its key drift, re-keyed and edit-time
+key protection, norm-anchored targets, and every candidate through ``scale
+--sequential`` with a stop and a resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from easyedit_replay import scale, sequential
+from easyedit_replay.algorithms import load_hparams, weight_names
+from easyedit_replay.algorithms.alphaedit import reset_alphaedit_cache
+from easyedit_replay.cli import default_hparams_path, main
+from easyedit_replay.editor import apply_plan, compute_edit, weight_transaction
+from easyedit_replay.errors import HyperParamsError
+from easyedit_replay.scale import ScaleConfig, run_scale
+from easyedit_replay.targets import get_construction, mode_spec, parse_mode
+from easyedit_replay.tracing import resolve_parameter
+
+from .test_scale import _cells
+
+pytestmark = pytest.mark.slow
+
+TEMPLATES = [["{}"], ["The following is true. {}"]]
+ALGS = ("MEMIT", "EMMET", "PMET", "AlphaEdit")
+
+
+def _hp(stats_dir, alg, layers=(4, 5, 6), **changes):
+    return load_hparams(default_hparams_path(alg=f"{alg}_REPLAY"), stats_dir=stats_dir, v_num_grad_steps=2,
+                        layers=list(layers), **changes)
+
+
+@pytest.fixture()
+def fresh(model_tok):
+    """The model with no sequential record and no AlphaEdit cache, before and after."""
+    model, _ = model_tok
+    sequential.reset_sequential_state(model)
+    reset_alphaedit_cache(model)
+    yield
+    sequential.reset_sequential_state(model)
+    reset_alphaedit_cache(model)
+
+
+def _two_batches(model, tok, records, hp, hp2=None, track=False):
+    """Edit ``records[:2]`` then ``records[2:4]`` (``hp2`` for the second, default ``hp``)
+    into ``model``; returns both plans and what ``inside(model)`` returned, with the
+    weights restored after. ``inside`` runs with both batches applied."""
+    hp2 = hp2 or hp
+    names = list(dict.fromkeys(weight_names(hp) + weight_names(hp2)))
+    params = {n: resolve_parameter(model, n) for n in names}
+    with weight_transaction(params, restore_always=True):
+        if track:
+            sequential.track_sequential(model)
+        first = compute_edit(model, tok, records[:2], hp, context_templates=TEMPLATES)
+        apply_plan(model, first, hp)
+        second = compute_edit(model, tok, records[2:4], hp2, context_templates=TEMPLATES)
+        apply_plan(model, second, hp2)
+        batches = sequential.edited_batches(model)
+        now = [sequential.current_keys(model, tok, b) for b in batches]
+    return first, second, batches, now
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_options_off_are_bit_identical(model_tok, stats_dir, demo_records, fresh, alg):
+    """Two sequential batches with the options at their off values and the model's record
+    kept (the key-drift bookkeeping) give bit-identical anchors and updates to the same
+    batches with no record; with nothing edited before, re-keyed protection is the stock
+    solve too, and AlphaEdit's edit-time keys are its stock cache."""
+    model, tok = model_tok
+    layers = (7, 8)
+    plain = _two_batches(model, tok, demo_records, _hp(stats_dir, alg, layers))
+    sequential.reset_sequential_state(model)
+    reset_alphaedit_cache(model)
+    off = _hp(stats_dir, alg, layers, sequential_keys="stock", norm_anchor=False)
+    tracked = _two_batches(model, tok, demo_records, off, track=True)
+    assert len(tracked[2]) == 2 and not plain[2]  # the record was kept, and only when asked
+    for a, b in zip(plain[:2], tracked[:2]):
+        assert set(a.updates) == set(b.updates)
+        assert all(torch.equal(a.updates[n], b.updates[n]) for n in a.updates)
+        assert all(torch.equal(a.anchors[l].delta, b.anchors[l].delta) for l in a.anchors)
+    sequential.reset_sequential_state(model)
+    reset_alphaedit_cache(model)
+    rekeyed = _two_batches(model, tok, demo_records, _hp(stats_dir, alg, layers, sequential_keys="rekeyed"))
+    assert all(torch.equal(plain[0].updates[n], rekeyed[0].updates[n]) for n in plain[0].updates)
+    assert not rekeyed[0].sequential.protected_keys and len(rekeyed[1].sequential.protected_keys) == len(plain[1].updates)
+    assert not all(torch.equal(plain[1].updates[n], rekeyed[1].updates[n]) for n in plain[1].updates)
+    if alg == "AlphaEdit":
+        sequential.reset_sequential_state(model)
+        reset_alphaedit_cache(model)
+        edit_time = _two_batches(model, tok, demo_records, _hp(stats_dir, alg, layers, sequential_keys="edit_time"))
+        assert all(torch.equal(plain[1].updates[n], edit_time[1].updates[n]) for n in plain[1].updates)
+
+
+def test_key_drift_bookkeeping(model_tok, stats_dir, demo_records, fresh):
+    """With no edit between two reads the drift is 0; a second batch that edits layer 4
+    only leaves the first batch's layer-4 keys where they were and moves its keys at
+    layers 5 and 6 (and its own layer-4 key has not moved)."""
+    model, tok = model_tok
+    hp = _hp(stats_dir, "MEMIT")
+    params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
+    with weight_transaction(params, restore_always=True):
+        sequential.track_sequential(model)
+        plan = compute_edit(model, tok, demo_records[:2], hp, context_templates=TEMPLATES)
+        apply_plan(model, plan, hp)
+        first, again = sequential.key_drift(model, tok), sequential.key_drift(model, tok)
+        assert first == again
+        for stats in first[0].values():  # the keys recorded at the edit are the model's keys now
+            assert stats["relative_change_max"] < 1e-5 and stats["cosine"] > 1 - 1e-9
+        only4 = hp.replace(layers=[4])
+        plan = compute_edit(model, tok, demo_records[2:4], only4, context_templates=TEMPLATES)
+        apply_plan(model, plan, only4)
+        drift = sequential.key_drift(model, tok)
+        assert len(sequential.edited_batches(model)) == 2
+    assert len(drift) == 2 and list(drift[1]) == ["model.layers.4.mlp.down_proj.weight"]
+    at = {int(name.split(".")[2]): stats for name, stats in drift[0].items()}
+    assert at[4]["relative_change_max"] < 1e-5 and drift[1]["model.layers.4.mlp.down_proj.weight"]["relative_change"] < 1e-5
+    for layer in (5, 6):
+        assert at[layer]["relative_change"] > 1e-3 and at[layer]["cosine"] < 1 - 1e-6
+    assert sequential.edited_batches(model) == []  # weights restored: the record rolls back
+
+
+@pytest.mark.parametrize("alg", ["MEMIT", "AlphaEdit"])
+def test_rekeyed_protection_holds_the_current_keys(model_tok, stats_dir, demo_records, fresh, alg):
+    """After two sequential batches with ``sequential_keys: rekeyed`` the keys the second
+    batch's solve protected at each layer are the first batch's keys read from the
+    current model (MEMIT's old-key term; AlphaEdit's cache in the solve). For MEMIT,
+    protecting them shrinks what the second batch's update changes at those keys, and
+    with ``edit_time`` the protected keys are the stored keys of the first batch's edit,
+    which the second batch's layer-4 update has moved at layers 5 and 6."""
+    model, tok = model_tok
+    _, second, batches, now = _two_batches(model, tok, demo_records, _hp(stats_dir, alg, sequential_keys="rekeyed"))
+    assert sorted(second.sequential.protected_keys) == sorted(second.updates)
+    for name, protected in second.sequential.protected_keys.items():
+        assert protected.shape == (2, 1536)
+        torch.testing.assert_close(protected, now[0][name], rtol=1e-4, atol=1e-5)  # reads batched differently
+    if alg != "MEMIT":
+        return
+    sequential.reset_sequential_state(model)
+    stock = _two_batches(model, tok, demo_records, _hp(stats_dir, alg), track=True)
+    for name, update in second.updates.items():
+        keys = now[0][name].double().T  # [d_in, 2]
+        mine = float((update.double() @ keys).norm() / keys.norm())
+        plain = float((stock[1].updates[name].double() @ keys).norm() / keys.norm())
+        assert mine < plain, name
+    sequential.reset_sequential_state(model)
+    _, second, batches, now = _two_batches(model, tok, demo_records, _hp(stats_dir, alg, sequential_keys="edit_time"))
+    for name, protected in second.sequential.protected_keys.items():
+        assert torch.equal(protected, batches[0].keys[name])
+        change = float((protected - now[0][name]).norm() / protected.norm())
+        assert (change < 1e-5) if ".4." in name else (change > 1e-3), name
+
+
+def test_norm_anchored_targets(model_tok, stats_dir, demo_records, fresh):
+    """``norm_anchor``: every target of the first batch (replay's anchor at layer 4 and the
+    replayed ones at 5 and 6) asks its rewritten module for a value of norm N, the
+    batch's mean; the second batch keeps the first batch's N; without it the values
+    differ from N."""
+    from easyedit_replay.keys import bare_probes, read_at_lookup
+
+    model, tok = model_tok
+    hp = _hp(stats_dir, "MEMIT", norm_anchor=True)
+    first, second, _, _ = _two_batches(model, tok, demo_records, hp)
+    plain = compute_edit(model, tok, demo_records[:2], _hp(stats_dir, "MEMIT"), context_templates=TEMPLATES)
+    names = {l: (f"model.layers.{l}", f"model.layers.{l}.mlp.down_proj") for l in (4, 5, 6)}
+    reads = read_at_lookup(model, tok, bare_probes(tok, first.requests, hp.fact_token),
+                           outputs=[n for pair in names.values() for n in pair])
+    for layer, (block, mlp) in names.items():
+        key = (layer, "model.layers.{}")
+        h0, v0 = reads["out:" + block].float(), reads["out:" + mlp].float()
+        report = first.sequential.norms[f"{layer}/model.layers.{{}}"]
+        anchor = first.sequential.norm_reference[key]
+        assert report["not_edited"] == 0 and anchor == pytest.approx(report["value_norm_mean"], rel=1e-6)
+        value = v0 + first.targets.values[key].float() - h0
+        torch.testing.assert_close(value.norm(dim=-1), torch.full((2,), anchor), rtol=1e-4, atol=1e-4)
+        free = (v0 + plain.targets.values[key].float() - h0).norm(dim=-1)
+        assert (free - anchor).abs().max() > 1e-2
+        assert second.sequential.norm_reference[key] == anchor
+
+
+def test_mode_specs_with_options_and_their_errors(stats_dir):
+    assert mode_spec(" replay + rekeyed ") == "replay+rekeyed"
+    assert mode_spec("replay_tau=0.250+norm_anchor") == "replay_tau=0.25+norm_anchor"
+    assert parse_mode("spread+old_keys")[1] == {"sequential_keys": "edit_time"}
+    assert parse_mode("replay_tau=0.5+rekeyed+norm_anchor")[1] == {"replay_tau": 0.5, "sequential_keys": "rekeyed",
+                                                                   "norm_anchor": True}
+    with pytest.raises(ValueError, match="not a sequential option"):
+        parse_mode("replay+rekey")
+    with pytest.raises(ValueError, match="sequential_keys to both"):
+        parse_mode("replay+rekeyed+old_keys")
+    with pytest.raises(ValueError, match="sets hyperparameters"):
+        get_construction("replay+rekeyed")
+    with pytest.raises(HyperParamsError, match="sequential_keys.*rekeyed"):
+        _hp(stats_dir, "MEMIT", sequential_keys="re-keyed")
+    with pytest.raises(HyperParamsError, match="norm_anchor"):
+        _hp(stats_dir, "MEMIT", norm_anchor="yes")
+
+
+def test_attribution_steps_are_checked_before_the_model_loads(tmp_path, capsys):
+    assert main(["scale", "--plan-only", "--n", "4", "--sequential", "--batch-size", "2", "--algs", "MEMIT",
+                 "--modes", "replay+rekeyed", "--attribution", "3", "--out", str(tmp_path)]) == 2
+    assert "--attribution 3: steps of a --sequential series that have an earlier batch, in 2..2" in capsys.readouterr().err
+    assert main(["scale", "--plan-only", "--n", "4", "--sequential", "--batch-size", "2", "--algs", "MEMIT",
+                 "--modes", "spread,replay+rekeyed", "--attribution", "2", "--out", str(tmp_path)]) == 0
+    planned = json.loads((tmp_path / "scale.json").read_text())["planned"]
+    assert sorted({c["mode"] for c in planned}) == ["replay+rekeyed", "spread"]
+
+
+CANDIDATES = {"MEMIT": ("replay+old_keys", "replay+rekeyed", "replay+norm_anchor", "replay_tau=0.5", "replay_capacity"),
+              "AlphaEdit": ("replay+rekeyed",)}
+ATTRIBUTED = "AlphaEdit"  # the restore-one-layer attribution at step 2 (it costs evaluations)
+
+
+def _run_candidates(model, tok, records, stats_dir, out):
+    for alg, modes in CANDIDATES.items():
+        cfg = ScaleConfig(sizes=[4], modes=modes, sequential=True, batch_size=2, curve=True, fluency=False, n_boot=50,
+                          progress=False, attribution=[2] if alg == ATTRIBUTED else [])
+        run_scale(model, tok, records, {alg: _hp(stats_dir, alg, (7, 8))}, cfg, out, report=alg == ATTRIBUTED)
+
+
+def test_every_candidate_runs_in_sequence_and_resumes(model_tok, stats_dir, demo_records, fresh, tmp_path,
+                                                      monkeypatch):
+    """Each candidate through ``scale --sequential`` (2 x 2 edits, layers 7 and 8): a run
+    stopped after each series' first step cell resumes, series after series, to the
+    cells of an uninterrupted run. Each step cell carries the norms relative to the
+    unedited model and the key drift of the batches made (batch 1's layer-8 keys moved
+    by batch 2's layer-7 update, its layer-7 keys not); AlphaEdit's step 2 carries the
+    attribution, whose efficacy of batch 1 with every weight set back is the one batch 1
+    had after step 1; the report shows the new tables."""
+    model, tok = model_tok
+    records = demo_records[:4]
+    reference = tmp_path / "reference"
+    _run_candidates(model, tok, records, stats_dir, reference)
+
+    resumed = tmp_path / "resumed"
+    real_write = scale.write_cell
+
+    def stop_after_first_step(path, cell, settings):
+        real_write(path, cell, settings)
+        if cell["kind"] == "sequential" and cell["step"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(scale, "write_cell", stop_after_first_step)
+    stops = 0
+    while True:
+        try:
+            _run_candidates(model, tok, records, stats_dir, resumed)
+            break
+        except KeyboardInterrupt:
+            stops += 1
+            assert sequential.edited_batches(model) == []  # the stop left no record behind
+            assert len(list(resumed.glob("cells/seq_*/*/step001.json"))) == stops
+    assert stops == sum(len(modes) for modes in CANDIDATES.values())
+    assert _cells(resumed) == _cells(reference)
+
+    series = scale.collect_cells(reference)["sequential"][(2, 4)]
+    assert sorted(series) == sorted(f"{a}/{m}" for a, modes in CANDIDATES.items() for m in modes)
+    for key, (one, two) in series.items():
+        assert one["sequential"]["norms"]["anchor"] and one["sequential"]["norms"]["targets"], key
+        assert list(one["sequential"]["key_drift"]) == ["1"] and list(two["sequential"]["key_drift"]) == ["1", "2"]
+        drift = two["sequential"]["key_drift"]["1"]
+        assert drift["model.layers.7.mlp.down_proj.weight"]["relative_change"] < 1e-5, key
+        assert drift["model.layers.8.mlp.down_proj.weight"]["relative_change"] > 1e-4, key
+        assert ("attribution" in two["sequential"]) == key.startswith(ATTRIBUTED), key
+    one, two = series[f"{ATTRIBUTED}/replay+rekeyed"]
+    attribution = two["sequential"]["attribution"]["1"]
+    assert sorted(attribution["restored"]) == ["model.layers.7.mlp.down_proj.weight",
+                                               "model.layers.8.mlp.down_proj.weight"]
+    assert attribution["after_batch"]["efficacy_exact"] == sum(r["efficacy_exact"] for r in one["per_edit"][:2]) / 2
+    assert attribution["after_batch"]["logp_new"] == pytest.approx(
+        sum(r["logp_new"] for r in one["per_edit"][:2]) / 2, abs=1e-4)
+    norm_anchored = series["MEMIT/replay+norm_anchor"][0]
+    assert norm_anchored["sequential"]["norms"]["anchor"]["model.layers.7"]["delta"] > 0
+    assert norm_anchored["analysis"]["norm_anchor"]["7/model.layers.{}"]["not_edited"] == 0
+    report = (reference / "report.md").read_text()
+    for line in ("| AlphaEdit | replay+rekeyed | 2 | 1 |", "| MEMIT | replay+rekeyed | 2 | 0.0000 |",
+                 "key drift layer 8", "|delta| layer 7"):
+        assert line in report, line
