@@ -54,7 +54,7 @@ from .hparams import POST_NORM_MODES  # noqa: F401  (the values of hparams.post_
 from .model_info import hidden_size
 from .tracing import StopForward, hidden_of, resolve_module
 
-RMS_CHECK_RTOL = 1e-4  # the consumer must match g * x / sqrt(mean(x^2) + eps) this closely
+RMS_CHECK_RTOL = 1e-4  # the consumer must match g * x / sqrt(mean(x^2) + eps) this closely (float32)
 BISECTION_STEPS = 200
 
 
@@ -262,7 +262,8 @@ def rms_norm_of(module: nn.Module, name: str, rewrite_module: str, width: int) -
     """Read ``module`` as an RMSNorm ``N(x) = g * x / sqrt(mean(x^2) + eps)``: ``g`` from
     ``N(1) * sqrt(1 + eps)``, ``eps`` from the module's ``eps`` / ``variance_epsilon``
     (0 when it has none), then checked on a random ``x`` (relative error below
-    :data:`RMS_CHECK_RTOL`) and for scale invariance.
+    :data:`RMS_CHECK_RTOL`, or 8 rounding units of a half-precision norm) and for scale
+    invariance.
 
     Raises:
         HyperParamsError: the module is not an RMSNorm of width ``width`` (the message
@@ -281,8 +282,9 @@ def rms_norm_of(module: nn.Module, name: str, rewrite_module: str, width: int) -
         y10 = module((10 * x).to(device=device, dtype=dtype)).double().cpu()
     expect = gain * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
     scale = expect.norm()
-    if not (torch.isfinite(y).all() and (y - expect).norm() <= RMS_CHECK_RTOL * scale
-            and (y10 - y).norm() <= 10 * RMS_CHECK_RTOL * scale):
+    rtol = max(RMS_CHECK_RTOL, 8 * torch.finfo(dtype).eps)
+    if not (torch.isfinite(y).all() and (y - expect).norm() <= rtol * scale
+            and (y10 - y).norm() <= 10 * rtol * scale):
         raise HyperParamsError(
             f"the output of {rewrite_module} passes through {name} ({type(module).__name__}) before the "
             f"residual stream, and it is not an RMSNorm (N(x) = g * x / rms(x)), the only post-norm the "

@@ -26,9 +26,9 @@ import torch
 from easyedit_replay.algorithms import get_algorithm, load_hparams
 from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_plan, compute_edit
-from easyedit_replay.errors import ModelLoadError
+from easyedit_replay.errors import HyperParamsError, ModelLoadError
 from easyedit_replay.keys import lookup_index, prepare_requests
-from easyedit_replay.postnorm import nearest_reachable, post_norms, tangent_point
+from easyedit_replay.postnorm import nearest_reachable, post_norms, rms_norm_of, tangent_point
 from easyedit_replay.stats import second_moments
 
 from .test_core import module_outputs_of_prompt
@@ -112,6 +112,24 @@ def test_tangent_point_lies_on_the_ray_and_the_tangent_plane_within_the_bound():
     r2 = tangent_point(w[1:2], m[1:2], 2.0)
     assert float(torch.nn.functional.cosine_similarity(m[1:2] + r2, w[1:2])) > 1 - 1e-12
     assert abs(float(r2.norm() / m[1].norm()) - 2) < 1e-9
+
+
+def test_a_norm_that_is_not_an_rms_norm_is_refused_with_the_fix():
+    """A LayerNorm (it subtracts the mean, so g * x / rms(x) does not describe it) after the
+    rewritten module is an error naming post_norm: additive; an RMSNorm in bfloat16 passes and
+    its gain is read within bfloat16 rounding."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    layer_norm = torch.nn.LayerNorm(64)
+    with torch.no_grad():
+        layer_norm.bias.normal_()
+    with pytest.raises(HyperParamsError, match="post_norm: additive"):
+        rms_norm_of(layer_norm, "model.layers.0.norm", "model.layers.0.mlp.down_proj", 64)
+    rms = Gemma3RMSNorm(64).to(torch.bfloat16)
+    with torch.no_grad():
+        rms.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    gain = rms_norm_of(rms, "n", "r", 64).gain
+    assert torch.allclose(gain, 1 + rms.weight.double(), rtol=2 ** -7, atol=2 ** -7)
 
 
 # ----------------------------------------------------------------------------- a tiny random Gemma 3 (no extra)
