@@ -267,7 +267,8 @@ def _common_options(c) -> None:
     c.add_argument("--lambda", dest="lambda_", type=float,
                    help="override mom2_update_weight (the covariance weight lambda)")
     c.add_argument("--records", help="use this slice of --data before --n, START:END (e.g. 1823:1919, or -96: "
-                                     "for the last 96); default: from the first record")
+                                     "for the last 96; ranges separated by commas are taken in order, e.g. "
+                                     "1823:1919,1535:1823); default: from the first record")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
     c.add_argument("--steps", type=int, help="override v_num_grad_steps")
     c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")

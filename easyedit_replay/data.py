@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 from .errors import RequestError
 
@@ -85,13 +85,13 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None,
         n: keep the first ``n`` records (all when None) of the selection; must be in
             ``1..len(selection)``.
         records: a slice of the file's items to select first (``compare --records``,
-            e.g. ``slice(1823, 1919)`` for a tuning split at the end of a file); the
-            records keep their position in the file as ``case_id`` where the file
-            has none.
+            e.g. ``slice(1823, 1919)`` for a tuning split at the end of a file), or a
+            sequence of slices taken in order (:func:`parse_records`); the records keep
+            their position in the file as ``case_id`` where the file has none.
 
     Raises:
         RequestError: missing or unreadable file, invalid JSON, not a non-empty list
-            of objects, unknown format, an item missing a field or holding a
+            of objects, a range that selects nothing, overlapping ranges, unknown format, an item missing a field or holding a
             non-string text, or ``n`` out of range (the message names the item index
             and the field).
     """
@@ -111,15 +111,21 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None,
         data = [data]
     if not isinstance(data, list) or not data:
         raise RequestError(f"{where}: expected a non-empty JSON list of edits")
-    offset = 0
+    positions = list(range(len(data)))  # each selected item's position in the file
     if records is not None:
-        offset = range(len(data))[records].start if len(range(len(data))[records]) else 0
-        selected = data[records]
-        if not selected:
-            raise RequestError(f"--records {records.start}:{records.stop}: selects no item of {where} "
-                               f"({len(data)} edits); pass a range inside 0:{len(data)}")
-        data = selected
-        where = f"{where} [{offset}:{offset + len(data)}]"
+        ranges = (records,) if isinstance(records, slice) else tuple(records)
+        positions, spans = [], []
+        for r in ranges:
+            chosen = range(len(data))[r]
+            if not chosen:
+                raise RequestError(f"--records {r.start}:{r.stop}: selects no item of {where} "
+                                   f"({len(data)} edits); pass a range inside 0:{len(data)}")
+            positions += chosen
+            spans.append(f"{chosen.start}:{chosen.stop}")
+        if len(set(positions)) != len(positions):
+            raise RequestError(f"--records: the ranges overlap; pass ranges that select each item of {where} once")
+        data = [data[i] for i in positions]
+        where = f"{where} [{','.join(spans)}]"
     if n is not None and not 1 <= n <= len(data):
         raise RequestError(f"--n {n}: {where} holds {len(data)} edits; pass --n between 1 and {len(data)}")
     bad = next((i for i, item in enumerate(data) if not isinstance(item, dict)), None)
@@ -140,29 +146,35 @@ def load_records(path: Union[str, Path, None] = None, n: Optional[int] = None,
     records = []
     for i, item in enumerate(data[: n if n is not None else len(data)]):
         try:
-            records.append(convert(item, offset + i))
+            records.append(convert(item, positions[i]))
         except (KeyError, TypeError) as exc:
             raise RequestError(f"{where}: item {i} lacks field {exc}") from None
     return records
 
 
-def parse_records(text: Optional[str]) -> Optional[slice]:
+def parse_records(text: Optional[str]) -> Union[slice, Tuple[slice, ...], None]:
     """``"1823:1919"`` -> ``slice(1823, 1919)``: the records of ``--data`` to use, as a
-    Python slice (``"-96:"`` is the last 96); None when not given.
+    Python slice (``"-96:"`` is the last 96); comma-separated ranges are taken in the
+    order given (``"1823:1919,1535:1823"`` -> a tuple of two slices: a sequence whose
+    first batch is 1823-1918); None when not given.
 
     Raises:
-        RequestError: not of the form ``START:END`` with integers (names ``--records``).
+        RequestError: a range not of the form ``START:END`` with integers (names ``--records``).
     """
     if text is None:
         return None
-    parts = text.split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        start, end = (int(x) if x.strip() else None for x in parts)
-    except ValueError:
-        raise RequestError(f"--records {text!r}: expected START:END, e.g. 1823:1919 (a Python slice of --data)") from None
-    return slice(start, end)
+    ranges = []
+    for part in text.split(","):
+        bounds = part.split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            start, end = (int(x) if x.strip() else None for x in bounds)
+        except ValueError:
+            raise RequestError(f"--records {text!r}: expected START:END, e.g. 1823:1919 (a Python slice of --data), "
+                               f"or ranges separated by commas") from None
+        ranges.append(slice(start, end))
+    return ranges[0] if len(ranges) == 1 else tuple(ranges)
 
 
 TEXT_FIELDS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")

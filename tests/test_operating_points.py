@@ -13,7 +13,7 @@ from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import OPERATING_POINTS, default_hparams_path, main, parse_records
 from easyedit_replay.errors import ReplayError
 from easyedit_replay.keys import prepare_requests
-from easyedit_replay.tune import EVALUATION_PREFIX, TUNING_SPLITS, pick
+from easyedit_replay.tune import EVALUATION_PREFIX, SCREENING_SPLITS, TUNING_SPLITS, pick
 
 from .conftest import SHARED_DATA, requires_shared
 from .test_core import with_fields
@@ -78,13 +78,30 @@ def test_records_slice_parsing():
     for bad in ("12", "a:b", "1:2:3"):
         with pytest.raises(ReplayError, match="--records"):
             parse_records(bad)
+    assert parse_records("1823:1919,1535:1823") == (slice(1823, 1919), slice(1535, 1823))
+    with pytest.raises(ReplayError, match="--records"):
+        parse_records("1:2,x")
+
+
+def test_records_ranges_keep_their_order_and_file_positions():
+    """Comma-separated ranges select in the order given (a sequence whose first batch is
+    the first range) and each record keeps its position in the file; overlaps are refused."""
+    from easyedit_replay.data import load_records
+
+    whole = load_records()
+    picked = load_records(records=parse_records("4:8,0:4"))
+    assert [r["prompt"] for r in picked] == [r["prompt"] for r in whole[4:8] + whole[0:4]]
+    assert [r["case_id"] for r in picked] == [r["case_id"] for r in whole[4:8] + whole[0:4]]
+    with pytest.raises(ReplayError, match="overlap"):
+        load_records(records=parse_records("0:4,2:6"))
 
 
 @requires_shared
 @pytest.mark.parametrize("name,folder", [("counterfact-val.json", "counterfact"), ("zsre-1k.json", "zsre")])
 def test_tuning_split_is_disjoint_from_evaluation_prefixes(name, folder):
     """The ranges the tuning command uses (TUNING_SPLITS, the README's `tune --records`)
-    hold no record of any evaluated prefix (at most EVALUATION_PREFIX records)."""
+    and the sequential screening ranges (SCREENING_SPLITS) hold no record of any
+    evaluated prefix (at most EVALUATION_PREFIX records)."""
     from easyedit_replay.data import load_records
 
     path = SHARED_DATA / folder / name
@@ -95,6 +112,9 @@ def test_tuning_split_is_disjoint_from_evaluation_prefixes(name, folder):
     assert end == len(json.loads(path.read_text()))  # counted from the end of the file
     key = lambda r: (r["case_id"], r["prompt"], r["target_new"])  # noqa: E731
     assert not {key(r) for r in tuning} & {key(r) for r in evaluation}
+    screening = load_records(path, records=parse_records(SCREENING_SPLITS[name]))
+    assert [key(r) for r in screening[: end - start]] == [key(r) for r in tuning]  # the tuning split comes first
+    assert not {key(r) for r in screening} & {key(r) for r in evaluation}
 
 
 def _row(point, lam, alg, mode, eff, gen, dkl):
