@@ -285,8 +285,74 @@ class _EditLoop:
     key_probes: list
     now_probes: list
     originals: Dict[str, torch.Tensor]
+    memory: Optional["_Memory"] = None
     updates: Dict[str, torch.Tensor] = field(default_factory=dict)
     residuals: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Memory:
+    """``sequential_refresh``: the earlier edits a batch's solves re-target
+    (:mod:`easyedit_replay.sequential`). ``targets`` are built from their stored anchor
+    values on the model as it stands before the batch; their key probes (each earlier
+    request in this batch's context templates) and bare-prompt probes join every site's
+    forward pass, and their keys and local residuals join the rule's rows."""
+
+    targets: Targets
+    key_probes: list
+    now_probes: list
+
+    @property
+    def probes(self) -> list:
+        return self.key_probes + self.now_probes
+
+    def rows(self, step: int, site, reads: Dict[str, torch.Tensor], rewrite: str, target_module: str, templates):
+        """``([R_old, d_in] keys, [R_old, d_out] local residual, [R_old, d] rewrite output
+        or None)`` of the earlier edits at ``step``, from ``reads`` (the site's forward
+        pass, sliced to this memory's probes)."""
+        n = len(self.key_probes)
+        keys = average_over_templates(reads["in:" + rewrite][:n], templates)
+        error = self.targets.local_error(step, site.target, reads["out:" + target_module][n:])
+        written = reads["out:" + rewrite][n:] if "out:" + rewrite in reads else None
+        return keys, error, written
+
+
+def _memory(model, tok, hparams, setup: _Setup) -> Optional[_Memory]:
+    """The earlier edits to re-target (``sequential_refresh``), or None (off, or no earlier
+    batch). Each earlier request's anchor becomes ``AnchorResult(init = its anchor
+    sites' outputs now, delta = stored value - init)``, so that the construction
+    rebuilds its targets from the value it was edited for.
+
+    Raises:
+        HyperParamsError: AlphaEdit (its sequential cache holds the earlier keys
+            already), a construction with a per-request share (``replay_capacity``,
+            ``replay_joint``), or an earlier batch without stored anchors.
+    """
+    seq = setup.sequential
+    if seq is None or not seq.refresh:
+        return None
+    if setup.rule.keeps_edit_time_keys:
+        raise HyperParamsError(f"sequential_refresh: {setup.rule.name}'s sequential cache holds the earlier keys "
+                               f"already, and re-targeting them would count them twice; use it with MEMIT, EMMET "
+                               f"or PMET, or use sequential_keys: rekeyed")
+    if setup.construction.share in ("capacity", "joint"):
+        raise HyperParamsError(f"sequential_refresh: {setup.construction.name} sizes each request's share from "
+                               f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
+    held = seq.earlier_anchors(setup.construction.anchor_layers(hparams.layers))
+    if held is None:
+        return None
+    requests, values = held
+    now_probes = bare_probes(tok, requests, hparams.fact_token)
+    anchors = {}
+    for layer, (sites, value) in values.items():
+        reads = read_at_lookup(model, tok, now_probes, outputs=list(sites))
+        init = torch.stack([reads["out:" + name] for name in sites])  # [S, R_old, d] model dtype
+        delta = value.to(device=init.device) - init.float()
+        none = torch.zeros(len(requests))
+        anchors[layer] = AnchorResult(layer, list(sites), init, delta, none, none)
+    targets = build_targets(model, tok, requests, hparams, anchors, setup.construction,
+                            [s.target for s in setup.sites], setup.anchor_templates, setup.rule.sqrt_share)
+    return _Memory(targets, template_probes(tok, requests, setup.templates, hparams.fact_token), now_probes)
 
 
 def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRecord:
@@ -307,7 +373,10 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     n_keys, n_now = len(loop.key_probes), len(loop.now_probes)
     post = setup.post_norms.get(layer) if site.target.template == loop.hparams.layer_module_tmp else None
     earlier = setup.sequential.reread_probes(loop.tok, wname) if setup.sequential else None
-    reads = read_at_lookup(loop.model, loop.tok, loop.key_probes + loop.now_probes + (earlier.probes if earlier else []),
+    n_old = len(earlier.probes) if earlier else 0
+    memory = loop.memory.probes if loop.memory else []
+    reads = read_at_lookup(loop.model, loop.tok,
+                           loop.key_probes + loop.now_probes + (earlier.probes if earlier else []) + memory,
                            outputs=[target_module] + ([rewrite] if post is not None else []), inputs=[rewrite])
     keys = average_over_templates(reads["in:" + rewrite][:n_keys], setup.templates)  # [R, d_in]
     error = targets.local_error(step, site.target, reads["out:" + target_module][n_keys:n_keys + n_now])  # [R, d_out]
@@ -315,21 +384,33 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     _check_finite(error, f"residual at layer {layer}")
     protected = None
     if setup.sequential is not None:
-        reread = earlier.average(reads["in:" + rewrite][n_keys + n_now:]) if earlier else None  # [m_old, d_in]
-        protected = setup.sequential.protected(wname, reread)
+        reread = earlier.average(reads["in:" + rewrite][n_keys + n_now:n_keys + n_now + n_old]) if earlier else None
+        protected = setup.sequential.protected(wname, reread)  # [d_in, d_in] or None
         if protected is not None:
             _check_finite(protected, f"protected earlier keys at {rewrite}")
         setup.sequential.keep_keys(wname, keys)
+    solve_keys, solve_error, written = keys, error, reads.get("out:" + rewrite)
+    if loop.memory is not None:  # sequential_refresh: the earlier edits' rows join the solve
+        rows = {name: reads[name][n_keys + n_now + n_old:] for name in reads}
+        old_keys, old_error, old_written = loop.memory.rows(step, site, rows, rewrite, target_module, setup.templates)
+        _check_finite(old_keys, f"re-targeted earlier keys at {rewrite}")
+        _check_finite(old_error, f"re-targeted earlier residual at layer {layer}")
+        solve_keys, solve_error = torch.cat([keys, old_keys]), torch.cat([error, old_error.to(error.dtype)])
+        if post is not None:
+            written = torch.cat([written[n_keys:n_keys + n_now], old_written])
+    elif post is not None:
+        written = written[n_keys:n_keys + n_now]
     weight = setup.params[wname]
-    rule_error, divisor = error, targets.divisor(step, site.target)
+    rule_error, divisor = solve_error, targets.divisor(step, site.target)
     if post is not None:  # post-norm MLP: the block-output share becomes the change down_proj writes
-        rule_error = post.rewrite_residual(targets.share_of(step, site.target, error), reads["out:" + rewrite][n_keys:n_keys + n_now],
+        rule_error = post.rewrite_residual(targets.share_of(step, site.target, solve_error), written,
                                           loop.hparams.clamp_norm_factor)
         divisor = 1.0
         _check_finite(rule_error, f"post-norm residual at layer {layer}")
     upd = setup.rule.update(UpdateInputs(
-        step=step, layer=layer, site_index=si, weight_name=wname, keys=keys.T, error=rule_error.T, divisor=divisor,
-        cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device, protected=protected,
+        step=step, layer=layer, site_index=si, weight_name=wname, keys=solve_keys.T, error=rule_error.T,
+        divisor=divisor, cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device,
+        protected=protected,
     ))
     upd = match_shape(upd, weight.shape, wname)
     _check_finite(upd, f"update of {wname}")
@@ -409,6 +490,9 @@ def compute_edit(
     if refusal:
         raise HyperParamsError(f"alg_name {hparams.alg_name}: {refusal}")
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
+    memory = _memory(model, tok, hparams, setup)  # sequential_refresh: the earlier edits re-targeted; else None
+    if setup.sequential is not None:
+        setup.sequential.keep_anchors(anchors)
     targets = build_targets(model, tok, reqs, hparams, anchors, setup.construction, [s.target for s in sites],
                             setup.anchor_templates, rule.sqrt_share)
     setup.sequential.adjust_targets(model, tok, hparams, targets, sites)  # norm_anchor (NAS); else nothing
@@ -431,7 +515,7 @@ def compute_edit(
         _hidden_reads(model, tok, now_probes, hparams),
     )
     with weight_transaction(setup.params, restore_always=True) as originals:
-        loop = _EditLoop(model, tok, hparams, setup, targets, key_probes, now_probes, originals)
+        loop = _EditLoop(model, tok, hparams, setup, targets, key_probes, now_probes, originals, memory)
         records = []
         for step, layer in enumerate(targets.edit_layers):
             for si, site in enumerate(sites):

@@ -39,6 +39,19 @@ without them):
     out the top 5% as NAS does; NAS estimates it once per model from anchors optimized
     for a sample of CounterFact rewrites with the same objective.
 
+``sequential_refresh``
+    Re-targeted earlier edits (this project's design, from the diagnosis of
+    ``docs/results.md``: the keys of earlier edits drift and each layer's later updates
+    overwrite their values, so protecting stale or current keys cannot restore a value
+    that has already moved). The record keeps each batch's anchor values (its target
+    hidden states at the anchor layers, ``[S, R, d]``). Every later batch rebuilds the
+    earlier requests' targets from those values on the current model (for replay, one
+    forward replay from the stored ``l_1`` anchor through the model as it is now) and
+    adds their keys and residuals to the rows of every layer's solve, so each solve
+    holds all edits made so far; no anchor is optimized again. For MEMIT, EMMET and
+    PMET (AlphaEdit's cache already holds the earlier keys, and adding them as rows
+    would count them twice).
+
 The options compose with every target construction. ``replay_capacity`` and
 ``replay_joint`` size their shares from the rule's capacity without the protected keys.
 
@@ -63,6 +76,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import HyperParamsError
 from .keys import EditRequest, Probe, average_over_templates, bare_probes, read_at_lookup, template_probes
 from .tracing import resolve_parameter
 
@@ -114,6 +128,8 @@ for _option in (
                      "earlier edits' keys re-read on the current model at each solve and protected"),
     SequentialOption("norm_anchor", {"norm_anchor": True},
                      "targets rescaled to the layer's norm anchor (NAS)"),
+    SequentialOption("refresh", {"sequential_refresh": True},
+                     "earlier edits re-targeted from their stored anchors in every later solve"),
 ):
     register_sequential_option(_option)
 
@@ -156,6 +172,8 @@ class EditedBatch:
         keys: ``{weight name: [R, d_in] float32}``, each request's key at that weight's
             solve (the earlier layers of the batch already written).
         before / after: weight fingerprints before and after the batch.
+        anchors: ``{anchor layer: (sites, [S, R, d] float32)}`` the anchor values the
+            batch was edited for (kept with ``sequential_refresh``).
     """
 
     requests: List[EditRequest]
@@ -164,6 +182,7 @@ class EditedBatch:
     keys: Dict[str, torch.Tensor]
     before: Dict[str, Fingerprint]
     after: Dict[str, Fingerprint] = field(default_factory=dict)
+    anchors: Dict[int, Tuple[List[str], torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -330,6 +349,36 @@ class SequentialContext:
     keys: Dict[str, torch.Tensor] = field(default_factory=dict)
     protected_keys: Dict[str, torch.Tensor] = field(default_factory=dict)
     norms: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    refresh: bool = False
+    anchors: Dict[int, Tuple[List[str], torch.Tensor]] = field(default_factory=dict)
+
+    # -- hook 3: the earlier edits re-targeted (``sequential_refresh``)
+    def keep_anchors(self, anchors: Mapping[int, Any]) -> None:
+        """Record this batch's anchor values ``{layer: AnchorResult}`` (with ``refresh``)."""
+        if self.record and self.refresh:
+            self.anchors = {layer: (list(a.sites), a.value.detach().float().cpu()) for layer, a in anchors.items()}
+
+    def earlier_anchors(self, layers: Sequence[int]) -> Optional[Tuple[List[EditRequest], Dict[int, tuple]]]:
+        """The earlier requests to re-target and their stored anchor values at ``layers``:
+        ``(requests, {layer: (sites, [S, R_old, d] float32)})``, or None without
+        ``refresh`` or earlier batches.
+
+        Raises:
+            HyperParamsError: an earlier batch has no anchor value at one of ``layers``
+                (it was edited without ``sequential_refresh``, or with another construction).
+        """
+        if not self.refresh or not self.batches:
+            return None
+        out = {}
+        for layer in layers:
+            held = [b.anchors.get(layer) for b in self.batches]
+            if any(h is None for h in held):
+                raise HyperParamsError(f"sequential_refresh: an earlier batch of this model has no anchor at layer {layer} "
+                                       f"(edited without sequential_refresh, or with another construction); edit "
+                                       f"the sequence with sequential_refresh from its first batch, or pass "
+                                       f"reset_cache=True")
+            out[layer] = (held[0][0], torch.cat([h[1] for h in held], dim=1))
+        return [r for b in self.batches for r in b.requests], out
 
     # -- hook 1: the targets
     def adjust_targets(self, model, tok, hparams, targets, sites) -> None:
@@ -417,12 +466,14 @@ def prepare(model, hparams, rule, requests: List[EditRequest], templates, params
     rec = _RECORDS.get(model)
     reset = bool(options.get("reset_cache", False))
     record = options.get("sequential_edit", True) is not False and (
-        hparams.sequential_keys != "stock" or hparams.norm_anchor or (rec is not None and rec.tracking))
+        hparams.sequential_keys != "stock" or hparams.norm_anchor or hparams.sequential_refresh
+        or (rec is not None and rec.tracking))
     batches = [] if reset else edited_batches(model)
     reference = {} if reset or rec is None else dict(rec.norm_reference)
     before = _fingerprints(model, params) if record else {}
     return SequentialContext(hparams.sequential_keys, hparams.norm_anchor, record, reset, rule.keeps_edit_time_keys,
-                             batches, reference, before, list(requests), templates, hparams.fact_token)
+                             batches, reference, before, list(requests), templates, hparams.fact_token,
+                             refresh=hparams.sequential_refresh)
 
 
 def commit(model, ctx: Optional[SequentialContext]) -> None:
@@ -434,7 +485,7 @@ def commit(model, ctx: Optional[SequentialContext]) -> None:
     if not rec.batches:
         rec.clear()
     batch = EditedBatch(ctx.requests, ctx.templates, ctx.fact_token, dict(ctx.keys), dict(ctx.before),
-                        _fingerprints(model, ctx.before))
+                        _fingerprints(model, ctx.before), dict(ctx.anchors))
     for name, fp in batch.before.items():
         rec.origin.setdefault(name, fp)
     for key, value in ctx.norm_reference.items():

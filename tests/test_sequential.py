@@ -75,7 +75,7 @@ def test_options_off_are_bit_identical(model_tok, stats_dir, demo_records, fresh
     plain = _two_batches(model, tok, demo_records, _hp(stats_dir, alg, layers))
     sequential.reset_sequential_state(model)
     reset_alphaedit_cache(model)
-    off = _hp(stats_dir, alg, layers, sequential_keys="stock", norm_anchor=False)
+    off = _hp(stats_dir, alg, layers, sequential_keys="stock", norm_anchor=False, sequential_refresh=False)
     tracked = _two_batches(model, tok, demo_records, off, track=True)
     assert len(tracked[2]) == 2 and not plain[2]  # the record was kept, and only when asked
     for a, b in zip(plain[:2], tracked[:2]):
@@ -185,6 +185,7 @@ def test_mode_specs_with_options_and_their_errors(stats_dir):
     assert mode_spec(" replay + rekeyed ") == "replay+rekeyed"
     assert mode_spec("replay_tau=0.250+norm_anchor") == "replay_tau=0.25+norm_anchor"
     assert parse_mode("spread+old_keys")[1] == {"sequential_keys": "edit_time"}
+    assert parse_mode("replay+refresh")[1] == {"sequential_refresh": True}
     assert parse_mode("replay_tau=0.5+rekeyed+norm_anchor")[1] == {"replay_tau": 0.5, "sequential_keys": "rekeyed",
                                                                    "norm_anchor": True}
     with pytest.raises(ValueError, match="not a sequential option"):
@@ -199,6 +200,61 @@ def test_mode_specs_with_options_and_their_errors(stats_dir):
         _hp(stats_dir, "MEMIT", norm_anchor="yes")
 
 
+def _anchor_gap(model, tok, plan, hp):
+    """Mean ``|h - z|`` over ``plan``'s requests at its first anchor layer's block output:
+    how far the model now is from the anchor values the batch was edited for."""
+    from easyedit_replay.keys import bare_probes, read_at_lookup
+
+    layer = min(plan.anchors)
+    site = hp.layer_module_tmp.format(layer)
+    now = read_at_lookup(model, tok, bare_probes(tok, plan.requests, hp.fact_token), outputs=[site])["out:" + site]
+    return float((now.float() - plan.anchors[layer].value[0].float()).norm(dim=-1).mean())
+
+
+@pytest.mark.parametrize("mode", ["replay", "spread"])
+def test_refresh_retargets_the_earlier_edits(model_tok, stats_dir, demo_records, fresh, mode):
+    """``sequential_refresh`` (``+refresh``): the first batch is the stock edit, bit for bit
+    (nothing earlier to re-target); the second batch's solve also takes the first
+    batch's rows, rebuilt from its stored anchors, so that after both batches the first
+    batch's edits sit closer to their anchor values than after the same two batches
+    without it (real model, MEMIT, layers 4-6)."""
+    model, tok = model_tok
+    gaps = {}
+    for refresh in (False, True):
+        sequential.reset_sequential_state(model)
+        hp = _hp(stats_dir, "MEMIT", sequential_refresh=refresh)
+        names = weight_names(hp)
+        params = {n: resolve_parameter(model, n) for n in names}
+        with weight_transaction(params, restore_always=True):
+            first = compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
+            apply_plan(model, first, hp)
+            second = compute_edit(model, tok, demo_records[2:4], hp, mode=mode, context_templates=TEMPLATES)
+            apply_plan(model, second, hp)
+            gaps[refresh] = _anchor_gap(model, tok, first, hp)
+        if refresh:
+            assert all(torch.equal(first.updates[n], plain_first.updates[n]) for n in names)
+            assert set(first.sequential.anchors) == set(first.anchors)  # the record kept the anchor values
+            assert not all(torch.equal(second.updates[n], plain_second.updates[n]) for n in names)
+        plain_first, plain_second = first, second
+    assert gaps[True] < 0.8 * gaps[False], gaps
+
+
+def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):
+    """Where re-targeting does not apply, a clear error names the field, and no weight moves."""
+    model, tok = model_tok
+    with pytest.raises(HyperParamsError, match="sequential_refresh.*sequential_keys"):
+        _hp(stats_dir, "MEMIT", sequential_refresh=True, sequential_keys="rekeyed")
+    with pytest.raises(HyperParamsError, match="sequential_refresh"):
+        _hp(stats_dir, "MEMIT", sequential_refresh="yes")
+    for alg, mode, match in (("AlphaEdit", "replay", "sequential cache"), ("MEMIT", "replay_capacity", "share")):
+        hp = _hp(stats_dir, alg, (7, 8), sequential_refresh=True)
+        params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
+        before = {n: p.detach().clone() for n, p in params.items()}
+        with pytest.raises(HyperParamsError, match=match):
+            compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
+        assert all(torch.equal(before[n], p) for n, p in params.items())
+
+
 def test_attribution_steps_are_checked_before_the_model_loads(tmp_path, capsys):
     assert main(["scale", "--plan-only", "--n", "4", "--sequential", "--batch-size", "2", "--algs", "MEMIT",
                  "--modes", "replay+rekeyed", "--attribution", "3", "--out", str(tmp_path)]) == 2
@@ -209,7 +265,8 @@ def test_attribution_steps_are_checked_before_the_model_loads(tmp_path, capsys):
     assert sorted({c["mode"] for c in planned}) == ["replay+rekeyed", "spread"]
 
 
-CANDIDATES = {"MEMIT": ("replay+old_keys", "replay+rekeyed", "replay+norm_anchor", "replay_tau=0.5", "replay_capacity"),
+CANDIDATES = {"MEMIT": ("replay+old_keys", "replay+rekeyed", "replay+norm_anchor", "replay_tau=0.5", "replay_capacity",
+                        "replay+refresh"),
               "AlphaEdit": ("replay+rekeyed",)}
 ATTRIBUTED = "AlphaEdit"  # the restore-one-layer attribution at step 2 (it costs evaluations)
 
