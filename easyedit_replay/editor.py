@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+import dataclasses
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -292,11 +293,12 @@ class _EditLoop:
 
 @dataclass
 class _Memory:
-    """``sequential_refresh``: the earlier edits a batch's solves re-target
-    (:mod:`easyedit_replay.sequential`). ``targets`` are built from their stored anchor
-    values on the model as it stands before the batch; their key probes (each earlier
-    request in this batch's context templates) and bare-prompt probes join every site's
-    forward pass, and their keys and local residuals join the rule's rows."""
+    """``sequential_refresh``: the earlier edits a batch's solves restore
+    (:mod:`easyedit_replay.sequential`). ``targets`` hold the states they reached right
+    after their own batch, under this batch's construction (its share and measure
+    layer); their key probes (each earlier request in this batch's context templates)
+    and bare-prompt probes join every site's forward pass, and their keys and local
+    residuals join the rule's rows."""
 
     targets: Targets
     key_probes: list
@@ -317,42 +319,40 @@ class _Memory:
         return keys, error, written
 
 
-def _memory(model, tok, hparams, setup: _Setup) -> Optional[_Memory]:
-    """The earlier edits to re-target (``sequential_refresh``), or None (off, or no earlier
-    batch). Each earlier request's anchor becomes ``AnchorResult(init = its anchor
-    sites' outputs now, delta = stored value - init)``, so that the construction
-    rebuilds its targets from the value it was edited for.
+def _memory(model, tok, hparams, setup: _Setup, targets: Targets) -> Optional[_Memory]:
+    """The earlier edits to restore (``sequential_refresh``), or None (off, or no earlier
+    batch): ``targets`` with the values replaced by the states the earlier requests
+    reached at every edit layer right after their own batch.
 
     Raises:
         HyperParamsError: AlphaEdit (its sequential cache holds the earlier keys
-            already), a construction with a per-request share (``replay_capacity``,
-            ``replay_joint``), or an earlier batch without stored anchors.
+            already), PMET or any rule whose targets are not block outputs, a
+            construction with a per-request share (``replay_capacity``,
+            ``replay_joint``), or an earlier batch without stored states.
     """
     seq = setup.sequential
     if seq is None or not seq.refresh:
         return None
     if setup.rule.keeps_edit_time_keys:
         raise HyperParamsError(f"sequential_refresh: {setup.rule.name}'s sequential cache holds the earlier keys "
-                               f"already, and re-targeting them would count them twice; use it with MEMIT, EMMET "
-                               f"or PMET, or use sequential_keys: rekeyed")
+                               f"already, and adding them as rows would count them twice; use it with MEMIT or "
+                               f"EMMET, or use sequential_keys: rekeyed")
+    if any(s.target.template != hparams.layer_module_tmp for s in setup.sites):
+        raise HyperParamsError(f"sequential_refresh restores block-output states (layer_module_tmp); "
+                               f"{setup.rule.name}'s targets are module outputs. Use it with MEMIT or EMMET")
     if setup.construction.share in ("capacity", "joint"):
         raise HyperParamsError(f"sequential_refresh: {setup.construction.name} sizes each request's share from "
                                f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
-    held = seq.earlier_anchors(setup.construction.anchor_layers(hparams.layers))
+    held = seq.earlier_states(targets.edit_layers)
     if held is None:
         return None
-    requests, values = held
-    now_probes = bare_probes(tok, requests, hparams.fact_token)
-    anchors = {}
-    for layer, (sites, value) in values.items():
-        reads = read_at_lookup(model, tok, now_probes, outputs=list(sites))
-        init = torch.stack([reads["out:" + name] for name in sites])  # [S, R_old, d] model dtype
-        delta = value.to(device=init.device) - init.float()
-        none = torch.zeros(len(requests))
-        anchors[layer] = AnchorResult(layer, list(sites), init, delta, none, none)
-    targets = build_targets(model, tok, requests, hparams, anchors, setup.construction,
-                            [s.target for s in setup.sites], setup.anchor_templates, setup.rule.sqrt_share)
-    return _Memory(targets, template_probes(tok, requests, setup.templates, hparams.fact_token), now_probes)
+    requests, states = held
+    template = hparams.layer_module_tmp
+    values = {(layer, template): h.to(device=targets.values[next(iter(targets.values))].device)
+              for layer, h in states.items()}
+    restored = dataclasses.replace(targets, values=values, capacity=None, info={})
+    return _Memory(restored, template_probes(tok, requests, setup.templates, hparams.fact_token),
+                   bare_probes(tok, requests, hparams.fact_token))
 
 
 def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRecord:
@@ -393,8 +393,8 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     if loop.memory is not None:  # sequential_refresh: the earlier edits' rows join the solve
         rows = {name: reads[name][n_keys + n_now + n_old:] for name in reads}
         old_keys, old_error, old_written = loop.memory.rows(step, site, rows, rewrite, target_module, setup.templates)
-        _check_finite(old_keys, f"re-targeted earlier keys at {rewrite}")
-        _check_finite(old_error, f"re-targeted earlier residual at layer {layer}")
+        _check_finite(old_keys, f"restored earlier keys at {rewrite}")
+        _check_finite(old_error, f"restored earlier residual at layer {layer}")
         solve_keys, solve_error = torch.cat([keys, old_keys]), torch.cat([error, old_error.to(error.dtype)])
         if post is not None:
             written = torch.cat([written[n_keys:n_keys + n_now], old_written])
@@ -490,14 +490,12 @@ def compute_edit(
     if refusal:
         raise HyperParamsError(f"alg_name {hparams.alg_name}: {refusal}")
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
-    memory = _memory(model, tok, hparams, setup)  # sequential_refresh: the earlier edits re-targeted; else None
-    if setup.sequential is not None:
-        setup.sequential.keep_anchors(anchors)
     targets = build_targets(model, tok, reqs, hparams, anchors, setup.construction, [s.target for s in sites],
                             setup.anchor_templates, rule.sqrt_share)
     setup.sequential.adjust_targets(model, tok, hparams, targets, sites)  # norm_anchor (NAS); else nothing
     for key, value in targets.values.items():
         _check_finite(value, f"target at layer {key[0]} ({key[1]})")
+    memory = _memory(model, tok, hparams, setup, targets)  # sequential_refresh: earlier edits restored; else None
 
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
@@ -521,6 +519,8 @@ def compute_edit(
             for si, site in enumerate(sites):
                 records.append(_edit_site(loop, step, layer, si, site))
             trajectory.after[layer] = _hidden_reads(model, tok, now_probes, hparams)
+        if setup.sequential is not None:  # sequential_refresh: the states this batch's edits reach
+            setup.sequential.keep_states(trajectory.after[targets.edit_layers[-1]])
         pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
     return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
                     records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory,

@@ -60,14 +60,13 @@ bit-identical to an edit without them):
   with the option on from its start: the first batch, edited on the unedited model),
   and dropped when it is more than twice that (the anchor and every replayed target
   alike).
-- ``sequential_refresh``: ``true`` re-targets the earlier edits in every later batch's
-  solve: each earlier request keeps the anchor value it was edited for (its target
-  hidden state at the anchor layer, stored with the model's record), the construction
-  builds that request's targets from it on the current model (replay: one forward
-  replay from the stored anchor; spreading: the stored ``l_n`` anchor), and its keys
-  and residuals join the batch's rows in every layer's solve. No anchor is optimized
-  again. MEMIT, EMMET and PMET, with ``sequential_keys: stock`` and a construction
-  that shares the residual uniformly (not ``replay_capacity``/``replay_joint``).
+- ``sequential_refresh``: ``true`` restores the earlier edits in every later batch's
+  solve: the model's record keeps the states each batch's requests reached at every
+  edit layer once it was written, and every later batch adds those requests as rows of
+  each layer's solve with those states as targets (under its own construction's share
+  and measure). No anchor is optimized again. MEMIT and EMMET, with
+  ``sequential_keys: stock`` and a construction that shares the residual uniformly
+  (not ``replay_capacity``/``replay_joint``).
 """
 
 from __future__ import annotations
@@ -292,7 +291,7 @@ class ReplayHyperParams:
         if not isinstance(self.sequential_refresh, bool):
             raise err("sequential_refresh", "must be true or false")
         if self.sequential_refresh and self.sequential_keys != "stock":
-            raise err("sequential_refresh", f"re-targets the earlier edits, which sequential_keys "
+            raise err("sequential_refresh", f"restores the earlier edits, which sequential_keys "
                       f"{self.sequential_keys!r} holds at their current outputs; set one of them, not both")
         if self.replay_share not in REPLAY_SHARES:
             raise err("replay_share", f"must be one of {list(REPLAY_SHARES)}")

@@ -40,17 +40,20 @@ without them):
     for a sample of CounterFact rewrites with the same objective.
 
 ``sequential_refresh``
-    Re-targeted earlier edits (this project's design, from the diagnosis of
-    ``docs/results.md``: the keys of earlier edits drift and each layer's later updates
-    overwrite their values, so protecting stale or current keys cannot restore a value
-    that has already moved). The record keeps each batch's anchor values (its target
-    hidden states at the anchor layers, ``[S, R, d]``). Every later batch rebuilds the
-    earlier requests' targets from those values on the current model (for replay, one
-    forward replay from the stored ``l_1`` anchor through the model as it is now) and
-    adds their keys and residuals to the rows of every layer's solve, so each solve
-    holds all edits made so far; no anchor is optimized again. For MEMIT, EMMET and
-    PMET (AlphaEdit's cache already holds the earlier keys, and adding them as rows
-    would count them twice).
+    Earlier edits restored (this project's design, from the diagnosis in
+    ``docs/results.md``: later batches overwrite the values earlier edits wrote, most
+    at the layers where a construction's updates are largest, and move the keys those
+    edits were solved for). The record keeps, for every batch, the states its requests
+    reached at each edit layer's block output once the batch was written (``[R, d]``
+    per layer: the states at which the edit produced its target). Every later batch
+    adds the earlier requests as rows of each layer's solve, with those states as
+    their targets and the construction's own share and measure (replay: the state of
+    each layer; spreading: the state at ``l_n``, divided over the layers left): the
+    solve restores what drifted instead of holding it where it drifted to (as
+    ``rekeyed`` does) or protecting keys that no longer arrive (``edit_time``). No
+    anchor is optimized again. MEMIT and EMMET (block-output targets; PMET's targets
+    are module outputs, and AlphaEdit's cache already holds the earlier keys, which
+    rows would count twice).
 
 The options compose with every target construction. ``replay_capacity`` and
 ``replay_joint`` size their shares from the rule's capacity without the protected keys.
@@ -129,7 +132,7 @@ for _option in (
     SequentialOption("norm_anchor", {"norm_anchor": True},
                      "targets rescaled to the layer's norm anchor (NAS)"),
     SequentialOption("refresh", {"sequential_refresh": True},
-                     "earlier edits re-targeted from their stored anchors in every later solve"),
+                     "earlier edits restored to the states they reached, as rows of every later solve"),
 ):
     register_sequential_option(_option)
 
@@ -172,8 +175,8 @@ class EditedBatch:
         keys: ``{weight name: [R, d_in] float32}``, each request's key at that weight's
             solve (the earlier layers of the batch already written).
         before / after: weight fingerprints before and after the batch.
-        anchors: ``{anchor layer: (sites, [S, R, d] float32)}`` the anchor values the
-            batch was edited for (kept with ``sequential_refresh``).
+        states: ``{edit layer: [R, d] float32}`` the block-output states the requests
+            reached once the batch was written (kept with ``sequential_refresh``).
     """
 
     requests: List[EditRequest]
@@ -182,7 +185,7 @@ class EditedBatch:
     keys: Dict[str, torch.Tensor]
     before: Dict[str, Fingerprint]
     after: Dict[str, Fingerprint] = field(default_factory=dict)
-    anchors: Dict[int, Tuple[List[str], torch.Tensor]] = field(default_factory=dict)
+    states: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -350,34 +353,35 @@ class SequentialContext:
     protected_keys: Dict[str, torch.Tensor] = field(default_factory=dict)
     norms: Dict[str, Dict[str, float]] = field(default_factory=dict)
     refresh: bool = False
-    anchors: Dict[int, Tuple[List[str], torch.Tensor]] = field(default_factory=dict)
+    states: Dict[int, torch.Tensor] = field(default_factory=dict)
 
-    # -- hook 3: the earlier edits re-targeted (``sequential_refresh``)
-    def keep_anchors(self, anchors: Mapping[int, Any]) -> None:
-        """Record this batch's anchor values ``{layer: AnchorResult}`` (with ``refresh``)."""
+    # -- hook 3: the earlier edits restored (``sequential_refresh``)
+    def keep_states(self, states: Mapping[int, torch.Tensor]) -> None:
+        """Record ``{edit layer: [R, d]}``, the block-output states this batch's requests
+        reach once it is written (with ``refresh``)."""
         if self.record and self.refresh:
-            self.anchors = {layer: (list(a.sites), a.value.detach().float().cpu()) for layer, a in anchors.items()}
+            self.states = {layer: h.detach().float().cpu() for layer, h in states.items()}
 
-    def earlier_anchors(self, layers: Sequence[int]) -> Optional[Tuple[List[EditRequest], Dict[int, tuple]]]:
-        """The earlier requests to re-target and their stored anchor values at ``layers``:
-        ``(requests, {layer: (sites, [S, R_old, d] float32)})``, or None without
+    def earlier_states(self, layers: Sequence[int]) -> Optional[Tuple[List[EditRequest], Dict[int, torch.Tensor]]]:
+        """The earlier requests to restore and the states they reached right after their
+        own batch: ``(requests, {layer: [R_old, d] float32})``, or None without
         ``refresh`` or earlier batches.
 
         Raises:
-            HyperParamsError: an earlier batch has no anchor value at one of ``layers``
-                (it was edited without ``sequential_refresh``, or with another construction).
+            HyperParamsError: an earlier batch has no state at one of ``layers`` (it was
+                edited without ``sequential_refresh``, or at other layers).
         """
         if not self.refresh or not self.batches:
             return None
         out = {}
         for layer in layers:
-            held = [b.anchors.get(layer) for b in self.batches]
+            held = [b.states.get(layer) for b in self.batches]
             if any(h is None for h in held):
-                raise HyperParamsError(f"sequential_refresh: an earlier batch of this model has no anchor at layer {layer} "
-                                       f"(edited without sequential_refresh, or with another construction); edit "
-                                       f"the sequence with sequential_refresh from its first batch, or pass "
+                raise HyperParamsError(f"sequential_refresh: an earlier batch of this model has no state at layer "
+                                       f"{layer} (edited without sequential_refresh, or at other layers); edit the "
+                                       f"sequence with sequential_refresh from its first batch, or pass "
                                        f"reset_cache=True")
-            out[layer] = (held[0][0], torch.cat([h[1] for h in held], dim=1))
+            out[layer] = torch.cat(held, dim=0)
         return [r for b in self.batches for r in b.requests], out
 
     # -- hook 1: the targets
@@ -485,7 +489,7 @@ def commit(model, ctx: Optional[SequentialContext]) -> None:
     if not rec.batches:
         rec.clear()
     batch = EditedBatch(ctx.requests, ctx.templates, ctx.fact_token, dict(ctx.keys), dict(ctx.before),
-                        _fingerprints(model, ctx.before), dict(ctx.anchors))
+                        _fingerprints(model, ctx.before), dict(ctx.states))
     for name, fp in batch.before.items():
         rec.origin.setdefault(name, fp)
     for key, value in ctx.norm_reference.items():

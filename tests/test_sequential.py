@@ -200,24 +200,23 @@ def test_mode_specs_with_options_and_their_errors(stats_dir):
         _hp(stats_dir, "MEMIT", norm_anchor="yes")
 
 
-def _anchor_gap(model, tok, plan, hp):
-    """Mean ``|h - z|`` over ``plan``'s requests at its first anchor layer's block output:
-    how far the model now is from the anchor values the batch was edited for."""
+def _block_states(model, tok, requests, hp):
+    """``[L, R, d]`` block outputs of ``requests`` (bare prompts, lookup token) at every edit layer."""
     from easyedit_replay.keys import bare_probes, read_at_lookup
 
-    layer = min(plan.anchors)
-    site = hp.layer_module_tmp.format(layer)
-    now = read_at_lookup(model, tok, bare_probes(tok, plan.requests, hp.fact_token), outputs=[site])["out:" + site]
-    return float((now.float() - plan.anchors[layer].value[0].float()).norm(dim=-1).mean())
+    sites = [hp.layer_module_tmp.format(l) for l in hp.layers]
+    reads = read_at_lookup(model, tok, bare_probes(tok, requests, hp.fact_token), outputs=sites)
+    return torch.stack([reads["out:" + n].float() for n in sites])
 
 
 @pytest.mark.parametrize("mode", ["replay", "spread"])
-def test_refresh_retargets_the_earlier_edits(model_tok, stats_dir, demo_records, fresh, mode):
+def test_refresh_restores_the_earlier_edits(model_tok, stats_dir, demo_records, fresh, mode):
     """``sequential_refresh`` (``+refresh``): the first batch is the stock edit, bit for bit
-    (nothing earlier to re-target); the second batch's solve also takes the first
-    batch's rows, rebuilt from its stored anchors, so that after both batches the first
-    batch's edits sit closer to their anchor values than after the same two batches
-    without it (real model, MEMIT, layers 4-6)."""
+    (nothing earlier to restore), and the record keeps the states its requests reached
+    at every edit layer; the second batch's solve also takes the first batch's rows, so
+    that after both batches the first batch's states sit closer to the states they
+    reached after batch 1 than after the same two batches without it (real model,
+    MEMIT, layers 4-6)."""
     model, tok = model_tok
     gaps = {}
     for refresh in (False, True):
@@ -228,12 +227,15 @@ def test_refresh_retargets_the_earlier_edits(model_tok, stats_dir, demo_records,
         with weight_transaction(params, restore_always=True):
             first = compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
             apply_plan(model, first, hp)
+            reached = _block_states(model, tok, first.requests, hp)
             second = compute_edit(model, tok, demo_records[2:4], hp, mode=mode, context_templates=TEMPLATES)
             apply_plan(model, second, hp)
-            gaps[refresh] = _anchor_gap(model, tok, first, hp)
+            gaps[refresh] = float((_block_states(model, tok, first.requests, hp) - reached).norm(dim=-1).mean())
         if refresh:
             assert all(torch.equal(first.updates[n], plain_first.updates[n]) for n in names)
-            assert set(first.sequential.anchors) == set(first.anchors)  # the record kept the anchor values
+            kept = first.sequential.states  # what the record holds: the states batch 1 reached
+            assert sorted(kept) == list(hp.layers)
+            assert torch.allclose(torch.stack([kept[l] for l in hp.layers]), reached, atol=1e-4)
             assert not all(torch.equal(second.updates[n], plain_second.updates[n]) for n in names)
         plain_first, plain_second = first, second
     assert gaps[True] < 0.8 * gaps[False], gaps
@@ -246,7 +248,8 @@ def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):
         _hp(stats_dir, "MEMIT", sequential_refresh=True, sequential_keys="rekeyed")
     with pytest.raises(HyperParamsError, match="sequential_refresh"):
         _hp(stats_dir, "MEMIT", sequential_refresh="yes")
-    for alg, mode, match in (("AlphaEdit", "replay", "sequential cache"), ("MEMIT", "replay_capacity", "share")):
+    for alg, mode, match in (("AlphaEdit", "replay", "sequential cache"), ("PMET", "replay", "module outputs"),
+                             ("MEMIT", "replay_capacity", "share")):
         hp = _hp(stats_dir, alg, (7, 8), sequential_refresh=True)
         params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
         before = {n: p.detach().clone() for n, p in params.items()}
