@@ -84,7 +84,8 @@ def _prepare(args, n: Optional[int], load: bool = True):
 
 
 def cmd_compare(args) -> int:
-    from .experiment import CompareConfig, render_report, run_comparison, write_outputs
+    from .experiments.report import render_report, write_outputs
+    from .experiments.runner import CompareConfig, run_comparison
 
     by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, args.n)
     how = f"sequentially in batches of {args.batch_size or len(records)}" if args.sequential else (
@@ -128,7 +129,8 @@ def parse_sizes(text: str, option: str = "--n") -> List[int]:
 
 
 def cmd_scale(args) -> int:
-    from .scale import ScaleConfig, record_plan, run_scale, write_scale_report
+    from .experiments.report import write_scale_report
+    from .experiments.scale import ScaleConfig, record_plan, run_scale
 
     if args.report_only:
         print(write_scale_report(args.out))
@@ -160,7 +162,7 @@ def cmd_scale(args) -> int:
 
 def cmd_tune(args) -> int:
     """The operating-point grid on a tuning split (:mod:`easyedit_replay.tune`)."""
-    from .scale import ScaleConfig
+    from .experiments.scale import ScaleConfig
     from .tune import RULE, run_tuning, write_tuning_report
 
     if args.report_only:
@@ -191,6 +193,15 @@ def cmd_tune(args) -> int:
     meta = {"model": model_name, "data": str(args.data or "demo"), "records": args.records or ":"}
     report = run_tuning(model, tok, records, by_point, lambdas, cfg, args.out, stats_dir=stats_dir, meta=meta)
     print(report.read_text())
+    return 0
+
+
+def cmd_report(args) -> int:
+    """The condensed markdown tables of docs/results.md (:func:`easyedit_replay.experiments.report.markdown`)."""
+    from .experiments.report import markdown
+
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    print(markdown(args.source, modes=modes, allocation=args.allocation, out=args.out), end="")
     return 0
 
 
@@ -327,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT/report.md, OUT/grid.json")
     t.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from the cells found")
     t.set_defaults(func=cmd_tune)
+
+    r = sub.add_parser("report", help="the condensed markdown tables of a compare results.json or of scale cells "
+                       "(docs/results.md)")
+    r.add_argument("source", help="results.json of `compare --out DIR`, or a `scale --out DIR` folder")
+    r.add_argument("--markdown", action="store_true", required=True, help="print markdown tables (the format)")
+    r.add_argument("--modes", help="scale cells: only these comma-separated modes (default: all)")
+    r.add_argument("--allocation", action="store_true", help="a compare results.json: every rule against replay "
+                   "on the same edits, per-layer update norms and residual ratios (the allocation sweep)")
+    r.add_argument("--out", help="--allocation: also write report.md and the two allocation plots into this folder")
+    r.set_defaults(func=cmd_report)
 
     anchor_bank.add_subcommands(sub, lambda alg, point="bundled": default_hparams_path(alg=alg, point=point))
 

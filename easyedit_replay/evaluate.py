@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
+from .experiments.metrics import metrics
 
 
 @dataclass
@@ -290,9 +291,7 @@ def mean(values) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-SUMMARY_KEYS = ("efficacy_acc", "efficacy_win", "efficacy_exact", "generalization_acc", "generalization_win",
-                "generalization_exact", "specificity", "locality_dkl", "locality_top1", "locality_top5",
-                "locality_top10")
+SUMMARY_KEYS = tuple(m.key for m in metrics("records"))  # what evaluate_records computes (the registry's group)
 
 
 def summarize(rows: Sequence[dict]) -> Dict[str, Optional[float]]:
