@@ -128,15 +128,6 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
         lambda i, logp: _scored(items[i][0], items[i][1], logp), batch_size)
 
 
-def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """``[N, V]`` float32 log-probabilities of the next token after each prompt (read at
-    each prompt's own last token)."""
-    seqs = [token_ids(tok, p) for p in prompts]
-    rows = position_logprobs(model, tok, seqs, [[len(s) - 1] for s in seqs], lambda i, logp: logp[0].cpu(),
-                             batch_size)
-    return torch.stack(rows, 0) if rows else torch.empty(0, 0)
-
-
 TOP_KS = (1, 5, 10)
 SCORE_BATCH = 64  # sequences per forward pass of evaluate_records
 

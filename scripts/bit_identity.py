@@ -282,9 +282,9 @@ def diff(base: Path, other: Path, sections=None) -> int:
 RESULTS = ROOT / "docs" / "results"
 
 
-def _cli(*argv) -> str:
+def _cli(*argv, env=None) -> str:
     return subprocess.run([sys.executable, "-m", "easyedit_replay.cli", *argv], check=True, capture_output=True,
-                          text=True, cwd=ROOT).stdout
+                          text=True, cwd=ROOT, env=dict(os.environ, **(env or {}))).stdout
 
 
 def _tool(*argv) -> str:
@@ -303,8 +303,9 @@ def reports(keep: bool = False) -> int:
             shutil.copytree(folder, copy)
             if (copy / "scale.json").exists():
                 _cli("scale", "--out", str(copy), "--report-only")
-            elif folder.name.startswith("tune"):
-                _cli("tune", "--out", str(copy), "--report-only")
+            elif folder.name.startswith("tune"):  # its anchor-norm table reads the banked anchors
+                _cli("tune", "--out", str(copy), "--report-only",
+                     env={"EASYEDIT_REPLAY_ANCHOR_CACHE": str(RESULTS / "anchors")})
             else:
                 data = json.loads((copy / "results.json").read_text())
                 title = (copy / "report.md").read_text().splitlines()[0][2:]
