@@ -126,8 +126,8 @@ def child_stock(args):
 
     import torch
 
+    from easyedit_replay.easyedit import seed_stock_caches
     from easyedit_replay.editor import apply_edit
-    from easyedit_replay.stats import second_moments
 
     hp, model, tok, records, templates = _setup(args)
     sys.path.insert(0, os.environ["EASYEDIT_ROOT"])
@@ -135,11 +135,7 @@ def child_stock(args):
     from easyeditor.models.memit.memit_hparams import MEMITHyperParams as StockHP  # noqa: E402
 
     modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
-    covs = second_moments(model, tok, hp, modules, progress=False)
-    name = model.config._name_or_path.replace("/", "_")
-    for m in modules:
-        memit_main.COV_CACHE[(name, m)] = covs[m]
-    memit_main.CONTEXT_TEMPLATES_CACHE = templates
+    seed_stock_caches(memit_main, model, tok, hp, templates)
     stock_hp = StockHP(**{k: v for k, v in hp.to_dict().items() if k in StockHP.__dataclass_fields__} | {"alg_name": "MEMIT", "device": "cpu"})
     ours_hp = hp.replace(alg_name="MEMIT_SPREAD")
     if args.variant == "stock":

@@ -66,7 +66,7 @@ def anchor_cache_dir() -> Path:
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env).expanduser().resolve()
-    from .models import cache_root
+    from .paths import cache_root
 
     return cache_root() / "anchors"
 

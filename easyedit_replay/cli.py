@@ -13,8 +13,9 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import anchor_bank
 from .bundled import OPERATING_POINTS, bundled_algorithms, bundled_model, default_hparams_path  # noqa: F401
@@ -24,21 +25,31 @@ from .errors import ReplayError
 log = logging.getLogger("easyedit_replay")
 
 
-def _prepare(args, n: Optional[int], load: bool = True):
-    """Shared by ``compare`` and ``scale``: hyperparameters per algorithm (bundled YAMLs or
-    ``--hparams``, with the command-line overrides), the statistics folder, the first
-    ``n`` records (validated) and the model, in that order, so bad input fails before
-    the model loads. Returns ``(by_alg, stats_dir, records, model, tok, model_name, modes)``
-    (``model`` and ``tok`` None with ``load=False``)."""
-    from .algorithms import get_algorithm, load_hparams
-    from .data import load_records, validate_records
-    from .models import cache_root, load_model
-    from .targets import mode_spec
+@dataclass
+class Prepared:
+    """What ``compare``, ``scale`` and ``tune`` start from (:func:`_prepare`).
 
-    try:
-        modes = tuple(mode_spec(m) for m in args.modes.split(","))
-    except ValueError as exc:
-        raise ReplayError(f"--modes {args.modes}: {exc}") from None
+    Attributes:
+        by_alg: base algorithm -> hyperparameters (bundled YAMLs or ``--hparams``, with
+            the command-line overrides).
+        stats_dir: the statistics folder.
+        records: the canonical records, validated.
+        model, tok: the loaded model (None when not loaded).
+        model_name: the model's name or alias.
+        modes: the canonical mode specs of ``--modes``.
+    """
+
+    by_alg: Dict[str, object]
+    stats_dir: str
+    records: List[dict]
+    model: object
+    tok: object
+    model_name: str
+    modes: Tuple[str, ...]
+
+
+def _overrides(args) -> dict:
+    """The hyperparameter overrides of the command-line options."""
     overrides = {"context_seed": args.seed} if args.seed is not None else {}
     if args.layers:
         overrides["layers"] = [int(x) for x in args.layers.split(",")]
@@ -48,53 +59,103 @@ def _prepare(args, n: Optional[int], load: bool = True):
         overrides["anchor_cache"] = False
     if args.lambda_ is not None:
         overrides["mom2_update_weight"] = args.lambda_
-    if args.hparams and args.point != "bundled":
-        raise ReplayError(f"--point {args.point} picks a bundled YAML; with --hparams the YAML sets the values")
+    return overrides
+
+
+def _hparams_by_alg(args, point: str):
+    """``(by_alg, stats_dir)``: the hyperparameters per algorithm at operating point
+    ``point`` (bundled YAMLs, or ``--hparams``) with the command-line overrides.
+
+    Raises:
+        ReplayError: ``--point`` with ``--hparams``, or an algorithm without a bundled YAML.
+    """
+    from .algorithms import get_algorithm, load_hparams
+    from .paths import cache_root
+
+    overrides = _overrides(args)
+    if args.hparams and point != "bundled":
+        raise ReplayError(f"--point {point} picks a bundled YAML; with --hparams the YAML sets the values")
     if args.hparams:
         hp = load_hparams(args.hparams, **overrides)
-        by_alg = {get_algorithm(hp.alg_name).base: hp}
-        stats_dir = args.stats_dir or hp.stats_dir
-    else:
-        model = bundled_model(args.model)  # --model without --hparams: that model's bundled YAMLs, or an error
-        algs = args.algs.split(",") if args.algs else bundled_algorithms(model)
-        by_alg = {}
-        for alg in algs:
-            path = default_hparams_path(model, f"{alg}_REPLAY", args.point)
-            if not path.exists():
-                raise ReplayError(f"--algs {alg} --point {args.point}: no bundled YAML {alg}_REPLAY/{path.name}; "
-                                  f"pass --hparams")
-            by_alg[alg] = load_hparams(path, **overrides)
-        stats_dir = args.stats_dir or str(cache_root() / "stats")
+        return {get_algorithm(hp.alg_name).base: hp}, args.stats_dir or hp.stats_dir
+    model = bundled_model(args.model)  # --model without --hparams: that model's bundled YAMLs, or an error
+    algs = args.algs.split(",") if args.algs else bundled_algorithms(model)
+    by_alg = {}
+    for alg in algs:
+        path = default_hparams_path(model, f"{alg}_REPLAY", point)
+        if not path.exists():
+            raise ReplayError(f"--algs {alg} --point {point}: no bundled YAML {alg}_REPLAY/{path.name}; "
+                              f"pass --hparams")
+        by_alg[alg] = load_hparams(path, **overrides)
+    return by_alg, args.stats_dir or str(cache_root() / "stats")
+
+
+def _spellings(hparams) -> List[bool]:
+    """The target spellings (leading space or not) ``hparams`` use, each once. The leading
+    space of target_new only changes its spelling, not what is valid; PMET's default
+    depends on the model name, which is not loaded yet."""
+    leads = (getattr(hp, "target_leading_space", None) for hp in hparams)
+    return list(dict.fromkeys(True if lead is None else bool(lead) for lead in leads))
+
+
+def _validate(args, records, spellings) -> None:
+    """Validate ``records`` once per target spelling.
+
+    Raises:
+        ReplayError: a record that is not a valid edit (names it and ``--data``).
+    """
+    from .data import validate_records
+
+    for lead in spellings:
+        validate_records(records, leading_space=lead,
+                         source=f"--data {args.data!r}" if args.data else "bundled demo edits")
+
+
+def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
+    """Shared by ``compare``, ``scale`` and ``tune``: hyperparameters per algorithm
+    (:func:`_hparams_by_alg` at ``args.point``), the statistics folder, the first ``n``
+    records (validated) and the model, in that order, so bad input fails before the
+    model loads (``model`` and ``tok`` None with ``load=False``).
+
+    Raises:
+        ReplayError: bad ``--modes``, hyperparameters, data or records.
+    """
+    from .data import load_records
+    from .models import load_model
+    from .targets import mode_spec
+
+    try:
+        modes = tuple(mode_spec(m) for m in args.modes.split(","))
+    except ValueError as exc:
+        raise ReplayError(f"--modes {args.modes}: {exc}") from None
+    by_alg, stats_dir = _hparams_by_alg(args, args.point)
     # Fail fast: data, requests and modes (above) are checked before the model is loaded.
     records = load_records(args.data, n, records=parse_records(args.records))
-    for hp in by_alg.values():
-        # The leading space of target_new only changes its spelling, not what is valid;
-        # PMET's default depends on the model name, which is not loaded yet.
-        lead = getattr(hp, "target_leading_space", None)
-        validate_records(records, leading_space=True if lead is None else bool(lead),
-                         source=f"--data {args.data!r}" if args.data else "bundled demo edits")
+    _validate(args, records, _spellings(by_alg.values()))
     if not args.quiet:
         logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
     model_name = args.model or next(iter(by_alg.values())).model_name
-    if not load:
-        return by_alg, stats_dir, records, None, None, model_name, modes
-    print(f"loading {model_name} ...", file=sys.stderr)
-    model, tok = load_model(model_name, device=args.device)
-    return by_alg, stats_dir, records, model, tok, model_name, modes
+    model = tok = None
+    if load:
+        print(f"loading {model_name} ...", file=sys.stderr)
+        model, tok = load_model(model_name, device=args.device)
+    return Prepared(by_alg, stats_dir, records, model, tok, model_name, modes)
 
 
 def cmd_compare(args) -> int:
-    from .experiment import CompareConfig, render_report, run_comparison, write_outputs
+    from .experiments.report import render_report, write_outputs
+    from .experiments.runner import CompareConfig, run_comparison
 
-    by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, args.n)
+    prep = _prepare(args, args.n)
+    by_alg, records, model_name = prep.by_alg, prep.records, prep.model_name
     how = f"sequentially in batches of {args.batch_size or len(records)}" if args.sequential else (
         f"in independent batches of {args.batch_size}" if args.batch_size else "in one batch")
     print(f"{len(records)} edits from {args.data or 'the bundled demo set'}; {', '.join(by_alg)}; {how}",
           file=sys.stderr)
-    cfg = CompareConfig(modes=modes, batch_size=args.batch_size, sequential=args.sequential,
+    cfg = CompareConfig(modes=prep.modes, batch_size=args.batch_size, sequential=args.sequential,
                         fluency=not args.no_fluency, target_accuracy=not args.no_target_accuracy,
                         seed=args.seed or 0, progress=not args.quiet)
-    results = run_comparison(model, tok, records, by_alg, cfg, stats_dir=stats_dir)
+    results = run_comparison(prep.model, prep.tok, records, by_alg, cfg, stats_dir=prep.stats_dir)
     results.update(model=model_name, data=str(args.data or "demo"),
                    hparams={k: v.to_dict() for k, v in by_alg.items()}, records=records)
     title = f"{model_name}: {len(records)} edits ({args.data or 'bundled demo'}), {how}"
@@ -128,7 +189,8 @@ def parse_sizes(text: str, option: str = "--n") -> List[int]:
 
 
 def cmd_scale(args) -> int:
-    from .scale import ScaleConfig, record_plan, run_scale, write_scale_report
+    from .experiments.report import write_scale_report
+    from .experiments.scale import ScaleConfig, record_plan, run_scale
 
     if args.report_only:
         print(write_scale_report(args.out))
@@ -138,7 +200,8 @@ def cmd_scale(args) -> int:
         raise ReplayError("--sequential needs --batch-size B (edits per batch)")
     if args.batch_size and not args.sequential:
         raise ReplayError("--batch-size is for --sequential runs; one-batch cells edit all n at once")
-    by_alg, stats_dir, records, model, tok, model_name, modes = _prepare(args, max(sizes), load=not args.plan_only)
+    prep = _prepare(args, max(sizes), load=not args.plan_only)
+    by_alg, modes = prep.by_alg, prep.modes
     attribution = parse_sizes(args.attribution, "--attribution") if args.attribution else []
     if attribution and not args.sequential:
         raise ReplayError("--attribution is for --sequential runs: it names steps of the series")
@@ -148,19 +211,19 @@ def cmd_scale(args) -> int:
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
-    meta = {"model": model_name, "data": str(args.data or "demo"), "records": args.records or ":",
+    meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":",
             "operating_point": sorted({hp.operating_point for hp in by_alg.values()})}
     if args.plan_only:
         print(record_plan(args.out, cfg, list(by_alg), meta=meta))
         return 0
-    report = run_scale(model, tok, records, by_alg, cfg, args.out, stats_dir=stats_dir, meta=meta)
+    report = run_scale(prep.model, prep.tok, prep.records, by_alg, cfg, args.out, stats_dir=prep.stats_dir, meta=meta)
     print(report)
     return 0
 
 
 def cmd_tune(args) -> int:
     """The operating-point grid on a tuning split (:mod:`easyedit_replay.tune`)."""
-    from .scale import ScaleConfig
+    from .experiments.scale import ScaleConfig
     from .tune import RULE, run_tuning, write_tuning_report
 
     if args.report_only:
@@ -176,21 +239,32 @@ def cmd_tune(args) -> int:
         lambdas = []
     if not lambdas or min(lambdas) < 0:
         raise ReplayError(f"--lambdas {args.lambdas}: expected comma-separated non-negative numbers, e.g. 1000,5000")
-    by_point = {}
-    for point in points:
-        args.point = point
-        by_alg, stats_dir, records, _, _, model_name, modes = _prepare(args, None, load=False)
-        by_point[point] = by_alg
-    cfg = ScaleConfig(sizes=[len(records)], modes=modes, fluency=not args.no_fluency, seed=args.seed or 0,
+    args.point = points[0]
+    prep = _prepare(args, None, load=False)  # modes, data and records are checked once
+    by_point = {point: _hparams_by_alg(args, point)[0] for point in points}
+    done = _spellings(prep.by_alg.values())
+    _validate(args, prep.records, [lead for lead in _spellings(hp for by_alg in by_point.values()
+                                                               for hp in by_alg.values()) if lead not in done])
+    cfg = ScaleConfig(sizes=[len(prep.records)], modes=prep.modes, fluency=not args.no_fluency, seed=args.seed or 0,
                       progress=not args.quiet)
     print(RULE, file=sys.stderr)
-    print(f"loading {model_name} ...", file=sys.stderr)
+    print(f"loading {prep.model_name} ...", file=sys.stderr)
     from .models import load_model
 
-    model, tok = load_model(model_name, device=args.device)
-    meta = {"model": model_name, "data": str(args.data or "demo"), "records": args.records or ":"}
-    report = run_tuning(model, tok, records, by_point, lambdas, cfg, args.out, stats_dir=stats_dir, meta=meta)
+    model, tok = load_model(prep.model_name, device=args.device)
+    meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":"}
+    report = run_tuning(model, tok, prep.records, by_point, lambdas, cfg, args.out, stats_dir=prep.stats_dir,
+                        meta=meta)
     print(report.read_text())
+    return 0
+
+
+def cmd_report(args) -> int:
+    """The condensed markdown tables of docs/results.md (:func:`easyedit_replay.experiments.report.markdown`)."""
+    from .experiments.report import markdown
+
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    print(markdown(args.source, modes=modes, allocation=args.allocation, out=args.out), end="")
     return 0
 
 
@@ -328,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT/report.md, OUT/grid.json")
     t.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from the cells found")
     t.set_defaults(func=cmd_tune)
+
+    r = sub.add_parser("report", help="the condensed markdown tables of a compare results.json or of scale cells "
+                       "(docs/results.md)")
+    r.add_argument("source", help="results.json of `compare --out DIR`, or a `scale --out DIR` folder")
+    r.add_argument("--markdown", action="store_true", required=True, help="print markdown tables (the format)")
+    r.add_argument("--modes", help="scale cells: only these comma-separated modes (default: all)")
+    r.add_argument("--allocation", action="store_true", help="a compare results.json: every rule against replay "
+                   "on the same edits, per-layer update norms and residual ratios (the allocation sweep)")
+    r.add_argument("--out", help="--allocation: also write report.md and the two allocation plots into this folder")
+    r.set_defaults(func=cmd_report)
 
     anchor_bank.add_subcommands(sub, lambda alg, point="bundled": default_hparams_path(alg=alg, point=point))
 

@@ -70,6 +70,31 @@ class Registration:
 
 
 # ----------------------------------------------------------------------------- names
+def seed_stock_caches(stock_main, model, tok, hparams, templates) -> dict:
+    """Give a stock EasyEdit editor module our statistics and context templates, so that
+    its code and ours edit from the same inputs (the stock-equivalence checks): fills
+    ``stock_main.COV_CACHE[(model name, module)]`` with :func:`~easyedit_replay.stats.second_moments`
+    of every rewritten module of ``hparams`` and sets ``stock_main.CONTEXT_TEMPLATES_CACHE``.
+
+    Args:
+        stock_main: an imported EasyEdit module with those two globals
+            (``easyeditor.models.memit.memit_main``, ``...emmet.emmet_main``,
+            ``...alphaedit.AlphaEdit_main``).
+
+    Returns:
+        ``{module: [d_in, d_in] second moment}``.
+    """
+    from .stats import second_moments
+
+    modules = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+    covs = second_moments(model, tok, hparams, modules, progress=False)
+    name = model.config._name_or_path.replace("/", "_")
+    for m in modules:
+        stock_main.COV_CACHE[(name, m)] = covs[m]
+    stock_main.CONTEXT_TEMPLATES_CACHE = templates
+    return covs
+
+
 def plugin_bases() -> List[str]:
     """Bases with plugin names (the algorithm registry)."""
     from .algorithms import RULES

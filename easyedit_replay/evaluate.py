@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
+from .experiments.metrics import metrics
 
 
 @dataclass
@@ -125,15 +126,6 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
     return position_logprobs(
         model, tok, [full for full, _ in items], [range(n - 1, len(full) - 1) for full, n in items],
         lambda i, logp: _scored(items[i][0], items[i][1], logp), batch_size)
-
-
-def next_token_logprobs(model, tok, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """``[N, V]`` float32 log-probabilities of the next token after each prompt (read at
-    each prompt's own last token)."""
-    seqs = [token_ids(tok, p) for p in prompts]
-    rows = position_logprobs(model, tok, seqs, [[len(s) - 1] for s in seqs], lambda i, logp: logp[0].cpu(),
-                             batch_size)
-    return torch.stack(rows, 0) if rows else torch.empty(0, 0)
 
 
 TOP_KS = (1, 5, 10)
@@ -290,9 +282,7 @@ def mean(values) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-SUMMARY_KEYS = ("efficacy_acc", "efficacy_win", "efficacy_exact", "generalization_acc", "generalization_win",
-                "generalization_exact", "specificity", "locality_dkl", "locality_top1", "locality_top5",
-                "locality_top10")
+SUMMARY_KEYS = tuple(m.key for m in metrics("records"))  # what evaluate_records computes (the registry's group)
 
 
 def summarize(rows: Sequence[dict]) -> Dict[str, Optional[float]]:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from .errors import ModelLoadError
 from .files import file_lock
+from .paths import cache_root  # noqa: F401  (re-exported: the root of every cache)
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,6 @@ ALIASES = {
 ALIASES["smollm2-135m-instruct"] = ALIASES["smollm2-135m"]
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_root() -> Path:
-    """Root of every cache of the plugin: ``$EASYEDIT_REPLAY_CACHE`` or ``~/.cache/easyedit_replay``."""
-    env = os.environ.get("EASYEDIT_REPLAY_CACHE")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path.home() / ".cache" / "easyedit_replay"
 
 
 def find_gguf(source: GGUFSource) -> Path:

@@ -90,7 +90,7 @@ def run_tuning(model, tok, records: List[dict], by_point: Dict[str, Dict[str, ob
     Raises:
         ReplayError: as :func:`~easyedit_replay.scale.run_scale`.
     """
-    from .scale import run_scale
+    from .experiments.scale import run_scale
 
     for point, by_alg in by_point.items():
         for lam in lambdas:
@@ -104,7 +104,7 @@ def grid_rows(out_dir) -> List[dict]:
     """One dict per finished grid cell: point, lambda, alg, mode, n, the means of
     efficacy Acc, generalization Acc, DKL, Top-1 and fluency, the score and per-layer
     update norms (``update_norm``: layer -> Frobenius norm of the weight change)."""
-    from .scale import collect_cells
+    from .experiments.cells import collect_cells
 
     rows = []
     for point_dir in sorted(p for p in Path(out_dir).iterdir() if p.is_dir()):
@@ -225,23 +225,23 @@ def _row_text(r: dict) -> List[str]:
             f(r["dkl"]), f(r["top1"]), f(r["fluency"]), norms]
 
 
-PAIRED = (("efficacy_exact", "eff. Acc"), ("generalization_exact", "gen. Acc"), ("locality_dkl", "DKL"))
-
-
 def _paired_lines(rows: Sequence[dict], chosen: dict) -> List[str]:
     """Paired differences replay - spread on the same edits (95% paired bootstrap
-    interval, :func:`~easyedit_replay.scale.paired_difference`): at each point with each
-    algorithm's default lambda, and each construction at its own best admissible cell
-    against spreading at ITS best."""
-    from .experiment import render_markdown
-    from .scale import _fmt, paired_difference
+    interval, :func:`~easyedit_replay.experiments.statistics.paired_difference`; the
+    ``paired`` metrics): at each point with each algorithm's default lambda, and each
+    construction at its own best admissible cell against spreading at ITS best."""
+    from .experiments.metrics import metrics
+    from .experiments.statistics import paired_difference
+    from .experiments.tables import fmt, render_markdown
+
+    paired = metrics("paired")
 
     def pair(r, ref):
-        return [_fmt(paired_difference(r["_per_edit"], ref["_per_edit"], k), signed=True) for k, _ in PAIRED]
+        return [fmt(paired_difference(r["_per_edit"], ref["_per_edit"], m.key), signed=True) for m in paired]
 
     cells = {(r["point"], r["lambda"], r["alg"], r["mode"]): r for r in rows}
     header = ["point", "lambda", "alg", "spread eff. / gen. / DKL", "replay eff. / gen. / DKL"] + [
-        f"replay - spread {h}" for _, h in PAIRED]
+        f"replay - spread {m.label}" for m in paired]
     table = [header]
     for (point, lam, alg, mode), r in sorted(cells.items(), key=lambda x: (x[0][2], x[0][0])):
         ref = cells.get((point, lam, alg, "spread"))
@@ -249,7 +249,7 @@ def _paired_lines(rows: Sequence[dict], chosen: dict) -> List[str]:
             continue
         f = lambda c: f"{c['eff_acc']:.2f} / {c['gen_acc']:.2f} / {c['dkl']:.3f}"  # noqa: E731
         table.append([point, f"{lam:g}", alg, f(ref), f(r)] + pair(r, ref))
-    best = [["alg", "replay's best cell", "spread's best cell"] + [f"replay - spread {h}" for _, h in PAIRED]]
+    best = [["alg", "replay's best cell", "spread's best cell"] + [f"replay - spread {m.label}" for m in paired]]
     for (alg, mode), r in sorted(chosen["best"].items()):
         ref = chosen["best"].get((alg, "spread"))
         if mode == "replay" and ref is not None:
@@ -266,7 +266,7 @@ def _anchor_norm_lines(meta: dict) -> List[str]:
     anchor store in use); empty when the data file or the store is not at hand."""
     from .anchor_cache import anchor_cache_dir
     from .data import load_records, parse_records
-    from .experiment import render_markdown
+    from .experiments.tables import render_markdown
 
     data, store = meta.get("data"), anchor_cache_dir()
     if not data or not Path(data).exists() or not store.exists():
@@ -285,12 +285,13 @@ def _anchor_norm_lines(meta: dict) -> List[str]:
 
 def write_tuning_report(out_dir) -> Path:
     """Write ``OUT/report.md`` (the rule, the picks, the whole grid) and ``OUT/grid.json``."""
-    from .experiment import render_markdown
+    from .experiments.metrics import ALGORITHM_ORDER
+    from .experiments.tables import render_markdown
 
     out = Path(out_dir)
     rows = grid_rows(out)
     order = {"bundled": 0, "paper": 1, "host-fe": 2}
-    algs = {"MEMIT": 0, "PMET": 1, "EMMET": 2, "AlphaEdit": 3}
+    algs = {a: i for i, a in enumerate(ALGORITHM_ORDER)}
     rows.sort(key=lambda r: (algs.get(r["alg"], 9), r["mode"] != "spread", r["mode"], order.get(r["point"], 9),
                              r["lambda"]))
     meta = {}

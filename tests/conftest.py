@@ -33,7 +33,7 @@ def model_tok():
 
 @pytest.fixture(scope="session")
 def stats_dir():
-    from easyedit_replay.models import cache_root
+    from easyedit_replay.paths import cache_root
 
     return str(cache_root() / "stats")
 

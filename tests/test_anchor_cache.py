@@ -331,8 +331,8 @@ def test_model_without_hparams_takes_its_bundled_yamls_or_refuses(monkeypatch, c
     _no_model_load(monkeypatch)
 
     def prepared(*argv):
-        by_alg, *_, model_name, _ = _prepare(build_parser().parse_args(["compare", *argv]), 2, load=False)
-        return {alg: hp.to_dict() for alg, hp in by_alg.items()}, model_name
+        prep = _prepare(build_parser().parse_args(["compare", *argv]), 2, load=False)
+        return {alg: hp.to_dict() for alg, hp in prep.by_alg.items()}, prep.model_name
 
     got, model_name = prepared("--model", "/models/llama3-8b/", "--algs", "MEMIT,AlphaEdit")
     assert model_name == "/models/llama3-8b/"

@@ -9,7 +9,7 @@ import torch
 
 from easyedit_replay.diagnostics import layer_targets, target_accuracy
 from easyedit_replay.editor import WeightsCopy, apply_edit, weight_transaction
-from easyedit_replay.experiment import bootstrap
+from easyedit_replay.experiments.statistics import bootstrap
 from easyedit_replay.tracing import resolve_parameter
 
 from .test_core import states_of_prompt, with_fields

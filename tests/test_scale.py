@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from easyedit_replay import scale
+from easyedit_replay.experiments import scale, tables
 from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import default_hparams_path
-from easyedit_replay.scale import ScaleConfig, run_scale
+from easyedit_replay.experiments.scale import ScaleConfig, run_scale
 
 from .conftest import ROOT, SHARED_DATA, requires_shared
 
@@ -111,7 +111,7 @@ def test_stopped_run_resumes_to_the_same_cells(model_tok, stats_dir, demo_record
 def test_nested_prefix_cell_equals_compare(model_tok, stats_dir, demo_records, reference):
     """The n = 2 cell of ``--n 1,2`` is ``compare --n 2``: the same per-edit numbers,
     summaries and analyses (anchors come from the disk cache the scale run filled)."""
-    from easyedit_replay.experiment import CompareConfig, run_comparison
+    from easyedit_replay.experiments.runner import CompareConfig, run_comparison
 
     model, tok = model_tok
     cfg = CompareConfig(modes=("spread", "replay"), fluency=False, target_accuracy=False, n_boot=N_BOOT,
@@ -227,36 +227,36 @@ def test_sequential_series_are_paired_against_spread_on_the_edits_made():
                                 for k in steps]
               for alg, mode, steps in (("MEMIT", "spread", (1, 2, 3)), ("MEMIT", "replay", (1, 2)),
                                        ("AlphaEdit", "spread", (1,)), ("AlphaEdit", "replay", (1,)))}
-    by_made = scale.sequential_per_edit(series)
+    by_made = tables.sequential_per_edit(series)
     assert {made: sorted(cells) for made, cells in by_made.items()} == {
         96: ["AlphaEdit/replay", "AlphaEdit/spread", "MEMIT/replay", "MEMIT/spread"],
         192: ["MEMIT/replay", "MEMIT/spread"], 288: ["MEMIT/spread"]}
     assert all(len(rows) == made for made, cells in by_made.items() for rows in cells.values())
-    table = scale.sequential_paired_table(series, n_boot=1000, seed=0)
+    table = tables.sequential_paired_table(series, n_boot=1000, seed=0)
     assert [row[:3] for row in table[1:]] == [["MEMIT", "replay", "96"], ["MEMIT", "replay", "192"],
                                               ["AlphaEdit", "replay", "96"]]
     column = table[0].index("eff. Acc")
     # replay's efficacy lead over spread is clear after each of MEMIT's first two batches
     assert [row[column] for row in table[1:3]] == ["+0.08 [+0.03, +0.14]*", "+0.08 [+0.03, +0.13]*"]
     found = {"batch": {}, "sequential": {(96, 768): series}}
-    lines = scale.clear_differences(found, n_boot=1000, seed=0)
+    lines = tables.clear_differences(found, n_boot=1000, seed=0)
     assert ("- sequential in batches of 96, 192 edits made, MEMIT: replay - spread, eff. Acc +0.078 "
             "[+0.026, +0.130] (better)") in lines
     assert ("- sequential in batches of 96, 96 edits made, AlphaEdit: replay - spread, gen. Acc -0.073 "
             "[-0.135, -0.010] (worse)") in lines
     # forgetting: each earlier batch's efficacy after every step, and each step's update norms
-    retention = scale.retention_table(series)
+    retention = tables.retention_table(series)
     assert retention[0] == ["algorithm", "mode", "edits made", "batch 1", "batch 2", "batch 3"]
     assert retention[3] == ["MEMIT", "spread", "288", "0.86", "0.81", "0.94"]
     assert retention[5] == ["MEMIT", "replay", "192", "0.95", "0.95", ""]
-    norms = scale.update_norm_table(series)
+    norms = tables.update_norm_table(series)
     assert norms[0] == ["algorithm", "mode", "step"] + [f"|dW| layer {l}" for l in range(4, 9)]
     assert norms[4] == ["MEMIT", "replay", "1", "75.5", "59.6", "37.4", "21.1", "13.0"]
 
 
 def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
     """Every row of docs/results.md "Results at scale" (one batch at each n, and the
-    sequential series) is a row that ``tools/readme_tables.py --scale`` prints from the
+    sequential series) is a row that ``easyedit-replay report DIR --markdown`` prints from the
     committed cells of ``docs/results/scale_cf`` or ``scale_zsre``: a number that no cell
     backs, or a cell rerun without docs/results.md updated, fails here."""
     import re
@@ -270,7 +270,8 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
     assert len(rows) >= 40, "the scale tables of docs/results.md were not found"
     printed = set()
     for out in ("scale_cf", "scale_zsre"):
-        text = subprocess.run([sys.executable, str(ROOT / "tools" / "readme_tables.py"), "--scale",
-                               str(ROOT / "docs" / "results" / out)], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([sys.executable, "-m", "easyedit_replay.cli", "report",
+                               str(ROOT / "docs" / "results" / out), "--markdown"], capture_output=True, text=True,
+                              check=True).stdout
         printed |= set(text.splitlines())
     assert [row for row in rows if row not in printed] == []

@@ -11,13 +11,14 @@ import json
 import pytest
 import torch
 
-from easyedit_replay import scale, sequential
+from easyedit_replay import sequential
+from easyedit_replay.experiments import cells, scale
 from easyedit_replay.algorithms import load_hparams, weight_names
 from easyedit_replay.algorithms.alphaedit import reset_alphaedit_cache
 from easyedit_replay.cli import default_hparams_path, main
 from easyedit_replay.editor import apply_plan, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError
-from easyedit_replay.scale import ScaleConfig, run_scale
+from easyedit_replay.experiments.scale import ScaleConfig, run_scale
 from easyedit_replay.targets import get_construction, mode_spec, parse_mode
 from easyedit_replay.tracing import resolve_parameter
 
@@ -316,7 +317,7 @@ def test_every_candidate_runs_in_sequence_and_resumes(model_tok, stats_dir, demo
     assert stops == sum(len(modes) for modes in CANDIDATES.values())
     assert _cells(resumed) == _cells(reference)
 
-    series = scale.collect_cells(reference)["sequential"][(2, 4)]
+    series = cells.collect_cells(reference)["sequential"][(2, 4)]
     assert sorted(series) == sorted(f"{a}/{m}" for a, modes in CANDIDATES.items() for m in modes)
     for key, (one, two) in series.items():
         assert one["sequential"]["norms"]["anchor"] and one["sequential"]["norms"]["targets"], key

@@ -56,8 +56,8 @@ def main():
     from easyedit_replay.algorithms import get_algorithm
     from easyedit_replay.editor import compute_edit
     from easyedit_replay.algorithms import load_hparams
+    from easyedit_replay.easyedit import seed_stock_caches
     from easyedit_replay.models import cache_root, load_model
-    from easyedit_replay.stats import second_moments
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
@@ -73,11 +73,7 @@ def main():
         ours_hp = load_hparams(os.path.join(root, "hparams", f"{alg}_REPLAY", "smollm2-135m.yaml"),
                                alg_name=f"{alg}_SPREAD", stats_dir=str(cache_root() / "stats"), v_num_grad_steps=steps)
         modules = [ours_hp.rewrite_module_tmp.format(l) for l in ours_hp.layers]
-        covs = second_moments(model, tok, ours_hp, modules, progress=False)
-        name = model.config._name_or_path.replace("/", "_")
-        for m in modules:
-            stock.COV_CACHE[(name, m)] = covs[m]
-        stock.CONTEXT_TEMPLATES_CACHE = templates
+        covs = seed_stock_caches(stock, model, tok, ours_hp, templates)
         fields = getattr(stock, hp_name).__dataclass_fields__
         config = {k: v for k, v in ours_hp.to_dict().items() if k in fields}
         config.update(alg_name=alg, device="cpu")

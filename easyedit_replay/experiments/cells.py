@@ -1,0 +1,210 @@
+"""The cells of ``scale`` on disk: paths, the settings a cell is keyed by and their
+digest, reading (with the settings check that makes a rerun resume, never mix) and
+atomic writing, the plan (``scale.json``), and collecting every finished cell.
+
+    cells/unedited/n00048.json                      the unedited model on records[:48]
+    cells/batch/n00048/MEMIT__replay.json           one batch of 48
+    cells/seq_b0096_n00768/AlphaEdit__spread/step003.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ..errors import ReplayError
+from ..files import atomic_write_text
+from .metrics import RunKey, run_order
+
+log = logging.getLogger("easyedit_replay.scale")
+
+# hparams fields that do not change what a cell measures (paths, caching, chunking)
+# and labels (the operating point's name and source: its values key the cell)
+UNKEYED_HPARAMS = ("stats_dir", "anchor_cache", "anchor_batch_size", "device", "model_parallel",
+                   "operating_point", "hparams_source")
+
+
+def digest(obj) -> str:
+    """A 32-hex-digit digest of ``obj``'s JSON (keys sorted)."""
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def records_digest(records: Sequence[dict]) -> str:
+    """Digest of the records' edit and evaluation fields (what a cell was measured on)."""
+    return digest([{k: r.get(k) for k in sorted(r)} for r in records])
+
+
+def hparams_settings(hp) -> dict:
+    """The hyperparameters a cell is keyed by: every field of ``hp.to_dict()`` except
+    :data:`UNKEYED_HPARAMS` and the fields at their dataclass default (so a field added
+    to the hyperparameters later, at a default that keeps the old behaviour, does not
+    orphan the cells made before it existed)."""
+    defaults = {}
+    for f in fields(hp):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
+    return {k: v for k, v in hp.to_dict().items()
+            if k not in UNKEYED_HPARAMS and not (k in defaults and defaults[k] == v)}
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def unedited_path(out: Path, n: int) -> Path:
+    return out / "cells" / "unedited" / f"n{n:05d}.json"
+
+
+def batch_path(out: Path, n: int, alg: str, mode: str) -> Path:
+    return out / "cells" / "batch" / f"n{n:05d}" / f"{alg}__{mode}.json"
+
+
+def series_dir(out: Path, b: int, total: int, alg: str, mode: str) -> Path:
+    return out / "cells" / f"seq_b{b:04d}_n{total:05d}" / f"{alg}__{mode}"
+
+
+def step_path(out: Path, b: int, total: int, alg: str, mode: str, step: int) -> Path:
+    return series_dir(out, b, total, alg, mode) / f"step{step:03d}.json"
+
+
+def cell_path(out: Path, cell: dict) -> Path:
+    """The file of a planned cell (:func:`planned_cells`)."""
+    if cell["kind"] == "batch":
+        return batch_path(out, cell["n"], cell["alg"], cell["mode"])
+    return step_path(out, cell["batch_size"], cell["total"], cell["alg"], cell["mode"], cell["step"])
+
+
+# ----------------------------------------------------------------------------- reading and writing
+
+
+def read_cell(path: Path, settings: dict) -> Optional[dict]:
+    """The finished cell at ``path``, or None when there is none.
+
+    Raises:
+        ReplayError: the cell was made with other settings (names the fields that
+            differ); delete it or pick another ``--out`` to recompute.
+    """
+    if not path.exists():
+        return None
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("scale cell %s is unreadable (%s); recomputing it", path, exc)
+        return None
+    if cell.get("settings_digest") != digest(settings):
+        old = cell.get("settings", {})
+        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        detail = []
+        if "hparams" in differ:
+            hp_old, hp_new = old.get("hparams") or {}, settings.get("hparams") or {}
+            detail = [f"hparams.{k}" for k in sorted(set(hp_old) | set(hp_new)) if hp_old.get(k) != hp_new.get(k)]
+        raise ReplayError(
+            f"scale cell {path} was made with other settings ({', '.join(detail + [f for f in differ if f != 'hparams'])} "
+            f"differ); delete it, or pass another --out, to recompute it")
+    return cell
+
+
+def write_cell(path: Path, cell: dict, settings: dict) -> None:
+    """Write ``cell`` (plus its settings and their digest) atomically."""
+    cell = dict(cell, settings=settings, settings_digest=digest(settings),
+                finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    atomic_write_text(path, json.dumps(cell, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def steps_of(total: int, b: int) -> List[List[int]]:
+    """The record indices of each step of a series of ``total`` edits in batches of ``b``."""
+    return [list(range(i, min(i + b, total))) for i in range(0, total, b)]
+
+
+def planned_cells(cfg, algs: Sequence[str]) -> List[dict]:
+    """The cells a ``scale`` invocation (a :class:`~easyedit_replay.experiments.scale.ScaleConfig`)
+    makes: ``{"kind", "n" | ("batch_size", "total", "step", "edits"), "alg", "mode"}``."""
+    cells = []
+    if cfg.sequential:
+        total = max(cfg.sizes)
+        for alg in algs:
+            for mode in cfg.modes:
+                for k, idx in enumerate(steps_of(total, cfg.batch_size)):
+                    cells.append({"kind": "sequential", "batch_size": int(cfg.batch_size), "total": total,
+                                  "step": k + 1, "edits": idx[-1] + 1, "alg": alg, "mode": mode})
+    else:
+        for n in sorted(cfg.sizes):
+            for alg in algs:
+                for mode in cfg.modes:
+                    cells.append({"kind": "batch", "n": n, "alg": alg, "mode": mode})
+    return cells
+
+
+def cell_edits(cell: dict) -> int:
+    """The edits a planned cell makes (progress bars)."""
+    return cell["n"] if cell["kind"] == "batch" else cell["edits"] - (cell["step"] - 1) * cell["batch_size"]
+
+
+def update_plan(out: Path, plan: List[dict], meta: Optional[dict]) -> None:
+    """Add ``plan``'s cells (and ``meta``) to ``out/scale.json``."""
+    path = out / "scale.json"
+    data = json.loads(path.read_text()) if path.exists() else {"planned": [], "meta": {}}
+    known = {json.dumps(c, sort_keys=True) for c in data["planned"]}
+    data["planned"] += [c for c in plan if json.dumps(c, sort_keys=True) not in known]
+    data["meta"].update(meta or {})
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def missing_cells(out_dir, found: Optional[dict] = None) -> List[dict]:
+    """Planned cells (``scale.json``) with no finished cell file."""
+    out = Path(out_dir)
+    path = out / "scale.json"
+    if not path.exists():
+        return []
+    plan = json.loads(path.read_text())["planned"]
+    return [c for c in plan if not cell_path(out, c).exists()]
+
+
+def describe(cell: dict) -> str:
+    """A planned cell in words (the report's missing-cells list)."""
+    run = RunKey(cell["alg"], cell["mode"]).text
+    if cell["kind"] == "batch":
+        return f"one batch, n = {cell['n']}, {run}"
+    return (f"sequential {cell['total']} in batches of {cell['batch_size']}, step {cell['step']} "
+            f"({cell['edits']} edits made), {run}")
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def collect_cells(out_dir) -> dict:
+    """Every finished cell under ``out_dir/cells``: ``{"unedited": {n: cell}, "batch": {n:
+    {"ALG/mode": cell}}, "sequential": {(b, total): {"ALG/mode": [step cells]}}}``."""
+    out = Path(out_dir) / "cells"
+    found = {"unedited": {}, "batch": {}, "sequential": {}}
+    for path in sorted(out.glob("unedited/n*.json")):
+        cell = json.loads(path.read_text())
+        found["unedited"][cell["n"]] = cell
+    for path in sorted(out.glob("batch/n*/*.json")):
+        cell = json.loads(path.read_text())
+        found["batch"].setdefault(cell["n"], {})[RunKey(cell["alg"], cell["mode"]).text] = cell
+    for path in sorted(out.glob("seq_b*/*/step*.json")):
+        cell = json.loads(path.read_text())
+        series = found["sequential"].setdefault((cell["batch_size"], cell["total"]), {})
+        series.setdefault(RunKey(cell["alg"], cell["mode"]).text, []).append(cell)
+    for series in found["sequential"].values():
+        for steps in series.values():
+            steps.sort(key=lambda c: c["step"])
+    return found
+
+
+def results_for_n(found: dict, n: int, meta: dict) -> dict:
+    """A ``compare``-format results dict of the one-batch cells of size ``n``."""
+    runs = {key: cell["run"] for key, cell in sorted(found["batch"].get(n, {}).items(), key=run_order)}
+    un = found["unedited"].get(n)
+    return {"n": n, "data": meta.get("data"), "model": meta.get("model"),
+            "unedited": {"per_edit": un["per_edit"], "summary": un["summary"]} if un else None, "runs": runs}

@@ -1,0 +1,301 @@
+"""The batch-and-sequence loop behind ``compare`` and ``scale``, and ``compare`` itself.
+
+For each algorithm and mode the same edits are applied from the same original
+weights, either as independent batches of ``batch_size`` (each batch edited from
+the original weights, evaluated, then undone; EasyEdit's ``batch_edit``) or
+sequentially (all batches applied one after another to the same model; the
+metrics of all edits are measured at the end, and after every batch for the
+"metric vs number of edits" curve). :func:`edit_in_batches` is that loop;
+``compare`` (:func:`run_mode`) and ``scale``'s sequential series
+(:mod:`easyedit_replay.experiments.scale`) each pass it a per-step callback.
+Cells are means over edits with a 95% bootstrap interval (percentile method, 1000
+resamples of the edits, seeded).
+
+Per mode it also reports the paper's section-4 analyses
+(:mod:`easyedit_replay.diagnostics`): the residual ratio left at ``l_n`` after
+each edited layer and the passive cosine of each edited layer, means over edits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..diagnostics import norm_report, passive_cosines, residual_ratios, target_accuracy
+from ..editor import apply_plan, compute_edit, resolve_templates, weight_transaction
+from ..evaluate import evaluate_records, greedy_generate, ngram_entropy
+from ..targets import parse_mode
+from ..tracing import resolve_parameter
+from .metrics import RunKey, metrics
+from .statistics import mean, summarize_analyses, summarize_ci
+
+
+@dataclass
+class CompareConfig:
+    modes: Sequence[str] = ("spread", "replay")  # construction names (easyedit_replay.targets.MODES)
+    batch_size: Optional[int] = None  # None: all edits in one batch
+    sequential: bool = False
+    fluency: bool = True
+    fluency_tokens: int = 24
+    target_accuracy: bool = True
+    n_boot: int = 1000
+    seed: int = 0
+    progress: bool = True
+    share_anchors: bool = True  # reuse anchors across modes and algorithms with the same anchor objective
+
+
+def batches_of(items, size) -> List[List[int]]:
+    """The indices of ``items`` in consecutive batches of ``size`` (one batch when None)."""
+    size = size or len(items)
+    return [list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size)]
+
+
+FLUENCY_BATCH = 128  # prompts per generate call: each decode step reads every weight once per batch
+
+
+def fluency_scores(model, tok, records, tokens: int = 24) -> List[float]:
+    """Fluency of each record: :func:`~easyedit_replay.evaluate.ngram_entropy` (bits) of
+    ``tokens`` greedy new tokens after its edit prompt (MEMIT paper, section 5.2)."""
+    gens = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=tokens,
+                           batch_size=FLUENCY_BATCH)
+    return [ngram_entropy(g) for g in gens]
+
+
+ANCHOR_FIELDS = ("layer_module_tmp", "fact_token", "v_num_grad_steps", "v_lr", "v_loss_layer",
+                 "v_weight_decay", "clamp_norm_factor", "kl_factor", "ln_f_module", "lm_head_module",
+                 "anchor_batch_size", "post_norm")  # post_norm: a post-norm block's anchor site (postnorm.py)
+
+
+def anchor_key(model, hp, layer: int, batch: Sequence[int], templates=()):
+    """What an anchor depends on besides the (unedited) weights: its layer, the
+    anchor-objective hyperparameters, the rule's anchor sites, objective and target
+    spelling, and the batch of requests. Spreading, OneLayer, no-dividing and BLUE
+    share the ``l_n`` anchor, replay and BLUE the ``l_1`` anchor; MEMIT, EMMET and
+    AlphaEdit share them when their YAMLs agree on these fields; PMET (two deltas)
+    does not. ``templates`` are the context templates the anchor was optimized on."""
+    from ..algorithms import get_algorithm
+
+    rule = get_algorithm(hp.alg_name).rule
+    fields = tuple((f, repr(getattr(hp, f, None))) for f in ANCHOR_FIELDS)
+    objective = repr(sorted(rule.anchor_objective(hp).items()))
+    return (int(layer), fields, tuple(rule.anchor_templates(hp)), objective, rule.leading_space(model, hp),
+            tuple(batch), repr(templates))
+
+
+def public_row(row: dict) -> dict:
+    """``row`` without the keys that hold tensors for later comparisons (``_...``)."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, templates, anchors: Optional[dict],
+               pristine: bool, number: int, diagnose: bool = True,
+               norm_reference: Optional[Dict[str, float]] = None) -> Dict:
+    """Edit the batch ``records[i] for i in idx`` into ``model`` (compute + apply).
+
+    ``anchors`` (a dict shared across calls, keyed by :func:`anchor_key`) lends and
+    receives anchors when ``pristine`` (the weights are the unedited ones). With
+    ``diagnose`` the plan's section-4 analyses and, with ``cfg.target_accuracy``, the
+    per-layer target accuracy are read; with ``norm_reference`` (the unedited model's
+    mean output norm per module, :func:`~easyedit_replay.diagnostics.output_norms`) also
+    the anchor and target norms relative to it (``analysis["norms"]``,
+    :func:`~easyedit_replay.diagnostics.norm_report`). A norm-anchored edit reports its
+    norm anchors in ``analysis["norm_anchor"]``.
+
+    Returns:
+        ``{"rows": {i: partial per-edit row}, "analysis": dict | None, "accuracy": dict |
+        None, "seconds": compute + apply, "diagnostic_seconds": target accuracy}``.
+    """
+    from ..algorithms import get_algorithm
+
+    construction = get_algorithm(hp.alg_name).construction
+    batch = [records[i] for i in idx]
+    keys = {l: anchor_key(model, hp, l, idx, templates) for l in construction.anchor_layers(hp.layers)}
+    pool = {l: anchors[k] for l, k in keys.items() if pristine and anchors is not None and k in anchors}
+    start = time.perf_counter()
+    plan = compute_edit(model, tok, batch, hp, context_templates=templates, progress=cfg.progress, anchor=pool)
+    apply_plan(model, plan, hp)
+    out = {"rows": {}, "analysis": None, "accuracy": None, "seconds": time.perf_counter() - start,
+           "diagnostic_seconds": 0.0}
+    if pristine and anchors is not None:
+        anchors.update({k: plan.anchors[l] for l, k in keys.items()})
+    if not diagnose:
+        return out
+    ratios, cosines = residual_ratios(plan), passive_cosines(plan)
+    out["analysis"] = {"batch": number, "requests": list(idx),
+                       "update_norm": {r.weight_name: r.update_norm for r in plan.records},
+                       "residual_ratio": {str(l): v.tolist() for l, v in ratios.items()},
+                       "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}}
+    if plan.targets.info:  # construction-specific cost (replay_joint: seconds, iterations)
+        out["analysis"]["targets"] = dict(plan.targets.info)
+    if norm_reference is not None:
+        out["analysis"]["norms"] = norm_report(plan, norm_reference)
+    if plan.sequential is not None and plan.sequential.norms:
+        out["analysis"]["norm_anchor"] = dict(plan.sequential.norms)
+    last = list(ratios)[-1]
+    out["rows"] = {i: {"final_ratio": float(ratios[last][k])} for k, i in enumerate(idx)}
+    if cfg.target_accuracy:
+        start = time.perf_counter()
+        acc = target_accuracy(model, tok, plan, hp)
+        out["accuracy"] = {"batch": number, "requests": list(idx), "sites": [a.to_dict() for a in acc]}
+        for k, i in enumerate(idx):
+            per_site = [float(a.relative_error[:, k].mean()) for a in acc]
+            final = [float(a.relative_error[-1, k]) for a in acc]
+            out["rows"][i].update({"target_error": sum(per_site) / len(per_site),
+                                   "final_error": sum(final) / len(final),
+                                   "anchor_nll": float(acc[0].anchor_nll[k]),
+                                   "edited_nll": float(acc[0].edited_nll[k])})
+        out["diagnostic_seconds"] = time.perf_counter() - start
+    return out
+
+
+def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, cfg: CompareConfig, templates,
+                    anchors: Optional[dict], on_step: Callable[[int, Sequence[int], Dict], None], params=None,
+                    redo: int = 0, on_redo: Optional[Callable[[int, Sequence[int]], None]] = None,
+                    norm_reference: Optional[Dict[str, float]] = None, finish: Optional[Callable[[], None]] = None):
+    """The batch-and-sequence loop: edit ``records[i] for i in steps[k]`` for each ``k``
+    with :func:`edit_batch`, from the original weights (``cfg.sequential`` False: each
+    batch is undone after its ``on_step``) or on top of the batches before it
+    (``cfg.sequential``). Every weight the edit writes is restored at the end.
+
+    Args:
+        on_step: ``on_step(k, idx, step)`` after batch ``k`` is applied (``step``:
+            :func:`edit_batch`'s dict), while the model holds it: evaluate, write a cell.
+        params: ``{weight name: parameter}`` the edit writes (default: from ``hp``).
+        redo: the first ``redo`` steps re-apply batches a stopped run finished (no
+            diagnostics, no ``on_step``; ``on_redo(k, idx)`` instead).
+        norm_reference: handed to :func:`edit_batch` for the steps that are made.
+        finish: called after the last batch, before the weights are restored
+            (``compare``'s final evaluation of a sequential run).
+    """
+    from ..algorithms import weight_names
+
+    params = params if params is not None else {n: resolve_parameter(model, n) for n in weight_names(hp)}
+    with weight_transaction(params, restore_always=True):
+        for k, idx in enumerate(steps):
+            with weight_transaction(params, restore_always=not cfg.sequential):
+                pristine = not cfg.sequential or k == 0
+                if k < redo:
+                    edit_batch(model, tok, records, idx, hp, cfg, templates, anchors, pristine, k, diagnose=False)
+                    if on_redo is not None:
+                        on_redo(k, idx)
+                    continue
+                step = edit_batch(model, tok, records, idx, hp, cfg, templates, anchors, pristine, k,
+                                  norm_reference=norm_reference)
+                on_step(k, idx, step)
+        if finish is not None:
+            finish()
+
+
+def score_rows(model, tok, records, baseline, cfg: CompareConfig, timing: Optional[dict] = None) -> List[dict]:
+    """The reported metrics of ``records`` on the model as it is: :func:`evaluate_records`
+    against ``baseline`` (one row per record, ``_`` keys dropped) plus ``fluency``
+    (None without ``cfg.fluency``). Adds the seconds spent to ``timing["eval_seconds"]``
+    and ``timing["fluency_seconds"]`` when given."""
+    start = time.perf_counter()
+    scored = evaluate_records(model, tok, records, baseline)
+    mid = time.perf_counter()
+    flu = fluency_scores(model, tok, records, cfg.fluency_tokens) if cfg.fluency else [None] * len(records)
+    if timing is not None:
+        timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + mid - start
+        timing["fluency_seconds"] = timing.get("fluency_seconds", 0.0) + time.perf_counter() - mid
+    return [{**public_row(row), "fluency": f} for row, f in zip(scored, flu)]
+
+
+def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, bar=None,
+             anchors: Optional[dict] = None) -> Dict:
+    """Edit ``records`` with ``hp`` (its ``alg_name`` sets algorithm and mode).
+
+    ``anchors`` (a dict shared across calls) reuses anchors optimized on the
+    unedited weights by an earlier mode or algorithm with the same
+    :func:`anchor_key` (independent batches, and the first batch of a sequential
+    run); the edit is then identical to optimizing them again, minus the time.
+    """
+    from ..algorithms import get_algorithm
+
+    construction = get_algorithm(hp.alg_name).construction
+    rows: List[Optional[dict]] = [None] * len(records)
+    accuracies, curve, seconds, analyses = [], [], [], []
+    timing = {"diagnostic_seconds": 0.0, "eval_seconds": 0.0, "fluency_seconds": 0.0}
+    steps = batches_of(records, cfg.batch_size)
+
+    def on_step(b, idx, step):
+        seconds.append(step["seconds"])
+        timing["diagnostic_seconds"] += step["diagnostic_seconds"]
+        analyses.append(step["analysis"])
+        if step["accuracy"] is not None:
+            accuracies.append(step["accuracy"])
+        for i, row in step["rows"].items():
+            rows[i] = row
+        if not cfg.sequential:
+            scored = score_rows(model, tok, [records[i] for i in idx], [baseline[i] for i in idx], cfg, timing)
+            for k, i in enumerate(idx):
+                rows[i] = {**(rows[i] or {}), **scored[k]}
+        else:
+            done = [i for bb in steps[: b + 1] for i in bb]
+            start = time.perf_counter()
+            scored = evaluate_records(model, tok, [records[i] for i in done], [baseline[i] for i in done])
+            timing["eval_seconds"] += time.perf_counter() - start
+            curve.append({"edits": len(done), **{m.key: mean(r[m.key] for r in scored) for m in metrics("curve")}})
+        if bar is not None:
+            bar.update(len(idx))
+
+    def finish():
+        if cfg.sequential:
+            scored = score_rows(model, tok, records, baseline, cfg, timing)
+            for i in range(len(records)):
+                rows[i] = {**(rows[i] or {}), **scored[i]}
+
+    edit_in_batches(model, tok, records, steps, hp, cfg, templates, anchors, on_step, finish=finish)
+    return {"per_edit": rows, "seconds": sum(seconds), "batch_seconds": seconds, "target_accuracy": accuracies,
+            "analyses": analyses, "diagnostics": summarize_analyses(analyses), "curve": curve,
+            "edit_layers": construction.edit_layers(hp.layers), "timing": timing}
+
+
+def mode_hparams(hp, base: str, mode: str):
+    """``hp`` for algorithm ``base`` in mode spec ``mode`` (``"replay"``, or
+    ``"replay_tau=0.25"``, which also sets ``hparams.replay_tau``): a copy with the
+    registered ``alg_name`` and the spec's parameter."""
+    from ..algorithms import alg_name_of
+
+    construction, params = parse_mode(mode)
+    return hp.replace(alg_name=alg_name_of(base, construction.name), **params)
+
+
+def unedited_block(model, tok, records, cfg: CompareConfig):
+    """``(baseline, block)``: :func:`evaluate_records` of the unedited model (the
+    reference every edited cell is compared with, ``_`` keys kept) and the reported
+    block ``{"per_edit", "summary"}`` of the unedited model against itself
+    (specificity 1, DKL 0: a check of the metrics)."""
+    baseline = evaluate_records(model, tok, records, None)
+    unedited = score_rows(model, tok, records, baseline, cfg)
+    return baseline, {"per_edit": unedited, "summary": summarize_ci(unedited, cfg.n_boot, cfg.seed)}
+
+
+def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: CompareConfig, stats_dir=None) -> Dict:
+    """Run every algorithm in ``hparams_by_alg`` (base name -> hparams) in every mode.
+
+    Returns:
+        ``{"n", "config", "unedited": {"per_edit", "summary"}, "runs": {"ALG/mode": run}}``
+        (:func:`run_mode`'s run plus ``summary`` and ``layers``; the key is
+        :attr:`~easyedit_replay.experiments.metrics.RunKey.text`).
+    """
+    from tqdm.auto import tqdm
+
+    baseline, unedited = unedited_block(model, tok, records, cfg)
+    results = {"n": len(records), "config": cfg.__dict__.copy(), "unedited": unedited, "runs": {}}
+    total = len(hparams_by_alg) * len(cfg.modes) * len(records)
+    bar = tqdm(total=total, desc="editing", unit="edit", disable=not cfg.progress)
+    anchors: dict = {} if cfg.share_anchors else None
+    for base, hp0 in hparams_by_alg.items():
+        if stats_dir:
+            hp0 = hp0.replace(stats_dir=stats_dir)
+        templates = resolve_templates(model, tok, hp0)
+        for mode in cfg.modes:
+            hp = mode_hparams(hp0, base, mode)
+            run = run_mode(model, tok, records, hp, cfg, baseline, templates, bar, anchors)
+            run["summary"] = summarize_ci(run["per_edit"], cfg.n_boot, cfg.seed)
+            run["layers"] = list(hp.layers)
+            results["runs"][RunKey(base, mode).text] = run
+    bar.close()
+    return results
