@@ -325,21 +325,16 @@ def _memory(model, tok, hparams, setup: _Setup, targets: Targets) -> Optional[_M
     reached at every edit layer right after their own batch.
 
     Raises:
-        HyperParamsError: AlphaEdit (its sequential cache holds the earlier keys
-            already), PMET or any rule whose targets are not block outputs, a
+        HyperParamsError: PMET or any rule whose targets are not block outputs, a
             construction with a per-request share (``replay_capacity``,
             ``replay_joint``), or an earlier batch without stored states.
     """
     seq = setup.sequential
     if seq is None or not seq.refresh:
         return None
-    if setup.rule.keeps_edit_time_keys:
-        raise HyperParamsError(f"sequential_refresh: {setup.rule.name}'s sequential cache holds the earlier keys "
-                               f"already, and adding them as rows would count them twice; use it with MEMIT or "
-                               f"EMMET, or use sequential_keys: rekeyed")
     if any(s.target.template != hparams.layer_module_tmp for s in setup.sites):
         raise HyperParamsError(f"sequential_refresh restores block-output states (layer_module_tmp); "
-                               f"{setup.rule.name}'s targets are module outputs. Use it with MEMIT or EMMET")
+                               f"{setup.rule.name}'s targets are module outputs. Use it with MEMIT, EMMET or AlphaEdit")
     if setup.construction.share in ("capacity", "joint"):
         raise HyperParamsError(f"sequential_refresh: {setup.construction.name} sizes each request's share from "
                                f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
@@ -389,13 +384,14 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
         if protected is not None:
             _check_finite(protected, f"protected earlier keys at {rewrite}")
         setup.sequential.keep_keys(wname, keys)
-    solve_keys, solve_error, written = keys, error, reads.get("out:" + rewrite)
+    solve_keys, solve_error, written, restored = keys, error, reads.get("out:" + rewrite), 0
     if loop.memory is not None:  # sequential_refresh: the earlier edits' rows join the solve
         rows = {name: reads[name][n_keys + n_now + n_old:] for name in reads}
         old_keys, old_error, old_written = loop.memory.rows(step, site, rows, rewrite, target_module, setup.templates)
         _check_finite(old_keys, f"restored earlier keys at {rewrite}")
         _check_finite(old_error, f"restored earlier residual at layer {layer}")
         solve_keys, solve_error = torch.cat([keys, old_keys]), torch.cat([error, old_error.to(error.dtype)])
+        restored = old_keys.shape[0]
         if post is not None:
             written = torch.cat([written[n_keys:n_keys + n_now], old_written])
     elif post is not None:
@@ -410,7 +406,7 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     upd = setup.rule.update(UpdateInputs(
         step=step, layer=layer, site_index=si, weight_name=wname, keys=solve_keys.T, error=rule_error.T,
         divisor=divisor, cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device,
-        protected=protected,
+        protected=protected, restored=restored,
     ))
     upd = match_shape(upd, weight.shape, wname)
     _check_finite(upd, f"update of {wname}")

@@ -64,7 +64,8 @@ bit-identical to an edit without them):
   solve: the model's record keeps the states each batch's requests reached at every
   edit layer once it was written, and every later batch adds those requests as rows of
   each layer's solve with those states as targets (under its own construction's share
-  and measure). No anchor is optimized again. MEMIT and EMMET, with
+  and measure). No anchor is optimized again. MEMIT, EMMET and AlphaEdit (whose
+  sequential cache then leaves the solve: it holds the same edits), with
   ``sequential_keys: stock`` and a construction that shares the residual uniformly
   (not ``replay_capacity``/``replay_joint``).
 """

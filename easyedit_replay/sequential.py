@@ -51,9 +51,9 @@ without them):
     each layer; spreading: the state at ``l_n``, divided over the layers left): the
     solve restores what drifted instead of holding it where it drifted to (as
     ``rekeyed`` does) or protecting keys that no longer arrive (``edit_time``). No
-    anchor is optimized again. MEMIT and EMMET (block-output targets; PMET's targets
-    are module outputs, and AlphaEdit's cache already holds the earlier keys, which
-    rows would count twice).
+    anchor is optimized again. MEMIT, EMMET and AlphaEdit (block-output targets;
+    AlphaEdit's cache holds the same earlier edits at their edit-time keys, so it
+    leaves the solve while the rows are in it). PMET's targets are module outputs.
 
 The options compose with every target construction. ``replay_capacity`` and
 ``replay_joint`` size their shares from the rule's capacity without the protected keys.

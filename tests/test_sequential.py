@@ -14,7 +14,7 @@ import torch
 from easyedit_replay import sequential
 from easyedit_replay.experiments import cells, scale
 from easyedit_replay.algorithms import load_hparams, weight_names
-from easyedit_replay.algorithms.alphaedit import reset_alphaedit_cache
+from easyedit_replay.algorithms.alphaedit import alphaedit_cache, reset_alphaedit_cache
 from easyedit_replay.cli import default_hparams_path, main
 from easyedit_replay.editor import apply_plan, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError
@@ -210,27 +210,32 @@ def _block_states(model, tok, requests, hp):
     return torch.stack([reads["out:" + n].float() for n in sites])
 
 
-@pytest.mark.parametrize("mode", ["replay", "spread"])
-def test_refresh_restores_the_earlier_edits(model_tok, stats_dir, demo_records, fresh, mode):
+@pytest.mark.parametrize("alg,mode", [("MEMIT", "replay"), ("MEMIT", "spread"), ("AlphaEdit", "replay")])
+def test_refresh_restores_the_earlier_edits(model_tok, stats_dir, demo_records, fresh, alg, mode):
     """``sequential_refresh`` (``+refresh``): the first batch is the stock edit, bit for bit
     (nothing earlier to restore), and the record keeps the states its requests reached
     at every edit layer; the second batch's solve also takes the first batch's rows, so
     that after both batches the first batch's states sit closer to the states they
     reached after batch 1 than after the same two batches without it (real model,
-    MEMIT, layers 4-6)."""
+    layers 4-6). AlphaEdit's sequential cache grows by the second batch's own 2 keys
+    only (rank 2 per layer, not the 4 rows of its solve)."""
     model, tok = model_tok
     gaps = {}
     for refresh in (False, True):
         sequential.reset_sequential_state(model)
-        hp = _hp(stats_dir, "MEMIT", sequential_refresh=refresh)
+        reset_alphaedit_cache(model)
+        hp = _hp(stats_dir, alg, sequential_refresh=refresh)
         names = weight_names(hp)
         params = {n: resolve_parameter(model, n) for n in names}
         with weight_transaction(params, restore_always=True):
             first = compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
             apply_plan(model, first, hp)
             reached = _block_states(model, tok, first.requests, hp)
+            cache_1 = alphaedit_cache(model) if alg == "AlphaEdit" else {}
             second = compute_edit(model, tok, demo_records[2:4], hp, mode=mode, context_templates=TEMPLATES)
             apply_plan(model, second, hp)
+            grown = [int(torch.linalg.matrix_rank((alphaedit_cache(model)[n] - cache_1[n]).double(), rtol=1e-6)) for n in cache_1]
+            assert grown == [2] * len(cache_1), grown
             gaps[refresh] = float((_block_states(model, tok, first.requests, hp) - reached).norm(dim=-1).mean())
         if refresh:
             assert all(torch.equal(first.updates[n], plain_first.updates[n]) for n in names)
@@ -249,7 +254,7 @@ def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):
         _hp(stats_dir, "MEMIT", sequential_refresh=True, sequential_keys="rekeyed")
     with pytest.raises(HyperParamsError, match="sequential_refresh"):
         _hp(stats_dir, "MEMIT", sequential_refresh="yes")
-    for alg, mode, match in (("AlphaEdit", "replay", "sequential cache"), ("PMET", "replay", "module outputs"),
+    for alg, mode, match in (("PMET", "replay", "module outputs"),
                              ("MEMIT", "replay_capacity", "share")):
         hp = _hp(stats_dir, alg, (7, 8), sequential_refresh=True)
         params = {n: resolve_parameter(model, n) for n in weight_names(hp)}

@@ -15,6 +15,9 @@ Per edit layer, in float32 as stock:
 - ``sequential_keys: rekeyed`` (ours, off by default): ``cache`` in the solve is
   replaced by ``sum K_old K_old^T`` of the earlier edits' keys re-read on the current
   model (:mod:`easyedit_replay.sequential`); the stock cache is still kept.
+- ``sequential_refresh`` (ours, off by default): the earlier edits join ``K`` and ``R``
+  as rows restoring the states they reached, and ``cache`` leaves the solve (it holds
+  the same edits); the cache kept for later batches grows by this batch's keys only.
 
 What differs from stock, on purpose:
 
@@ -264,14 +267,20 @@ class AlphaEdit(Algorithm):
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         """``solve(P (K K^T + cache) + L2 I, P K R^T)``: ``[d_in, d_out]`` float32 (stock layout;
         the editor transposes it onto the weight). With ``inp.protected`` (re-keyed
-        protection) that Gram matrix, in float32, stands in for ``cache``."""
+        protection) that Gram matrix, in float32, stands in for ``cache``. With
+        ``inp.restored`` (``sequential_refresh``) the earlier edits are the last columns of
+        ``K`` and ``R`` and ``cache`` is dropped from the solve (it holds the same edits at
+        their edit-time keys); the cache kept for later batches still adds only this
+        batch's own ``K K^T``."""
         st: AlphaEditState = inp.state
         dev = inp.device
         proj = st.P[inp.weight_name].to(dev).float()
         keys = inp.keys.to(dev).float()
         resid = inp.error.to(dev).float() / inp.divisor
         cache = (st.cache[inp.weight_name] if inp.protected is None else inp.protected).to(dev).float()
-        st.keys[inp.weight_name] = keys.detach().cpu()
+        if inp.restored:  # sequential_refresh: the earlier edits are rows of this solve, with their current
+            cache = torch.zeros_like(cache)  # keys; their cache term (edit-time keys) would count them twice
+        st.keys[inp.weight_name] = keys[:, :keys.shape[1] - inp.restored].detach().cpu()  # this batch's own keys
         eye = torch.eye(keys.shape[0], dtype=proj.dtype, device=dev)
         return torch.linalg.solve(proj @ (keys @ keys.T + cache) + inp.hparams.L2 * eye, proj @ keys @ resid.T)
 

@@ -41,6 +41,11 @@ class UpdateInputs:
     ``protected``: ``[d_in, d_in]`` float64 ``sum K_old K_old^T`` over the keys of
     earlier batches this solve must preserve (``hparams.sequential_keys``,
     :mod:`easyedit_replay.sequential`), or None: the rule's stock solve, unchanged.
+
+    ``restored``: how many of the last columns of ``keys`` and ``error`` are earlier
+    edits restored by ``hparams.sequential_refresh`` (0: none). MEMIT, EMMET and PMET
+    solve them as ordinary rows; a rule that keeps the keys of its own edits (AlphaEdit's
+    sequential cache) keeps only the first ``m - restored``.
     """
 
     step: int
@@ -55,6 +60,7 @@ class UpdateInputs:
     state: Dict[str, Any]
     device: torch.device
     protected: Optional[torch.Tensor] = None
+    restored: int = 0
 
 
 class Algorithm:
