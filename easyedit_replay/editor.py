@@ -28,7 +28,7 @@ from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, UpdateInputs, match_shape
 from .anchor import AnchorResult, optimize_anchors
 from .batching import token_ids
-from .errors import HyperParamsError, NumericalError, RequestError
+from .errors import HyperParamsError, RequestError, check_finite as _check_finite
 from .keys import (
     EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
     sample_context_templates, template_probes, validate_templates,
@@ -38,7 +38,7 @@ from .postnorm import PostNorm, anchor_templates as post_norm_anchor_templates, 
 from .precision import HALF_DTYPES, in_float32_window
 from . import sequential
 from .stats import second_moments
-from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
+from .targets import Construction, ShareContext, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,6 @@ def _restore(params, saved):
             p.copy_(saved[name])
 
 
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise NumericalError(f"non-finite {what}; no weight was changed. Check the request, the statistics and v_lr")
-
-
 def check_prompt_lengths(model, tok, reqs: Sequence[EditRequest]) -> None:
     """Reject prompts longer than the model's context before any computation.
 
@@ -183,6 +178,7 @@ def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, pr
     construction = get_construction(mode or reg.construction)
     hparams.validate()
     hparams.validate_for_model(model)
+    construction = construction.configured(hparams)
     sites = rule.sites(hparams)
     edit_layers = construction.edit_layers(hparams.layers)
     params = {}
@@ -340,7 +336,7 @@ def _memory(model, tok, hparams, setup: _Setup, targets: Targets) -> Optional[_M
     if any(s.target.template != hparams.layer_module_tmp for s in setup.sites):
         raise HyperParamsError(f"sequential_refresh restores block-output states (layer_module_tmp); "
                                f"{setup.rule.name}'s targets are module outputs. Use it with MEMIT or EMMET")
-    if setup.construction.share in ("capacity", "joint"):
+    if setup.construction.share.per_request:
         raise HyperParamsError(f"sequential_refresh: {setup.construction.name} sizes each request's share from "
                                f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
     held = seq.earlier_states(targets.edit_layers)
@@ -426,17 +422,6 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     return record
 
 
-def construction_refusal(construction: Construction, rule: Algorithm, hparams) -> Optional[str]:
-    """Why ``rule`` with ``hparams`` cannot run ``construction``, or None when it can.
-    ``replay_joint`` plans changes of the block output, so it needs one site per layer
-    whose target is ``layer_module_tmp`` (PMET's two module-output sites are refused)."""
-    sites = rule.sites(hparams)
-    if construction.share == "joint" and (len(sites) != 1 or sites[0].target.template != hparams.layer_module_tmp):
-        return (f"replay_joint plans changes of the block output (layer_module_tmp); this rule edits "
-                f"{len(sites)} other site(s) per layer. Use replay_capacity, which shares per site")
-    return None
-
-
 @in_float32_window  # half-precision models: the edit window runs in float32 (precision.py)
 def compute_edit(
     model,
@@ -486,7 +471,7 @@ def compute_edit(
     started = time.perf_counter()
     setup = _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options)
     rule, reqs, templates, sites = setup.rule, setup.requests, setup.templates, setup.sites
-    refusal = construction_refusal(setup.construction, rule, hparams)
+    refusal = setup.construction.refusal(rule, hparams)
     if refusal:
         raise HyperParamsError(f"alg_name {hparams.alg_name}: {refusal}")
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
@@ -500,10 +485,8 @@ def compute_edit(
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
     layers = list(hparams.layers)
-    if setup.construction.share in ("capacity", "joint"):
-        targets.capacity = _capacities(model, tok, hparams, setup, key_probes, targets.edit_layers)
-    if setup.construction.share == "joint" and len(targets.edit_layers) > 1:
-        _plan_jointly(model, tok, hparams, setup, targets)
+    setup.construction.share.prepare(ShareContext(model, tok, hparams, rule, sites, reqs, templates, setup.covs,
+                                                  setup.state, key_probes, targets))  # capacities, joint plan
     site_names = {(l, s.target.template): s.target.template.format(l) for l in layers for s in sites}
     reads = read_at_lookup(model, tok, now_probes, outputs=list(site_names.values()))
     unedited = {key: reads["out:" + name].float() for key, name in site_names.items()}
@@ -525,43 +508,6 @@ def compute_edit(
     return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
                     records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory,
                     setup.sequential)
-
-
-def _plan_jointly(model, tok, hparams, setup: "_Setup", targets: Targets) -> None:
-    """``replay_joint``: replace the targets of ``l_1..l_{n-1}`` with the jointly planned
-    states (:func:`easyedit_replay.joint.joint_plan`); its cost goes to ``targets.info``.
-
-    Raises:
-        HyperParamsError: an infinite capacity (EMMET with ``emmet_lambda = 0``; from
-            :func:`~easyedit_replay.joint.joint_plan`).
-        NumericalError: the solve broke down or a planned state is not finite."""
-    from .joint import joint_plan
-
-    template, layers = hparams.layer_module_tmp, targets.edit_layers
-    plan = joint_plan(model, tok, setup.requests, hparams, targets.values[(layers[-1], template)],
-                      {l: targets.capacity[(l, template)] for l in layers}, layers, template)
-    if not plan.relative_residual < 1:  # NaN or a diverged solve
-        raise NumericalError(f"replay_joint: the joint solve did not converge (relative residual "
-                             f"{plan.relative_residual}); no weight was changed")
-    for layer, state in plan.trajectory.items():
-        _check_finite(state, f"replay_joint planned state at layer {layer}")
-        targets.values[(layer, template)] = state
-    targets.info.update({"joint_" + k: v for k, v in plan.info().items()})
-
-
-def _capacities(model, tok, hparams, setup: "_Setup", key_probes, edit_layers) -> Dict[Tuple[int, str], torch.Tensor]:
-    """``{(layer, target template): [R] q}``: the rule's capacity (``Algorithm.capacity``)
-    at every edited layer and site, from the unedited model's keys (one forward pass
-    over the context-template probes); ``replay_capacity`` divides by ``(1+Q_i)/(1+q_i)``."""
-    rewrites = {(layer, s.target.template): s.rewrite_template.format(layer) for layer in edit_layers
-                for s in setup.sites}
-    reads = read_at_lookup(model, tok, key_probes, inputs=list(dict.fromkeys(rewrites.values())))
-    out = {}
-    for key, rewrite in rewrites.items():
-        keys = average_over_templates(reads["in:" + rewrite], setup.templates)  # [R, d_in]
-        out[key] = setup.rule.capacity(keys.T, setup.covs[rewrite], hparams, setup.state, f"{rewrite}.weight").cpu()
-        _check_finite(out[key].masked_fill(out[key] == float("inf"), 0), f"capacity at {rewrite}")  # inf: exact
-    return out
 
 
 class WeightsCopy(dict):

@@ -215,7 +215,7 @@ def test_joint_solve_equals_a_dense_solve(memit_plans, model_tok, stats_dir, dem
     """The conjugate-gradient plan == ``d_j = q_j J_j^T (I + sum_j q_j J_j J_j^T)^{-1} r``
     with every Jacobian read densely; and the Jacobians matter: the plan is not the
     additive (identity-Jacobian) solution ``q_j r / (1 + Q)``."""
-    from easyedit_replay.joint import joint_plan
+    from easyedit_replay.targets.joint import joint_plan
 
     hp, out = memit_plans
     model, tok = model_tok
@@ -276,7 +276,7 @@ def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans,
     written; a construction with share 'joint' must be a replay construction."""
     import dataclasses
 
-    import easyedit_replay.joint as joint
+    import easyedit_replay.targets.joint as joint
     from easyedit_replay.errors import NumericalError
     from easyedit_replay.targets import get_construction, register_construction
 
@@ -304,7 +304,7 @@ def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans,
 def test_joint_needs_finite_capacities(memit_plans, model_tok):
     """EMMET with emmet_lambda = 0 has an infinite capacity: a HyperParamsError naming the
     field, raised before any forward pass."""
-    from easyedit_replay.joint import joint_plan
+    from easyedit_replay.targets.joint import joint_plan
 
     hp, out = memit_plans
     model, tok = model_tok
