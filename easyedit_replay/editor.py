@@ -169,13 +169,13 @@ class _Setup:
     sequential: Optional[sequential.SequentialContext] = None
 
 
-def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options,
+def _setup(model, tok, requests, hparams, construction, context_templates, progress, stats_dir, options,
            statistics: bool = True) -> _Setup:
     """Stage 1; with ``statistics`` False the second moments and the rule's ``prepare``
-    (which only the update rule reads, never an anchor) are skipped."""
-    reg = get_algorithm(hparams.alg_name)
-    rule = algorithm or reg.rule
-    construction = get_construction(mode or reg.construction)
+    (which only the update rule reads, never an anchor) are skipped. The construction's
+    open parameters are read from their YAML aliases here, once."""
+    rule = get_algorithm(hparams.alg_name).rule
+    construction = get_construction(construction)
     hparams.validate()
     hparams.validate_for_model(model)
     construction = construction.configured(hparams)
@@ -235,18 +235,18 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
     return out
 
 
-def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
+def compute_anchors(model, tok, requests: Sequence[dict], hparams, construction,
                     context_templates: Optional[List[List[str]]] = None,
                     progress: bool = False) -> Dict[int, AnchorResult]:
-    """Only stage 2 of :func:`compute_edit`: the anchors a ``mode`` edit of ``requests``
+    """Only stage 2 of :func:`compute_edit`: the anchors an edit of ``requests`` by ``construction``
     would optimize, through the same set-up (requests, context templates; no covariance
     statistics, which no anchor reads), so they land in the anchor disk cache under the
     keys an edit looks up. For filling
     an anchor bank ahead of the edits, e.g. in several processes on disjoint requests
     (``easyedit-replay anchors bank``). The model is not changed.
 
-    Args: as :func:`compute_edit` (``mode``: the construction; spread needs the ``l_n``
-    anchor, replay the ``l_1`` one, BLUE both).
+    Args: as :func:`compute_edit` (spread needs the ``l_n`` anchor, replay the ``l_1``
+    one, BLUE both).
 
     Returns:
         ``{anchor layer: AnchorResult}`` (``delta [S, R, d]`` float32, ``R`` requests).
@@ -254,7 +254,7 @@ def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
     Raises:
         HyperParamsError, RequestError, NumericalError, as :func:`compute_edit`.
     """
-    setup = _setup(model, tok, requests, hparams, mode, context_templates, None, progress, None, None,
+    setup = _setup(model, tok, requests, hparams, construction, context_templates, progress, None, None,
                    statistics=False)
     return _anchors(model, tok, hparams, setup, None, progress)
 
@@ -428,9 +428,8 @@ def compute_edit(
     tok,
     requests: Sequence[dict],
     hparams,
-    mode=None,
+    construction,
     context_templates: Optional[List[List[str]]] = None,
-    algorithm: Optional[Algorithm] = None,
     progress: bool = False,
     stats_dir=None,
     anchor=None,
@@ -447,11 +446,14 @@ def compute_edit(
 
     Args:
         requests: EasyEdit request dicts (``prompt``, ``subject``, ``target_new``, ...).
-        hparams: a plugin hyperparameter dataclass (``alg_name`` picks the rule and,
-            unless ``mode`` is given, the target construction).
-        mode: a construction name (``"replay"``, ``"spread"``, ``"blue"``,
-            ``"onelayer"``, ...) or :class:`~easyedit_replay.targets.Construction`
-            (default: from ``alg_name``).
+        hparams: a plugin hyperparameter dataclass (the base of ``alg_name`` picks the
+            update rule; its construction suffix is not read here).
+        construction: the target construction, a
+            :class:`~easyedit_replay.targets.Construction` or its name or spec
+            (``"replay"``, ``"spread"``, ``"blue"``, ``"replay_tau=0.25"``, ...); the
+            parameters it leaves open are read from their YAML keys (``replay_tau``,
+            ``replay_share``). :func:`apply_edit` (every EasyEdit entry point) passes the
+            ``alg_name``'s.
         context_templates: inject templates (default: sampled, seeded, cached).
         options: extra keyword arguments of the ``apply_*`` call, handed to the
             algorithm's ``prepare`` (e.g. AlphaEdit's ``reset_cache``) and to
@@ -469,7 +471,7 @@ def compute_edit(
         is raised, every weight is bit-identical to before.
     """
     started = time.perf_counter()
-    setup = _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options)
+    setup = _setup(model, tok, requests, hparams, construction, context_templates, progress, stats_dir, options)
     rule, reqs, templates, sites = setup.rule, setup.requests, setup.templates, setup.sites
     refusal = setup.construction.refusal(rule, hparams)
     if refusal:
@@ -505,9 +507,9 @@ def compute_edit(
         if setup.sequential is not None:  # sequential_refresh: the states this batch's edits reach
             setup.sequential.keep_states(trajectory.after[targets.edit_layers[-1]])
         pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
-    return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
-                    records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory,
-                    setup.sequential)
+    return EditPlan(f"{rule.name}_{setup.construction.suffix}", setup.construction.name, reqs, templates, anchors,
+                    targets, loop.updates, records, pending, time.perf_counter() - started, unedited, loop.residuals,
+                    trajectory, setup.sequential)
 
 
 class WeightsCopy(dict):
@@ -563,13 +565,14 @@ def apply_edit(
     return_orig_weights: bool = False,
     cache_template: Optional[str] = None,
     keep_original_weight: bool = False,
-    mode=None,
     context_templates=None,
     progress: bool = False,
     anchor=None,
     **kwargs,
 ) -> Tuple[Any, WeightsCopy]:
-    """EasyEdit's ``apply_*_to_model`` contract for every plugin algorithm.
+    """EasyEdit's ``apply_*_to_model`` contract for every plugin algorithm: the EasyEdit
+    boundary, where ``hparams.alg_name`` is decoded into the update rule and the target
+    construction (``MEMIT_REPLAY``: MEMIT, replay), once, for :func:`compute_edit`.
 
     Returns ``(model, weights_copy)``: ``weights_copy`` (a :class:`WeightsCopy`) maps each
     rewritten parameter name to its original tensor when ``return_orig_weights`` is true
@@ -583,6 +586,7 @@ def apply_edit(
     """
     if copy:
         model = deepcopy(model)
-    plan = compute_edit(model, tok, requests, hparams, mode=mode, context_templates=context_templates,
+    construction = get_algorithm(hparams.alg_name).construction
+    plan = compute_edit(model, tok, requests, hparams, construction, context_templates=context_templates,
                         progress=progress, anchor=anchor, options=kwargs)
     return model, apply_plan(model, plan, hparams, return_orig_weights=return_orig_weights)

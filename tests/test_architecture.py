@@ -84,10 +84,10 @@ def test_toy_algorithm_and_construction_in_one_file_each(toys, model_tok, stats_
                       v_num_grad_steps=2)
     assert type(hp).__name__ == "HalfMEMITHyperParams"
     records = demo_records[:1]
-    blue = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_BLUE"), context_templates=templates)
+    blue = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_BLUE"), "blue", context_templates=templates)
     memit = compute_edit(model, tok, records, load_hparams(default_hparams_path(), alg_name="MEMIT_BLUE",
-                         stats_dir=stats_dir, layers=[4, 6]), context_templates=templates, anchor=blue.anchors)
-    divided = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_ENDS_DIVIDED"),
+                         stats_dir=stats_dir, layers=[4, 6]), "blue", context_templates=templates, anchor=blue.anchors)
+    divided = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_ENDS_DIVIDED"), "ends_divided",
                            context_templates=templates, anchor=blue.anchors)
     first = "model.layers.4.mlp.down_proj.weight"
     torch.testing.assert_close(blue.updates[first], 0.5 * memit.updates[first], rtol=1e-12, atol=0)
