@@ -68,7 +68,7 @@ def child_edit(args):
     second_moments(model, tok, hp, [hp.rewrite_module_tmp.format(l) for l in hp.layers], progress=False)
     hp = hp.replace(alg_name=alg_name_of(get_algorithm(hp.alg_name).base, args.mode))
     start = time.perf_counter()
-    plan = compute_edit(model, tok, records, hp, context_templates=templates)
+    plan = compute_edit(model, tok, records, hp, args.mode, context_templates=templates)
     seconds = time.perf_counter() - start
     steps = int(plan.anchor.steps.max())
     return {"seconds": seconds, "anchor_steps_max": steps, "anchor_steps_sum": int(plan.anchor.steps.sum())}

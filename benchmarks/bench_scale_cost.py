@@ -40,7 +40,7 @@ STAGES = (("anchors", "optimize_anchors"), ("statistics", "second_moments"), ("k
           ("solve", "update"), ("evaluation", "evaluate_records"), ("fluency", "fluency_scores"))
 
 
-def zero_anchor_pool(model, tok, records, hp, templates):
+def zero_anchor_pool(model, tok, records, hp, construction, templates):
     """``{anchor_key: AnchorResult}`` with the unedited lookup states and zero deltas at the
     construction's anchor layers, keyed as :func:`run_mode` looks them up."""
     import torch
@@ -54,7 +54,7 @@ def zero_anchor_pool(model, tok, records, hp, templates):
     reqs = prepare_requests(records, leading_space=reg.rule.leading_space(model, hp))
     probes = bare_probes(tok, reqs, hp.fact_token)
     pool = {}
-    for layer in reg.construction.anchor_layers(hp.layers):
+    for layer in construction.anchor_layers(hp.layers):
         site = hp.layer_module_tmp.format(layer)
         init = read_at_lookup(model, tok, probes, outputs=[site])["out:" + site][None]
         res = AnchorResult(layer, [site], init, torch.zeros(init.shape, dtype=torch.float32),
@@ -79,22 +79,22 @@ def main(argv=None) -> int:
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.data import load_records
     from easyedit_replay.editor import resolve_templates
-    from easyedit_replay.experiment import run_mode, unedited_block
+    from easyedit_replay.experiment import mode_hparams, run_mode, unedited_block
     from easyedit_replay.models import cache_root, load_model
     from easyedit_replay.scale import ScaleConfig
 
     model, tok = load_model("smollm2-135m")
     hp = load_hparams(default_hparams_path(alg="MEMIT_REPLAY"), stats_dir=str(cache_root() / "stats"))
-    hp = hp.replace(alg_name=f"MEMIT_{args.mode.upper()}")
+    hp, construction = mode_hparams(hp, "MEMIT", args.mode)
     records = load_records(args.data, args.n)
     templates = resolve_templates(model, tok, hp)
     cfg = ScaleConfig(sizes=[args.n], progress=False).compare_config()
-    pool = zero_anchor_pool(model, tok, records, hp, templates)
+    pool = zero_anchor_pool(model, tok, records, hp, construction, templates)
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.enable()
     baseline, _ = unedited_block(model, tok, records, cfg)
-    run = run_mode(model, tok, records, hp, cfg, baseline, templates, None, pool)
+    run = run_mode(model, tok, records, hp, construction, cfg, baseline, templates, None, pool)
     prof.disable()
     wall = time.perf_counter() - start
     stats = pstats.Stats(prof)

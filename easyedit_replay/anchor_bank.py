@@ -162,7 +162,7 @@ def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", prog
     print(lines[-1], flush=True)
     for mode in modes:
         start = time.perf_counter()
-        anchors = compute_anchors(model, tok, batch, hp, mode=mode, progress=progress)
+        anchors = compute_anchors(model, tok, batch, hp, mode, progress=progress)
         lines.append(f"{mode}: anchor layer(s) {sorted(anchors)} for {len(batch)} requests in "
                      f"{time.perf_counter() - start:.0f} s")
         print(lines[-1], flush=True)

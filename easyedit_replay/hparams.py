@@ -5,13 +5,16 @@ The field names and meanings are EasyEdit's (``MEMITHyperParams`` and friends),
 so a stock YAML loads after changing ``alg_name``. Fields we add all have
 defaults:
 
-- ``replay_share``: ``"full"`` (default, the paper's method: each layer takes its
-  full local residual ``z^{l_i} - h^{l_i}_cur``) or ``"remaining"`` (ablation:
-  layer ``l_i`` takes ``1/(n-i+1)`` of it, PMET ``1/sqrt(n-i+1)``, the stock share
-  applied to replayed targets). Only used by the ``replay`` construction.
-- ``replay_tau``: the exponent of the ``replay_tau`` construction, in ``[0, 1]``
-  (default 0.5): layer ``l_i`` takes ``1/(n-i+1)^tau`` of its replayed residual
-  (0: the paper's FE, 1: ``replay_remaining``).
+- ``replay_share`` and ``replay_tau``: YAML aliases of construction parameters
+  (:mod:`easyedit_replay.targets.shares`), read when an edit starts and only by the
+  construction they belong to. ``replay_share``: ``"full"`` (default, the paper's
+  method: each layer takes its full local residual ``z^{l_i} - h^{l_i}_cur``) or
+  ``"remaining"`` (ablation: layer ``l_i`` takes ``1/(n-i+1)`` of it, PMET
+  ``1/sqrt(n-i+1)``, the stock share applied to replayed targets); the ``replay``
+  construction's. ``replay_tau``: the exponent of the ``replay_tau`` construction, in
+  ``[0, 1]`` (default 0.5; a mode spec ``replay_tau=0.25`` sets it instead): layer
+  ``l_i`` takes ``1/(n-i+1)^tau`` of its replayed residual (0: the paper's FE, 1:
+  ``replay_remaining``).
 - ``anchor_batch_size``: requests optimized together in one anchor loop.
 - ``mom2_batch_tokens``: cap on tokens per statistics sample (EasyEdit's
   ``batch_tokens`` of ``layer_stats``; the file name then gets ``_t{N}``);
@@ -192,10 +195,7 @@ class ReplayHyperParams:
         missing = [k for k in required if k not in config]
         if missing:
             raise HyperParamsError(f"{source}: missing required field(s) {missing} for {cls.__name__}; add them to the YAML")
-        alg = config.get("alg_name")
-        names = cls.alg_names()
-        if names and alg not in names:
-            raise field_error(HyperParamsError, "alg_name", alg, f"{cls.__name__} loads {names}", source)
+        cls.check_alg_name(config.get("alg_name"), source)
         hp = cls(**config)
         hp.validate()
         return hp
@@ -204,13 +204,19 @@ class ReplayHyperParams:
     ALGORITHM: ClassVar[str] = ""
 
     @classmethod
-    def alg_names(cls) -> List[str]:
-        """The ``alg_name`` values this class loads: ``{ALGORITHM}_{MODE}`` for every target
-        construction (``MEMIT_REPLAY``, ``MEMIT_SPREAD``, ``MEMIT_BLUE``, ...); empty for
-        the shared base class."""
-        from .targets import CONSTRUCTIONS
+    def check_alg_name(cls, alg, source: str = "hparams") -> None:
+        """Check that ``alg`` names this class's algorithm: ``{ALGORITHM}_<CONSTRUCTION>``
+        (``MEMIT_REPLAY``, ``MEMIT_BLUE``, ...); anything goes for the shared base class.
+        The construction suffix is the registries' to check
+        (:func:`easyedit_replay.algorithms.get_algorithm`, when the name is used).
 
-        return [f"{cls.ALGORITHM}_{c.suffix}" for c in CONSTRUCTIONS.values()] if cls.ALGORITHM else []
+        Raises:
+            HyperParamsError: another algorithm's name, or not a string.
+        """
+        if cls.ALGORITHM and not (isinstance(alg, str) and alg.startswith(f"{cls.ALGORITHM}_")):
+            raise field_error(HyperParamsError, "alg_name", alg,
+                              f"{cls.__name__} loads {cls.ALGORITHM}_<CONSTRUCTION> names ({cls.ALGORITHM}_REPLAY, "
+                              f"{cls.ALGORITHM}_SPREAD, ...)", source)
 
     def replace(self, **changes):
         """A validated copy with ``changes`` applied (``dataclasses.replace`` + :meth:`validate`).
@@ -222,9 +228,8 @@ class ReplayHyperParams:
         unknown = [k for k in changes if k not in self.field_names()]
         if unknown:
             raise HyperParamsError(f"{type(self).__name__}.replace: unknown field(s) {unknown}")
-        names = self.alg_names()
-        if "alg_name" in changes and names and changes["alg_name"] not in names:
-            raise field_error(HyperParamsError, "alg_name", changes["alg_name"], f"{type(self).__name__} loads {names}")
+        if "alg_name" in changes:
+            self.check_alg_name(changes["alg_name"])
         hp = dataclasses.replace(self, **changes)
         hp.validate()
         return hp

@@ -51,14 +51,14 @@ def test_hit_gives_bit_identical_updates(model_tok, hparams, demo_records, ancho
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=3)
     recs = demo_records[:2]
-    fresh = compute_edit(model, tok, recs, with_fields(hp, anchor_cache=False), context_templates=TEMPLATES)
+    fresh = compute_edit(model, tok, recs, with_fields(hp, anchor_cache=False), "replay", context_templates=TEMPLATES)
     assert not _files(anchor_dir)  # the off switch writes nothing
     with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
-        cold = compute_edit(model, tok, recs, hp, context_templates=TEMPLATES)
+        cold = compute_edit(model, tok, recs, hp, "replay", context_templates=TEMPLATES)
         assert "0 loaded from the cache, 2 optimized" in caplog.text
         caplog.clear()
         start = time.perf_counter()
-        warm = compute_edit(model, tok, recs, hp, context_templates=TEMPLATES)
+        warm = compute_edit(model, tok, recs, hp, "replay", context_templates=TEMPLATES)
         print(f"warm compute_edit {time.perf_counter() - start:.2f} s")
         assert "2 loaded from the cache, 0 optimized" in caplog.text
     assert len(_files(anchor_dir)) == 2  # one file per request
@@ -90,12 +90,12 @@ def test_anchors_banked_in_shards_are_all_hits_for_the_edit(model_tok, hparams, 
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=2)
     recs = demo_records[:3]
-    shards = [compute_anchors(model, tok, [recs[i] for i in bank.shard_indices(3, f"{j}/2")], hp, mode="replay",
+    shards = [compute_anchors(model, tok, [recs[i] for i in bank.shard_indices(3, f"{j}/2")], hp, "replay",
                               context_templates=TEMPLATES) for j in (1, 2)]
     assert [sorted(a) for a in shards] == [[hp.layers[0]], [hp.layers[0]]]
     assert len(_files(anchor_dir)) == 3
     with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
-        plan = compute_edit(model, tok, recs, hp, mode="replay", context_templates=TEMPLATES)
+        plan = compute_edit(model, tok, recs, hp, "replay", context_templates=TEMPLATES)
         assert "3 loaded from the cache, 0 optimized" in caplog.text
     banked = torch.cat([shards[0][hp.layers[0]].delta[:, :1], shards[1][hp.layers[0]].delta[:, :1],
                         shards[0][hp.layers[0]].delta[:, 1:]], dim=1)  # requests 0, 1, 2

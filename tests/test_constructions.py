@@ -34,7 +34,7 @@ def plans(model_tok, stats_dir):
     templates = [["{}"], ["The following is true. {}"]]
     pool, out = {}, {}
     for mode in CONSTRUCTIONS:
-        out[mode] = compute_edit(model, tok, records, hp, mode=mode, context_templates=templates, anchor=pool)
+        out[mode] = compute_edit(model, tok, records, hp, mode, context_templates=templates, anchor=pool)
         pool.update(out[mode].anchors)
     return hp, records, templates, out
 
@@ -90,7 +90,7 @@ def test_blue_reuses_replay_and_spread_anchors_and_its_first_update_is_replays(p
 def test_onelayer_is_spread_with_only_the_last_layer(model_tok, plans):
     model, tok = model_tok
     hp, records, templates, out = plans
-    plan = compute_edit(model, tok, records, hp.replace(layers=[6], alg_name="MEMIT_SPREAD"),
+    plan = compute_edit(model, tok, records, hp.replace(layers=[6], alg_name="MEMIT_SPREAD"), "spread",
                         context_templates=templates, anchor=out["onelayer"].anchors[6])
     name = "model.layers.6.mlp.down_proj.weight"
     assert torch.equal(plan.updates[name], out["onelayer"].updates[name])

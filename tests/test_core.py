@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from easyedit_replay.algorithms import get_algorithm
 from easyedit_replay.anchor import optimize_anchors
 from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_edit, compute_edit
@@ -92,7 +93,7 @@ def test_single_edit_layer_replay_equals_spread(model_tok, hparams, templates, d
     updates = {}
     for alg in ("MEMIT_SPREAD", "MEMIT_REPLAY"):
         hp = with_fields(hparams, alg_name=alg, layers=[5], v_num_grad_steps=3)
-        plan = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+        plan = compute_edit(model, tok, demo_records[:2], hp, get_algorithm(alg).construction, context_templates=templates)
         updates[alg] = plan.updates
         assert plan.anchor.layer == 5
     assert_unchanged(model, before)  # compute_edit leaves the model as it found it
@@ -106,7 +107,8 @@ def test_spread_and_replay_differ_with_several_layers(model_tok, hparams, templa
     plans = {}
     for alg in ("MEMIT_SPREAD", "MEMIT_REPLAY"):
         hp = with_fields(hparams, alg_name=alg, layers=[4, 6], v_num_grad_steps=3)
-        plans[alg] = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+        plans[alg] = compute_edit(model, tok, demo_records[:2], hp, get_algorithm(alg).construction,
+                                  context_templates=templates)
     assert plans["MEMIT_SPREAD"].anchor.layer == 6 and plans["MEMIT_REPLAY"].anchor.layer == 4
     assert [r.measure_layer for r in plans["MEMIT_SPREAD"].records] == [6, 6]
     assert [r.measure_layer for r in plans["MEMIT_REPLAY"].records] == [4, 6]

@@ -144,7 +144,7 @@ def test_emmet_single_layer_replay_equals_spread(model_tok, stats_dir, templates
     updates = {}
     for mode in ("SPREAD", "REPLAY"):
         hp = load("EMMET", stats_dir, alg_name=f"EMMET_{mode}", layers=[6], v_num_grad_steps=3)
-        updates[mode] = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates).updates
+        updates[mode] = compute_edit(model, tok, demo_records[:2], hp, mode.lower(), context_templates=templates).updates
     assert_unchanged(model, before)
     (name,) = updates["SPREAD"]
     assert float(updates["SPREAD"][name].norm()) > 0
@@ -234,7 +234,7 @@ def baseline(model_tok, demo_records):
 def plan_of(model_tok, stats_dir, templates, demo_records, anchors, alg, mode):
     model, tok = model_tok
     hp = load(alg, stats_dir, alg_name=f"{alg}_{mode.upper()}")
-    return hp, compute_edit(model, tok, demo_records[:N_EDITS], hp, context_templates=templates,
+    return hp, compute_edit(model, tok, demo_records[:N_EDITS], hp, mode.lower(), context_templates=templates,
                             anchor=anchors.of(mode))
 
 

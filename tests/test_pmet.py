@@ -102,7 +102,8 @@ def test_single_layer_pmet_replay_equals_spread_bitwise(model_tok, pmet_hp, temp
     updates = {}
     for alg in ("PMET_SPREAD", "PMET_REPLAY"):
         hp = with_fields(pmet_hp, alg_name=alg, layers=[5], v_num_grad_steps=3)
-        updates[alg] = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates).updates
+        updates[alg] = compute_edit(model, tok, demo_records[:2], hp, get_algorithm(alg).construction,
+                                    context_templates=templates).updates
     assert sorted(updates["PMET_SPREAD"]) == ["model.layers.5.mlp.down_proj.weight", "model.layers.5.self_attn.o_proj.weight"]
     for name, upd in updates["PMET_SPREAD"].items():
         assert upd.dtype == torch.float64 and float(upd.norm()) > 0
@@ -156,7 +157,7 @@ def test_pmet_spread_equals_stock_easyedit(model_tok, pmet_hp, templates, demo_r
     hp = with_fields(pmet_hp, alg_name="PMET_SPREAD", layers=[4, 5, 6], v_num_grad_steps=6,
                      target_leading_space=None)  # stock's own space rule
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:2]]
-    ours = compute_edit(model, tok, records, hp, context_templates=templates, stats_dir=stats_dir).updates
+    ours = compute_edit(model, tok, records, hp, "spread", context_templates=templates, stats_dir=stats_dir).updates
     modules = [t.format(l) for l in hp.layers for t in hp.rewrite_module_tmps]
     stock = run_stock("PMET", host_inputs(model_tok, hp, records, templates, modules, stats_dir), tmp_path)
     errors = relative_differences(ours, stock)

@@ -13,7 +13,7 @@ import torch
 
 from easyedit_replay import sequential
 from easyedit_replay.experiments import cells, scale
-from easyedit_replay.algorithms import load_hparams, weight_names
+from easyedit_replay.algorithms import get_algorithm, load_hparams, weight_names
 from easyedit_replay.algorithms.alphaedit import alphaedit_cache, reset_alphaedit_cache
 from easyedit_replay.cli import default_hparams_path, main
 from easyedit_replay.editor import apply_plan, compute_edit, weight_transaction
@@ -56,9 +56,11 @@ def _two_batches(model, tok, records, hp, hp2=None, track=False):
     with weight_transaction(params, restore_always=True):
         if track:
             sequential.track_sequential(model)
-        first = compute_edit(model, tok, records[:2], hp, context_templates=TEMPLATES)
+        first = compute_edit(model, tok, records[:2], hp, get_algorithm(hp.alg_name).construction,
+                             context_templates=TEMPLATES)
         apply_plan(model, first, hp)
-        second = compute_edit(model, tok, records[2:4], hp2, context_templates=TEMPLATES)
+        second = compute_edit(model, tok, records[2:4], hp2, get_algorithm(hp2.alg_name).construction,
+                              context_templates=TEMPLATES)
         apply_plan(model, second, hp2)
         batches = sequential.edited_batches(model)
         now = [sequential.current_keys(model, tok, b) for b in batches]
@@ -105,14 +107,14 @@ def test_key_drift_bookkeeping(model_tok, stats_dir, demo_records, fresh):
     params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
     with weight_transaction(params, restore_always=True):
         sequential.track_sequential(model)
-        plan = compute_edit(model, tok, demo_records[:2], hp, context_templates=TEMPLATES)
+        plan = compute_edit(model, tok, demo_records[:2], hp, "replay", context_templates=TEMPLATES)
         apply_plan(model, plan, hp)
         first, again = sequential.key_drift(model, tok), sequential.key_drift(model, tok)
         assert first == again
         for stats in first[0].values():  # the keys recorded at the edit are the model's keys now
             assert stats["relative_change_max"] < 1e-5 and stats["cosine"] > 1 - 1e-9
         only4 = hp.replace(layers=[4])
-        plan = compute_edit(model, tok, demo_records[2:4], only4, context_templates=TEMPLATES)
+        plan = compute_edit(model, tok, demo_records[2:4], only4, "replay", context_templates=TEMPLATES)
         apply_plan(model, plan, only4)
         drift = sequential.key_drift(model, tok)
         assert len(sequential.edited_batches(model)) == 2
@@ -165,7 +167,7 @@ def test_norm_anchored_targets(model_tok, stats_dir, demo_records, fresh):
     model, tok = model_tok
     hp = _hp(stats_dir, "MEMIT", norm_anchor=True)
     first, second, _, _ = _two_batches(model, tok, demo_records, hp)
-    plain = compute_edit(model, tok, demo_records[:2], _hp(stats_dir, "MEMIT"), context_templates=TEMPLATES)
+    plain = compute_edit(model, tok, demo_records[:2], _hp(stats_dir, "MEMIT"), "replay", context_templates=TEMPLATES)
     names = {l: (f"model.layers.{l}", f"model.layers.{l}.mlp.down_proj") for l in (4, 5, 6)}
     reads = read_at_lookup(model, tok, bare_probes(tok, first.requests, hp.fact_token),
                            outputs=[n for pair in names.values() for n in pair])
@@ -228,11 +230,11 @@ def test_refresh_restores_the_earlier_edits(model_tok, stats_dir, demo_records, 
         names = weight_names(hp)
         params = {n: resolve_parameter(model, n) for n in names}
         with weight_transaction(params, restore_always=True):
-            first = compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
+            first = compute_edit(model, tok, demo_records[:2], hp, mode, context_templates=TEMPLATES)
             apply_plan(model, first, hp)
             reached = _block_states(model, tok, first.requests, hp)
             cache_1 = alphaedit_cache(model) if alg == "AlphaEdit" else {}
-            second = compute_edit(model, tok, demo_records[2:4], hp, mode=mode, context_templates=TEMPLATES)
+            second = compute_edit(model, tok, demo_records[2:4], hp, mode, context_templates=TEMPLATES)
             apply_plan(model, second, hp)
             grown = [int(torch.linalg.matrix_rank((alphaedit_cache(model)[n] - cache_1[n]).double(), rtol=1e-6)) for n in cache_1]
             assert grown == [2] * len(cache_1), grown
@@ -260,7 +262,7 @@ def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):
         params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
         before = {n: p.detach().clone() for n, p in params.items()}
         with pytest.raises(HyperParamsError, match=match):
-            compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
+            compute_edit(model, tok, demo_records[:2], hp, mode, context_templates=TEMPLATES)
         assert all(torch.equal(before[n], p) for n, p in params.items())
 
 

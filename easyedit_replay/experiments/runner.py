@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..diagnostics import norm_report, passive_cosines, residual_ratios, target_accuracy
 from ..editor import apply_plan, compute_edit, resolve_templates, weight_transaction
 from ..evaluate import evaluate_records, greedy_generate, ngram_entropy
-from ..targets import parse_mode
+from ..targets import Construction, parse_mode
 from ..tracing import resolve_parameter
 from .metrics import RunKey, metrics
 from .statistics import mean, summarize_analyses, summarize_ci
@@ -88,10 +88,11 @@ def public_row(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, templates, anchors: Optional[dict],
-               pristine: bool, number: int, diagnose: bool = True,
+def edit_batch(model, tok, records, idx: Sequence[int], hp, construction: Construction, cfg: CompareConfig, templates,
+               anchors: Optional[dict], pristine: bool, number: int, diagnose: bool = True,
                norm_reference: Optional[Dict[str, float]] = None) -> Dict:
-    """Edit the batch ``records[i] for i in idx`` into ``model`` (compute + apply).
+    """Edit the batch ``records[i] for i in idx`` into ``model`` (compute + apply) with
+    ``hp`` and the target ``construction``.
 
     ``anchors`` (a dict shared across calls, keyed by :func:`anchor_key`) lends and
     receives anchors when ``pristine`` (the weights are the unedited ones). With
@@ -106,14 +107,12 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, 
         ``{"rows": {i: partial per-edit row}, "analysis": dict | None, "accuracy": dict |
         None, "seconds": compute + apply, "diagnostic_seconds": target accuracy}``.
     """
-    from ..algorithms import get_algorithm
-
-    construction = get_algorithm(hp.alg_name).construction
     batch = [records[i] for i in idx]
     keys = {l: anchor_key(model, hp, l, idx, templates) for l in construction.anchor_layers(hp.layers)}
     pool = {l: anchors[k] for l, k in keys.items() if pristine and anchors is not None and k in anchors}
     start = time.perf_counter()
-    plan = compute_edit(model, tok, batch, hp, context_templates=templates, progress=cfg.progress, anchor=pool)
+    plan = compute_edit(model, tok, batch, hp, construction, context_templates=templates, progress=cfg.progress,
+                        anchor=pool)
     apply_plan(model, plan, hp)
     out = {"rows": {}, "analysis": None, "accuracy": None, "seconds": time.perf_counter() - start,
            "diagnostic_seconds": 0.0}
@@ -149,9 +148,10 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, 
     return out
 
 
-def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, cfg: CompareConfig, templates,
-                    anchors: Optional[dict], on_step: Callable[[int, Sequence[int], Dict], None], params=None,
-                    redo: int = 0, on_redo: Optional[Callable[[int, Sequence[int]], None]] = None,
+def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, construction: Construction,
+                    cfg: CompareConfig, templates, anchors: Optional[dict],
+                    on_step: Callable[[int, Sequence[int], Dict], None], params=None, redo: int = 0,
+                    on_redo: Optional[Callable[[int, Sequence[int]], None]] = None,
                     norm_reference: Optional[Dict[str, float]] = None, finish: Optional[Callable[[], None]] = None):
     """The batch-and-sequence loop: edit ``records[i] for i in steps[k]`` for each ``k``
     with :func:`edit_batch`, from the original weights (``cfg.sequential`` False: each
@@ -176,11 +176,12 @@ def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, cfg
             with weight_transaction(params, restore_always=not cfg.sequential):
                 pristine = not cfg.sequential or k == 0
                 if k < redo:
-                    edit_batch(model, tok, records, idx, hp, cfg, templates, anchors, pristine, k, diagnose=False)
+                    edit_batch(model, tok, records, idx, hp, construction, cfg, templates, anchors, pristine, k,
+                               diagnose=False)
                     if on_redo is not None:
                         on_redo(k, idx)
                     continue
-                step = edit_batch(model, tok, records, idx, hp, cfg, templates, anchors, pristine, k,
+                step = edit_batch(model, tok, records, idx, hp, construction, cfg, templates, anchors, pristine, k,
                                   norm_reference=norm_reference)
                 on_step(k, idx, step)
         if finish is not None:
@@ -202,18 +203,16 @@ def score_rows(model, tok, records, baseline, cfg: CompareConfig, timing: Option
     return [{**public_row(row), "fluency": f} for row, f in zip(scored, flu)]
 
 
-def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, bar=None,
+def run_mode(model, tok, records, hp, construction: Construction, cfg: CompareConfig, baseline, templates, bar=None,
              anchors: Optional[dict] = None) -> Dict:
-    """Edit ``records`` with ``hp`` (its ``alg_name`` sets algorithm and mode).
+    """Edit ``records`` with ``hp`` (its ``alg_name`` sets the algorithm) and the target
+    ``construction`` (:func:`mode_hparams` gives both for a mode spec).
 
     ``anchors`` (a dict shared across calls) reuses anchors optimized on the
     unedited weights by an earlier mode or algorithm with the same
     :func:`anchor_key` (independent batches, and the first batch of a sequential
     run); the edit is then identical to optimizing them again, minus the time.
     """
-    from ..algorithms import get_algorithm
-
-    construction = get_algorithm(hp.alg_name).construction
     rows: List[Optional[dict]] = [None] * len(records)
     accuracies, curve, seconds, analyses = [], [], [], []
     timing = {"diagnostic_seconds": 0.0, "eval_seconds": 0.0, "fluency_seconds": 0.0}
@@ -246,20 +245,24 @@ def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, b
             for i in range(len(records)):
                 rows[i] = {**(rows[i] or {}), **scored[i]}
 
-    edit_in_batches(model, tok, records, steps, hp, cfg, templates, anchors, on_step, finish=finish)
+    edit_in_batches(model, tok, records, steps, hp, construction, cfg, templates, anchors, on_step, finish=finish)
     return {"per_edit": rows, "seconds": sum(seconds), "batch_seconds": seconds, "target_accuracy": accuracies,
             "analyses": analyses, "diagnostics": summarize_analyses(analyses), "curve": curve,
             "edit_layers": construction.edit_layers(hp.layers), "timing": timing}
 
 
-def mode_hparams(hp, base: str, mode: str):
-    """``hp`` for algorithm ``base`` in mode spec ``mode`` (``"replay"``, or
-    ``"replay_tau=0.25"``, which also sets ``hparams.replay_tau``): a copy with the
-    registered ``alg_name`` and the spec's parameter."""
+def mode_hparams(hp, base: str, mode: str) -> Tuple[object, Construction]:
+    """``(hp, construction)`` for algorithm ``base`` in mode spec ``mode`` (``"replay"``,
+    ``"replay_tau=0.25"``, ``"replay+rekeyed"``): the construction the spec names, with
+    its parameter, and a copy of ``hp`` labelled with the registered ``alg_name``, the
+    parameter's YAML alias and the options' fields (cells are keyed by them).
+
+    Raises:
+        ValueError, HyperParamsError: as :func:`~easyedit_replay.targets.parse_mode`."""
     from ..algorithms import alg_name_of
 
     construction, params = parse_mode(mode)
-    return hp.replace(alg_name=alg_name_of(base, construction.name), **params)
+    return hp.replace(alg_name=alg_name_of(base, construction.name), **params), construction
 
 
 def unedited_block(model, tok, records, cfg: CompareConfig):
@@ -292,8 +295,8 @@ def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: 
             hp0 = hp0.replace(stats_dir=stats_dir)
         templates = resolve_templates(model, tok, hp0)
         for mode in cfg.modes:
-            hp = mode_hparams(hp0, base, mode)
-            run = run_mode(model, tok, records, hp, cfg, baseline, templates, bar, anchors)
+            hp, construction = mode_hparams(hp0, base, mode)
+            run = run_mode(model, tok, records, hp, construction, cfg, baseline, templates, bar, anchors)
             run["summary"] = summarize_ci(run["per_edit"], cfg.n_boot, cfg.seed)
             run["layers"] = list(hp.layers)
             results["runs"][RunKey(base, mode).text] = run

@@ -113,10 +113,11 @@ class _Context:
         return self.baselines[n]
 
     def hparams(self, run: RunKey):
+        """``(hp, construction)`` of ``run`` (:func:`~easyedit_replay.experiments.runner.mode_hparams`)."""
         return mode_hparams(self.by_alg[run.alg], run.alg, run.mode)
 
     def settings(self, run: RunKey, n: int, **extra) -> dict:
-        return {"records": records_digest(self.records[:n]), "hparams": hparams_settings(self.hparams(run)),
+        return {"records": records_digest(self.records[:n]), "hparams": hparams_settings(self.hparams(run)[0]),
                 "templates": self.templates[run.alg], "metrics": self.cfg.metric_settings(), **extra}
 
 
@@ -125,9 +126,9 @@ def _batch_cell(ctx: _Context, n: int, run: RunKey) -> None:
     path = batch_path(ctx.out, n, run.alg, run.mode)
     if read_cell(path, settings) is not None:
         return
-    hp = ctx.hparams(run)
+    hp, construction = ctx.hparams(run)
     records = ctx.records[:n]
-    result = run_mode(ctx.model, ctx.tok, records, hp, ctx.cfg.compare_config(), ctx.baseline(n),
+    result = run_mode(ctx.model, ctx.tok, records, hp, construction, ctx.cfg.compare_config(), ctx.baseline(n),
                       ctx.templates[run.alg], None, ctx.anchors)
     result["summary"] = summarize_ci(result["per_edit"], ctx.cfg.n_boot, ctx.cfg.seed)
     result["layers"] = list(hp.layers)
@@ -206,7 +207,7 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
         done.append(cell)
     if len(done) == len(steps):
         return
-    hp = ctx.hparams(run)
+    hp, construction = ctx.hparams(run)
     params = {name: resolve_parameter(ctx.model, name) for name in weight_names(hp)}
     series = _Series(ctx, run, hp, steps, settings, paths, done, params, attribution)
     ccfg = cfg.compare_config(batch_size=b, sequential=True)
@@ -215,8 +216,8 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
     reset_sequential_state(ctx.model)
     track_sequential(ctx.model)  # record every batch's keys: the key drift reads them
     try:
-        edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, ccfg, ctx.templates[run.alg], ctx.anchors,
-                        series.made, params=params, redo=len(done), on_redo=series.redone,
+        edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, construction, ccfg, ctx.templates[run.alg],
+                        ctx.anchors, series.made, params=params, redo=len(done), on_redo=series.redone,
                         norm_reference=series.norms)
     finally:
         reset_sequential_state(ctx.model)
