@@ -277,12 +277,13 @@ class AlphaEdit(Algorithm):
         proj = st.P[inp.weight_name].to(dev).float()
         keys = inp.keys.to(dev).float()
         resid = inp.error.to(dev).float() / inp.divisor
-        cache = (st.cache[inp.weight_name] if inp.protected is None else inp.protected).to(dev).float()
-        if inp.restored:  # sequential_refresh: the earlier edits are rows of this solve, with their current
-            cache = torch.zeros_like(cache)  # keys; their cache term (edit-time keys) would count them twice
+        gram = keys @ keys.T
+        if not inp.restored:  # sequential_refresh: the earlier edits are rows of this solve at their current
+            # keys, so the cache (the same edits at their edit-time keys) stays out: it would count them twice
+            gram = gram + (st.cache[inp.weight_name] if inp.protected is None else inp.protected).to(dev).float()
         st.keys[inp.weight_name] = keys[:, :keys.shape[1] - inp.restored].detach().cpu()  # this batch's own keys
         eye = torch.eye(keys.shape[0], dtype=proj.dtype, device=dev)
-        return torch.linalg.solve(proj @ (keys @ keys.T + cache) + inp.hparams.L2 * eye, proj @ keys @ resid.T)
+        return torch.linalg.solve(proj @ gram + inp.hparams.L2 * eye, proj @ keys @ resid.T)
 
     def capacity(self, keys, cov, hp, state: AlphaEditState, weight_name) -> torch.Tensor:
         """``q = k^T B^{-1} P k`` with ``B = P cache + L2 I``: by Sherman-Morrison, the
