@@ -64,7 +64,7 @@ def bench_loop(args, say):
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.editor import resolve_templates
     from easyedit_replay.algorithms import load_hparams
-    from easyedit_replay.keys import prepare_requests
+    from easyedit_replay.prompts import prepare_requests
     from easyedit_replay.models import load_model
 
     hp = load_hparams(default_hparams_path(), **({"v_num_grad_steps": args.steps} if args.steps else {}))
@@ -125,7 +125,7 @@ def say_padding(name: str, n: int, tok, templates, hp, say):
     returns ``(requests, rows)``."""
     from easyedit_replay.anchor import _build_rows
     from easyedit_replay.data import load_records
-    from easyedit_replay.keys import prepare_requests
+    from easyedit_replay.prompts import prepare_requests
 
     reqs = prepare_requests(load_records(DATASETS[name], n))
     rows = _build_rows(tok, reqs, templates, hp.fact_token, None)

@@ -78,7 +78,7 @@ def child_anchors(args):
     import torch
 
     from easyedit_replay.anchor import optimize_anchors
-    from easyedit_replay.keys import prepare_requests
+    from easyedit_replay.prompts import prepare_requests
     from easyedit_replay.targets import anchor_layer
 
     hp, model, tok, records, templates = _setup(args)

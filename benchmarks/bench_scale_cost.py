@@ -48,7 +48,8 @@ def zero_anchor_pool(model, tok, records, hp, templates):
     from easyedit_replay.algorithms import get_algorithm
     from easyedit_replay.anchor import AnchorResult
     from easyedit_replay.experiment import anchor_key
-    from easyedit_replay.keys import bare_probes, prepare_requests, read_at_lookup
+    from easyedit_replay.prompts import prepare_requests
+    from easyedit_replay.reads import bare_probes, read_at_lookup
 
     reg = get_algorithm(hp.alg_name)
     reqs = prepare_requests(records, leading_space=reg.rule.leading_space(model, hp))

@@ -52,7 +52,7 @@ from torch import nn
 from . import anchor_cache as cache_mod
 from .errors import NumericalError, RequestError
 from .batching import input_device, pad_id_of, pad_right, token_ids
-from .keys import EditRequest, escape_braces, flat_templates, lookup_index
+from .prompts import EditRequest, escape_braces, flat_templates, lookup_index
 from .model_info import hidden_size, max_positions
 from .tracing import StopForward, Trace, add_at_positions, hidden_of, resolve_module, run
 

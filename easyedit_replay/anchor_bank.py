@@ -116,7 +116,7 @@ def info(folder: str, data: Sequence[str] = ()) -> List[str]:
     if specs:
         from .anchor_cache import request_description
         from .data import load_records
-        from .keys import prepare_requests
+        from .prompts import prepare_requests
 
         for path, n in specs:
             reqs = [_request(request_description(r)) for r in prepare_requests(load_records(path, n))]

@@ -131,7 +131,7 @@ def request_keys(model, requests, rows_by_request: Sequence[Sequence[tuple]], hp
     """One :class:`CacheKey` per request (see the module docstring for what is keyed).
 
     Args:
-        requests: ``R`` prepared :class:`~easyedit_replay.keys.EditRequest`.
+        requests: ``R`` prepared :class:`~easyedit_replay.prompts.EditRequest`.
         rows_by_request: per request, its prompts as ``(token ids, lookup, is_kl)`` tuples.
         sites / loss_name: formatted module names.
     """

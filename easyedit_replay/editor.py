@@ -29,10 +29,8 @@ from .algorithms.base import Algorithm, UpdateInputs, match_shape
 from .anchor import AnchorResult, optimize_anchors
 from .batching import token_ids
 from .errors import HyperParamsError, NumericalError, RequestError
-from .keys import (
-    EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
-    sample_context_templates, template_probes, validate_templates,
-)
+from .prompts import EditRequest, prepare_requests, sample_context_templates, validate_templates
+from .reads import average_over_templates, bare_probes, read_at_lookup, template_probes
 from .model_info import max_positions
 from .postnorm import PostNorm, anchor_templates as post_norm_anchor_templates, post_norms
 from .precision import HALF_DTYPES, in_float32_window

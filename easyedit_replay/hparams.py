@@ -258,7 +258,7 @@ class ReplayHyperParams:
             raise err("layers", f"must be strictly increasing; use {sorted(set(self.layers))}")
         if min(self.layers) < 0:
             raise err("layers", "must be non-negative layer indices")
-        from .keys import FACT_TOKENS
+        from .prompts import FACT_TOKENS
 
         if self.fact_token not in FACT_TOKENS:
             raise err("fact_token", f"must be one of {list(FACT_TOKENS)}")

@@ -87,7 +87,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .anchor import AnchorResult
-from .keys import EditRequest, bare_probes, read_at_lookup
+from .prompts import EditRequest
+from .reads import bare_probes, read_at_lookup
 
 FIRST, LAST = "first", "last"
 

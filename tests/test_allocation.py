@@ -27,7 +27,8 @@ from easyedit_replay.algorithms import get_algorithm, load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.editor import compute_edit
 from easyedit_replay.errors import HyperParamsError
-from easyedit_replay.keys import average_over_templates, prepare_requests, read_at_lookup, template_probes
+from easyedit_replay.prompts import prepare_requests
+from easyedit_replay.reads import average_over_templates, read_at_lookup, template_probes
 from easyedit_replay.stats import second_moments
 from easyedit_replay.targets import mode_spec, parse_mode
 
@@ -190,7 +191,7 @@ def _dense_jacobians(model, tok, hp, req, layers):
     one row per basis vector: ``d`` copies of the prompt in one batch, row ``k`` pulls
     back ``e_k``."""
     from easyedit_replay.batching import pad_right, token_ids
-    from easyedit_replay.keys import lookup_index
+    from easyedit_replay.prompts import lookup_index
     from easyedit_replay.tracing import Trace, add_at_positions, run
 
     width = model.config.hidden_size

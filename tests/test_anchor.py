@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from easyedit_replay.anchor import optimize_anchors
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 
 from .test_core import with_fields
 

@@ -14,7 +14,7 @@ import torch
 from easyedit_replay import anchor as anchor_mod
 from easyedit_replay.anchor import optimize_anchors
 from easyedit_replay.anchor_cache import AnchorStore, forget_fingerprints
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 
 from .test_core import with_fields
 

@@ -16,7 +16,7 @@ from easyedit_replay.editor import compute_edit
 from easyedit_replay.errors import HyperParamsError
 from easyedit_replay.evaluate import distribution_shift, evaluate_records, greedy_generate
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import bare_probes, read_at_lookup
+from easyedit_replay.reads import bare_probes, read_at_lookup
 from easyedit_replay.targets import CONSTRUCTIONS, get_construction
 
 LAYERS = [4, 5, 6]

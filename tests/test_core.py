@@ -12,7 +12,7 @@ from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import RequestError
 from easyedit_replay.evaluate import evaluate_records, greedy_generate
-from easyedit_replay.keys import lookup_index, prepare_requests
+from easyedit_replay.prompts import lookup_index, prepare_requests
 from easyedit_replay.targets import TargetSite, build_targets
 from easyedit_replay.tracing import add_at_positions, hidden_of, with_hidden
 
@@ -199,7 +199,7 @@ def test_compact_reads_equal_whole_sequences_in_order(model_tok, hparams, templa
     every row equals the same probe run alone and whole (no batch, no padding), rows come
     back in the probes' order (duplicates included), and deltas added at the lookup token
     stay with their rows."""
-    from easyedit_replay.keys import read_at_lookup, template_probes
+    from easyedit_replay.reads import read_at_lookup, template_probes
 
     model, tok = model_tok
     reqs = prepare_requests(demo_records[:3])

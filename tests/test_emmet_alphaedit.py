@@ -28,7 +28,7 @@ from easyedit_replay.editor import apply_edit, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError, StatisticsError
 from easyedit_replay.evaluate import evaluate_records, summarize
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 from easyedit_replay.stats import bundled_texts, second_moments
 from easyedit_replay.targets import anchor_layer
 from easyedit_replay.tracing import resolve_parameter

@@ -12,7 +12,7 @@ import pytest
 from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import OPERATING_POINTS, default_hparams_path, main, parse_records
 from easyedit_replay.errors import ReplayError
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 from easyedit_replay.tune import EVALUATION_PREFIX, SCREENING_SPLITS, TUNING_SPLITS, pick
 
 from .conftest import SHARED_DATA, requires_shared

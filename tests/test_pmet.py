@@ -16,7 +16,7 @@ from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import HyperParamsError
 from easyedit_replay.evaluate import evaluate_records, summarize
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 from easyedit_replay.targets import build_targets
 
 from .helpers.easyedit_host import host_inputs, relative_differences, run_stock
