@@ -54,7 +54,7 @@ from typing import Dict, List
 
 import torch
 
-from .anchor import target_nll
+from .anchors import target_nll
 from .reads import bare_probes, read_at_lookup
 
 

@@ -26,7 +26,7 @@ import torch
 
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, UpdateInputs, match_shape
-from .anchor import AnchorResult, optimize_anchors
+from .anchors import AnchorResult, optimize_anchors
 from .batching import token_ids
 from .errors import HyperParamsError, NumericalError, RequestError
 from .prompts import EditRequest, prepare_requests, sample_context_templates, validate_templates
@@ -224,8 +224,9 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
         if found is None:
             if single:
                 raise misfit(next(iter(given.values())), layer)
-            found = optimize_anchors(model, tok, setup.requests, hparams, layer, setup.anchor_templates,
-                                     setup.templates, progress=progress, **setup.rule.anchor_objective(hparams))
+            objective = setup.rule.anchor_objective(hparams, layer, setup.templates, setup.anchor_templates)
+            found = optimize_anchors(model, tok, setup.requests, objective, chunk_size=hparams.anchor_batch_size,
+                                     cache=hparams.anchor_cache, progress=progress)
         elif found.delta.shape[1] != len(setup.requests):
             raise misfit(found, layer)
         elif list(found.sites) != [t.format(layer) for t in setup.anchor_templates]:

@@ -29,7 +29,6 @@ The paper's metrics (Liu et al., ICML 2026, section 6; their code's
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
+from .model_info import accepts_logits_to_keep
 from .experiments.metrics import metrics
 
 
@@ -48,13 +48,6 @@ class Scored:
     acc: float            # share of target tokens that are the argmax
     logprob: float        # mean log-probability per target token
     predictions: List[int]
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def position_logprobs(model, tok, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
@@ -80,7 +73,7 @@ def position_logprobs(model, tok, seqs: Sequence[Sequence[int]], positions: Sequ
     """
     dev = input_device(model)
     pad = pad_id_of(tok)
-    keep = _accepts_logits_to_keep(model)
+    keep = accepts_logits_to_keep(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: List[object] = [None] * len(seqs)
     with torch.no_grad():

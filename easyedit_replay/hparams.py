@@ -26,7 +26,7 @@ defaults:
   at most this many tokens (a text longer than this runs alone); changes only
   float rounding, not the file name.
 - ``context_seed``: seed of the context-template sampler.
-- ``anchor_cache``: keep optimized anchors in the disk cache (``anchor_cache.py``).
+- ``anchor_cache``: keep optimized anchors in the disk cache (:mod:`easyedit_replay.anchors.store`).
 - ``operating_point``: the name of the anchor settings a YAML carries (``bundled``,
   ``paper``, ``host-fe``: ``hparams/README.md``); a label, read by ``compare`` and
   ``scale`` to record which point made a cell. The values themselves key cells and

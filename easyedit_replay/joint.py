@@ -161,7 +161,7 @@ def joint_plan(model, tok, requests: Sequence[EditRequest], hparams, z_last: tor
             raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint needs a finite capacity at every "
                                    f"edit layer; layer {layer} has an infinite one (EMMET with emmet_lambda = 0 "
                                    f"delivers exactly): set emmet_lambda > 0 or use replay_capacity")
-    from .anchor import frozen_parameters
+    from .anchors import frozen_parameters
 
     started = time.perf_counter()
     earlier, last = layers[:-1], layers[-1]

@@ -86,7 +86,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .anchor import AnchorResult
+from .anchors import AnchorResult
 from .prompts import EditRequest
 from .reads import bare_probes, read_at_lookup
 

@@ -165,7 +165,7 @@ def test_new_rules_reuse_replays_anchors_from_the_cache(model_tok, stats_dir, de
     replay = compute_edit(model, tok, demo_records_module, hp, mode="replay", context_templates=TEMPLATES)
     for mode, changes in [("replay_tau", {"replay_tau": 0.25}), ("replay_capacity", {}), ("replay_joint", {})]:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
             plan = compute_edit(model, tok, demo_records_module, hp.replace(**changes), mode=mode,
                                 context_templates=TEMPLATES)
         assert "2 loaded from the cache, 0 optimized" in caplog.text, mode

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.anchors import Objective, optimize_anchors
 from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import RequestError
@@ -67,7 +67,8 @@ def test_replay_targets_equal_a_real_forward_pass(model_tok, hparams, templates,
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=4)
     reqs = prepare_requests(demo_records[:3])
-    anchor = optimize_anchors(model, tok, reqs, hp, hp.layers[0], [hp.layer_module_tmp], templates)
+    anchor = optimize_anchors(model, tok, reqs, Objective.of(hp, hp.layers[0], [hp.layer_module_tmp], templates),
+                              chunk_size=hp.anchor_batch_size)
     assert float(anchor.delta.norm()) > 1.0  # the anchor moved: the test can fail
     targets = build_targets(model, tok, reqs, hp, anchor, "replay", [TargetSite(hp.layer_module_tmp)], [hp.layer_module_tmp])
 

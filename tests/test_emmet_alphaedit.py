@@ -23,7 +23,7 @@ from easyedit_replay.algorithms.alphaedit import (
     AlphaEdit, alphaedit_cache, null_space_projection, projection_path, projections, reset_alphaedit_cache,
 )
 from easyedit_replay.algorithms.emmet import emmet_solve
-from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.anchors import Objective, optimize_anchors
 from easyedit_replay.editor import apply_edit, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError, StatisticsError
 from easyedit_replay.evaluate import evaluate_records, summarize
@@ -212,8 +212,9 @@ class _Anchors(dict):
     def __missing__(self, layer):
         (model, tok), stats_dir, templates, records = self.args
         hp = load("EMMET", stats_dir)
-        self[layer] = optimize_anchors(model, tok, prepare_requests(records), hp, layer, [hp.layer_module_tmp],
-                                       templates)
+        self[layer] = optimize_anchors(model, tok, prepare_requests(records),
+                                       Objective.of(hp, layer, [hp.layer_module_tmp], templates),
+                                       chunk_size=hp.anchor_batch_size)
         return self[layer]
 
     def of(self, mode):

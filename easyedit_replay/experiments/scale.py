@@ -49,7 +49,9 @@ from .cells import (
     steps_of, unedited_path, update_plan, write_cell,
 )
 from .metrics import RunKey
-from .runner import CompareConfig, edit_in_batches, mode_hparams, run_mode, score_rows, unedited_block
+from .runner import (
+    CompareConfig, edit_in_batches, mode_hparams, run_mode, score_rows, shared_anchors, unedited_block,
+)
 from .statistics import summarize_ci
 
 log = logging.getLogger("easyedit_replay.scale")
@@ -95,7 +97,6 @@ class _Context:
     out: Path
     templates: Dict[str, List[List[str]]]
     bar: object = None
-    anchors: Optional[dict] = None
     baselines: Dict[int, list] = field(default_factory=dict)
 
     def baseline(self, n: int) -> list:
@@ -128,7 +129,7 @@ def _batch_cell(ctx: _Context, n: int, run: RunKey) -> None:
     hp = ctx.hparams(run)
     records = ctx.records[:n]
     result = run_mode(ctx.model, ctx.tok, records, hp, ctx.cfg.compare_config(), ctx.baseline(n),
-                      ctx.templates[run.alg], None, ctx.anchors)
+                      ctx.templates[run.alg], None)
     result["summary"] = summarize_ci(result["per_edit"], ctx.cfg.n_boot, ctx.cfg.seed)
     result["layers"] = list(hp.layers)
     write_cell(path, {"kind": "batch", "n": n, "alg": run.alg, "mode": run.mode,
@@ -169,7 +170,7 @@ class _Series:
 
     def redone(self, k: int, idx) -> None:
         """A finished step re-applied: its rows back, its fingerprint checked."""
-        from ..anchor_cache import model_fingerprint
+        from ..anchors.store import model_fingerprint
 
         self.rows.update({int(i): r for i, r in self.done[k]["batch_rows"].items()})
         if model_fingerprint(self.ctx.model) != self.done[k]["fingerprint"]:
@@ -215,9 +216,8 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
     reset_sequential_state(ctx.model)
     track_sequential(ctx.model)  # record every batch's keys: the key drift reads them
     try:
-        edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, ccfg, ctx.templates[run.alg], ctx.anchors,
-                        series.made, params=params, redo=len(done), on_redo=series.redone,
-                        norm_reference=series.norms)
+        edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, ccfg, ctx.templates[run.alg], series.made,
+                        params=params, redo=len(done), on_redo=series.redone, norm_reference=series.norms)
     finally:
         reset_sequential_state(ctx.model)
 
@@ -230,7 +230,7 @@ def _step_cell(series: _Series, k: int, idx, step: dict) -> None:
     step the restore-one-layer attribution, from the snapshots of the weights after each
     earlier step) and, when the step is evaluated, every edit made so far against
     ``series.reference``."""
-    from ..anchor_cache import model_fingerprint
+    from ..anchors.store import model_fingerprint
 
     ctx, run, cfg = series.ctx, series.run, series.ctx.cfg
     ccfg = cfg.compare_config(batch_size=cfg.batch_size, sequential=True)
@@ -291,7 +291,7 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
     templates = {a: resolve_templates(model, tok, hp) for a, hp in by_alg.items()}
     plan = planned_cells(cfg, list(by_alg))
     update_plan(out, plan, meta)
-    ctx = _Context(model, tok, records, by_alg, cfg, out, templates, anchors={} if cfg.share_anchors else None)
+    ctx = _Context(model, tok, records, by_alg, cfg, out, templates)
     finished = [c for c in plan if cell_path(out, c).exists()]
     total = sum(cell_edits(c) for c in plan)
     ctx.bar = tqdm(total=total, initial=sum(cell_edits(c) for c in finished), desc="scale", unit="edit",
@@ -299,17 +299,20 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
     try:
         if b is None:
             for n in sizes:
-                ctx.anchors = {} if cfg.share_anchors else None  # anchor keys hold the batch: nothing carries over
+                # One in-process anchor layer per size: a request's anchor from another size's chunks
+                # differs in float rounding (the disk store, when on, serves it all the same).
+                with shared_anchors(model, cfg):
+                    for alg in by_alg:
+                        for mode in cfg.modes:
+                            existed = batch_path(out, n, alg, mode).exists()
+                            _batch_cell(ctx, n, RunKey(alg, mode))  # a finished cell: only its settings are checked
+                            if not existed:
+                                ctx.bar.update(n)
+        else:
+            with shared_anchors(model, cfg):
                 for alg in by_alg:
                     for mode in cfg.modes:
-                        existed = batch_path(out, n, alg, mode).exists()
-                        _batch_cell(ctx, n, RunKey(alg, mode))  # a finished cell: only its settings are checked
-                        if not existed:
-                            ctx.bar.update(n)
-        else:
-            for alg in by_alg:
-                for mode in cfg.modes:
-                    _sequential_series(ctx, RunKey(alg, mode))
+                        _sequential_series(ctx, RunKey(alg, mode))
     finally:
         ctx.bar.close()
     return write_scale_report(out, cfg.n_boot, cfg.seed) if report else None
