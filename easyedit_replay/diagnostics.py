@@ -245,7 +245,7 @@ def efficacy_means(model, tok, records) -> Dict[str, float]:
     from .evaluate import evaluate_records
 
     rows = evaluate_records(model, tok, [{k: r.get(k) for k in ("prompt", "target_new", "ground_truth")}
-                                         for r in records])
+                                         for r in records]).rows
     out = {}
     for key in ("efficacy_exact", "efficacy_win", "logp_new"):
         values = [row[key] for row in rows if row[key] is not None]

@@ -183,7 +183,7 @@ def test_memit_replay_batch_edit_of_demo_edits(model_tok, hparams, demo_records)
     try:
         apply_edit(model, tok, records, hparams)
         post = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=3)
-        rows = evaluate_records(model, tok, records, baseline)
+        rows = evaluate_records(model, tok, records, baseline).rows
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -246,7 +246,7 @@ def evaluate_plan(model_tok, plan, records, baseline):
         with torch.no_grad():
             for name, upd in plan.updates.items():
                 params[name] += upd.to(params[name].dtype)
-        return summarize(evaluate_records(model, tok, records, baseline))
+        return summarize(evaluate_records(model, tok, records, baseline).rows)
 
 
 @pytest.mark.slow
@@ -416,7 +416,7 @@ def test_cache_protects_the_first_batch_over_sequential_batches(model_tok, stats
             reset_alphaedit_cache(model)
             for batch in batches:
                 apply_edit(model, tok, batch, hp, context_templates=templates, sequential_edit=True, **kwargs)
-            rows = evaluate_records(model, tok, batches[0])
+            rows = evaluate_records(model, tok, batches[0]).rows
             result[variant] = (sum(r["logp_new"] for r in rows) / len(rows), summarize(rows)["efficacy_acc"])
             restore(model, original)
     finally:

@@ -125,11 +125,11 @@ def test_pmet_batch_edit_of_demo_edits(model_tok, pmet_hp, demo_records, alg):
     model, tok = model_tok
     records = demo_records[:8]
     baseline = evaluate_records(model, tok, records)
-    assert summarize(baseline)["efficacy_win"] == 0.0
+    assert summarize(baseline.rows)["efficacy_win"] == 0.0
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
         apply_edit(model, tok, records, with_fields(pmet_hp, alg_name=alg))
-        summary = summarize(evaluate_records(model, tok, records, baseline))
+        summary = summarize(evaluate_records(model, tok, records, baseline).rows)
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..anchors import in_process
 from ..diagnostics import norm_report, passive_cosines, residual_ratios, target_accuracy
 from ..editor import apply_plan, compute_edit, resolve_templates, weight_transaction
-from ..evaluate import evaluate_records, greedy_generate, ngram_entropy
+from ..evaluate import Evaluation, evaluate_records, greedy_generate, ngram_entropy
 from ..targets import parse_mode
 from ..tracing import resolve_parameter
 from .metrics import RunKey, metrics
@@ -72,11 +72,6 @@ def shared_anchors(model, cfg: CompareConfig):
     EMMET and AlphaEdit when their YAMLs agree; never PMET's two deltas with another's)
     reuses the anchors the first one made, under the anchor cache's key."""
     return in_process(model) if cfg.share_anchors else nullcontext()
-
-
-def public_row(row: dict) -> dict:
-    """``row`` without the keys that hold tensors for later comparisons (``_...``)."""
-    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, templates, number: int,
@@ -167,10 +162,11 @@ def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, cfg
             finish()
 
 
-def score_rows(model, tok, records, baseline, cfg: CompareConfig, timing: Optional[dict] = None) -> List[dict]:
-    """The reported metrics of ``records`` on the model as it is: :func:`evaluate_records`
-    against ``baseline`` (one row per record, ``_`` keys dropped) plus ``fluency``
-    (None without ``cfg.fluency``). Adds the seconds spent to ``timing["eval_seconds"]``
+def score_rows(model, tok, records, baseline: Evaluation, cfg: CompareConfig,
+               timing: Optional[dict] = None) -> List[dict]:
+    """The reported metrics of ``records`` on the model as it is: the rows of
+    :func:`evaluate_records` against ``baseline`` (its evaluation of the same records on
+    the unedited model) plus ``fluency`` (None without ``cfg.fluency``). Adds the seconds spent to ``timing["eval_seconds"]``
     and ``timing["fluency_seconds"]`` when given."""
     start = time.perf_counter()
     scored = evaluate_records(model, tok, records, baseline)
@@ -179,7 +175,7 @@ def score_rows(model, tok, records, baseline, cfg: CompareConfig, timing: Option
     if timing is not None:
         timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + mid - start
         timing["fluency_seconds"] = timing.get("fluency_seconds", 0.0) + time.perf_counter() - mid
-    return [{**public_row(row), "fluency": f} for row, f in zip(scored, flu)]
+    return [{**row, "fluency": f} for row, f in zip(scored.rows, flu)]
 
 
 def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, bar=None) -> Dict:
@@ -207,13 +203,13 @@ def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, b
         for i, row in step["rows"].items():
             rows[i] = row
         if not cfg.sequential:
-            scored = score_rows(model, tok, [records[i] for i in idx], [baseline[i] for i in idx], cfg, timing)
+            scored = score_rows(model, tok, [records[i] for i in idx], baseline.subset(idx), cfg, timing)
             for k, i in enumerate(idx):
                 rows[i] = {**(rows[i] or {}), **scored[k]}
         else:
             done = [i for bb in steps[: b + 1] for i in bb]
             start = time.perf_counter()
-            scored = evaluate_records(model, tok, [records[i] for i in done], [baseline[i] for i in done])
+            scored = evaluate_records(model, tok, [records[i] for i in done], baseline.subset(done)).rows
             timing["eval_seconds"] += time.perf_counter() - start
             curve.append({"edits": len(done), **{m.key: mean(r[m.key] for r in scored) for m in metrics("curve")}})
         if bar is not None:
@@ -243,7 +239,7 @@ def mode_hparams(hp, base: str, mode: str):
 
 def unedited_block(model, tok, records, cfg: CompareConfig):
     """``(baseline, block)``: :func:`evaluate_records` of the unedited model (the
-    reference every edited cell is compared with, ``_`` keys kept) and the reported
+    :class:`~easyedit_replay.evaluate.Evaluation` every edited cell is compared with) and the reported
     block ``{"per_edit", "summary"}`` of the unedited model against itself
     (specificity 1, DKL 0: a check of the metrics)."""
     baseline = evaluate_records(model, tok, records, None)

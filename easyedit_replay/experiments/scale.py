@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..diagnostics import norm_modules, output_norms, restore_attribution
 from ..errors import ReplayError
+from ..evaluate import Evaluation
 from ..sequential import key_drift, reset_sequential_state, track_sequential
 from .cells import (
     batch_path, cell_edits, cell_path, hparams_settings, planned_cells, read_cell, records_digest, step_path,
@@ -97,9 +98,9 @@ class _Context:
     out: Path
     templates: Dict[str, List[List[str]]]
     bar: object = None
-    baselines: Dict[int, list] = field(default_factory=dict)
+    baselines: Dict[int, Evaluation] = field(default_factory=dict)
 
-    def baseline(self, n: int) -> list:
+    def baseline(self, n: int) -> Evaluation:
         """The unedited model's :func:`evaluate_records` on ``records[:n]`` (as ``compare --n
         n`` computes it), memoized for the latest ``n``; writes the unedited cell."""
         if n not in self.baselines:
@@ -163,7 +164,7 @@ class _Series:
     done: List[dict]
     params: dict
     attribution: List[int]
-    reference: list = None
+    reference: Optional[Evaluation] = None
     norms: Dict[str, float] = None
     rows: Dict[int, dict] = field(default_factory=dict)
     snapshots: Dict[int, Dict[str, object]] = field(default_factory=dict)  # weights right after each step
@@ -253,7 +254,8 @@ def _step_cell(series: _Series, k: int, idx, step: dict) -> None:
                                                                 series.params)
     cell["timing"]["sequential_diagnostic_seconds"] = time.perf_counter() - start
     if cfg.curve or made in cfg.sizes or k == len(series.steps) - 1:
-        scored = score_rows(ctx.model, ctx.tok, ctx.records[:made], series.reference[:made], ccfg, cell["timing"])
+        scored = score_rows(ctx.model, ctx.tok, ctx.records[:made], series.reference.subset(range(made)), ccfg,
+                            cell["timing"])
         per_edit = [{**series.rows[i], **scored[i]} for i in range(made)]
         cell.update(evaluated=True, evaluated_cases=[r.get("case_id") for r in ctx.records[:made]],
                     per_edit=per_edit, summary=summarize_ci(per_edit, cfg.n_boot, cfg.seed))
