@@ -26,13 +26,11 @@ import torch
 
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, UpdateInputs, match_shape
-from .anchor import AnchorResult, optimize_anchors
+from .anchors import AnchorResult, optimize_anchors
 from .batching import token_ids
 from .errors import HyperParamsError, RequestError, check_finite as _check_finite
-from .keys import (
-    EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
-    sample_context_templates, template_probes, validate_templates,
-)
+from .prompts import EditRequest, prepare_requests, sample_context_templates, validate_templates
+from .reads import average_over_templates, bare_probes, read_at_lookup, template_probes
 from .model_info import max_positions
 from .postnorm import PostNorm, anchor_templates as post_norm_anchor_templates, post_norms
 from .precision import HALF_DTYPES, in_float32_window
@@ -222,8 +220,9 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
         if found is None:
             if single:
                 raise misfit(next(iter(given.values())), layer)
-            found = optimize_anchors(model, tok, setup.requests, hparams, layer, setup.anchor_templates,
-                                     setup.templates, progress=progress, **setup.rule.anchor_objective(hparams))
+            objective = setup.rule.anchor_objective(hparams, layer, setup.templates, setup.anchor_templates)
+            found = optimize_anchors(model, tok, setup.requests, objective, chunk_size=hparams.anchor_batch_size,
+                                     cache=hparams.anchor_cache, progress=progress)
         elif found.delta.shape[1] != len(setup.requests):
             raise misfit(found, layer)
         elif list(found.sites) != [t.format(layer) for t in setup.anchor_templates]:

@@ -29,7 +29,7 @@ defaults:
   at most this many tokens (a text longer than this runs alone); changes only
   float rounding, not the file name.
 - ``context_seed``: seed of the context-template sampler.
-- ``anchor_cache``: keep optimized anchors in the disk cache (``anchor_cache.py``).
+- ``anchor_cache``: keep optimized anchors in the disk cache (:mod:`easyedit_replay.anchors.store`).
 - ``operating_point``: the name of the anchor settings a YAML carries (``bundled``,
   ``paper``, ``host-fe``: ``hparams/README.md``); a label, read by ``compare`` and
   ``scale`` to record which point made a cell. The values themselves key cells and
@@ -92,6 +92,10 @@ SEQUENTIAL_KEYS = ("stock", "edit_time", "rekeyed")
 INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size", "mom2_max_length",
                   "mom2_tokens_per_batch")
 MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
+# EasyEdit-compatibility only: accepted (and validated where EasyEdit gives them a type) so that
+# a stock YAML loads, read nowhere in the plugin (device: EasyEdit's BaseEditor places the model;
+# the plugin uses the devices of the model's modules). tests/test_docs.py keeps this list honest.
+EASYEDIT_ONLY_FIELDS = ("layer_selection", "mom2_adjustment", "device", "max_length", "batch_size", "model_parallel")
 
 
 def _to_float_if_numeric(config: dict) -> dict:
@@ -116,7 +120,7 @@ class ReplayHyperParams:
 
     # Method (EasyEdit)
     layers: List[int]
-    layer_selection: str = "all"
+    layer_selection: str = "all"  # EasyEdit-compatibility only (EASYEDIT_ONLY_FIELDS)
     fact_token: str = "subject_last"
     v_num_grad_steps: int
     v_lr: float
@@ -124,7 +128,7 @@ class ReplayHyperParams:
     v_weight_decay: float
     clamp_norm_factor: float
     kl_factor: float
-    mom2_adjustment: bool = True
+    mom2_adjustment: bool = True  # EasyEdit-compatibility only
     mom2_update_weight: float
     # Module templates (EasyEdit)
     rewrite_module_tmp: str
@@ -138,12 +142,12 @@ class ReplayHyperParams:
     mom2_n_samples: int
     mom2_dtype: str = "float32"
     alg_name: str
-    device: Union[int, str] = 0
+    device: Union[int, str] = 0  # EasyEdit-compatibility only
     model_name: str
     stats_dir: str = "./data/stats"
-    max_length: int = 40
-    batch_size: int = 1
-    model_parallel: bool = False
+    max_length: int = 40  # EasyEdit-compatibility only
+    batch_size: int = 1  # EasyEdit-compatibility only
+    model_parallel: bool = False  # EasyEdit-compatibility only
     # easyedit-replay
     replay_share: str = "full"
     replay_tau: float = 0.5
@@ -264,7 +268,7 @@ class ReplayHyperParams:
             raise err("layers", f"must be strictly increasing; use {sorted(set(self.layers))}")
         if min(self.layers) < 0:
             raise err("layers", "must be non-negative layer indices")
-        from .keys import FACT_TOKENS
+        from .prompts import FACT_TOKENS
 
         if self.fact_token not in FACT_TOKENS:
             raise err("fact_token", f"must be one of {list(FACT_TOKENS)}")

@@ -80,7 +80,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .errors import HyperParamsError
-from .keys import EditRequest, Probe, average_over_templates, bare_probes, read_at_lookup, template_probes
+from .prompts import EditRequest
+from .reads import Probe, average_over_templates, bare_probes, read_at_lookup, template_probes
 from .tracing import resolve_parameter
 
 log = logging.getLogger(__name__)

@@ -149,7 +149,7 @@ def run(args) -> List[dict]:
                     plan = compute_edit(model, tok, records, hp, mode, context_templates=templates)
                 apply_plan(model, plan, hp)
                 with timer.phase("evaluate"):
-                    scored = evaluate_records(model, tok, records, baseline)
+                    scored = evaluate_records(model, tok, records, baseline).rows
             reset_alphaedit_cache(model)
             seconds = dict(timer.seconds)
             seconds["layers"] = seconds.pop("edit") - sum(seconds.get(p, 0.0) for p in ("statistics", "anchors", "targets"))

@@ -27,7 +27,8 @@ from easyedit_replay.algorithms import get_algorithm, load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.editor import compute_edit
 from easyedit_replay.errors import HyperParamsError
-from easyedit_replay.keys import average_over_templates, prepare_requests, read_at_lookup, template_probes
+from easyedit_replay.prompts import prepare_requests
+from easyedit_replay.reads import average_over_templates, read_at_lookup, template_probes
 from easyedit_replay.stats import second_moments
 from easyedit_replay.targets import mode_spec, parse_mode
 
@@ -164,7 +165,7 @@ def test_new_rules_reuse_replays_anchors_from_the_cache(model_tok, stats_dir, de
     replay = compute_edit(model, tok, demo_records_module, hp, "replay", context_templates=TEMPLATES)
     for mode, changes in [("replay_tau", {"replay_tau": 0.25}), ("replay_capacity", {}), ("replay_joint", {})]:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
             plan = compute_edit(model, tok, demo_records_module, hp.replace(**changes), mode,
                                 context_templates=TEMPLATES)
         assert "2 loaded from the cache, 0 optimized" in caplog.text, mode
@@ -190,7 +191,7 @@ def _dense_jacobians(model, tok, hp, req, layers):
     one row per basis vector: ``d`` copies of the prompt in one batch, row ``k`` pulls
     back ``e_k``."""
     from easyedit_replay.batching import pad_right, token_ids
-    from easyedit_replay.keys import lookup_index
+    from easyedit_replay.prompts import lookup_index
     from easyedit_replay.tracing import Trace, add_at_positions, run
 
     width = model.config.hidden_size

@@ -27,7 +27,7 @@ from easyedit_replay.algorithms import get_algorithm, load_hparams
 from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_plan, compute_edit
 from easyedit_replay.errors import HyperParamsError, ModelLoadError
-from easyedit_replay.keys import lookup_index, prepare_requests
+from easyedit_replay.prompts import lookup_index, prepare_requests
 from easyedit_replay.postnorm import nearest_reachable, post_norms, rms_norm_of, tangent_point
 from easyedit_replay.stats import second_moments
 

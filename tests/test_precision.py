@@ -168,9 +168,9 @@ def _metrics(model, tok, hp, records, templates):
         apply_plan(model, plan, hp)
         for name in plan.updates:
             assert params[name].dtype == next(model.parameters()).dtype and torch.isfinite(params[name]).all()
-        rows = evaluate_records(model, tok, records, baseline)
+        rows = evaluate_records(model, tok, records, baseline).rows
     out = {k: sum(r[k] for r in rows) / len(rows) for k in ("efficacy_acc", "generalization_acc", "logp_new")}
-    return dict(out, logp_new_before=sum(r["logp_new"] for r in baseline) / len(baseline))
+    return dict(out, logp_new_before=sum(r["logp_new"] for r in baseline.rows) / len(baseline))
 
 
 @pytest.mark.slow

@@ -162,7 +162,7 @@ def test_norm_anchored_targets(model_tok, stats_dir, demo_records, fresh):
     replayed ones at 5 and 6) asks its rewritten module for a value of norm N, the
     batch's mean; the second batch keeps the first batch's N; without it the values
     differ from N."""
-    from easyedit_replay.keys import bare_probes, read_at_lookup
+    from easyedit_replay.reads import bare_probes, read_at_lookup
 
     model, tok = model_tok
     hp = _hp(stats_dir, "MEMIT", norm_anchor=True)
@@ -205,7 +205,7 @@ def test_mode_specs_with_options_and_their_errors(stats_dir):
 
 def _block_states(model, tok, requests, hp):
     """``[L, R, d]`` block outputs of ``requests`` (bare prompts, lookup token) at every edit layer."""
-    from easyedit_replay.keys import bare_probes, read_at_lookup
+    from easyedit_replay.reads import bare_probes, read_at_lookup
 
     sites = [hp.layer_module_tmp.format(l) for l in hp.layers]
     reads = read_at_lookup(model, tok, bare_probes(tok, requests, hp.fact_token), outputs=sites)

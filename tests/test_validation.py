@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import HyperParamsError, NumericalError, ReplayError, RequestError
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 
 from .half_precision import reduced_copy
 from .test_core import assert_unchanged, snapshot, with_fields

@@ -15,8 +15,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..anchor import AnchorResult
-from ..keys import EditRequest, bare_probes, read_at_lookup
+from ..anchors import AnchorResult
+from ..prompts import EditRequest
+from ..reads import bare_probes, read_at_lookup
 from .construction import Construction, get_construction
 
 

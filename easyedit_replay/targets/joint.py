@@ -47,7 +47,8 @@ import torch
 
 from ..batching import input_device, pad_id_of, pad_right, token_ids
 from ..errors import HyperParamsError
-from ..keys import EditRequest, bare_probes
+from ..prompts import EditRequest
+from ..reads import bare_probes
 from ..tracing import Trace, add_at_positions, run
 
 
@@ -160,7 +161,7 @@ def joint_plan(model, tok, requests: Sequence[EditRequest], hparams, z_last: tor
             raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint needs a finite capacity at every "
                                    f"edit layer; layer {layer} has an infinite one (EMMET with emmet_lambda = 0 "
                                    f"delivers exactly): set emmet_lambda > 0 or use replay_capacity")
-    from ..anchor import frozen_parameters
+    from ..anchors import frozen_parameters
 
     started = time.perf_counter()
     earlier, last = layers[:-1], layers[-1]
@@ -214,7 +215,7 @@ def planned_trajectory(model, tok, probes, deltas: Dict[int, torch.Tensor], name
                        ) -> Dict[int, torch.Tensor]:
     """``{l_j: [R, d]}`` the state at the output of block ``l_j`` with every ``d_i``
     (``i <= j``) added at the lookup token of block ``l_i``: one no-grad forward pass."""
-    from ..keys import read_at_lookup
+    from ..reads import read_at_lookup
 
     outputs = [names[l] for l in deltas]
     reads = read_at_lookup(model, tok, probes, outputs=outputs, add={names[l]: d for l, d in deltas.items()})

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import HyperParamsError, NumericalError, check_finite, field_error
-from ..keys import average_over_templates, read_at_lookup
+from ..reads import average_over_templates, read_at_lookup
 from . import joint
 
 
