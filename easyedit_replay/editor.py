@@ -501,7 +501,8 @@ def compute_edit(
             trajectory.after[layer] = _hidden_reads(model, tok, now_probes, hparams)
         if setup.sequential is not None:  # sequential_refresh: the states this batch's edits reach
             setup.sequential.keep_states(trajectory.after[targets.edit_layers[-1]])
-        pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
+        pending = rule.finalize(model, tok, hparams, setup.state,
+                                dict(requests=reqs, templates=templates, sequential=setup.sequential))
     return EditPlan(f"{rule.name}_{setup.construction.suffix}", setup.construction.name, reqs, templates, anchors,
                     targets, loop.updates, records, pending, time.perf_counter() - started, unedited, loop.residuals,
                     trajectory, setup.sequential)

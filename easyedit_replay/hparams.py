@@ -68,7 +68,8 @@ bit-identical to an edit without them):
   edit layer once it was written, and every later batch adds those requests as rows of
   each layer's solve with those states as targets (under its own construction's share
   and measure). No anchor is optimized again. MEMIT, EMMET and AlphaEdit (whose
-  sequential cache then leaves the solve: it holds the same edits), with
+  sequential cache then leaves the solve but for its untracked part, the edits the
+  record does not hold: the rest holds the same edits), with
   ``sequential_keys: stock`` and a construction that shares the residual uniformly
   (not ``replay_capacity``/``replay_joint``).
 """

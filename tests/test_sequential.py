@@ -14,7 +14,7 @@ import torch
 from easyedit_replay import sequential
 from easyedit_replay.experiments import cells, scale
 from easyedit_replay.algorithms import get_algorithm, load_hparams, weight_names
-from easyedit_replay.algorithms.alphaedit import alphaedit_cache, reset_alphaedit_cache
+from easyedit_replay.algorithms.alphaedit import alphaedit_cache, alphaedit_untracked, reset_alphaedit_cache
 from easyedit_replay.cli import default_hparams_path, main
 from easyedit_replay.editor import apply_plan, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError
@@ -247,6 +247,76 @@ def test_refresh_restores_the_earlier_edits(model_tok, stats_dir, demo_records, 
             assert not all(torch.equal(second.updates[n], plain_second.updates[n]) for n in names)
         plain_first, plain_second = first, second
     assert gaps[True] < 0.8 * gaps[False], gaps
+
+
+def test_refresh_keeps_the_untracked_alphaedit_cache(model_tok, stats_dir, demo_records, fresh):
+    """AlphaEdit ``+refresh`` after an edit the record does not hold (made before
+    tracking began): the untracked part of the cache is the cache that edit left, kept
+    as it was by the recorded batches; the second recorded batch's solve adds it to
+    ``K K^T`` (its update differs from the one with the untracked part dropped, changes
+    less at the earlier edit's keys, and moves that edit's states less); it rolls back
+    with the weights, and with no record all of the cache is untracked (real model,
+    layers 4-6)."""
+    from easyedit_replay.stats import second_moments
+
+    model, tok = model_tok
+    plain, hp = _hp(stats_dir, "AlphaEdit"), _hp(stats_dir, "AlphaEdit", sequential_refresh=True)
+    names = weight_names(hp)
+    params = {n: resolve_parameter(model, n) for n in names}
+    rule = get_algorithm(hp.alg_name).rule
+    covs = second_moments(model, tok, hp, [n[: -len(".weight")] for n in names], progress=False)
+    with weight_transaction(params, restore_always=True) as original:
+        untracked_edit = compute_edit(model, tok, demo_records[:2], plain, "replay", context_templates=TEMPLATES)
+        apply_plan(model, untracked_edit, plain)
+        before = alphaedit_cache(model)  # the untracked edit's K K^T, rank 2 per weight
+        assert sequential.edited_batches(model) == [] and all(torch.any(before[n]) for n in names)
+        assert all(torch.equal(alphaedit_untracked(model)[n], before[n]) for n in names)  # no record: all of it
+        reached = _block_states(model, tok, untracked_edit.requests, hp)
+
+        sequential.track_sequential(model)
+        first = compute_edit(model, tok, demo_records[2:4], hp, "replay", context_templates=TEMPLATES)
+        apply_plan(model, first, hp)
+        assert len(sequential.edited_batches(model)) == 1
+        untracked = alphaedit_untracked(model)
+        assert sorted(untracked) == sorted(names) and all(torch.equal(untracked[n], before[n]) for n in names)
+        after_first = {n: p.detach().clone() for n, p in params.items()}
+
+        second = compute_edit(model, tok, demo_records[4:6], hp, "replay", context_templates=TEMPLATES)
+        apply_plan(model, second, hp)
+        kept = alphaedit_untracked(model)
+        assert all(torch.equal(kept[n], before[n]) for n in names)  # a recorded batch leaves it as it was
+        moved = float((_block_states(model, tok, untracked_edit.requests, hp) - reached).norm(dim=-1).mean())
+        with torch.no_grad():  # weights back at their state before the second batch: its rollback
+            for n, p in params.items():
+                p.copy_(after_first[n])
+        state = rule.prepare(model, tok, hp, covs, {})
+        assert all(torch.equal(state.untracked[n], before[n]) for n in names)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(original[n])
+        state = rule.prepare(model, tok, hp, covs, {})
+        assert all(state.untracked[n] is None and not torch.any(state.cache[n]) for n in names)
+
+        # the same second batch with the untracked part dropped (the cache forgotten: the
+        # recorded part is not in a +refresh solve, so only the untracked part goes)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(after_first[n])
+        reset_alphaedit_cache(model)
+        dropped = compute_edit(model, tok, demo_records[4:6], hp, "replay", context_templates=TEMPLATES,
+                               anchor=dict(second.anchors))
+        assert all(torch.equal(second.anchors[l].delta, dropped.anchors[l].delta) for l in second.anchors)
+        apply_plan(model, dropped, hp)
+        moved_dropped = float((_block_states(model, tok, untracked_edit.requests, hp) - reached).norm(dim=-1).mean())
+        assert alphaedit_untracked(model) == {}  # the cache holds the recorded second batch alone
+        sequential.reset_sequential_state(model)  # no record: all of the cache is untracked
+        assert all(torch.equal(alphaedit_untracked(model)[n], alphaedit_cache(model)[n]) for n in names)
+    for n in names:
+        assert not torch.equal(second.updates[n], dropped.updates[n]), n
+        span = torch.linalg.eigh(before[n].double()).eigenvectors[:, -2:]  # [d_in, 2] the untracked edit's keys
+        at_keys, at_keys_dropped = ((u.double() @ span).norm() for u in (second.updates[n], dropped.updates[n]))
+        assert at_keys < 0.75 * at_keys_dropped, (n, float(at_keys), float(at_keys_dropped))
+    assert moved < 0.8 * moved_dropped, (moved, moved_dropped)
 
 
 def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):

@@ -136,7 +136,10 @@ class Algorithm:
 
     def finalize(self, model, tok, hp, state, context) -> Optional[Any]:
         """Called with every update written, before weights are restored; returns
-        pending state that :meth:`commit` stores once the edit has succeeded."""
+        pending state that :meth:`commit` stores once the edit has succeeded.
+
+        ``context``: ``{"requests", "templates", "sequential"}`` (the batch's
+        :class:`~easyedit_replay.sequential.SequentialContext`, or None)."""
         return None
 
     def commit(self, model, hp, pending) -> None:
