@@ -60,11 +60,11 @@ def _records(n):
 
 
 def bench_loop(args, say):
-    from easyedit_replay.anchor import optimize_anchors
+    from easyedit_replay.anchors import Objective, optimize_anchors
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.editor import resolve_templates
     from easyedit_replay.algorithms import load_hparams
-    from easyedit_replay.keys import prepare_requests
+    from easyedit_replay.prompts import prepare_requests
     from easyedit_replay.models import load_model
 
     hp = load_hparams(default_hparams_path(), **({"v_num_grad_steps": args.steps} if args.steps else {}))
@@ -81,8 +81,9 @@ def bench_loop(args, say):
         layer = layers[what]
         for n in [int(x) for x in args.sizes.split(",")]:
             reqs = prepare_requests(_records(n))
-            run = lambda fast, r=reqs: optimize_anchors(model, tok, r, hp, layer, [hp.layer_module_tmp],  # noqa: E731
-                                                        templates, anchor_cache=False, fast_loop=fast)
+            objective = Objective.of(hp, layer, [hp.layer_module_tmp], templates)
+            run = lambda fast, r=reqs: optimize_anchors(model, tok, r, objective, chunk_size=hp.anchor_batch_size,  # noqa: E731
+                                                        cache=False, fast_loop=fast)
             if n == int(args.sizes.split(",")[0]):
                 run(False, reqs[:1]), run(True, reqs[:1])  # warm-up
             times, res = {False: [], True: []}, {}
@@ -123,12 +124,12 @@ def say_padding(name: str, n: int, tok, templates, hp, say):
     """Print the padding efficiency of the anchor chunks of the first ``n`` requests of
     dataset ``name``, in file order and sorted by length (``optimize_anchors``' order);
     returns ``(requests, rows)``."""
-    from easyedit_replay.anchor import _build_rows
+    from easyedit_replay.anchors.objective import build_rows
     from easyedit_replay.data import load_records
-    from easyedit_replay.keys import prepare_requests
+    from easyedit_replay.prompts import prepare_requests
 
     reqs = prepare_requests(load_records(DATASETS[name], n))
-    rows = _build_rows(tok, reqs, templates, hp.fact_token, None)
+    rows = build_rows(tok, reqs, templates, hp.fact_token, None)
     say(f"  {name}, {len(reqs)} requests: padding efficiency (real / padded tokens) of chunks of "
         f"{hp.anchor_batch_size}: file order {padding_efficiency(rows, list(range(len(reqs))), hp.anchor_batch_size):.2f}, "
         f"by length {padding_efficiency(rows, None, hp.anchor_batch_size):.2f}")
@@ -155,7 +156,8 @@ def bench_throughput(args, say):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from easyedit_replay.anchor import optimize_anchors, target_token_ids
+    from easyedit_replay.anchors import Objective, optimize_anchors
+    from easyedit_replay.anchors.objective import target_token_ids
     from easyedit_replay.algorithms import load_hparams
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.editor import resolve_templates
@@ -179,8 +181,8 @@ def bench_throughput(args, say):
             counter = FlopCounterMode(display=False)
             start = time.perf_counter()
             with counter:
-                res = optimize_anchors(model, tok, reqs, hp, layer, [hp.layer_module_tmp], templates,
-                                       anchor_cache=False)
+                res = optimize_anchors(model, tok, reqs, Objective.of(hp, layer, [hp.layer_module_tmp], templates),
+                                       chunk_size=hp.anchor_batch_size, cache=False)
             wall = time.perf_counter() - start
             per_req = counter.get_total_flops() / len(reqs)
             limit = per_req / flops_s

@@ -68,7 +68,7 @@ def child_edit(args):
     second_moments(model, tok, hp, [hp.rewrite_module_tmp.format(l) for l in hp.layers], progress=False)
     hp = hp.replace(alg_name=alg_name_of(get_algorithm(hp.alg_name).base, args.mode))
     start = time.perf_counter()
-    plan = compute_edit(model, tok, records, hp, context_templates=templates)
+    plan = compute_edit(model, tok, records, hp, args.mode, context_templates=templates)
     seconds = time.perf_counter() - start
     steps = int(plan.anchor.steps.max())
     return {"seconds": seconds, "anchor_steps_max": steps, "anchor_steps_sum": int(plan.anchor.steps.sum())}
@@ -77,8 +77,8 @@ def child_edit(args):
 def child_anchors(args):
     import torch
 
-    from easyedit_replay.anchor import optimize_anchors
-    from easyedit_replay.keys import prepare_requests
+    from easyedit_replay.anchors import Objective, optimize_anchors
+    from easyedit_replay.prompts import prepare_requests
     from easyedit_replay.targets import anchor_layer
 
     hp, model, tok, records, templates = _setup(args)
@@ -86,7 +86,8 @@ def child_anchors(args):
     hp = hp.replace(anchor_batch_size=args.chunk)
     layer = anchor_layer("replay", hp.layers)
     start = time.perf_counter()
-    res = optimize_anchors(model, tok, reqs, hp, layer, [hp.layer_module_tmp], templates)
+    res = optimize_anchors(model, tok, reqs, Objective.of(hp, layer, [hp.layer_module_tmp], templates),
+                           chunk_size=hp.anchor_batch_size, cache=hp.anchor_cache)
     seconds = time.perf_counter() - start
     torch.save(res.delta, args.out)
     return {"seconds": seconds, "steps_sum": int(res.steps.sum())}

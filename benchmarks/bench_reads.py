@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from easyedit_replay.data import load_records
     from easyedit_replay.editor import resolve_templates
     from easyedit_replay.batching import token_ids
-    from easyedit_replay.keys import bare_probes, prepare_requests, read_at_lookup, template_probes
+    from easyedit_replay.prompts import prepare_requests
+    from easyedit_replay.reads import bare_probes, read_at_lookup, template_probes
     from easyedit_replay.models import load_model
 
     model, tok = load_model("smollm2-135m")

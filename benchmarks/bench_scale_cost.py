@@ -40,27 +40,26 @@ STAGES = (("anchors", "optimize_anchors"), ("statistics", "second_moments"), ("k
           ("solve", "update"), ("evaluation", "evaluate_records"), ("fluency", "fluency_scores"))
 
 
-def zero_anchor_pool(model, tok, records, hp, templates):
-    """``{anchor_key: AnchorResult}`` with the unedited lookup states and zero deltas at the
-    construction's anchor layers, keyed as :func:`run_mode` looks them up."""
+def put_zero_anchors(memory, model, tok, records, hp, construction, templates) -> None:
+    """Put the unedited lookup states with zero deltas at the construction's anchor layers
+    into the in-process anchor layer ``memory``, under the keys :func:`run_mode` looks up."""
     import torch
 
     from easyedit_replay.algorithms import get_algorithm
-    from easyedit_replay.anchor import AnchorResult
-    from easyedit_replay.experiment import anchor_key
-    from easyedit_replay.keys import bare_probes, prepare_requests, read_at_lookup
+    from easyedit_replay.anchors import cache_keys
+    from easyedit_replay.anchors.store import Entry
+    from easyedit_replay.prompts import prepare_requests
+    from easyedit_replay.reads import bare_probes, read_at_lookup
 
     reg = get_algorithm(hp.alg_name)
     reqs = prepare_requests(records, leading_space=reg.rule.leading_space(model, hp))
     probes = bare_probes(tok, reqs, hp.fact_token)
-    pool = {}
-    for layer in reg.construction.anchor_layers(hp.layers):
-        site = hp.layer_module_tmp.format(layer)
-        init = read_at_lookup(model, tok, probes, outputs=[site])["out:" + site][None]
-        res = AnchorResult(layer, [site], init, torch.zeros(init.shape, dtype=torch.float32),
-                           torch.zeros(len(reqs)), torch.zeros(len(reqs), dtype=torch.long))
-        pool[anchor_key(model, hp, layer, list(range(len(reqs))), templates)] = res
-    return pool
+    for layer in construction.anchor_layers(hp.layers):
+        objective = reg.rule.anchor_objective(hp, layer, templates)
+        site = objective.sites[0]
+        init = read_at_lookup(model, tok, probes, outputs=[site])["out:" + site]
+        for key, h in zip(cache_keys(model, tok, reqs, objective), init):
+            memory.put(key, Entry(h[None], torch.zeros((1, h.shape[-1])), torch.tensor(0.0), torch.tensor(0)))
 
 
 def main(argv=None) -> int:
@@ -76,26 +75,28 @@ def main(argv=None) -> int:
     import torch
 
     from easyedit_replay.algorithms import load_hparams
+    from easyedit_replay.anchors import in_process
     from easyedit_replay.cli import default_hparams_path
     from easyedit_replay.data import load_records
     from easyedit_replay.editor import resolve_templates
-    from easyedit_replay.experiment import run_mode, unedited_block
+    from easyedit_replay.experiment import mode_hparams, run_mode, unedited_block
     from easyedit_replay.models import cache_root, load_model
     from easyedit_replay.scale import ScaleConfig
 
     model, tok = load_model("smollm2-135m")
     hp = load_hparams(default_hparams_path(alg="MEMIT_REPLAY"), stats_dir=str(cache_root() / "stats"))
-    hp = hp.replace(alg_name=f"MEMIT_{args.mode.upper()}")
+    hp, construction = mode_hparams(hp, "MEMIT", args.mode)
     records = load_records(args.data, args.n)
     templates = resolve_templates(model, tok, hp)
     cfg = ScaleConfig(sizes=[args.n], progress=False).compare_config()
-    pool = zero_anchor_pool(model, tok, records, hp, templates)
     prof = cProfile.Profile()
-    start = time.perf_counter()
-    prof.enable()
-    baseline, _ = unedited_block(model, tok, records, cfg)
-    run = run_mode(model, tok, records, hp, cfg, baseline, templates, None, pool)
-    prof.disable()
+    with in_process(model) as memory:
+        put_zero_anchors(memory, model, tok, records, hp, construction, templates)
+        start = time.perf_counter()
+        prof.enable()
+        baseline, _ = unedited_block(model, tok, records, cfg)
+        run = run_mode(model, tok, records, hp, construction, cfg, baseline, templates, None)
+        prof.disable()
     wall = time.perf_counter() - start
     stats = pstats.Stats(prof)
     cum = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from . import anchor_bank
+from .anchors import bank as anchor_bank
 from .bundled import OPERATING_POINTS, bundled_algorithms, bundled_model, default_hparams_path  # noqa: F401
 from .data import parse_records  # noqa: F401  (re-exported: ``--records``)
 from .errors import ReplayError
@@ -133,7 +133,7 @@ def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
     records = load_records(args.data, n, records=parse_records(args.records))
     _validate(args, records, _spellings(by_alg.values()))
     if not args.quiet:
-        logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
+        logging.getLogger("easyedit_replay.anchors").setLevel(logging.INFO)  # anchors loaded vs optimized
     model_name = args.model or next(iter(by_alg.values())).model_name
     model = tok = None
     if load:

@@ -182,14 +182,14 @@ TEXT_FIELDS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_g
 
 def validate_records(records: List[dict], leading_space: bool = True, source: str = "--data") -> None:
     """Check canonical records before any model is loaded: every edit request as the
-    editors will prepare it (:func:`easyedit_replay.keys.prepare_requests`: string
+    editors will prepare it (:func:`easyedit_replay.prompts.prepare_requests`: string
     ``prompt``/``subject``/``target_new``, subject in the prompt, ...) and the
     evaluation fields (strings or missing).
 
     Raises:
         RequestError: naming ``source``, the item and the field.
     """
-    from .keys import prepare_request
+    from .prompts import prepare_request
 
     for i, r in enumerate(records):
         try:

@@ -54,8 +54,8 @@ from typing import Dict, List
 
 import torch
 
-from .anchor import target_nll
-from .keys import bare_probes, read_at_lookup
+from .anchors import target_nll
+from .reads import bare_probes, read_at_lookup
 
 
 @dataclass
@@ -196,9 +196,9 @@ def norm_modules(hparams) -> List[str]:
 
 def output_norms(model, tok, requests, hparams, modules: List[str]) -> Dict[str, float]:
     """``{module: mean |output|}`` at the lookup token of the bare prompts of ``requests``
-    (EasyEdit request dicts or :class:`~easyedit_replay.keys.EditRequest`), one batched
+    (EasyEdit request dicts or :class:`~easyedit_replay.prompts.EditRequest`), one batched
     forward pass: on the unedited model, the reference :func:`norm_report` divides by."""
-    from .keys import prepare_requests
+    from .prompts import prepare_requests
 
     reqs = prepare_requests([r.raw if hasattr(r, "raw") else r for r in requests])
     reads = read_at_lookup(model, tok, bare_probes(tok, reqs, hparams.fact_token), outputs=modules)
@@ -245,7 +245,7 @@ def efficacy_means(model, tok, records) -> Dict[str, float]:
     from .evaluate import evaluate_records
 
     rows = evaluate_records(model, tok, [{k: r.get(k) for k in ("prompt", "target_new", "ground_truth")}
-                                         for r in records])
+                                         for r in records]).rows
     out = {}
     for key in ("efficacy_exact", "efficacy_win", "logp_new"):
         values = [row[key] for row in rows if row[key] is not None]

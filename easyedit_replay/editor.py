@@ -26,19 +26,17 @@ import torch
 
 from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, UpdateInputs, match_shape
-from .anchor import AnchorResult, optimize_anchors
+from .anchors import AnchorResult, optimize_anchors
 from .batching import token_ids
-from .errors import HyperParamsError, NumericalError, RequestError
-from .keys import (
-    EditRequest, average_over_templates, bare_probes, prepare_requests, read_at_lookup,
-    sample_context_templates, template_probes, validate_templates,
-)
+from .errors import HyperParamsError, RequestError, check_finite as _check_finite
+from .prompts import EditRequest, prepare_requests, sample_context_templates, validate_templates
+from .reads import average_over_templates, bare_probes, read_at_lookup, template_probes
 from .model_info import max_positions
 from .postnorm import PostNorm, anchor_templates as post_norm_anchor_templates, post_norms
 from .precision import HALF_DTYPES, in_float32_window
 from . import sequential
 from .stats import second_moments
-from .targets import Construction, Targets, build_targets, final_hidden_target, get_construction
+from .targets import Construction, ShareContext, Targets, build_targets, final_hidden_target, get_construction
 from .tracing import resolve_parameter
 
 log = logging.getLogger(__name__)
@@ -127,11 +125,6 @@ def _restore(params, saved):
             p.copy_(saved[name])
 
 
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise NumericalError(f"non-finite {what}; no weight was changed. Check the request, the statistics and v_lr")
-
-
 def check_prompt_lengths(model, tok, reqs: Sequence[EditRequest]) -> None:
     """Reject prompts longer than the model's context before any computation.
 
@@ -174,15 +167,16 @@ class _Setup:
     sequential: Optional[sequential.SequentialContext] = None
 
 
-def _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options,
+def _setup(model, tok, requests, hparams, construction, context_templates, progress, stats_dir, options,
            statistics: bool = True) -> _Setup:
     """Stage 1; with ``statistics`` False the second moments and the rule's ``prepare``
-    (which only the update rule reads, never an anchor) are skipped."""
-    reg = get_algorithm(hparams.alg_name)
-    rule = algorithm or reg.rule
-    construction = get_construction(mode or reg.construction)
+    (which only the update rule reads, never an anchor) are skipped. The construction's
+    open parameters are read from their YAML aliases here, once."""
+    rule = get_algorithm(hparams.alg_name).rule
+    construction = get_construction(construction)
     hparams.validate()
     hparams.validate_for_model(model)
+    construction = construction.configured(hparams)
     sites = rule.sites(hparams)
     edit_layers = construction.edit_layers(hparams.layers)
     params = {}
@@ -226,8 +220,9 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
         if found is None:
             if single:
                 raise misfit(next(iter(given.values())), layer)
-            found = optimize_anchors(model, tok, setup.requests, hparams, layer, setup.anchor_templates,
-                                     setup.templates, progress=progress, **setup.rule.anchor_objective(hparams))
+            objective = setup.rule.anchor_objective(hparams, layer, setup.templates, setup.anchor_templates)
+            found = optimize_anchors(model, tok, setup.requests, objective, chunk_size=hparams.anchor_batch_size,
+                                     cache=hparams.anchor_cache, progress=progress)
         elif found.delta.shape[1] != len(setup.requests):
             raise misfit(found, layer)
         elif list(found.sites) != [t.format(layer) for t in setup.anchor_templates]:
@@ -239,18 +234,18 @@ def _anchors(model, tok, hparams, setup: _Setup, given, progress) -> Dict[int, A
     return out
 
 
-def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
+def compute_anchors(model, tok, requests: Sequence[dict], hparams, construction,
                     context_templates: Optional[List[List[str]]] = None,
                     progress: bool = False) -> Dict[int, AnchorResult]:
-    """Only stage 2 of :func:`compute_edit`: the anchors a ``mode`` edit of ``requests``
+    """Only stage 2 of :func:`compute_edit`: the anchors an edit of ``requests`` by ``construction``
     would optimize, through the same set-up (requests, context templates; no covariance
     statistics, which no anchor reads), so they land in the anchor disk cache under the
     keys an edit looks up. For filling
     an anchor bank ahead of the edits, e.g. in several processes on disjoint requests
     (``easyedit-replay anchors bank``). The model is not changed.
 
-    Args: as :func:`compute_edit` (``mode``: the construction; spread needs the ``l_n``
-    anchor, replay the ``l_1`` one, BLUE both).
+    Args: as :func:`compute_edit` (spread needs the ``l_n`` anchor, replay the ``l_1``
+    one, BLUE both).
 
     Returns:
         ``{anchor layer: AnchorResult}`` (``delta [S, R, d]`` float32, ``R`` requests).
@@ -258,7 +253,7 @@ def compute_anchors(model, tok, requests: Sequence[dict], hparams, mode=None,
     Raises:
         HyperParamsError, RequestError, NumericalError, as :func:`compute_edit`.
     """
-    setup = _setup(model, tok, requests, hparams, mode, context_templates, None, progress, None, None,
+    setup = _setup(model, tok, requests, hparams, construction, context_templates, progress, None, None,
                    statistics=False)
     return _anchors(model, tok, hparams, setup, None, progress)
 
@@ -335,7 +330,7 @@ def _memory(model, tok, hparams, setup: _Setup, targets: Targets) -> Optional[_M
     if any(s.target.template != hparams.layer_module_tmp for s in setup.sites):
         raise HyperParamsError(f"sequential_refresh restores block-output states (layer_module_tmp); "
                                f"{setup.rule.name}'s targets are module outputs. Use it with MEMIT, EMMET or AlphaEdit")
-    if setup.construction.share in ("capacity", "joint"):
+    if setup.construction.share.per_request:
         raise HyperParamsError(f"sequential_refresh: {setup.construction.name} sizes each request's share from "
                                f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
     held = seq.earlier_states(targets.edit_layers)
@@ -422,26 +417,14 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
     return record
 
 
-def construction_refusal(construction: Construction, rule: Algorithm, hparams) -> Optional[str]:
-    """Why ``rule`` with ``hparams`` cannot run ``construction``, or None when it can.
-    ``replay_joint`` plans changes of the block output, so it needs one site per layer
-    whose target is ``layer_module_tmp`` (PMET's two module-output sites are refused)."""
-    sites = rule.sites(hparams)
-    if construction.share == "joint" and (len(sites) != 1 or sites[0].target.template != hparams.layer_module_tmp):
-        return (f"replay_joint plans changes of the block output (layer_module_tmp); this rule edits "
-                f"{len(sites)} other site(s) per layer. Use replay_capacity, which shares per site")
-    return None
-
-
 @in_float32_window  # half-precision models: the edit window runs in float32 (precision.py)
 def compute_edit(
     model,
     tok,
     requests: Sequence[dict],
     hparams,
-    mode=None,
+    construction,
     context_templates: Optional[List[List[str]]] = None,
-    algorithm: Optional[Algorithm] = None,
     progress: bool = False,
     stats_dir=None,
     anchor=None,
@@ -458,11 +441,14 @@ def compute_edit(
 
     Args:
         requests: EasyEdit request dicts (``prompt``, ``subject``, ``target_new``, ...).
-        hparams: a plugin hyperparameter dataclass (``alg_name`` picks the rule and,
-            unless ``mode`` is given, the target construction).
-        mode: a construction name (``"replay"``, ``"spread"``, ``"blue"``,
-            ``"onelayer"``, ...) or :class:`~easyedit_replay.targets.Construction`
-            (default: from ``alg_name``).
+        hparams: a plugin hyperparameter dataclass (the base of ``alg_name`` picks the
+            update rule; its construction suffix is not read here).
+        construction: the target construction, a
+            :class:`~easyedit_replay.targets.Construction` or its name or spec
+            (``"replay"``, ``"spread"``, ``"blue"``, ``"replay_tau=0.25"``, ...); the
+            parameters it leaves open are read from their YAML keys (``replay_tau``,
+            ``replay_share``). :func:`apply_edit` (every EasyEdit entry point) passes the
+            ``alg_name``'s.
         context_templates: inject templates (default: sampled, seeded, cached).
         options: extra keyword arguments of the ``apply_*`` call, handed to the
             algorithm's ``prepare`` (e.g. AlphaEdit's ``reset_cache``) and to
@@ -480,9 +466,9 @@ def compute_edit(
         is raised, every weight is bit-identical to before.
     """
     started = time.perf_counter()
-    setup = _setup(model, tok, requests, hparams, mode, context_templates, algorithm, progress, stats_dir, options)
+    setup = _setup(model, tok, requests, hparams, construction, context_templates, progress, stats_dir, options)
     rule, reqs, templates, sites = setup.rule, setup.requests, setup.templates, setup.sites
-    refusal = construction_refusal(setup.construction, rule, hparams)
+    refusal = setup.construction.refusal(rule, hparams)
     if refusal:
         raise HyperParamsError(f"alg_name {hparams.alg_name}: {refusal}")
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
@@ -496,10 +482,8 @@ def compute_edit(
     key_probes = template_probes(tok, reqs, templates, hparams.fact_token)
     now_probes = bare_probes(tok, reqs, hparams.fact_token)
     layers = list(hparams.layers)
-    if setup.construction.share in ("capacity", "joint"):
-        targets.capacity = _capacities(model, tok, hparams, setup, key_probes, targets.edit_layers)
-    if setup.construction.share == "joint" and len(targets.edit_layers) > 1:
-        _plan_jointly(model, tok, hparams, setup, targets)
+    setup.construction.share.prepare(ShareContext(model, tok, hparams, rule, sites, reqs, templates, setup.covs,
+                                                  setup.state, key_probes, targets))  # capacities, joint plan
     site_names = {(l, s.target.template): s.target.template.format(l) for l in layers for s in sites}
     reads = read_at_lookup(model, tok, now_probes, outputs=list(site_names.values()))
     unedited = {key: reads["out:" + name].float() for key, name in site_names.items()}
@@ -517,47 +501,11 @@ def compute_edit(
             trajectory.after[layer] = _hidden_reads(model, tok, now_probes, hparams)
         if setup.sequential is not None:  # sequential_refresh: the states this batch's edits reach
             setup.sequential.keep_states(trajectory.after[targets.edit_layers[-1]])
-        pending = rule.finalize(model, tok, hparams, setup.state, dict(requests=reqs, templates=templates))
-    return EditPlan(hparams.alg_name, setup.construction.name, reqs, templates, anchors, targets, loop.updates,
-                    records, pending, time.perf_counter() - started, unedited, loop.residuals, trajectory,
-                    setup.sequential)
-
-
-def _plan_jointly(model, tok, hparams, setup: "_Setup", targets: Targets) -> None:
-    """``replay_joint``: replace the targets of ``l_1..l_{n-1}`` with the jointly planned
-    states (:func:`easyedit_replay.joint.joint_plan`); its cost goes to ``targets.info``.
-
-    Raises:
-        HyperParamsError: an infinite capacity (EMMET with ``emmet_lambda = 0``; from
-            :func:`~easyedit_replay.joint.joint_plan`).
-        NumericalError: the solve broke down or a planned state is not finite."""
-    from .joint import joint_plan
-
-    template, layers = hparams.layer_module_tmp, targets.edit_layers
-    plan = joint_plan(model, tok, setup.requests, hparams, targets.values[(layers[-1], template)],
-                      {l: targets.capacity[(l, template)] for l in layers}, layers, template)
-    if not plan.relative_residual < 1:  # NaN or a diverged solve
-        raise NumericalError(f"replay_joint: the joint solve did not converge (relative residual "
-                             f"{plan.relative_residual}); no weight was changed")
-    for layer, state in plan.trajectory.items():
-        _check_finite(state, f"replay_joint planned state at layer {layer}")
-        targets.values[(layer, template)] = state
-    targets.info.update({"joint_" + k: v for k, v in plan.info().items()})
-
-
-def _capacities(model, tok, hparams, setup: "_Setup", key_probes, edit_layers) -> Dict[Tuple[int, str], torch.Tensor]:
-    """``{(layer, target template): [R] q}``: the rule's capacity (``Algorithm.capacity``)
-    at every edited layer and site, from the unedited model's keys (one forward pass
-    over the context-template probes); ``replay_capacity`` divides by ``(1+Q_i)/(1+q_i)``."""
-    rewrites = {(layer, s.target.template): s.rewrite_template.format(layer) for layer in edit_layers
-                for s in setup.sites}
-    reads = read_at_lookup(model, tok, key_probes, inputs=list(dict.fromkeys(rewrites.values())))
-    out = {}
-    for key, rewrite in rewrites.items():
-        keys = average_over_templates(reads["in:" + rewrite], setup.templates)  # [R, d_in]
-        out[key] = setup.rule.capacity(keys.T, setup.covs[rewrite], hparams, setup.state, f"{rewrite}.weight").cpu()
-        _check_finite(out[key].masked_fill(out[key] == float("inf"), 0), f"capacity at {rewrite}")  # inf: exact
-    return out
+        pending = rule.finalize(model, tok, hparams, setup.state,
+                                dict(requests=reqs, templates=templates, sequential=setup.sequential))
+    return EditPlan(f"{rule.name}_{setup.construction.suffix}", setup.construction.name, reqs, templates, anchors,
+                    targets, loop.updates, records, pending, time.perf_counter() - started, unedited, loop.residuals,
+                    trajectory, setup.sequential)
 
 
 class WeightsCopy(dict):
@@ -613,13 +561,14 @@ def apply_edit(
     return_orig_weights: bool = False,
     cache_template: Optional[str] = None,
     keep_original_weight: bool = False,
-    mode=None,
     context_templates=None,
     progress: bool = False,
     anchor=None,
     **kwargs,
 ) -> Tuple[Any, WeightsCopy]:
-    """EasyEdit's ``apply_*_to_model`` contract for every plugin algorithm.
+    """EasyEdit's ``apply_*_to_model`` contract for every plugin algorithm: the EasyEdit
+    boundary, where ``hparams.alg_name`` is decoded into the update rule and the target
+    construction (``MEMIT_REPLAY``: MEMIT, replay), once, for :func:`compute_edit`.
 
     Returns ``(model, weights_copy)``: ``weights_copy`` (a :class:`WeightsCopy`) maps each
     rewritten parameter name to its original tensor when ``return_orig_weights`` is true
@@ -633,6 +582,7 @@ def apply_edit(
     """
     if copy:
         model = deepcopy(model)
-    plan = compute_edit(model, tok, requests, hparams, mode=mode, context_templates=context_templates,
+    construction = get_algorithm(hparams.alg_name).construction
+    plan = compute_edit(model, tok, requests, hparams, construction, context_templates=context_templates,
                         progress=progress, anchor=anchor, options=kwargs)
     return model, apply_plan(model, plan, hparams, return_orig_weights=return_orig_weights)

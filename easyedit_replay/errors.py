@@ -38,3 +38,13 @@ def field_error(cls, field: str, value, fix: str, where: str = "hparams"):
     if len(shown) > 120:
         shown = shown[:117] + "..."
     return cls(f"{where}.{field} = {shown}: {fix}")
+
+
+def check_finite(t, what: str) -> None:
+    """Raise :class:`NumericalError` when the tensor ``t`` holds a NaN or an infinity
+    (``what`` names it), before any weight is written.
+
+    Raises:
+        NumericalError: naming ``what`` and the usual causes."""
+    if not t.isfinite().all():
+        raise NumericalError(f"non-finite {what}; no weight was changed. Check the request, the statistics and v_lr")

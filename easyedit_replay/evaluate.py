@@ -29,7 +29,6 @@ The paper's metrics (Liu et al., ICML 2026, section 6; their code's
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .batching import input_device, pad_id_of, pad_left, pad_right, token_ids
+from .model_info import accepts_logits_to_keep
 from .experiments.metrics import metrics
 
 
@@ -48,13 +48,6 @@ class Scored:
     acc: float            # share of target tokens that are the argmax
     logprob: float        # mean log-probability per target token
     predictions: List[int]
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def position_logprobs(model, tok, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
@@ -80,7 +73,7 @@ def position_logprobs(model, tok, seqs: Sequence[Sequence[int]], positions: Sequ
     """
     dev = input_device(model)
     pad = pad_id_of(tok)
-    keep = _accepts_logits_to_keep(model)
+    keep = accepts_logits_to_keep(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: List[object] = [None] * len(seqs)
     with torch.no_grad():
@@ -187,24 +180,47 @@ def ngram_entropy(text: str, weights=((2, 2 / 3), (3, 4 / 3))) -> float:
     return total / sum(w for _, w in weights)
 
 
-def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[List[dict]] = None) -> List[dict]:
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_records` measures on ``N`` records: ``rows``, one dict of metrics
+    per record, and beside them ``locality_logp``, per record the ``[V]`` float32 next-token
+    log-probabilities at the end of its locality prompt (None without one), which a later
+    evaluation against this one compares with (DKL, top-k overlap)."""
+
+    rows: List[dict]
+    locality_logp: List[Optional[torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, idx: Sequence[int]) -> "Evaluation":
+        """The evaluation of the records ``idx`` (indices, in that order)."""
+        return Evaluation([self.rows[i] for i in idx], [self.locality_logp[i] for i in idx])
+
+
+def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Evaluation] = None) -> Evaluation:
     """Per-edit metrics for canonical records (see :mod:`easyedit_replay.data`).
 
     Args:
-        records: dicts with ``prompt`` (subject filled in), ``target_new``,
+        records: ``N`` dicts with ``prompt`` (subject filled in), ``target_new``,
             ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``,
             ``locality_ground_truth`` (the last three may be missing).
-        baseline: the result of this function on the unedited model; when given,
-            ``specificity`` compares locality predictions against it.
+        baseline: the result of this function on the same records of the unedited
+            model; when given, ``specificity`` compares locality predictions against it
+            and ``locality_dkl``/``locality_top*`` its locality log-probabilities.
 
     Returns:
-        One dict per record: ``efficacy_acc``, ``efficacy_win`` (P(new) > P(true),
-        the paper's Success), ``efficacy_exact`` (the paper's Accuracy),
-        ``generalization_acc``, ``generalization_win``, ``generalization_exact``,
-        ``locality_predictions``, ``specificity``, ``locality_dkl``,
-        ``locality_top1/5/10`` (the last five None without baseline), ``logp_new``,
-        ``logp_true``, and ``_locality_logp`` (``[V]`` next-token log-probabilities at
-        the end of the locality prompt; keys starting with ``_`` are not reported).
+        :class:`Evaluation`: one row per record with ``efficacy_acc``,
+        ``efficacy_win`` (P(new) > P(true), the paper's Success), ``efficacy_exact``
+        (the paper's Accuracy), ``generalization_acc``, ``generalization_win``,
+        ``generalization_exact``, ``locality_predictions``, ``specificity``,
+        ``locality_dkl``, ``locality_top1/5/10`` (the last five None without
+        baseline), ``logp_new`` and ``logp_true``; beside the rows the ``[V]``
+        next-token log-probabilities at the end of each locality prompt.
+
+    Source: EasyEdit ``compute_rewrite_quality_counterfact`` (``rewrite_acc``,
+    ``locality``); the paper's ``evals/counterfact.py`` (Success, Accuracy) and
+    ``experiments/locality_exp_{kl,topk}.py`` (DKL, top-k).
     """
     # Every scored pair of every record in one batched pass (sorted by length); the
     # locality prompt's next-token distribution is read from its scored pair when the
@@ -245,7 +261,7 @@ def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Lis
     got: Dict[tuple, tuple] = {}
     for (i, kind, *_), res in zip(what, results):
         got[(i, kind)] = res
-    out = []
+    out, locality_logp = [], []
     for i, r in enumerate(records):
         new = got[(i, "new")][0]
         true = got[(i, "true")][0] if r.get("ground_truth") else None
@@ -257,8 +273,9 @@ def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Lis
             "logp_true": true.logprob if true is not None else None,
             "generalization_acc": None, "generalization_win": None, "generalization_exact": None,
             "locality_predictions": None, "specificity": None, "locality_dkl": None,
-            **{f"locality_top{k}": None for k in TOP_KS}, "_locality_logp": None,
+            **{f"locality_top{k}": None for k in TOP_KS},
         }
+        next_logp = None
         if r.get("rephrase_prompt"):
             a = got[(i, "reph_new")][0]
             row["generalization_acc"] = a.acc
@@ -267,14 +284,15 @@ def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Lis
         if r.get("locality_prompt"):
             scored, next_logp = got[(i, "loc")]
             row["locality_predictions"] = scored.predictions
-            row["_locality_logp"] = next_logp if next_logp is not None else got[(i, "next")][1]
+            next_logp = next_logp if next_logp is not None else got[(i, "next")][1]
         if baseline is not None and row["locality_predictions"] is not None:
-            before = baseline[i]["locality_predictions"]
+            before = baseline.rows[i]["locality_predictions"]
             same = [a == b for a, b in zip(row["locality_predictions"], before)]
             row["specificity"] = sum(same) / len(same) if same else None
-            row.update(distribution_shift(baseline[i]["_locality_logp"], row["_locality_logp"]))
+            row.update(distribution_shift(baseline.locality_logp[i], next_logp))
         out.append(row)
-    return out
+        locality_logp.append(next_logp)
+    return Evaluation(out, locality_logp)
 
 
 def mean(values) -> Optional[float]:

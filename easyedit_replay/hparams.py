@@ -5,13 +5,16 @@ The field names and meanings are EasyEdit's (``MEMITHyperParams`` and friends),
 so a stock YAML loads after changing ``alg_name``. Fields we add all have
 defaults:
 
-- ``replay_share``: ``"full"`` (default, the paper's method: each layer takes its
-  full local residual ``z^{l_i} - h^{l_i}_cur``) or ``"remaining"`` (ablation:
-  layer ``l_i`` takes ``1/(n-i+1)`` of it, PMET ``1/sqrt(n-i+1)``, the stock share
-  applied to replayed targets). Only used by the ``replay`` construction.
-- ``replay_tau``: the exponent of the ``replay_tau`` construction, in ``[0, 1]``
-  (default 0.5): layer ``l_i`` takes ``1/(n-i+1)^tau`` of its replayed residual
-  (0: the paper's FE, 1: ``replay_remaining``).
+- ``replay_share`` and ``replay_tau``: YAML aliases of construction parameters
+  (:mod:`easyedit_replay.targets.shares`), read when an edit starts and only by the
+  construction they belong to. ``replay_share``: ``"full"`` (default, the paper's
+  method: each layer takes its full local residual ``z^{l_i} - h^{l_i}_cur``) or
+  ``"remaining"`` (ablation: layer ``l_i`` takes ``1/(n-i+1)`` of it, PMET
+  ``1/sqrt(n-i+1)``, the stock share applied to replayed targets); the ``replay``
+  construction's. ``replay_tau``: the exponent of the ``replay_tau`` construction, in
+  ``[0, 1]`` (default 0.5; a mode spec ``replay_tau=0.25`` sets it instead): layer
+  ``l_i`` takes ``1/(n-i+1)^tau`` of its replayed residual (0: the paper's FE, 1:
+  ``replay_remaining``).
 - ``anchor_batch_size``: requests optimized together in one anchor loop.
 - ``mom2_batch_tokens``: cap on tokens per statistics sample (EasyEdit's
   ``batch_tokens`` of ``layer_stats``; the file name then gets ``_t{N}``);
@@ -26,7 +29,7 @@ defaults:
   at most this many tokens (a text longer than this runs alone); changes only
   float rounding, not the file name.
 - ``context_seed``: seed of the context-template sampler.
-- ``anchor_cache``: keep optimized anchors in the disk cache (``anchor_cache.py``).
+- ``anchor_cache``: keep optimized anchors in the disk cache (:mod:`easyedit_replay.anchors.store`).
 - ``operating_point``: the name of the anchor settings a YAML carries (``bundled``,
   ``paper``, ``host-fe``: ``hparams/README.md``); a label, read by ``compare`` and
   ``scale`` to record which point made a cell. The values themselves key cells and
@@ -65,7 +68,8 @@ bit-identical to an edit without them):
   edit layer once it was written, and every later batch adds those requests as rows of
   each layer's solve with those states as targets (under its own construction's share
   and measure). No anchor is optimized again. MEMIT, EMMET and AlphaEdit (whose
-  sequential cache then leaves the solve: it holds the same edits), with
+  sequential cache then leaves the solve but for its untracked part, the edits the
+  record does not hold: the rest holds the same edits), with
   ``sequential_keys: stock`` and a construction that shares the residual uniformly
   (not ``replay_capacity``/``replay_joint``).
 """
@@ -89,6 +93,10 @@ SEQUENTIAL_KEYS = ("stock", "edit_time", "rekeyed")
 INTEGER_FIELDS = ("v_num_grad_steps", "mom2_n_samples", "anchor_batch_size", "mom2_max_length",
                   "mom2_tokens_per_batch")
 MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
+# EasyEdit-compatibility only: accepted (and validated where EasyEdit gives them a type) so that
+# a stock YAML loads, read nowhere in the plugin (device: EasyEdit's BaseEditor places the model;
+# the plugin uses the devices of the model's modules). tests/test_docs.py keeps this list honest.
+EASYEDIT_ONLY_FIELDS = ("layer_selection", "mom2_adjustment", "device", "max_length", "batch_size", "model_parallel")
 
 
 def _to_float_if_numeric(config: dict) -> dict:
@@ -113,7 +121,7 @@ class ReplayHyperParams:
 
     # Method (EasyEdit)
     layers: List[int]
-    layer_selection: str = "all"
+    layer_selection: str = "all"  # EasyEdit-compatibility only (EASYEDIT_ONLY_FIELDS)
     fact_token: str = "subject_last"
     v_num_grad_steps: int
     v_lr: float
@@ -121,7 +129,7 @@ class ReplayHyperParams:
     v_weight_decay: float
     clamp_norm_factor: float
     kl_factor: float
-    mom2_adjustment: bool = True
+    mom2_adjustment: bool = True  # EasyEdit-compatibility only
     mom2_update_weight: float
     # Module templates (EasyEdit)
     rewrite_module_tmp: str
@@ -135,12 +143,12 @@ class ReplayHyperParams:
     mom2_n_samples: int
     mom2_dtype: str = "float32"
     alg_name: str
-    device: Union[int, str] = 0
+    device: Union[int, str] = 0  # EasyEdit-compatibility only
     model_name: str
     stats_dir: str = "./data/stats"
-    max_length: int = 40
-    batch_size: int = 1
-    model_parallel: bool = False
+    max_length: int = 40  # EasyEdit-compatibility only
+    batch_size: int = 1  # EasyEdit-compatibility only
+    model_parallel: bool = False  # EasyEdit-compatibility only
     # easyedit-replay
     replay_share: str = "full"
     replay_tau: float = 0.5
@@ -192,10 +200,7 @@ class ReplayHyperParams:
         missing = [k for k in required if k not in config]
         if missing:
             raise HyperParamsError(f"{source}: missing required field(s) {missing} for {cls.__name__}; add them to the YAML")
-        alg = config.get("alg_name")
-        names = cls.alg_names()
-        if names and alg not in names:
-            raise field_error(HyperParamsError, "alg_name", alg, f"{cls.__name__} loads {names}", source)
+        cls.check_alg_name(config.get("alg_name"), source)
         hp = cls(**config)
         hp.validate()
         return hp
@@ -204,13 +209,19 @@ class ReplayHyperParams:
     ALGORITHM: ClassVar[str] = ""
 
     @classmethod
-    def alg_names(cls) -> List[str]:
-        """The ``alg_name`` values this class loads: ``{ALGORITHM}_{MODE}`` for every target
-        construction (``MEMIT_REPLAY``, ``MEMIT_SPREAD``, ``MEMIT_BLUE``, ...); empty for
-        the shared base class."""
-        from .targets import CONSTRUCTIONS
+    def check_alg_name(cls, alg, source: str = "hparams") -> None:
+        """Check that ``alg`` names this class's algorithm: ``{ALGORITHM}_<CONSTRUCTION>``
+        (``MEMIT_REPLAY``, ``MEMIT_BLUE``, ...); anything goes for the shared base class.
+        The construction suffix is the registries' to check
+        (:func:`easyedit_replay.algorithms.get_algorithm`, when the name is used).
 
-        return [f"{cls.ALGORITHM}_{c.suffix}" for c in CONSTRUCTIONS.values()] if cls.ALGORITHM else []
+        Raises:
+            HyperParamsError: another algorithm's name, or not a string.
+        """
+        if cls.ALGORITHM and not (isinstance(alg, str) and alg.startswith(f"{cls.ALGORITHM}_")):
+            raise field_error(HyperParamsError, "alg_name", alg,
+                              f"{cls.__name__} loads {cls.ALGORITHM}_<CONSTRUCTION> names ({cls.ALGORITHM}_REPLAY, "
+                              f"{cls.ALGORITHM}_SPREAD, ...)", source)
 
     def replace(self, **changes):
         """A validated copy with ``changes`` applied (``dataclasses.replace`` + :meth:`validate`).
@@ -222,9 +233,8 @@ class ReplayHyperParams:
         unknown = [k for k in changes if k not in self.field_names()]
         if unknown:
             raise HyperParamsError(f"{type(self).__name__}.replace: unknown field(s) {unknown}")
-        names = self.alg_names()
-        if "alg_name" in changes and names and changes["alg_name"] not in names:
-            raise field_error(HyperParamsError, "alg_name", changes["alg_name"], f"{type(self).__name__} loads {names}")
+        if "alg_name" in changes:
+            self.check_alg_name(changes["alg_name"])
         hp = dataclasses.replace(self, **changes)
         hp.validate()
         return hp
@@ -259,7 +269,7 @@ class ReplayHyperParams:
             raise err("layers", f"must be strictly increasing; use {sorted(set(self.layers))}")
         if min(self.layers) < 0:
             raise err("layers", "must be non-negative layer indices")
-        from .keys import FACT_TOKENS
+        from .prompts import FACT_TOKENS
 
         if self.fact_token not in FACT_TOKENS:
             raise err("fact_token", f"must be one of {list(FACT_TOKENS)}")

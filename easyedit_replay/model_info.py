@@ -1,4 +1,5 @@
-"""What a model's config says about its shape: context length, hidden size, depth.
+"""What a model's config says about its shape (context length, hidden size, depth), and
+what its ``forward`` accepts.
 
 Hugging Face configs name these differently per architecture (GPT-2's
 ``n_positions``/``n_embd``/``n_layer``, Llama's ``max_position_embeddings``/
@@ -9,6 +10,7 @@ every caller agrees.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 # Tried in this order; the first attribute holding an int wins.
@@ -55,3 +57,12 @@ def num_layers(model) -> Optional[int]:
     ``num_layers`` in ``model.config``), or None when unknown, also for a model
     without a ``config``. Never raises."""
     return _first_int(getattr(model, "config", None), LAYER_ATTRS)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers >= 4.50: the
+    unembedding then runs only at the positions asked for). Never raises."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

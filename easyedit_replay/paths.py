@@ -1,6 +1,6 @@
 """Where the plugin keeps its caches: one root, ``$EASYEDIT_REPLAY_CACHE`` or
 ``~/.cache/easyedit_replay``, holding ``models/`` and ``gguf/`` (:mod:`.models`),
-``stats/`` (the bundled YAMLs' second moments) and ``anchors/`` (:mod:`.anchor_cache`).
+``stats/`` (the bundled YAMLs' second moments) and ``anchors/`` (:mod:`.anchors.store`).
 
     cache_root() / "stats"      # e.g. ~/.cache/easyedit_replay/stats
 """

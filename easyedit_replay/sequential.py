@@ -52,8 +52,11 @@ without them):
     solve restores what drifted instead of holding it where it drifted to (as
     ``rekeyed`` does) or protecting keys that no longer arrive (``edit_time``). No
     anchor is optimized again. MEMIT, EMMET and AlphaEdit (block-output targets;
-    AlphaEdit's cache holds the same earlier edits at their edit-time keys, so it
-    leaves the solve while the rows are in it). PMET's targets are module outputs.
+    AlphaEdit's cache holds the recorded earlier edits at their edit-time keys, so
+    while their rows are in the solve only the cache's untracked part, the ``K K^T``
+    of cached edits this record does not hold, stays in it:
+    :func:`~easyedit_replay.algorithms.alphaedit.alphaedit_untracked`). PMET's targets
+    are module outputs.
 
 The options compose with every target construction. ``replay_capacity`` and
 ``replay_joint`` size their shares from the rule's capacity without the protected keys.
@@ -80,7 +83,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .errors import HyperParamsError
-from .keys import EditRequest, Probe, average_over_templates, bare_probes, read_at_lookup, template_probes
+from .prompts import EditRequest
+from .reads import Probe, average_over_templates, bare_probes, read_at_lookup, template_probes
 from .tracing import resolve_parameter
 
 log = logging.getLogger(__name__)
@@ -214,6 +218,13 @@ def reset_sequential_state(model=None) -> None:
         _RECORDS.clear()
     else:
         _RECORDS.pop(model, None)
+
+
+def recorded_batches(model) -> int:
+    """How many batches ``model``'s record holds as last committed (0: no record), without
+    following the weights as :func:`edited_batches` does."""
+    rec = _RECORDS.get(model)
+    return 0 if rec is None else len(rec.batches)
 
 
 def _fingerprints(model, names) -> Dict[str, Fingerprint]:

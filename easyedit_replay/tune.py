@@ -178,7 +178,7 @@ def anchor_norms(anchor_dir, records: Sequence[dict]) -> List[dict]:
     """Anchor norms of ``records`` found in an anchor store, per operating point and
     anchor layer: ``[{"point", "layer", "n", "ratio", "delta", "h"}]`` with the means over
     requests of ``|delta| / |h|``, ``|delta|`` and ``|h|`` (``h`` = the anchor site's
-    output before editing, ``init`` of :class:`~easyedit_replay.anchor.AnchorResult`;
+    output before editing, ``init`` of :class:`~easyedit_replay.anchors.AnchorResult`;
     one site per layer: MEMIT's YAMLs, which EMMET and AlphaEdit share). Read from the
     files' metadata, no model: a file counts when its request (prompt, subject,
     target_new) is one of ``records`` and its objective matches a bundled point's four
@@ -187,7 +187,7 @@ def anchor_norms(anchor_dir, records: Sequence[dict]) -> List[dict]:
     from safetensors import safe_open
 
     from .algorithms import load_hparams
-    from .anchor_cache import AnchorStore
+    from .anchors.store import AnchorStore
     from .bundled import OPERATING_POINTS, default_hparams_path
 
     points = {}
@@ -264,7 +264,7 @@ def _paired_lines(rows: Sequence[dict], chosen: dict) -> List[str]:
 def _anchor_norm_lines(meta: dict) -> List[str]:
     """The report's anchor-norm table (:func:`anchor_norms` of the grid's records in the
     anchor store in use); empty when the data file or the store is not at hand."""
-    from .anchor_cache import anchor_cache_dir
+    from .anchors.store import anchor_cache_dir
     from .data import load_records, parse_records
     from .experiments.tables import render_markdown
 

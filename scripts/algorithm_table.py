@@ -4,7 +4,7 @@ Rows are the registered target constructions (:data:`easyedit_replay.targets.CON
 with their one-line summaries), columns the registered algorithms
 (:data:`easyedit_replay.algorithms.RULES`); a cell is the ``alg_name`` to write in a
 YAML, or "refused" with the reason below the table
-(:func:`easyedit_replay.editor.construction_refusal` on the algorithm's bundled SmolLM2
+(:meth:`easyedit_replay.targets.Construction.refusal` on the algorithm's bundled SmolLM2
 YAML). ``tests/test_docs.py`` compares the README
 with this output.
 
@@ -28,7 +28,6 @@ def table() -> str:
     """The markdown table (without the markers)."""
     from easyedit_replay.algorithms import RULES, alg_name_of, load_hparams
     from easyedit_replay.cli import default_hparams_path
-    from easyedit_replay.editor import construction_refusal
     from easyedit_replay.targets import CONSTRUCTIONS
 
     bundled = {}
@@ -42,7 +41,7 @@ def table() -> str:
         cells = []
         for base, rule in RULES.items():
             hp = bundled[base]
-            refusal = construction_refusal(c, rule, hp) if hp is not None else None
+            refusal = c.refusal(rule, hp) if hp is not None else None
             cells.append("refused" if refusal else f"`{alg_name_of(base, c.name)}`")
             if refusal:
                 refused.append(f"{base} x `{c.name}` is refused: {refusal}.")

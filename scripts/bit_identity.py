@@ -121,7 +121,7 @@ def collect_plans(model, tok, records, tensors, texts):
     for alg in ALGS:
         hp0 = _hparams(alg)
         for spec in dict.fromkeys(plain + seq):
-            hp = mode_hparams(hp0, alg, spec)
+            hp, construction = mode_hparams(hp0, alg, spec)
             params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
             runs = [("batch", [records[:2]])] if spec in plain else []
             runs += [("seq", [records[:2], records[2:4]])] if spec in seq else []
@@ -131,7 +131,7 @@ def collect_plans(model, tok, records, tensors, texts):
                 try:
                     with weight_transaction(params, restore_always=True):
                         for k, batch in enumerate(batches):
-                            plan = compute_edit(model, tok, batch, hp, context_templates=TEMPLATES)
+                            plan = compute_edit(model, tok, batch, hp, construction, context_templates=TEMPLATES)
                             apply_plan(model, plan, hp)
                             _plan_entries(f"{prefix}/{k}", plan, tensors, texts)
                 except ReplayError as exc:

@@ -146,10 +146,10 @@ def run(args) -> List[dict]:
             params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
             with weight_transaction(params, restore_always=True):
                 with timer.editor_stages(), timer.phase("edit"):
-                    plan = compute_edit(model, tok, records, hp, context_templates=templates)
+                    plan = compute_edit(model, tok, records, hp, mode, context_templates=templates)
                 apply_plan(model, plan, hp)
                 with timer.phase("evaluate"):
-                    scored = evaluate_records(model, tok, records, baseline)
+                    scored = evaluate_records(model, tok, records, baseline).rows
             reset_alphaedit_cache(model)
             seconds = dict(timer.seconds)
             seconds["layers"] = seconds.pop("edit") - sum(seconds.get(p, 0.0) for p in ("statistics", "anchors", "targets"))
@@ -160,7 +160,7 @@ def run(args) -> List[dict]:
             for label, other in (("reference", reference), ("dispatched", dispatched)):
                 if other is None:
                     continue
-                other_plan = compute_edit(other, tok, records, hp, context_templates=templates)
+                other_plan = compute_edit(other, tok, records, hp, mode, context_templates=templates)
                 reset_alphaedit_cache(other)
                 agree = update_agreement(plan.updates, other_plan.updates)
                 row[label] = {"min_cosine": min(a["cosine"] for a in agree.values()),

@@ -27,7 +27,8 @@ from easyedit_replay.algorithms import get_algorithm, load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.editor import compute_edit
 from easyedit_replay.errors import HyperParamsError
-from easyedit_replay.keys import average_over_templates, prepare_requests, read_at_lookup, template_probes
+from easyedit_replay.prompts import prepare_requests
+from easyedit_replay.reads import average_over_templates, read_at_lookup, template_probes
 from easyedit_replay.stats import second_moments
 from easyedit_replay.targets import mode_spec, parse_mode
 
@@ -56,7 +57,7 @@ def memit_plans(model_tok, stats_dir, demo_records_module):
                                 ("tau1", "replay_tau", {"replay_tau": 1.0}),
                                 ("tau.5", "replay_tau", {"replay_tau": 0.5}),
                                 ("capacity", "replay_capacity", {})]:
-        out[name] = compute_edit(model, tok, demo_records_module, hp.replace(**changes), mode=mode,
+        out[name] = compute_edit(model, tok, demo_records_module, hp.replace(**changes), mode,
                                  context_templates=TEMPLATES, anchor=pool)
         pool.update(out[name].anchors)
     return hp, out
@@ -86,8 +87,8 @@ def test_pmet_tau_one_is_replay_remaining_with_its_sqrt_share(model_tok, stats_d
     model, tok = model_tok
     hp = _hp(stats_dir, "PMET", v_num_grad_steps=1)
     recs = demo_records_module[:1]
-    rem = compute_edit(model, tok, recs, hp, mode="replay_remaining", context_templates=TEMPLATES)
-    tau = compute_edit(model, tok, recs, hp.replace(replay_tau=1.0), mode="replay_tau", context_templates=TEMPLATES,
+    rem = compute_edit(model, tok, recs, hp, "replay_remaining", context_templates=TEMPLATES)
+    tau = compute_edit(model, tok, recs, hp.replace(replay_tau=1.0), "replay_tau", context_templates=TEMPLATES,
                        anchor=rem.anchors)
     _same_updates(tau, rem, "PMET tau=1 vs replay_remaining")
     assert [tau.targets.divisor(i) for i in range(3)] == [math.sqrt(3.0), math.sqrt(2.0), 1.0]
@@ -109,7 +110,7 @@ def test_capacity_predicts_what_one_keys_solve_realizes(model_tok, stats_dir, de
     model, tok = model_tok
     hp = _hp(stats_dir, alg, layers=[5], v_num_grad_steps=1)
     recs = demo_records_module[:1]
-    plan = compute_edit(model, tok, recs, hp, mode="replay", context_templates=TEMPLATES)
+    plan = compute_edit(model, tok, recs, hp, "replay", context_templates=TEMPLATES)
     keys, cov, module = _keys_and_cov(model, tok, hp, recs, 5)
     rule = get_algorithm(hp.alg_name).rule
     state = rule.prepare(model, tok, hp, {module: cov}, {"stats_dir": stats_dir, "reset_cache": True})
@@ -149,10 +150,10 @@ def test_capacity_shares(memit_plans, model_tok, stats_dir, demo_records_module)
 def test_capacity_on_one_layer_is_replay_and_onelayer(model_tok, stats_dir, demo_records_module):
     model, tok = model_tok
     hp = _hp(stats_dir, layers=[6])
-    replay = compute_edit(model, tok, demo_records_module, hp, mode="replay", context_templates=TEMPLATES)
+    replay = compute_edit(model, tok, demo_records_module, hp, "replay", context_templates=TEMPLATES)
     pool = dict(replay.anchors)
     for mode in ("replay_capacity", "replay_joint", "onelayer"):
-        plan = compute_edit(model, tok, demo_records_module, hp, mode=mode, context_templates=TEMPLATES, anchor=pool)
+        plan = compute_edit(model, tok, demo_records_module, hp, mode, context_templates=TEMPLATES, anchor=pool)
         _same_updates(plan, replay, f"{mode} on one layer")
 
 
@@ -161,11 +162,11 @@ def test_new_rules_reuse_replays_anchors_from_the_cache(model_tok, stats_dir, de
     model, tok = model_tok
     monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(tmp_path / "anchors"))
     hp = _hp(stats_dir, anchor_cache=True)
-    replay = compute_edit(model, tok, demo_records_module, hp, mode="replay", context_templates=TEMPLATES)
+    replay = compute_edit(model, tok, demo_records_module, hp, "replay", context_templates=TEMPLATES)
     for mode, changes in [("replay_tau", {"replay_tau": 0.25}), ("replay_capacity", {}), ("replay_joint", {})]:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
-            plan = compute_edit(model, tok, demo_records_module, hp.replace(**changes), mode=mode,
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
+            plan = compute_edit(model, tok, demo_records_module, hp.replace(**changes), mode,
                                 context_templates=TEMPLATES)
         assert "2 loaded from the cache, 0 optimized" in caplog.text, mode
         assert torch.equal(plan.anchors[4].delta, replay.anchors[4].delta), mode
@@ -190,7 +191,7 @@ def _dense_jacobians(model, tok, hp, req, layers):
     one row per basis vector: ``d`` copies of the prompt in one batch, row ``k`` pulls
     back ``e_k``."""
     from easyedit_replay.batching import pad_right, token_ids
-    from easyedit_replay.keys import lookup_index
+    from easyedit_replay.prompts import lookup_index
     from easyedit_replay.tracing import Trace, add_at_positions, run
 
     width = model.config.hidden_size
@@ -215,7 +216,7 @@ def test_joint_solve_equals_a_dense_solve(memit_plans, model_tok, stats_dir, dem
     """The conjugate-gradient plan == ``d_j = q_j J_j^T (I + sum_j q_j J_j J_j^T)^{-1} r``
     with every Jacobian read densely; and the Jacobians matter: the plan is not the
     additive (identity-Jacobian) solution ``q_j r / (1 + Q)``."""
-    from easyedit_replay.joint import joint_plan
+    from easyedit_replay.targets.joint import joint_plan
 
     hp, out = memit_plans
     model, tok = model_tok
@@ -246,7 +247,7 @@ def test_joint_edit_targets_the_planned_states(memit_plans, model_tok, stats_dir
     last layer, asking each earlier layer for ``(1 + q) / q`` of its local residual."""
     hp, out = memit_plans
     model, tok = model_tok
-    plan = compute_edit(model, tok, demo_records_module, hp, mode="replay_joint", context_templates=TEMPLATES,
+    plan = compute_edit(model, tok, demo_records_module, hp, "replay_joint", context_templates=TEMPLATES,
                         anchor=dict(out["replay"].anchors))
     t, site = plan.targets, plan.targets.sites[0]
     last = (LAYERS[-1], site.template)
@@ -267,7 +268,7 @@ def test_joint_refuses_pmet(model_tok, stats_dir, demo_records_module):
     model, tok = model_tok
     hp = _hp(stats_dir, "PMET")
     with pytest.raises(HyperParamsError, match="replay_joint"):
-        compute_edit(model, tok, demo_records_module, hp, mode="replay_joint", context_templates=TEMPLATES)
+        compute_edit(model, tok, demo_records_module, hp, "replay_joint", context_templates=TEMPLATES)
 
 
 def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans, model_tok, demo_records_module,
@@ -276,7 +277,7 @@ def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans,
     written; a construction with share 'joint' must be a replay construction."""
     import dataclasses
 
-    import easyedit_replay.joint as joint
+    import easyedit_replay.targets.joint as joint
     from easyedit_replay.errors import NumericalError
     from easyedit_replay.targets import get_construction, register_construction
 
@@ -292,7 +293,7 @@ def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans,
     monkeypatch.setattr(joint, "joint_plan", broken)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(NumericalError, match="did not converge"):
-        compute_edit(model, tok, demo_records_module, hp, mode="replay_joint", context_templates=TEMPLATES,
+        compute_edit(model, tok, demo_records_module, hp, "replay_joint", context_templates=TEMPLATES,
                      anchor=dict(out["replay"].anchors))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     spread_like = dataclasses.replace(get_construction("replay_joint"), name="joint_from_last", anchors=("last",),
@@ -304,7 +305,7 @@ def test_joint_refuses_a_broken_solve_and_a_non_replay_registration(memit_plans,
 def test_joint_needs_finite_capacities(memit_plans, model_tok):
     """EMMET with emmet_lambda = 0 has an infinite capacity: a HyperParamsError naming the
     field, raised before any forward pass."""
-    from easyedit_replay.joint import joint_plan
+    from easyedit_replay.targets.joint import joint_plan
 
     hp, out = memit_plans
     model, tok = model_tok

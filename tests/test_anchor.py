@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from easyedit_replay.anchor import optimize_anchors
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.anchors import Objective, optimize_anchors
+from easyedit_replay.prompts import prepare_requests
 
 from .test_core import with_fields
 
@@ -15,11 +15,10 @@ def test_batched_anchors_equal_per_request(model_tok, hparams, templates, demo_r
     hp = with_fields(hparams, v_num_grad_steps=12)
     reqs = prepare_requests(demo_records[:4])
     layer = hp.layers[0]
-    # anchor_cache=False: both must be optimized (the cache key leaves the chunk size out)
-    batched = optimize_anchors(model, tok, reqs, with_fields(hp, anchor_batch_size=4), layer, [hp.layer_module_tmp],
-                               templates, anchor_cache=False)
-    alone = optimize_anchors(model, tok, reqs, with_fields(hp, anchor_batch_size=1), layer, [hp.layer_module_tmp],
-                             templates, anchor_cache=False)
+    objective = Objective.of(hp, layer, [hp.layer_module_tmp], templates)
+    # cache=False: both must be optimized (the cache key leaves the chunk size out)
+    batched = optimize_anchors(model, tok, reqs, objective, chunk_size=4, cache=False)
+    alone = optimize_anchors(model, tok, reqs, objective, chunk_size=1, cache=False)
     steps = batched.steps.tolist()
     print("steps", steps, "nll", batched.nll.tolist())
     assert steps == alone.steps.tolist()
@@ -40,7 +39,7 @@ def test_batched_anchors_equal_per_request(model_tok, hparams, templates, demo_r
 def test_chunks_hold_requests_of_similar_length(model_tok, hparams, templates, monkeypatch):
     """Requests go into chunks ordered by their longest prompt row (less padding), and each
     request still gets its own anchor back in request order."""
-    from easyedit_replay import anchor
+    from easyedit_replay.anchors import loop
 
     model, tok = model_tok
     short = {"prompt": "Paris is in", "subject": "Paris", "target_new": "Italy"}
@@ -49,17 +48,17 @@ def test_chunks_hold_requests_of_similar_length(model_tok, hparams, templates, m
     reqs = prepare_requests([long, short, long, short])
     chunks = []
 
-    def fake_chunk(spec, rows, n_req, progress, loop):
+    def fake_chunk(spec, rows, n_req, progress, layer_loop):
         chunks.append(sorted({len(row.ids) for row in rows if not row.kl}))
         # each request's anchor is its longest row length, so the order of the result is visible
         lengths = [max(len(row.ids) for row in rows if row.request == j) for j in range(n_req)]
         delta = torch.tensor(lengths, dtype=torch.float32)[None, :, None].expand(1, n_req, 4).contiguous()
-        return delta.clone(), delta, torch.zeros(n_req), torch.ones(n_req, dtype=torch.long)
+        return delta.clone(), delta, torch.zeros(n_req), torch.ones(n_req, dtype=torch.long), None
 
-    monkeypatch.setattr(anchor, "_optimize_chunk", fake_chunk)
-    monkeypatch.setattr(anchor, "hidden_size", lambda model: 4)
-    res = optimize_anchors(model, tok, reqs, with_fields(hparams, anchor_batch_size=2), hparams.layers[0],
-                           [hparams.layer_module_tmp], templates, anchor_cache=False, fast_loop=False)
+    monkeypatch.setattr(loop, "optimize_chunk", fake_chunk)
+    monkeypatch.setattr(loop, "hidden_size", lambda model: 4)
+    objective = Objective.of(hparams, hparams.layers[0], [hparams.layer_module_tmp], templates)
+    res = optimize_anchors(model, tok, reqs, objective, chunk_size=2, cache=False, fast_loop=False)
     assert len(chunks) == 2 and max(chunks[0]) < min(chunks[1])  # the two short requests first
     got = res.delta[0, :, 0].tolist()
     assert got[0] == got[2] > got[1] == got[3]  # back in request order

@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from easyedit_replay import anchor as anchor_mod
-from easyedit_replay.anchor import optimize_anchors
-from easyedit_replay.anchor_cache import AnchorStore, forget_fingerprints
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.anchors import Objective, forward as forward_mod, optimize_anchors
+from easyedit_replay.anchors.store import AnchorStore, forget_fingerprints
+from easyedit_replay.prompts import prepare_requests
 
+from .conftest import ROOT
 from .test_core import with_fields
 
 TEMPLATES = [["{}"], ["The following is true. {}"]]
@@ -42,7 +42,8 @@ def _contents(path):
 
 
 def _optimize(model, tok, hp, reqs, **kw):
-    return optimize_anchors(model, tok, reqs, hp, hp.layers[0], [hp.layer_module_tmp], TEMPLATES, **kw)
+    objective = Objective.of(hp, hp.layers[0], [hp.layer_module_tmp], TEMPLATES)
+    return optimize_anchors(model, tok, reqs, objective, chunk_size=hp.anchor_batch_size, **kw)
 
 
 def test_hit_gives_bit_identical_updates(model_tok, hparams, demo_records, anchor_dir, caplog):
@@ -51,14 +52,14 @@ def test_hit_gives_bit_identical_updates(model_tok, hparams, demo_records, ancho
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=3)
     recs = demo_records[:2]
-    fresh = compute_edit(model, tok, recs, with_fields(hp, anchor_cache=False), context_templates=TEMPLATES)
+    fresh = compute_edit(model, tok, recs, with_fields(hp, anchor_cache=False), "replay", context_templates=TEMPLATES)
     assert not _files(anchor_dir)  # the off switch writes nothing
-    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
-        cold = compute_edit(model, tok, recs, hp, context_templates=TEMPLATES)
+    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
+        cold = compute_edit(model, tok, recs, hp, "replay", context_templates=TEMPLATES)
         assert "0 loaded from the cache, 2 optimized" in caplog.text
         caplog.clear()
         start = time.perf_counter()
-        warm = compute_edit(model, tok, recs, hp, context_templates=TEMPLATES)
+        warm = compute_edit(model, tok, recs, hp, "replay", context_templates=TEMPLATES)
         print(f"warm compute_edit {time.perf_counter() - start:.2f} s")
         assert "2 loaded from the cache, 0 optimized" in caplog.text
     assert len(_files(anchor_dir)) == 2  # one file per request
@@ -69,7 +70,7 @@ def test_hit_gives_bit_identical_updates(model_tok, hparams, demo_records, ancho
         for name, upd in fresh.updates.items():
             assert torch.equal(plan.updates[name], upd), name
     # A run over more requests reuses the ones it shares.
-    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
         caplog.clear()
         _optimize(model, tok, hp, prepare_requests(demo_records[:3]))
         assert "2 loaded from the cache, 1 optimized" in caplog.text
@@ -79,7 +80,7 @@ def test_anchors_banked_in_shards_are_all_hits_for_the_edit(model_tok, hparams, 
     """``easyedit-replay anchors bank``'s mechanism: ``compute_anchors`` on disjoint shards of
     the requests writes exactly the keys a later ``compute_edit`` of all of them looks up,
     and the edit then gets the banked anchors (no optimization, same deltas)."""
-    from easyedit_replay import anchor_bank as bank
+    from easyedit_replay.anchors import bank
     from easyedit_replay.editor import compute_anchors, compute_edit
     from easyedit_replay.errors import ReplayError
 
@@ -90,12 +91,12 @@ def test_anchors_banked_in_shards_are_all_hits_for_the_edit(model_tok, hparams, 
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=2)
     recs = demo_records[:3]
-    shards = [compute_anchors(model, tok, [recs[i] for i in bank.shard_indices(3, f"{j}/2")], hp, mode="replay",
+    shards = [compute_anchors(model, tok, [recs[i] for i in bank.shard_indices(3, f"{j}/2")], hp, "replay",
                               context_templates=TEMPLATES) for j in (1, 2)]
     assert [sorted(a) for a in shards] == [[hp.layers[0]], [hp.layers[0]]]
     assert len(_files(anchor_dir)) == 3
-    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
-        plan = compute_edit(model, tok, recs, hp, mode="replay", context_templates=TEMPLATES)
+    with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
+        plan = compute_edit(model, tok, recs, hp, "replay", context_templates=TEMPLATES)
         assert "3 loaded from the cache, 0 optimized" in caplog.text
     banked = torch.cat([shards[0][hp.layers[0]].delta[:, :1], shards[1][hp.layers[0]].delta[:, :1],
                         shards[0][hp.layers[0]].delta[:, 1:]], dim=1)  # requests 0, 1, 2
@@ -111,7 +112,7 @@ def test_changed_inputs_miss(model_tok, hparams, demo_records, anchor_dir, caplo
 
     def misses(hp_, reqs_):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
             _optimize(model, tok, hp_, reqs_)
         return "0 loaded from the cache, 1 optimized" in caplog.text
 
@@ -143,7 +144,7 @@ def test_bad_files_are_reported_and_replaced(model_tok, hparams, demo_records, a
     contents = _contents(path)
 
     path.write_bytes(original[: len(original) // 2])  # truncated: corrupt
-    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchor_cache"):
+    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchors.store"):
         again = _optimize(model, tok, hp, reqs)
     assert str(path) in caplog.text and "unreadable" in caplog.text
     assert torch.equal(again.delta, good.delta)  # recomputed (same chunking: same bits) ...
@@ -160,17 +161,50 @@ def test_bad_files_are_reported_and_replaced(model_tok, hparams, demo_records, a
     tensors["delta"] = tensors["delta"] + 1.0
     save_file(tensors, str(path), metadata=meta)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchor_cache"):
+    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchors.store"):
         again = _optimize(model, tok, hp, reqs)
     assert str(path) in caplog.text and "does not match" in caplog.text
     assert torch.equal(again.delta, good.delta)  # the poisoned delta was not used
     assert _contents(path) == contents
 
 
+def test_in_process_layer_serves_the_weights_it_was_opened_on(model_tok, hparams, demo_records, anchor_dir, caplog):
+    """Inside ``in_process``, anchors are served from memory under the disk store's key even
+    with the disk store off; outside it, or on other weights, they are optimized again."""
+    from easyedit_replay.anchors import in_process
+
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=2)
+    reqs = prepare_requests(demo_records[:2])
+
+    def run():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
+            return _optimize(model, tok, hp, reqs, cache=False), caplog.text
+
+    with in_process(model) as memory:
+        first, log1 = run()
+        again, log2 = run()
+        w = model.get_parameter("model.layers.20.mlp.up_proj.weight")
+        before = w[0, 0].clone()
+        try:
+            with torch.no_grad():
+                w[0, 0] += 1e-3  # other weights: not served, not kept
+            _, log3 = run()
+        finally:
+            with torch.no_grad():
+                w[0, 0] = before
+    assert "0 loaded from the cache, 2 optimized (in process)" in log1 and len(memory) == 2
+    assert "2 loaded from the cache, 0 optimized (in process)" in log2
+    assert torch.equal(again.delta, first.delta) and torch.equal(again.init, first.init)
+    assert log3 == "" and len(memory) == 2
+    assert run()[1] == "" and not _files(anchor_dir)  # outside the block: no cache at all
+
+
 def _write_same_key(root, seed, out):
     import torch
 
-    from easyedit_replay.anchor_cache import AnchorStore, CacheKey, Entry
+    from easyedit_replay.anchors.store import AnchorStore, CacheKey, Entry
 
     store = AnchorStore(root)
     key = CacheKey("ab" * 20, json.dumps({"same": "key"}))
@@ -192,14 +226,14 @@ def test_two_processes_writing_the_same_key_leave_one_valid_file(tmp_path):
     assert [out.get(timeout=5) for _ in procs] == ["ok", "ok"]
     files = _files(tmp_path)
     assert len(files) == 1 and not list(tmp_path.rglob("*.tmp*"))
-    from easyedit_replay.anchor_cache import CacheKey
+    from easyedit_replay.anchors.store import CacheKey
 
     entry = AnchorStore(tmp_path).get(CacheKey("ab" * 20, json.dumps({"same": "key"})), 1, 8, torch.float32)
     assert entry is not None and entry.delta.shape == (1, 8) and int(entry.steps) == 3
 
 
 def test_fingerprint_tracks_in_place_writes(model_tok):
-    from easyedit_replay.anchor_cache import model_fingerprint
+    from easyedit_replay.anchors.store import model_fingerprint
 
     model, _ = model_tok
     forget_fingerprints(model)
@@ -216,6 +250,82 @@ def test_fingerprint_tracks_in_place_writes(model_tok):
     assert b != a and model_fingerprint(model) == a
 
 
+BANK = ROOT / "docs" / "results" / "anchors"
+
+
+def _bank_sample():
+    """``[(path, stored key text)]``: the first anchor file of every subfolder of the bank and
+    the first of every group (anchor layer, sites, model fingerprint), from the files'
+    metadata only."""
+    from safetensors import safe_open
+
+    sample, folders, groups = [], set(), set()
+    for path in sorted(BANK.glob("*/*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            text = f.metadata()["key"]
+        key = json.loads(text)
+        group = (key["layer"], tuple(key["sites"]), key["model"])
+        if path.parent.name not in folders or group not in groups:
+            sample.append((path, text))
+            folders.add(path.parent.name)
+            groups.add(group)
+    return sample
+
+
+def test_banked_anchors_stay_cache_hits(model_tok, anchor_dir, caplog):
+    """Every anchor banked in docs/results/anchors stays a cache hit: for a sample (one file per
+    subfolder and per group) the key this code builds - from the bundled YAML through the
+    algorithm's objective, the tokenizer's rows and the model's identity (a sequential batch's
+    edited weights: their fingerprint) - is the file's digest and description byte for byte,
+    the file is a valid entry for it, and the unedited model's anchors load through
+    ``optimize_anchors`` with nothing optimized."""
+    import shutil
+    from dataclasses import replace
+
+    from easyedit_replay.algorithms import get_algorithm, load_hparams
+    from easyedit_replay.anchors.objective import rows_by_request
+    from easyedit_replay.anchors.store import ModelIdentity, request_keys
+    from easyedit_replay.bundled import OPERATING_POINTS, default_hparams_path
+    from easyedit_replay.model_info import hidden_size, max_positions
+    from easyedit_replay.prompts import EditRequest
+
+    model, tok = model_tok
+    unedited = ModelIdentity.of(model)
+    yamls = [load_hparams(default_hparams_path("smollm2-135m", alg, point))
+             for alg in ("MEMIT_REPLAY", "PMET_REPLAY") for point in OPERATING_POINTS]
+    sample = _bank_sample()
+    hits, live = 0, {}  # live: objective -> requests of the unedited model, for optimize_anchors
+    for path, text in sample:
+        key = json.loads(text)
+        req = EditRequest(**key["request"])
+        identity = unedited if key["model"] == unedited.fingerprint else replace(unedited, fingerprint=key["model"])
+        for hp in yamls:
+            objective = get_algorithm(hp.alg_name).rule.anchor_objective(hp, key["layer"], key["templates"])
+            (built,) = request_keys(identity, objective, [req], rows_by_request(tok, [req], objective,
+                                                                                max_positions(model)))
+            if built.digest == path.stem:
+                break
+        assert built.digest == path.stem, f"{path.relative_to(ROOT)}: no bundled objective rebuilds its key"
+        assert built.description == text  # byte for byte
+        entry = AnchorStore(BANK).get(built, len(key["sites"]), hidden_size(model), torch.float32)
+        hits += entry is not None
+        if identity is unedited:
+            live.setdefault(objective, []).append((path, req))
+    print(f"banked anchors: {hits} of {len(sample)} sampled files are cache hits "
+          f"({len(list(BANK.glob('*/*.safetensors')))} files, {len({p.parent for p, _ in sample})} subfolders); "
+          f"{sum(map(len, live.values()))} of them on the unedited model")
+    assert hits == len(sample)
+    assert live, "no sampled anchor of the unedited model: its fingerprint changed"
+    for objective, found in live.items():
+        for path, _ in found:
+            (anchor_dir / path.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, anchor_dir / path.parent.name / path.name)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
+            optimize_anchors(model, tok, [req for _, req in found], objective)
+        assert f"{len(found)} loaded from the cache, 0 optimized" in caplog.text
+
+
 @pytest.mark.parametrize("alg", ["MEMIT_REPLAY", "PMET_REPLAY"])
 def test_loop_from_anchor_layer_matches_full_forward(model_tok, stats_dir, demo_records, alg, anchor_dir):
     from easyedit_replay.algorithms import get_algorithm, load_hparams
@@ -225,22 +335,22 @@ def test_loop_from_anchor_layer_matches_full_forward(model_tok, stats_dir, demo_
     hp = load_hparams(default_hparams_path(alg=alg), stats_dir=stats_dir, v_num_grad_steps=8)
     rule = get_algorithm(hp.alg_name).rule
     reqs = prepare_requests(demo_records[:2], leading_space=rule.leading_space(model, hp))
-    args = (model, tok, reqs, hp, hp.layers[0], rule.anchor_templates(hp), TEMPLATES)
-    kw = dict(anchor_cache=False, **rule.anchor_objective(hp))
-    anchor_mod.LAST_FAST_CHECK.clear()
+    args = (model, tok, reqs, rule.anchor_objective(hp, hp.layers[0], TEMPLATES))
+    kw = dict(chunk_size=hp.anchor_batch_size, cache=False)
     fast = optimize_anchors(*args, fast_loop=True, **kw)
-    check = dict(anchor_mod.LAST_FAST_CHECK)
     full = optimize_anchors(*args, fast_loop=False, **kw)
-    assert check, "the fast loop was not used"
+    assert len(fast.fast_checks) == 1 and fast.fast_checks[0].agrees, "the fast loop was not used"
+    assert not full.fast_checks
+    check = fast.fast_checks[0]
     gap = float((fast.delta - full.delta).abs().max())
     rel = gap / float(full.delta.norm(dim=-1).max())
-    print(f"{alg}: step-0 loss difference {check['max_abs']:.2e}; max |delta fast - delta full| {gap:.2e} "
+    print(f"{alg}: step-0 loss difference {check.gap:.2e}; max |delta fast - delta full| {gap:.2e} "
           f"= {rel:.2e} of the largest delta norm; steps {fast.steps.tolist()} vs {full.steps.tolist()}")
     # Measured on SmolLM2 (2-core CPU, 2 requests, 8 steps): step-0 loss difference 0 (both);
     # max delta difference 2.4e-7 (4.1e-9 of the largest delta norm) for MEMIT, 0 for PMET
     # (3 requests, 6 steps: 1.1e-5 = 2.4e-7 relative for MEMIT, 2.3e-6 = 9e-8 for PMET).
     # The bound leaves a margin of 40x over the largest relative difference seen.
-    assert check["max_abs"] <= 1e-5
+    assert check.gap <= 1e-5
     assert rel < 1e-5
     assert fast.steps.tolist() == full.steps.tolist()
     assert torch.equal(fast.init, full.init)
@@ -251,18 +361,20 @@ def test_fast_loop_falls_back_when_it_disagrees(model_tok, hparams, demo_records
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=3)
     reqs = prepare_requests(demo_records[:1])
-    real = anchor_mod.LayerLoop.forward
+    real = forward_mod.LayerLoop.forward
 
     def skewed(self, loss_name, edits):
         h_loss, h_last = real(self, loss_name, edits)
         return h_loss + 1.0, h_last  # (a scale would not do: ln_f is an RMSNorm)
 
-    monkeypatch.setattr(anchor_mod.LayerLoop, "forward", skewed)
-    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchor"):
-        res = _optimize(model, tok, hp, reqs, anchor_cache=False)
+    monkeypatch.setattr(forward_mod.LayerLoop, "forward", skewed)
+    with caplog.at_level(logging.WARNING, logger="easyedit_replay.anchors"):
+        res = _optimize(model, tok, hp, reqs, cache=False)
     assert "disagrees with the full forward pass" in caplog.text
-    monkeypatch.setattr(anchor_mod.LayerLoop, "forward", real)
-    full = _optimize(model, tok, hp, reqs, anchor_cache=False, fast_loop=False)
+    (check,) = res.fast_checks
+    assert not check.agrees and check.gap > forward_mod.FAST_ATOL  # the gap it fell back on
+    monkeypatch.setattr(forward_mod.LayerLoop, "forward", real)
+    full = _optimize(model, tok, hp, reqs, cache=False, fast_loop=False)
     assert torch.equal(res.delta, full.delta)  # the full pass was used throughout
 
 

@@ -66,6 +66,7 @@ def toys():
     yield toy_extensions
     RULES.pop("HalfMEMIT", None)
     CONSTRUCTIONS.pop("ends_divided", None)
+    CONSTRUCTIONS.pop("replay_halves", None)
 
 
 def test_toy_algorithm_and_construction_in_one_file_each(toys, model_tok, stats_dir, templates, demo_records):
@@ -84,12 +85,38 @@ def test_toy_algorithm_and_construction_in_one_file_each(toys, model_tok, stats_
                       v_num_grad_steps=2)
     assert type(hp).__name__ == "HalfMEMITHyperParams"
     records = demo_records[:1]
-    blue = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_BLUE"), context_templates=templates)
+    blue = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_BLUE"), "blue", context_templates=templates)
     memit = compute_edit(model, tok, records, load_hparams(default_hparams_path(), alg_name="MEMIT_BLUE",
-                         stats_dir=stats_dir, layers=[4, 6]), context_templates=templates, anchor=blue.anchors)
-    divided = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_ENDS_DIVIDED"),
+                         stats_dir=stats_dir, layers=[4, 6]), "blue", context_templates=templates, anchor=blue.anchors)
+    divided = compute_edit(model, tok, records, hp.replace(alg_name="HalfMEMIT_ENDS_DIVIDED"), "ends_divided",
                            context_templates=templates, anchor=blue.anchors)
     first = "model.layers.4.mlp.down_proj.weight"
     torch.testing.assert_close(blue.updates[first], 0.5 * memit.updates[first], rtol=1e-12, atol=0)
     assert [divided.targets.divisor(i) for i in range(2)] == [2.0, 1.0]
     torch.testing.assert_close(divided.updates[first], 0.5 * blue.updates[first], rtol=1e-12, atol=0)
+
+
+def test_toy_share_is_one_class_and_one_registration(toys, model_tok, stats_dir, templates, demo_records):
+    """A new way of sharing the residual (``Halves``: every layer but the last takes half)
+    is one Share subclass in one registered construction: every algorithm gets the name
+    and its entry point, ``compute_edit`` runs it (its ``prepare`` and ``divisor``), and
+    on two edit layers it is bit-identical to ``replay_remaining`` (divisors 2, 1)."""
+    import easyedit_replay
+    from easyedit_replay.algorithms import algorithm_names, get_algorithm, load_hparams
+    from easyedit_replay.cli import default_hparams_path
+    from easyedit_replay.editor import compute_edit
+
+    model, tok = model_tok
+    assert {"MEMIT_REPLAY_HALVES", "AlphaEdit_REPLAY_HALVES"} <= set(algorithm_names())
+    assert callable(easyedit_replay.apply_memit_replay_halves_to_model)
+    hp = load_hparams(default_hparams_path(), alg_name="MEMIT_REPLAY_HALVES", stats_dir=stats_dir, layers=[4, 6],
+                      v_num_grad_steps=2)
+    halves = get_algorithm(hp.alg_name).construction
+    assert halves is toys.REPLAY_HALVES
+    plan = compute_edit(model, tok, demo_records[:1], hp, halves, context_templates=templates)
+    remaining = compute_edit(model, tok, demo_records[:1], hp, "replay_remaining", context_templates=templates,
+                             anchor=plan.anchors)
+    assert plan.mode == "replay_halves" and plan.targets.info == {"halves_layers": 2}
+    assert [plan.targets.divisor(i) for i in range(2)] == [2.0, 1.0]
+    assert plan.updates.keys() == remaining.updates.keys()
+    assert all(torch.equal(plan.updates[n], remaining.updates[n]) for n in plan.updates)

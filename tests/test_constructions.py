@@ -16,7 +16,7 @@ from easyedit_replay.editor import compute_edit
 from easyedit_replay.errors import HyperParamsError
 from easyedit_replay.evaluate import distribution_shift, evaluate_records, greedy_generate
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import bare_probes, read_at_lookup
+from easyedit_replay.reads import bare_probes, read_at_lookup
 from easyedit_replay.targets import CONSTRUCTIONS, get_construction
 
 LAYERS = [4, 5, 6]
@@ -34,7 +34,7 @@ def plans(model_tok, stats_dir):
     templates = [["{}"], ["The following is true. {}"]]
     pool, out = {}, {}
     for mode in CONSTRUCTIONS:
-        out[mode] = compute_edit(model, tok, records, hp, mode=mode, context_templates=templates, anchor=pool)
+        out[mode] = compute_edit(model, tok, records, hp, mode, context_templates=templates, anchor=pool)
         pool.update(out[mode].anchors)
     return hp, records, templates, out
 
@@ -90,7 +90,7 @@ def test_blue_reuses_replay_and_spread_anchors_and_its_first_update_is_replays(p
 def test_onelayer_is_spread_with_only_the_last_layer(model_tok, plans):
     model, tok = model_tok
     hp, records, templates, out = plans
-    plan = compute_edit(model, tok, records, hp.replace(layers=[6], alg_name="MEMIT_SPREAD"),
+    plan = compute_edit(model, tok, records, hp.replace(layers=[6], alg_name="MEMIT_SPREAD"), "spread",
                         context_templates=templates, anchor=out["onelayer"].anchors[6])
     name = "model.layers.6.mlp.down_proj.weight"
     assert torch.equal(plan.updates[name], out["onelayer"].updates[name])
@@ -155,12 +155,13 @@ def test_metrics_on_the_unedited_model(model_tok, demo_records):
     records = demo_records[:4]
     base = evaluate_records(model, tok, records)
     again = evaluate_records(model, tok, records, base)
-    for r in again:
+    assert len(again.locality_logp) == len(records) and again.locality_logp[0].ndim == 1  # [V], beside the rows
+    for r in again.rows:
         assert abs(r["locality_dkl"]) < 1e-6 and r["locality_top1"] == r["locality_top10"] == 1.0
         assert r["specificity"] == 1.0
     gens = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=3)
     greedy = [{**r, "target_new": g.strip()} for r, g in zip(records, gens) if g.startswith(" ") and g.strip()]
     assert len(greedy) >= 3, gens
-    assert [row["efficacy_exact"] for row in evaluate_records(model, tok, greedy)] == [1.0] * len(greedy)
+    assert [row["efficacy_exact"] for row in evaluate_records(model, tok, greedy).rows] == [1.0] * len(greedy)
     wrong = [{**r, "target_new": r["target_new"].rsplit(" ", 1)[0] + " zebra"} for r in greedy]
-    assert [row["efficacy_exact"] for row in evaluate_records(model, tok, wrong)] == [0.0] * len(wrong)
+    assert [row["efficacy_exact"] for row in evaluate_records(model, tok, wrong).rows] == [0.0] * len(wrong)

@@ -7,12 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.algorithms import get_algorithm
+from easyedit_replay.anchors import Objective, optimize_anchors
 from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import RequestError
 from easyedit_replay.evaluate import evaluate_records, greedy_generate
-from easyedit_replay.keys import lookup_index, prepare_requests
+from easyedit_replay.prompts import lookup_index, prepare_requests
 from easyedit_replay.targets import TargetSite, build_targets
 from easyedit_replay.tracing import add_at_positions, hidden_of, with_hidden
 
@@ -67,7 +68,8 @@ def test_replay_targets_equal_a_real_forward_pass(model_tok, hparams, templates,
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=4)
     reqs = prepare_requests(demo_records[:3])
-    anchor = optimize_anchors(model, tok, reqs, hp, hp.layers[0], [hp.layer_module_tmp], templates)
+    anchor = optimize_anchors(model, tok, reqs, Objective.of(hp, hp.layers[0], [hp.layer_module_tmp], templates),
+                              chunk_size=hp.anchor_batch_size)
     assert float(anchor.delta.norm()) > 1.0  # the anchor moved: the test can fail
     targets = build_targets(model, tok, reqs, hp, anchor, "replay", [TargetSite(hp.layer_module_tmp)], [hp.layer_module_tmp])
 
@@ -92,7 +94,7 @@ def test_single_edit_layer_replay_equals_spread(model_tok, hparams, templates, d
     updates = {}
     for alg in ("MEMIT_SPREAD", "MEMIT_REPLAY"):
         hp = with_fields(hparams, alg_name=alg, layers=[5], v_num_grad_steps=3)
-        plan = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+        plan = compute_edit(model, tok, demo_records[:2], hp, get_algorithm(alg).construction, context_templates=templates)
         updates[alg] = plan.updates
         assert plan.anchor.layer == 5
     assert_unchanged(model, before)  # compute_edit leaves the model as it found it
@@ -106,7 +108,8 @@ def test_spread_and_replay_differ_with_several_layers(model_tok, hparams, templa
     plans = {}
     for alg in ("MEMIT_SPREAD", "MEMIT_REPLAY"):
         hp = with_fields(hparams, alg_name=alg, layers=[4, 6], v_num_grad_steps=3)
-        plans[alg] = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+        plans[alg] = compute_edit(model, tok, demo_records[:2], hp, get_algorithm(alg).construction,
+                                  context_templates=templates)
     assert plans["MEMIT_SPREAD"].anchor.layer == 6 and plans["MEMIT_REPLAY"].anchor.layer == 4
     assert [r.measure_layer for r in plans["MEMIT_SPREAD"].records] == [6, 6]
     assert [r.measure_layer for r in plans["MEMIT_REPLAY"].records] == [4, 6]
@@ -182,7 +185,7 @@ def test_memit_replay_batch_edit_of_demo_edits(model_tok, hparams, demo_records)
     try:
         apply_edit(model, tok, records, hparams)
         post = greedy_generate(model, tok, [r["prompt"] for r in records], max_new_tokens=3)
-        rows = evaluate_records(model, tok, records, baseline)
+        rows = evaluate_records(model, tok, records, baseline).rows
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -199,7 +202,7 @@ def test_compact_reads_equal_whole_sequences_in_order(model_tok, hparams, templa
     every row equals the same probe run alone and whole (no batch, no padding), rows come
     back in the probes' order (duplicates included), and deltas added at the lookup token
     stay with their rows."""
-    from easyedit_replay.keys import read_at_lookup, template_probes
+    from easyedit_replay.reads import read_at_lookup, template_probes
 
     model, tok = model_tok
     reqs = prepare_requests(demo_records[:3])

@@ -209,3 +209,16 @@ def test_configuration_names_every_field_and_every_shipped_yaml_model():
     models = {p.stem for p in (ROOT / "hparams").glob("*_REPLAY/*.yaml")}
     assert sorted(m for m in models if m not in text) == []
 
+
+def test_easyedit_only_fields_are_read_nowhere():
+    """The fields ``hparams.EASYEDIT_ONLY_FIELDS`` marks as EasyEdit-compatibility only are read
+    by no module of the package (``hp.x``, ``hparams.x``, ``getattr(hp, "x")``), and the
+    configuration table says so."""
+    from easyedit_replay.hparams import EASYEDIT_ONLY_FIELDS
+
+    sources = {p: p.read_text() for p in (ROOT / "easyedit_replay").rglob("*.py") if p.name != "hparams.py"}
+    for name in EASYEDIT_ONLY_FIELDS:
+        read = re.compile(rf"\b(hp|hparams|hp0|host_hparams)\.{name}\b|getattr\(\w+, [\"']{name}[\"']")
+        assert [str(p) for p, text in sources.items() if read.search(text)] == [], name
+    assert "hparams.EASYEDIT_ONLY_FIELDS" in (DOCS / "configuration.md").read_text()
+

@@ -23,12 +23,12 @@ from easyedit_replay.algorithms.alphaedit import (
     AlphaEdit, alphaedit_cache, null_space_projection, projection_path, projections, reset_alphaedit_cache,
 )
 from easyedit_replay.algorithms.emmet import emmet_solve
-from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.anchors import Objective, optimize_anchors
 from easyedit_replay.editor import apply_edit, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError, StatisticsError
 from easyedit_replay.evaluate import evaluate_records, summarize
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 from easyedit_replay.stats import bundled_texts, second_moments
 from easyedit_replay.targets import anchor_layer
 from easyedit_replay.tracing import resolve_parameter
@@ -144,7 +144,7 @@ def test_emmet_single_layer_replay_equals_spread(model_tok, stats_dir, templates
     updates = {}
     for mode in ("SPREAD", "REPLAY"):
         hp = load("EMMET", stats_dir, alg_name=f"EMMET_{mode}", layers=[6], v_num_grad_steps=3)
-        updates[mode] = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates).updates
+        updates[mode] = compute_edit(model, tok, demo_records[:2], hp, mode.lower(), context_templates=templates).updates
     assert_unchanged(model, before)
     (name,) = updates["SPREAD"]
     assert float(updates["SPREAD"][name].norm()) > 0
@@ -212,8 +212,9 @@ class _Anchors(dict):
     def __missing__(self, layer):
         (model, tok), stats_dir, templates, records = self.args
         hp = load("EMMET", stats_dir)
-        self[layer] = optimize_anchors(model, tok, prepare_requests(records), hp, layer, [hp.layer_module_tmp],
-                                       templates)
+        self[layer] = optimize_anchors(model, tok, prepare_requests(records),
+                                       Objective.of(hp, layer, [hp.layer_module_tmp], templates),
+                                       chunk_size=hp.anchor_batch_size)
         return self[layer]
 
     def of(self, mode):
@@ -234,7 +235,7 @@ def baseline(model_tok, demo_records):
 def plan_of(model_tok, stats_dir, templates, demo_records, anchors, alg, mode):
     model, tok = model_tok
     hp = load(alg, stats_dir, alg_name=f"{alg}_{mode.upper()}")
-    return hp, compute_edit(model, tok, demo_records[:N_EDITS], hp, context_templates=templates,
+    return hp, compute_edit(model, tok, demo_records[:N_EDITS], hp, mode.lower(), context_templates=templates,
                             anchor=anchors.of(mode))
 
 
@@ -245,7 +246,7 @@ def evaluate_plan(model_tok, plan, records, baseline):
         with torch.no_grad():
             for name, upd in plan.updates.items():
                 params[name] += upd.to(params[name].dtype)
-        return summarize(evaluate_records(model, tok, records, baseline))
+        return summarize(evaluate_records(model, tok, records, baseline).rows)
 
 
 @pytest.mark.slow
@@ -415,7 +416,7 @@ def test_cache_protects_the_first_batch_over_sequential_batches(model_tok, stats
             reset_alphaedit_cache(model)
             for batch in batches:
                 apply_edit(model, tok, batch, hp, context_templates=templates, sequential_edit=True, **kwargs)
-            rows = evaluate_records(model, tok, batches[0])
+            rows = evaluate_records(model, tok, batches[0]).rows
             result[variant] = (sum(r["logp_new"] for r in rows) / len(rows), summarize(rows)["efficacy_acc"])
             restore(model, original)
     finally:

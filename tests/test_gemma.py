@@ -27,7 +27,7 @@ from easyedit_replay.algorithms import get_algorithm, load_hparams
 from easyedit_replay.batching import token_ids
 from easyedit_replay.editor import apply_plan, compute_edit
 from easyedit_replay.errors import HyperParamsError, ModelLoadError
-from easyedit_replay.keys import lookup_index, prepare_requests
+from easyedit_replay.prompts import lookup_index, prepare_requests
 from easyedit_replay.postnorm import nearest_reachable, post_norms, rms_norm_of, tangent_point
 from easyedit_replay.stats import second_moments
 
@@ -169,7 +169,7 @@ def _realized_error(model, tok, hp, record):
     request against its target ``t``, before and after a one-layer edit (weights restored)."""
     layer = hp.layers[0]
     block = hp.layer_module_tmp.format(layer)
-    plan = compute_edit(model, tok, [record], hp, context_templates=ONE_TEMPLATE)
+    plan = compute_edit(model, tok, [record], hp, get_algorithm(hp.alg_name).construction, context_templates=ONE_TEMPLATE)
     target = plan.targets.values[(layer, hp.layer_module_tmp)][0].double()
     before = module_outputs_of_prompt(model, tok, plan.requests[0], hp, [block])[block].double()
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in plan.updates}
@@ -310,7 +310,7 @@ def test_spread_equals_stock_memit_math_with_the_post_norm_handled_the_same_way(
     layers = [LAYER - 1, LAYER]
     templates = [["{}"], ["The following is true. {}"]]
     hp = _hp(stats_dir, "MEMIT_SPREAD", layers=layers)
-    plan = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates)
+    plan = compute_edit(model, tok, demo_records[:2], hp, "spread", context_templates=templates)
     reqs = prepare_requests(demo_records[:2])
     norms = post_norms(model, hp, get_algorithm(hp.alg_name).rule.sites(hp))
     anchor = plan.anchors[layers[-1]]
@@ -371,7 +371,7 @@ def test_smollm2_edits_do_not_depend_on_post_norm(model_tok, hparams, demo_recor
     plans = {}
     for mode in ("invert", "additive"):
         hp = hparams.replace(layers=[4, 5], v_num_grad_steps=2, anchor_cache=False, post_norm=mode)
-        plans[mode] = compute_edit(model, tok, demo_records[:1], hp, context_templates=templates)
+        plans[mode] = compute_edit(model, tok, demo_records[:1], hp, "replay", context_templates=templates)
     a, b = plans["invert"], plans["additive"]
     assert a.anchor.sites == b.anchor.sites == ["model.layers.4"]
     assert torch.equal(a.anchor.delta, b.anchor.delta)

@@ -49,9 +49,9 @@ def test_replay_equals_easyedit_memit_fe(model_tok, hparams, templates, demo_rec
     hp = with_fields(hparams, v_num_grad_steps=6)
     assert hp.alg_name == "MEMIT_REPLAY" and hp.replay_share == "full"
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:2]]
-    plan = compute_edit(model, tok, records, hp, context_templates=templates, stats_dir=stats_dir)
+    plan = compute_edit(model, tok, records, hp, "replay", context_templates=templates, stats_dir=stats_dir)
     # the same anchors with the stock share (residual divided over the layers left): must NOT match
-    divided = compute_edit(model, tok, records, hp, mode="replay_remaining", context_templates=templates,
+    divided = compute_edit(model, tok, records, hp, "replay_remaining", context_templates=templates,
                            stats_dir=stats_dir, anchor=plan.anchors).updates
     modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
     stock = run_stock("MEMIT-FE", host_inputs(model_tok, hp, records, templates, modules, stats_dir), tmp_path)

@@ -12,7 +12,7 @@ import pytest
 from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import OPERATING_POINTS, default_hparams_path, main, parse_records
 from easyedit_replay.errors import ReplayError
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 from easyedit_replay.tune import EVALUATION_PREFIX, SCREENING_SPLITS, TUNING_SPLITS, pick
 
 from .conftest import SHARED_DATA, requires_shared
@@ -49,7 +49,7 @@ def test_point_and_hparams_together_are_refused(capsys):
 
 
 def test_anchors_of_one_point_miss_at_another(model_tok, demo_records, stats_dir, tmp_path, monkeypatch, caplog):
-    from easyedit_replay.anchor import optimize_anchors
+    from easyedit_replay.anchors import Objective, optimize_anchors
 
     monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(tmp_path / "anchors"))
     model, tok = model_tok
@@ -60,8 +60,9 @@ def test_anchors_of_one_point_miss_at_another(model_tok, demo_records, stats_dir
         hp = with_fields(load_hparams(default_hparams_path("smollm2-135m", "MEMIT_REPLAY", point),
                                       stats_dir=stats_dir), v_num_grad_steps=2)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchor"):
-            optimize_anchors(model, tok, reqs, hp, hp.layers[0], [hp.layer_module_tmp], templates)
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
+            optimize_anchors(model, tok, reqs, Objective.of(hp, hp.layers[0], [hp.layer_module_tmp], templates),
+                             chunk_size=hp.anchor_batch_size)
         return caplog.text
 
     assert "1 optimized" in log_of("bundled")

@@ -107,7 +107,7 @@ def test_patched_memit_fe_through_base_editor_equals_replay(patched_root, model_
     statistics on both sides."""
     hp = with_fields(hparams, v_num_grad_steps=6)
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:2]]
-    ours = [compute_edit(*model_tok, [r], hp, context_templates=templates, stats_dir=stats_dir).updates
+    ours = [compute_edit(*model_tok, [r], hp, "replay", context_templates=templates, stats_dir=stats_dir).updates
             for r in records]
     modules = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
     inputs = tmp_path / "inputs.pt"

@@ -11,12 +11,12 @@ import torch
 
 from easyedit_replay.algorithms import get_algorithm
 from easyedit_replay.algorithms.pmet import PMET, PMETHyperParams
-from easyedit_replay.anchor import optimize_anchors
+from easyedit_replay.anchors import optimize_anchors
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import HyperParamsError
 from easyedit_replay.evaluate import evaluate_records, summarize
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 from easyedit_replay.targets import build_targets
 
 from .helpers.easyedit_host import host_inputs, relative_differences, run_stock
@@ -71,7 +71,8 @@ def test_replay_targets_equal_module_outputs_with_both_anchor_deltas(model_tok, 
     rule = PMET()
     reqs = prepare_requests(demo_records[:3], leading_space=True)
     anchor_tmps = rule.anchor_templates(hp)
-    anchor = optimize_anchors(model, tok, reqs, hp, hp.layers[0], anchor_tmps, templates, **rule.anchor_objective(hp))
+    anchor = optimize_anchors(model, tok, reqs, rule.anchor_objective(hp, hp.layers[0], templates),
+                              chunk_size=hp.anchor_batch_size)
     assert anchor.delta.shape[0] == 2 and float(anchor.delta[0].norm()) > 0.1 and float(anchor.delta[1].norm()) > 0.1
     sites = [s.target for s in rule.sites(hp)]
     targets = build_targets(model, tok, reqs, hp, anchor, "replay", sites, anchor_tmps, rule.sqrt_share)
@@ -102,7 +103,8 @@ def test_single_layer_pmet_replay_equals_spread_bitwise(model_tok, pmet_hp, temp
     updates = {}
     for alg in ("PMET_SPREAD", "PMET_REPLAY"):
         hp = with_fields(pmet_hp, alg_name=alg, layers=[5], v_num_grad_steps=3)
-        updates[alg] = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates).updates
+        updates[alg] = compute_edit(model, tok, demo_records[:2], hp, get_algorithm(alg).construction,
+                                    context_templates=templates).updates
     assert sorted(updates["PMET_SPREAD"]) == ["model.layers.5.mlp.down_proj.weight", "model.layers.5.self_attn.o_proj.weight"]
     for name, upd in updates["PMET_SPREAD"].items():
         assert upd.dtype == torch.float64 and float(upd.norm()) > 0
@@ -124,11 +126,11 @@ def test_pmet_batch_edit_of_demo_edits(model_tok, pmet_hp, demo_records, alg):
     model, tok = model_tok
     records = demo_records[:8]
     baseline = evaluate_records(model, tok, records)
-    assert summarize(baseline)["efficacy_win"] == 0.0
+    assert summarize(baseline.rows)["efficacy_win"] == 0.0
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
         apply_edit(model, tok, records, with_fields(pmet_hp, alg_name=alg))
-        summary = summarize(evaluate_records(model, tok, records, baseline))
+        summary = summarize(evaluate_records(model, tok, records, baseline).rows)
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -156,7 +158,7 @@ def test_pmet_spread_equals_stock_easyedit(model_tok, pmet_hp, templates, demo_r
     hp = with_fields(pmet_hp, alg_name="PMET_SPREAD", layers=[4, 5, 6], v_num_grad_steps=6,
                      target_leading_space=None)  # stock's own space rule
     records = [{k: r[k] for k in ("prompt", "subject", "target_new", "ground_truth")} for r in demo_records[:2]]
-    ours = compute_edit(model, tok, records, hp, context_templates=templates, stats_dir=stats_dir).updates
+    ours = compute_edit(model, tok, records, hp, "spread", context_templates=templates, stats_dir=stats_dir).updates
     modules = [t.format(l) for l in hp.layers for t in hp.rewrite_module_tmps]
     stock = run_stock("PMET", host_inputs(model_tok, hp, records, templates, modules, stats_dir), tmp_path)
     errors = relative_differences(ours, stock)

@@ -14,7 +14,7 @@ from typing import Dict
 import pytest
 import torch
 
-from easyedit_replay.algorithms import load_hparams
+from easyedit_replay.algorithms import get_algorithm, load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.diagnostics import update_agreement
 from easyedit_replay.editor import apply_plan, compute_edit, weight_transaction
@@ -114,7 +114,7 @@ def _updates_per_mode(model, tok, hp, modes, records, templates):
     """``{mode: plan.updates}``, the anchors shared across the modes, as in ``compare``."""
     pool, out = {}, {}
     for mode in modes:
-        plan = compute_edit(model, tok, records, hp, mode=mode, context_templates=templates, anchor=dict(pool))
+        plan = compute_edit(model, tok, records, hp, mode, context_templates=templates, anchor=dict(pool))
         pool.update(plan.anchors)
         out[mode] = plan.updates
     return out
@@ -164,13 +164,13 @@ def _metrics(model, tok, hp, records, templates):
     baseline = evaluate_records(model, tok, records)
     params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
     with weight_transaction(params, restore_always=True):
-        plan = compute_edit(model, tok, records, hp, context_templates=templates)
+        plan = compute_edit(model, tok, records, hp, get_algorithm(hp.alg_name).construction, context_templates=templates)
         apply_plan(model, plan, hp)
         for name in plan.updates:
             assert params[name].dtype == next(model.parameters()).dtype and torch.isfinite(params[name]).all()
-        rows = evaluate_records(model, tok, records, baseline)
+        rows = evaluate_records(model, tok, records, baseline).rows
     out = {k: sum(r[k] for r in rows) / len(rows) for k in ("efficacy_acc", "generalization_acc", "logp_new")}
-    return dict(out, logp_new_before=sum(r["logp_new"] for r in baseline) / len(baseline))
+    return dict(out, logp_new_before=sum(r["logp_new"] for r in baseline.rows) / len(baseline))
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def test_statistics_peak_memory_on_a_131072_position_config(attn):
 
 
 def _updates(model, tok, hp, record, templates, mode):
-    plan = compute_edit(model, tok, [record], hp, mode=mode, context_templates=templates)
+    plan = compute_edit(model, tok, [record], hp, mode, context_templates=templates)
     return plan.updates
 
 

@@ -157,7 +157,7 @@ def test_sequential_bookkeeping(model_tok, stats_dir, demo_records, reference):
         for batch in (records[:2], records[2:]):
             apply_edit(model, tok, batch, hp, context_templates=templates, sequential_edit=True)
         cache = alphaedit_cache(model)
-        direct = evaluate_records(model, tok, records, baseline)
+        direct = evaluate_records(model, tok, records, baseline).rows
     reset_alphaedit_cache(model)
     assert all(int(torch.linalg.matrix_rank(c.double(), rtol=1e-6)) == 4 for c in cache.values())
     for got, want in zip(steps[1]["per_edit"], direct):

@@ -13,8 +13,8 @@ import torch
 
 from easyedit_replay import sequential
 from easyedit_replay.experiments import cells, scale
-from easyedit_replay.algorithms import load_hparams, weight_names
-from easyedit_replay.algorithms.alphaedit import alphaedit_cache, reset_alphaedit_cache
+from easyedit_replay.algorithms import get_algorithm, load_hparams, weight_names
+from easyedit_replay.algorithms.alphaedit import alphaedit_cache, alphaedit_untracked, reset_alphaedit_cache
 from easyedit_replay.cli import default_hparams_path, main
 from easyedit_replay.editor import apply_plan, compute_edit, weight_transaction
 from easyedit_replay.errors import HyperParamsError
@@ -56,9 +56,11 @@ def _two_batches(model, tok, records, hp, hp2=None, track=False):
     with weight_transaction(params, restore_always=True):
         if track:
             sequential.track_sequential(model)
-        first = compute_edit(model, tok, records[:2], hp, context_templates=TEMPLATES)
+        first = compute_edit(model, tok, records[:2], hp, get_algorithm(hp.alg_name).construction,
+                             context_templates=TEMPLATES)
         apply_plan(model, first, hp)
-        second = compute_edit(model, tok, records[2:4], hp2, context_templates=TEMPLATES)
+        second = compute_edit(model, tok, records[2:4], hp2, get_algorithm(hp2.alg_name).construction,
+                              context_templates=TEMPLATES)
         apply_plan(model, second, hp2)
         batches = sequential.edited_batches(model)
         now = [sequential.current_keys(model, tok, b) for b in batches]
@@ -105,14 +107,14 @@ def test_key_drift_bookkeeping(model_tok, stats_dir, demo_records, fresh):
     params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
     with weight_transaction(params, restore_always=True):
         sequential.track_sequential(model)
-        plan = compute_edit(model, tok, demo_records[:2], hp, context_templates=TEMPLATES)
+        plan = compute_edit(model, tok, demo_records[:2], hp, "replay", context_templates=TEMPLATES)
         apply_plan(model, plan, hp)
         first, again = sequential.key_drift(model, tok), sequential.key_drift(model, tok)
         assert first == again
         for stats in first[0].values():  # the keys recorded at the edit are the model's keys now
             assert stats["relative_change_max"] < 1e-5 and stats["cosine"] > 1 - 1e-9
         only4 = hp.replace(layers=[4])
-        plan = compute_edit(model, tok, demo_records[2:4], only4, context_templates=TEMPLATES)
+        plan = compute_edit(model, tok, demo_records[2:4], only4, "replay", context_templates=TEMPLATES)
         apply_plan(model, plan, only4)
         drift = sequential.key_drift(model, tok)
         assert len(sequential.edited_batches(model)) == 2
@@ -160,12 +162,12 @@ def test_norm_anchored_targets(model_tok, stats_dir, demo_records, fresh):
     replayed ones at 5 and 6) asks its rewritten module for a value of norm N, the
     batch's mean; the second batch keeps the first batch's N; without it the values
     differ from N."""
-    from easyedit_replay.keys import bare_probes, read_at_lookup
+    from easyedit_replay.reads import bare_probes, read_at_lookup
 
     model, tok = model_tok
     hp = _hp(stats_dir, "MEMIT", norm_anchor=True)
     first, second, _, _ = _two_batches(model, tok, demo_records, hp)
-    plain = compute_edit(model, tok, demo_records[:2], _hp(stats_dir, "MEMIT"), context_templates=TEMPLATES)
+    plain = compute_edit(model, tok, demo_records[:2], _hp(stats_dir, "MEMIT"), "replay", context_templates=TEMPLATES)
     names = {l: (f"model.layers.{l}", f"model.layers.{l}.mlp.down_proj") for l in (4, 5, 6)}
     reads = read_at_lookup(model, tok, bare_probes(tok, first.requests, hp.fact_token),
                            outputs=[n for pair in names.values() for n in pair])
@@ -203,7 +205,7 @@ def test_mode_specs_with_options_and_their_errors(stats_dir):
 
 def _block_states(model, tok, requests, hp):
     """``[L, R, d]`` block outputs of ``requests`` (bare prompts, lookup token) at every edit layer."""
-    from easyedit_replay.keys import bare_probes, read_at_lookup
+    from easyedit_replay.reads import bare_probes, read_at_lookup
 
     sites = [hp.layer_module_tmp.format(l) for l in hp.layers]
     reads = read_at_lookup(model, tok, bare_probes(tok, requests, hp.fact_token), outputs=sites)
@@ -228,11 +230,11 @@ def test_refresh_restores_the_earlier_edits(model_tok, stats_dir, demo_records, 
         names = weight_names(hp)
         params = {n: resolve_parameter(model, n) for n in names}
         with weight_transaction(params, restore_always=True):
-            first = compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
+            first = compute_edit(model, tok, demo_records[:2], hp, mode, context_templates=TEMPLATES)
             apply_plan(model, first, hp)
             reached = _block_states(model, tok, first.requests, hp)
             cache_1 = alphaedit_cache(model) if alg == "AlphaEdit" else {}
-            second = compute_edit(model, tok, demo_records[2:4], hp, mode=mode, context_templates=TEMPLATES)
+            second = compute_edit(model, tok, demo_records[2:4], hp, mode, context_templates=TEMPLATES)
             apply_plan(model, second, hp)
             grown = [int(torch.linalg.matrix_rank((alphaedit_cache(model)[n] - cache_1[n]).double(), rtol=1e-6)) for n in cache_1]
             assert grown == [2] * len(cache_1), grown
@@ -245,6 +247,76 @@ def test_refresh_restores_the_earlier_edits(model_tok, stats_dir, demo_records, 
             assert not all(torch.equal(second.updates[n], plain_second.updates[n]) for n in names)
         plain_first, plain_second = first, second
     assert gaps[True] < 0.8 * gaps[False], gaps
+
+
+def test_refresh_keeps_the_untracked_alphaedit_cache(model_tok, stats_dir, demo_records, fresh):
+    """AlphaEdit ``+refresh`` after an edit the record does not hold (made before
+    tracking began): the untracked part of the cache is the cache that edit left, kept
+    as it was by the recorded batches; the second recorded batch's solve adds it to
+    ``K K^T`` (its update differs from the one with the untracked part dropped, changes
+    less at the earlier edit's keys, and moves that edit's states less); it rolls back
+    with the weights, and with no record all of the cache is untracked (real model,
+    layers 4-6)."""
+    from easyedit_replay.stats import second_moments
+
+    model, tok = model_tok
+    plain, hp = _hp(stats_dir, "AlphaEdit"), _hp(stats_dir, "AlphaEdit", sequential_refresh=True)
+    names = weight_names(hp)
+    params = {n: resolve_parameter(model, n) for n in names}
+    rule = get_algorithm(hp.alg_name).rule
+    covs = second_moments(model, tok, hp, [n[: -len(".weight")] for n in names], progress=False)
+    with weight_transaction(params, restore_always=True) as original:
+        untracked_edit = compute_edit(model, tok, demo_records[:2], plain, "replay", context_templates=TEMPLATES)
+        apply_plan(model, untracked_edit, plain)
+        before = alphaedit_cache(model)  # the untracked edit's K K^T, rank 2 per weight
+        assert sequential.edited_batches(model) == [] and all(torch.any(before[n]) for n in names)
+        assert all(torch.equal(alphaedit_untracked(model)[n], before[n]) for n in names)  # no record: all of it
+        reached = _block_states(model, tok, untracked_edit.requests, hp)
+
+        sequential.track_sequential(model)
+        first = compute_edit(model, tok, demo_records[2:4], hp, "replay", context_templates=TEMPLATES)
+        apply_plan(model, first, hp)
+        assert len(sequential.edited_batches(model)) == 1
+        untracked = alphaedit_untracked(model)
+        assert sorted(untracked) == sorted(names) and all(torch.equal(untracked[n], before[n]) for n in names)
+        after_first = {n: p.detach().clone() for n, p in params.items()}
+
+        second = compute_edit(model, tok, demo_records[4:6], hp, "replay", context_templates=TEMPLATES)
+        apply_plan(model, second, hp)
+        kept = alphaedit_untracked(model)
+        assert all(torch.equal(kept[n], before[n]) for n in names)  # a recorded batch leaves it as it was
+        moved = float((_block_states(model, tok, untracked_edit.requests, hp) - reached).norm(dim=-1).mean())
+        with torch.no_grad():  # weights back at their state before the second batch: its rollback
+            for n, p in params.items():
+                p.copy_(after_first[n])
+        state = rule.prepare(model, tok, hp, covs, {})
+        assert all(torch.equal(state.untracked[n], before[n]) for n in names)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(original[n])
+        state = rule.prepare(model, tok, hp, covs, {})
+        assert all(state.untracked[n] is None and not torch.any(state.cache[n]) for n in names)
+
+        # the same second batch with the untracked part dropped (the cache forgotten: the
+        # recorded part is not in a +refresh solve, so only the untracked part goes)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(after_first[n])
+        reset_alphaedit_cache(model)
+        dropped = compute_edit(model, tok, demo_records[4:6], hp, "replay", context_templates=TEMPLATES,
+                               anchor=dict(second.anchors))
+        assert all(torch.equal(second.anchors[l].delta, dropped.anchors[l].delta) for l in second.anchors)
+        apply_plan(model, dropped, hp)
+        moved_dropped = float((_block_states(model, tok, untracked_edit.requests, hp) - reached).norm(dim=-1).mean())
+        assert alphaedit_untracked(model) == {}  # the cache holds the recorded second batch alone
+        sequential.reset_sequential_state(model)  # no record: all of the cache is untracked
+        assert all(torch.equal(alphaedit_untracked(model)[n], alphaedit_cache(model)[n]) for n in names)
+    for n in names:
+        assert not torch.equal(second.updates[n], dropped.updates[n]), n
+        span = torch.linalg.eigh(before[n].double()).eigenvectors[:, -2:]  # [d_in, 2] the untracked edit's keys
+        at_keys, at_keys_dropped = ((u.double() @ span).norm() for u in (second.updates[n], dropped.updates[n]))
+        assert at_keys < 0.75 * at_keys_dropped, (n, float(at_keys), float(at_keys_dropped))
+    assert moved < 0.8 * moved_dropped, (moved, moved_dropped)
 
 
 def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):
@@ -260,7 +332,7 @@ def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):
         params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
         before = {n: p.detach().clone() for n, p in params.items()}
         with pytest.raises(HyperParamsError, match=match):
-            compute_edit(model, tok, demo_records[:2], hp, mode=mode, context_templates=TEMPLATES)
+            compute_edit(model, tok, demo_records[:2], hp, mode, context_templates=TEMPLATES)
         assert all(torch.equal(before[n], p) for n, p in params.items())
 
 

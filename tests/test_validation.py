@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from easyedit_replay.editor import apply_edit, compute_edit
 from easyedit_replay.errors import HyperParamsError, NumericalError, ReplayError, RequestError
 from easyedit_replay.algorithms import load_hparams
-from easyedit_replay.keys import prepare_requests
+from easyedit_replay.prompts import prepare_requests
 
 from .half_precision import reduced_copy
 from .test_core import assert_unchanged, snapshot, with_fields
@@ -177,13 +177,13 @@ def test_malformed_records_never_change_a_weight(model_tok, hparams, record, pos
 def test_left_padding_tokenizer_and_missing_pad_token(model_tok, hparams, templates, demo_records):
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=2, layers=[4, 6])
-    reference = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates).updates
+    reference = compute_edit(model, tok, demo_records[:2], hp, "replay", context_templates=templates).updates
     side, pad = tok.padding_side, tok.pad_token
     try:
         tok.padding_side = "left"
-        left = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates).updates
+        left = compute_edit(model, tok, demo_records[:2], hp, "replay", context_templates=templates).updates
         tok.pad_token = None
-        nopad = compute_edit(model, tok, demo_records[:2], hp, context_templates=templates).updates
+        nopad = compute_edit(model, tok, demo_records[:2], hp, "replay", context_templates=templates).updates
     finally:
         tok.padding_side, tok.pad_token = side, pad
     for name, upd in reference.items():

@@ -15,9 +15,15 @@ Per edit layer, in float32 as stock:
 - ``sequential_keys: rekeyed`` (ours, off by default): ``cache`` in the solve is
   replaced by ``sum K_old K_old^T`` of the earlier edits' keys re-read on the current
   model (:mod:`easyedit_replay.sequential`); the stock cache is still kept.
-- ``sequential_refresh`` (ours, off by default): the earlier edits join ``K`` and ``R``
-  as rows restoring the states they reached, and ``cache`` leaves the solve (it holds
-  the same edits); the cache kept for later batches grows by this batch's keys only.
+- ``sequential_refresh`` (ours, off by default): the earlier edits of the model's
+  sequential record join ``K`` and ``R`` as rows restoring the states they reached,
+  and in the solve ``cache`` is replaced by its untracked part ``U``: the ``K K^T`` of
+  the cached edits the record does not hold (edits made before the record began, or
+  batches left out of it), so the recorded edits are not counted twice and the others
+  keep their protection. ``U`` is the cache as it was before the first recorded batch,
+  plus the keys of later batches that did not join the record; with nothing untracked
+  the solve is that of ``K K^T`` alone, bit for bit. The cache kept for later batches
+  grows by this batch's own keys only.
 
 What differs from stock, on purpose:
 
@@ -35,6 +41,7 @@ What differs from stock, on purpose:
   ``sequential_edit`` to the algorithm and restores the weights after each
   non-sequential edit; so when the weights are found back at their state before
   the last cached edit (or before the first), the cache is rolled back to match.
+  The untracked part (:func:`alphaedit_untracked`) is kept and rolled back with it.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import torch
 from ..errors import HyperParamsError, StatisticsError, field_error
 from ..files import atomic_write
 from ..hparams import ReplayHyperParams, is_number
+from ..sequential import recorded_batches
 from ..sequential import weight_fingerprint as _fingerprint
 from ..stats import module_stats_path
 from ..tracing import resolve_parameter
@@ -174,13 +182,17 @@ def projections(model, hparams, covs: Dict[str, torch.Tensor], stats_dir=None) -
 
 @dataclass
 class _LayerCache:
-    """Sequential-edit state of one rewritten weight of one model."""
+    """Sequential-edit state of one rewritten weight of one model (tensors on the CPU)."""
 
     cache: torch.Tensor                        # [d_in, d_in] float32: sum of K K^T of committed edits
     origin: Tuple[float, float]                # weight fingerprint before the first cached edit
     before: Tuple[float, float]                # ... before the last cached edit
     after: Tuple[float, float]                 # ... after it
     previous: torch.Tensor = field(repr=False)  # cache before the last cached edit
+    # [d_in, d_in] float32 part of ``cache`` the sequential record does not hold (None: zero),
+    # after the last cached edit and before it; may be the same tensor as ``cache``/``previous``
+    untracked: Optional[torch.Tensor] = field(default=None, repr=False)
+    previous_untracked: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
 _CACHES: "weakref.WeakKeyDictionary[Any, Dict[str, _LayerCache]]" = weakref.WeakKeyDictionary()
@@ -199,41 +211,76 @@ def alphaedit_cache(model) -> Dict[str, torch.Tensor]:
     return {name: entry.cache.clone() for name, entry in _CACHES.get(model, {}).items()}
 
 
-def _current_cache(model, weight_name: str, d: int) -> torch.Tensor:
-    """The cache to use for ``weight_name`` now, rolled back when the weights were restored."""
+def alphaedit_untracked(model) -> Dict[str, torch.Tensor]:
+    """The untracked part of ``model``'s sequential cache: what ``sequential_refresh``
+    solves with in place of the cache.
+
+    Returns:
+        ``{weight_name: [d_in, d_in] float32}`` (CPU copies): per rewritten weight, the sum of
+        ``K K^T`` over the cached edits that the model's sequential record
+        (:mod:`easyedit_replay.sequential`) does not hold: the cache before the first
+        recorded batch plus the keys of later batches left out of the record; the whole
+        cache while the record holds no batch (none kept, or
+        :func:`~easyedit_replay.sequential.reset_sequential_state`). Weights whose
+        untracked part is zero are left out: a sequence recorded from its first edit gives
+        ``{}``. As the last committed edit left it (like :func:`alphaedit_cache`, not
+        rolled back to restored weights; the next edit does that).
+
+    Source: this project (AlphaEdit's ``cache_c`` split by the sequential record).
+    """
+    covered = recorded_batches(model) > 0
+    out = {}
+    for name, entry in _CACHES.get(model, {}).items():
+        part = entry.untracked if covered else _nonzero(entry.cache)
+        if part is not None:
+            out[name] = part.clone()
+    return out
+
+
+def _nonzero(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``value``, or None when it is None or all zeros (no term to add: the solve stays bit-identical)."""
+    return value if value is not None and bool(torch.any(value)) else None
+
+
+def _current_cache(model, weight_name: str, d: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The cache to use for ``weight_name`` now and its untracked part (None: zero), rolled
+    back when the weights were restored."""
     entry = _CACHES.get(model, {}).get(weight_name)
     if entry is None:
-        return torch.zeros(d, d)
+        return torch.zeros(d, d), None
     if entry.cache.shape != (d, d):
         log.warning("AlphaEdit: cached keys of %s have shape %s, the weight takes %d inputs; starting a new cache",
                     weight_name, tuple(entry.cache.shape), d)
-        return torch.zeros(d, d)
+        return torch.zeros(d, d), None
     now = _fingerprint(resolve_parameter(model, weight_name))
     if now == entry.after:
-        return entry.cache
+        return entry.cache, entry.untracked
     if now == entry.origin:
         log.info("AlphaEdit: %s is back at its state before the first cached edit; the key cache starts empty", weight_name)
-        return torch.zeros(d, d)
+        return torch.zeros(d, d), None
     if now == entry.before:
         log.info("AlphaEdit: %s is back at its state before the last edit (restored); its keys leave the cache", weight_name)
-        return entry.previous
+        return entry.previous, entry.previous_untracked
     log.debug("AlphaEdit: %s changed since the last cached edit; keeping the cache", weight_name)
-    return entry.cache
+    return entry.cache, entry.untracked
 
 
 @dataclass
 class AlphaEditState:
     """One batch's AlphaEdit state, per rewritten weight (all ``[d_in, d_in]`` float32
     but ``keys``, ``[d_in, m]``): the null-space projections ``P``, the key caches in
-    use (``cache``), the weight fingerprints before the batch (``before``), and the
-    keys of this batch (``keys``, filled by :meth:`AlphaEdit.update`). ``commit``: store
-    the new caches after a successful edit (EasyEdit's ``sequential_edit``)."""
+    use (``cache``) and their parts the sequential record does not hold (``untracked``,
+    None where zero; the solve's cache under ``sequential_refresh``), the weight
+    fingerprints before the batch (``before``), and the keys of this batch (``keys``,
+    filled by :meth:`AlphaEdit.update`). ``commit``: store the new caches after a
+    successful edit (EasyEdit's ``sequential_edit``)."""
 
     P: Dict[str, torch.Tensor]
     cache: Dict[str, torch.Tensor]
     before: Dict[str, Tuple[float, float]]
     commit: bool = True
     keys: Dict[str, torch.Tensor] = field(default_factory=dict)
+    untracked: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -243,6 +290,9 @@ class PendingCaches:
     model_caches: Dict[str, torch.Tensor]   # cache + K K^T per weight
     used: Dict[str, torch.Tensor]           # the caches the batch was solved with
     before: Dict[str, Tuple[float, float]]  # weight fingerprints before the batch
+    # the untracked parts after the batch and before it (None: zero); see AlphaEdit.finalize
+    untracked: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+    used_untracked: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
 
 
 class AlphaEdit(Algorithm):
@@ -260,7 +310,8 @@ class AlphaEdit(Algorithm):
             wname = f"{module}.weight"
             d = covs[module].shape[0]
             state.P[wname] = P[module]
-            state.cache[wname] = torch.zeros(d, d) if reset else _current_cache(model, wname, d)
+            state.cache[wname], state.untracked[wname] = (torch.zeros(d, d), None) if reset \
+                else _current_cache(model, wname, d)
             state.before[wname] = _fingerprint(resolve_parameter(model, wname))
         return state
 
@@ -268,19 +319,26 @@ class AlphaEdit(Algorithm):
         """``solve(P (K K^T + cache) + L2 I, P K R^T)``: ``[d_in, d_out]`` float32 (stock layout;
         the editor transposes it onto the weight). With ``inp.protected`` (re-keyed
         protection) that Gram matrix, in float32, stands in for ``cache``. With
-        ``inp.restored`` (``sequential_refresh``) the earlier edits are the last columns of
-        ``K`` and ``R`` and ``cache`` is dropped from the solve (it holds the same edits at
-        their edit-time keys); the cache kept for later batches still adds only this
-        batch's own ``K K^T``."""
+        ``inp.restored`` (``sequential_refresh``) the recorded earlier edits are the last
+        columns of ``K`` and ``R``, and ``cache`` is replaced by its untracked part ``U``
+        (``state.untracked``: the cached ``K K^T`` of edits the sequential record does not
+        hold); the recorded edits' edit-time keys leave the solve, which holds them at
+        their current keys. With no untracked part nothing is added (bit-identical to
+        ``solve(P K K^T + L2 I, P K R^T)``). The cache kept for later batches still adds
+        only this batch's own ``K K^T`` (the first ``m - restored`` columns)."""
         st: AlphaEditState = inp.state
         dev = inp.device
         proj = st.P[inp.weight_name].to(dev).float()
         keys = inp.keys.to(dev).float()
         resid = inp.error.to(dev).float() / inp.divisor
         gram = keys @ keys.T
-        if not inp.restored:  # sequential_refresh: the earlier edits are rows of this solve at their current
-            # keys, so the cache (the same edits at their edit-time keys) stays out: it would count them twice
+        if not inp.restored:
             gram = gram + (st.cache[inp.weight_name] if inp.protected is None else inp.protected).to(dev).float()
+        else:  # sequential_refresh: the recorded edits are rows of this solve at their current keys, so only
+            # the cache's untracked part stays (the recorded part would count them twice)
+            untracked = st.untracked.get(inp.weight_name)
+            if untracked is not None:
+                gram = gram + untracked.to(dev).float()
         st.keys[inp.weight_name] = keys[:, :keys.shape[1] - inp.restored].detach().cpu()  # this batch's own keys
         eye = torch.eye(keys.shape[0], dtype=proj.dtype, device=dev)
         return torch.linalg.solve(proj @ gram + inp.hparams.L2 * eye, proj @ keys @ resid.T)
@@ -296,12 +354,33 @@ class AlphaEdit(Algorithm):
         return (keys * torch.linalg.solve(b, proj @ keys)).sum(dim=0).double()
 
     def finalize(self, model, tok, hp, state: AlphaEditState, context) -> Optional[PendingCaches]:
-        """The caches after this batch (``cache + K K^T`` per rewritten weight), stored by
-        :meth:`commit`."""
+        """The caches after this batch (``cache + K K^T`` per rewritten weight) and their
+        untracked parts, stored by :meth:`commit`.
+
+        ``context["sequential"]`` (the batch's
+        :class:`~easyedit_replay.sequential.SequentialContext`, from the editor) splits
+        the cache: while the record holds no earlier batch the whole cache in use is
+        untracked (the first recorded batch keeps it as the untracked part: a snapshot of
+        the cache before the record began); a batch that joins the record keeps the
+        untracked part as it was, one left out of it adds its ``K K^T``. Without a
+        context the batch counts as unrecorded and the whole cache as untracked."""
         if not state.commit:
             return None
-        return PendingCaches({w: (state.cache[w] + k @ k.T) for w, k in state.keys.items()}, state.cache,
-                             state.before)
+        seq = (context or {}).get("sequential")
+        recorded = seq is not None and seq.record
+        covered = seq is not None and bool(seq.batches)  # the record holds earlier batches of this model
+        caches, untracked, used_untracked = {}, {}, {}
+        for w, k in state.keys.items():
+            own = k @ k.T
+            caches[w] = new = state.cache[w] + own
+            used_untracked[w] = part = state.untracked.get(w) if covered else _nonzero(state.cache[w])
+            if recorded:
+                untracked[w] = part
+            elif not covered:  # the whole cache is untracked (the same tensor)
+                untracked[w] = new
+            else:
+                untracked[w] = own if part is None else part + own
+        return PendingCaches(caches, state.cache, state.before, untracked, used_untracked)
 
     def commit(self, model, hp, pending: Optional[PendingCaches]) -> None:
         if pending is None:
@@ -315,4 +394,5 @@ class AlphaEdit(Algorithm):
             store[wname] = _LayerCache(
                 cache=new, origin=before if fresh else old.origin, before=before,
                 after=_fingerprint(resolve_parameter(model, wname)), previous=used,
+                untracked=pending.untracked[wname], previous_untracked=pending.used_untracked[wname],
             )

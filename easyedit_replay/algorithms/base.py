@@ -7,10 +7,11 @@ statistics, the layer loop, transactions) lives in :mod:`easyedit_replay.editor`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..anchors.objective import Objective
 from ..targets import TargetSite
 
 
@@ -88,9 +89,15 @@ class Algorithm:
         """Module templates whose outputs receive the anchor deltas."""
         return [hp.layer_module_tmp]
 
-    def anchor_objective(self, hp) -> Dict[str, Any]:
-        """Extra keyword arguments of :func:`anchor.optimize_anchors` (PMET's NLL factor)."""
-        return {}
+    def anchor_objective(self, hp, layer: int, templates: Sequence[Sequence[str]],
+                         site_templates: Optional[Sequence[str]] = None) -> Objective:
+        """The anchor objective at ``layer`` (EasyEdit's ``compute_z``) for the context
+        ``templates``, with the deltas at ``site_templates`` (default
+        :meth:`anchor_templates`; the editor passes them adjusted for post-norm blocks):
+        what :func:`~easyedit_replay.anchors.optimize_anchors` minimizes and the anchor
+        cache keys."""
+        sites = self.anchor_templates(hp) if site_templates is None else site_templates
+        return Objective.of(hp, layer, sites, templates)
 
     def sites(self, hp) -> List[Site]:
         """Rewritten weights per layer, in the order they are edited."""
@@ -129,7 +136,10 @@ class Algorithm:
 
     def finalize(self, model, tok, hp, state, context) -> Optional[Any]:
         """Called with every update written, before weights are restored; returns
-        pending state that :meth:`commit` stores once the edit has succeeded."""
+        pending state that :meth:`commit` stores once the edit has succeeded.
+
+        ``context``: ``{"requests", "templates", "sequential"}`` (the batch's
+        :class:`~easyedit_replay.sequential.SequentialContext`, or None)."""
         return None
 
     def commit(self, model, hp, pending) -> None:

@@ -20,11 +20,12 @@ anchor deltas added at the first edit layer (:mod:`easyedit_replay.targets`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import ClassVar, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..anchors.objective import Objective
 from ..errors import HyperParamsError, field_error
 from ..hparams import ReplayHyperParams
 from ..targets import TargetSite
@@ -149,8 +150,12 @@ class PMET(Algorithm):
         """``compute_zs`` always optimizes both deltas: attention output, MLP output."""
         return [hp.attn_module_tmp, hp.mlp_module_tmp]
 
-    def anchor_objective(self, hp) -> Dict[str, Any]:
-        return {"nll_factor": float(hp.nll_loss_factor), "adaptive_nll": True}
+    def anchor_objective(self, hp, layer: int, templates: Sequence[Sequence[str]],
+                         site_templates: Optional[Sequence[str]] = None) -> Objective:
+        """``compute_zs``' objective: the NLL weighted by ``nll_loss_factor``, with PMET's
+        adaptive rule (the weight drops to a tenth once the target is the argmax)."""
+        return replace(super().anchor_objective(hp, layer, templates, site_templates),
+                       nll_factor=float(hp.nll_loss_factor), adaptive_nll=True)
 
     def sites(self, hp) -> List[Site]:
         """One site per ``rewrite_module_tmps`` entry, in order; the target is the

@@ -19,13 +19,15 @@ each edited layer and the passive cosine of each edited layer, means over edits.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..anchors import in_process
 from ..diagnostics import norm_report, passive_cosines, residual_ratios, target_accuracy
 from ..editor import apply_plan, compute_edit, resolve_templates, weight_transaction
-from ..evaluate import evaluate_records, greedy_generate, ngram_entropy
-from ..targets import parse_mode
+from ..evaluate import Evaluation, evaluate_records, greedy_generate, ngram_entropy
+from ..targets import Construction, parse_mode
 from ..tracing import resolve_parameter
 from .metrics import RunKey, metrics
 from .statistics import mean, summarize_analyses, summarize_ci
@@ -62,39 +64,22 @@ def fluency_scores(model, tok, records, tokens: int = 24) -> List[float]:
     return [ngram_entropy(g) for g in gens]
 
 
-ANCHOR_FIELDS = ("layer_module_tmp", "fact_token", "v_num_grad_steps", "v_lr", "v_loss_layer",
-                 "v_weight_decay", "clamp_norm_factor", "kl_factor", "ln_f_module", "lm_head_module",
-                 "anchor_batch_size", "post_norm")  # post_norm: a post-norm block's anchor site (postnorm.py)
+def shared_anchors(model, cfg: CompareConfig):
+    """The block in which ``compare`` and ``scale`` run: with ``cfg.share_anchors`` an
+    :func:`~easyedit_replay.anchors.in_process` layer for ``model``'s unedited weights, so
+    every construction and algorithm with the same anchor objective (spreading, OneLayer,
+    no-dividing and BLUE the ``l_n`` anchor, replay and BLUE the ``l_1`` anchor; MEMIT,
+    EMMET and AlphaEdit when their YAMLs agree; never PMET's two deltas with another's)
+    reuses the anchors the first one made, under the anchor cache's key."""
+    return in_process(model) if cfg.share_anchors else nullcontext()
 
 
-def anchor_key(model, hp, layer: int, batch: Sequence[int], templates=()):
-    """What an anchor depends on besides the (unedited) weights: its layer, the
-    anchor-objective hyperparameters, the rule's anchor sites, objective and target
-    spelling, and the batch of requests. Spreading, OneLayer, no-dividing and BLUE
-    share the ``l_n`` anchor, replay and BLUE the ``l_1`` anchor; MEMIT, EMMET and
-    AlphaEdit share them when their YAMLs agree on these fields; PMET (two deltas)
-    does not. ``templates`` are the context templates the anchor was optimized on."""
-    from ..algorithms import get_algorithm
+def edit_batch(model, tok, records, idx: Sequence[int], hp, construction: Construction, cfg: CompareConfig, templates,
+               number: int, diagnose: bool = True, norm_reference: Optional[Dict[str, float]] = None) -> Dict:
+    """Edit the batch ``records[i] for i in idx`` into ``model`` (compute + apply) with
+    ``hp`` and the target ``construction``.
 
-    rule = get_algorithm(hp.alg_name).rule
-    fields = tuple((f, repr(getattr(hp, f, None))) for f in ANCHOR_FIELDS)
-    objective = repr(sorted(rule.anchor_objective(hp).items()))
-    return (int(layer), fields, tuple(rule.anchor_templates(hp)), objective, rule.leading_space(model, hp),
-            tuple(batch), repr(templates))
-
-
-def public_row(row: dict) -> dict:
-    """``row`` without the keys that hold tensors for later comparisons (``_...``)."""
-    return {k: v for k, v in row.items() if not k.startswith("_")}
-
-
-def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, templates, anchors: Optional[dict],
-               pristine: bool, number: int, diagnose: bool = True,
-               norm_reference: Optional[Dict[str, float]] = None) -> Dict:
-    """Edit the batch ``records[i] for i in idx`` into ``model`` (compute + apply).
-
-    ``anchors`` (a dict shared across calls, keyed by :func:`anchor_key`) lends and
-    receives anchors when ``pristine`` (the weights are the unedited ones). With
+    Anchors come from the anchor cache (:func:`shared_anchors`). With
     ``diagnose`` the plan's section-4 analyses and, with ``cfg.target_accuracy``, the
     per-layer target accuracy are read; with ``norm_reference`` (the unedited model's
     mean output norm per module, :func:`~easyedit_replay.diagnostics.output_norms`) also
@@ -106,19 +91,12 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, 
         ``{"rows": {i: partial per-edit row}, "analysis": dict | None, "accuracy": dict |
         None, "seconds": compute + apply, "diagnostic_seconds": target accuracy}``.
     """
-    from ..algorithms import get_algorithm
-
-    construction = get_algorithm(hp.alg_name).construction
     batch = [records[i] for i in idx]
-    keys = {l: anchor_key(model, hp, l, idx, templates) for l in construction.anchor_layers(hp.layers)}
-    pool = {l: anchors[k] for l, k in keys.items() if pristine and anchors is not None and k in anchors}
     start = time.perf_counter()
-    plan = compute_edit(model, tok, batch, hp, context_templates=templates, progress=cfg.progress, anchor=pool)
+    plan = compute_edit(model, tok, batch, hp, construction, context_templates=templates, progress=cfg.progress)
     apply_plan(model, plan, hp)
     out = {"rows": {}, "analysis": None, "accuracy": None, "seconds": time.perf_counter() - start,
            "diagnostic_seconds": 0.0}
-    if pristine and anchors is not None:
-        anchors.update({k: plan.anchors[l] for l, k in keys.items()})
     if not diagnose:
         return out
     ratios, cosines = residual_ratios(plan), passive_cosines(plan)
@@ -149,8 +127,8 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, cfg: CompareConfig, 
     return out
 
 
-def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, cfg: CompareConfig, templates,
-                    anchors: Optional[dict], on_step: Callable[[int, Sequence[int], Dict], None], params=None,
+def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, construction: Construction,
+                    cfg: CompareConfig, templates, on_step: Callable[[int, Sequence[int], Dict], None], params=None,
                     redo: int = 0, on_redo: Optional[Callable[[int, Sequence[int]], None]] = None,
                     norm_reference: Optional[Dict[str, float]] = None, finish: Optional[Callable[[], None]] = None):
     """The batch-and-sequence loop: edit ``records[i] for i in steps[k]`` for each ``k``
@@ -174,23 +152,23 @@ def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, cfg
     with weight_transaction(params, restore_always=True):
         for k, idx in enumerate(steps):
             with weight_transaction(params, restore_always=not cfg.sequential):
-                pristine = not cfg.sequential or k == 0
                 if k < redo:
-                    edit_batch(model, tok, records, idx, hp, cfg, templates, anchors, pristine, k, diagnose=False)
+                    edit_batch(model, tok, records, idx, hp, construction, cfg, templates, k, diagnose=False)
                     if on_redo is not None:
                         on_redo(k, idx)
                     continue
-                step = edit_batch(model, tok, records, idx, hp, cfg, templates, anchors, pristine, k,
+                step = edit_batch(model, tok, records, idx, hp, construction, cfg, templates, k,
                                   norm_reference=norm_reference)
                 on_step(k, idx, step)
         if finish is not None:
             finish()
 
 
-def score_rows(model, tok, records, baseline, cfg: CompareConfig, timing: Optional[dict] = None) -> List[dict]:
-    """The reported metrics of ``records`` on the model as it is: :func:`evaluate_records`
-    against ``baseline`` (one row per record, ``_`` keys dropped) plus ``fluency``
-    (None without ``cfg.fluency``). Adds the seconds spent to ``timing["eval_seconds"]``
+def score_rows(model, tok, records, baseline: Evaluation, cfg: CompareConfig,
+               timing: Optional[dict] = None) -> List[dict]:
+    """The reported metrics of ``records`` on the model as it is: the rows of
+    :func:`evaluate_records` against ``baseline`` (its evaluation of the same records on
+    the unedited model) plus ``fluency`` (None without ``cfg.fluency``). Adds the seconds spent to ``timing["eval_seconds"]``
     and ``timing["fluency_seconds"]`` when given."""
     start = time.perf_counter()
     scored = evaluate_records(model, tok, records, baseline)
@@ -199,21 +177,19 @@ def score_rows(model, tok, records, baseline, cfg: CompareConfig, timing: Option
     if timing is not None:
         timing["eval_seconds"] = timing.get("eval_seconds", 0.0) + mid - start
         timing["fluency_seconds"] = timing.get("fluency_seconds", 0.0) + time.perf_counter() - mid
-    return [{**public_row(row), "fluency": f} for row, f in zip(scored, flu)]
+    return [{**row, "fluency": f} for row, f in zip(scored.rows, flu)]
 
 
-def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, bar=None,
-             anchors: Optional[dict] = None) -> Dict:
-    """Edit ``records`` with ``hp`` (its ``alg_name`` sets algorithm and mode).
+def run_mode(model, tok, records, hp, construction: Construction, cfg: CompareConfig, baseline, templates,
+             bar=None) -> Dict:
+    """Edit ``records`` with ``hp`` (its ``alg_name`` sets the algorithm) and the target
+    ``construction`` (:func:`mode_hparams` gives both for a mode spec).
 
-    ``anchors`` (a dict shared across calls) reuses anchors optimized on the
-    unedited weights by an earlier mode or algorithm with the same
-    :func:`anchor_key` (independent batches, and the first batch of a sequential
-    run); the edit is then identical to optimizing them again, minus the time.
+    Inside :func:`shared_anchors`, anchors optimized on the unedited weights by an
+    earlier mode or algorithm with the same anchor objective are reused (independent
+    batches, and the first batch of a sequential run); the edit is then identical to
+    reading them from the disk store, minus the time.
     """
-    from ..algorithms import get_algorithm
-
-    construction = get_algorithm(hp.alg_name).construction
     rows: List[Optional[dict]] = [None] * len(records)
     accuracies, curve, seconds, analyses = [], [], [], []
     timing = {"diagnostic_seconds": 0.0, "eval_seconds": 0.0, "fluency_seconds": 0.0}
@@ -228,13 +204,13 @@ def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, b
         for i, row in step["rows"].items():
             rows[i] = row
         if not cfg.sequential:
-            scored = score_rows(model, tok, [records[i] for i in idx], [baseline[i] for i in idx], cfg, timing)
+            scored = score_rows(model, tok, [records[i] for i in idx], baseline.subset(idx), cfg, timing)
             for k, i in enumerate(idx):
                 rows[i] = {**(rows[i] or {}), **scored[k]}
         else:
             done = [i for bb in steps[: b + 1] for i in bb]
             start = time.perf_counter()
-            scored = evaluate_records(model, tok, [records[i] for i in done], [baseline[i] for i in done])
+            scored = evaluate_records(model, tok, [records[i] for i in done], baseline.subset(done)).rows
             timing["eval_seconds"] += time.perf_counter() - start
             curve.append({"edits": len(done), **{m.key: mean(r[m.key] for r in scored) for m in metrics("curve")}})
         if bar is not None:
@@ -246,25 +222,29 @@ def run_mode(model, tok, records, hp, cfg: CompareConfig, baseline, templates, b
             for i in range(len(records)):
                 rows[i] = {**(rows[i] or {}), **scored[i]}
 
-    edit_in_batches(model, tok, records, steps, hp, cfg, templates, anchors, on_step, finish=finish)
+    edit_in_batches(model, tok, records, steps, hp, construction, cfg, templates, on_step, finish=finish)
     return {"per_edit": rows, "seconds": sum(seconds), "batch_seconds": seconds, "target_accuracy": accuracies,
             "analyses": analyses, "diagnostics": summarize_analyses(analyses), "curve": curve,
             "edit_layers": construction.edit_layers(hp.layers), "timing": timing}
 
 
-def mode_hparams(hp, base: str, mode: str):
-    """``hp`` for algorithm ``base`` in mode spec ``mode`` (``"replay"``, or
-    ``"replay_tau=0.25"``, which also sets ``hparams.replay_tau``): a copy with the
-    registered ``alg_name`` and the spec's parameter."""
+def mode_hparams(hp, base: str, mode: str) -> Tuple[object, Construction]:
+    """``(hp, construction)`` for algorithm ``base`` in mode spec ``mode`` (``"replay"``,
+    ``"replay_tau=0.25"``, ``"replay+rekeyed"``): the construction the spec names, with
+    its parameter, and a copy of ``hp`` labelled with the registered ``alg_name``, the
+    parameter's YAML alias and the options' fields (cells are keyed by them).
+
+    Raises:
+        ValueError, HyperParamsError: as :func:`~easyedit_replay.targets.parse_mode`."""
     from ..algorithms import alg_name_of
 
     construction, params = parse_mode(mode)
-    return hp.replace(alg_name=alg_name_of(base, construction.name), **params)
+    return hp.replace(alg_name=alg_name_of(base, construction.name), **params), construction
 
 
 def unedited_block(model, tok, records, cfg: CompareConfig):
     """``(baseline, block)``: :func:`evaluate_records` of the unedited model (the
-    reference every edited cell is compared with, ``_`` keys kept) and the reported
+    :class:`~easyedit_replay.evaluate.Evaluation` every edited cell is compared with) and the reported
     block ``{"per_edit", "summary"}`` of the unedited model against itself
     (specificity 1, DKL 0: a check of the metrics)."""
     baseline = evaluate_records(model, tok, records, None)
@@ -286,16 +266,16 @@ def run_comparison(model, tok, records, hparams_by_alg: Dict[str, object], cfg: 
     results = {"n": len(records), "config": cfg.__dict__.copy(), "unedited": unedited, "runs": {}}
     total = len(hparams_by_alg) * len(cfg.modes) * len(records)
     bar = tqdm(total=total, desc="editing", unit="edit", disable=not cfg.progress)
-    anchors: dict = {} if cfg.share_anchors else None
-    for base, hp0 in hparams_by_alg.items():
-        if stats_dir:
-            hp0 = hp0.replace(stats_dir=stats_dir)
-        templates = resolve_templates(model, tok, hp0)
-        for mode in cfg.modes:
-            hp = mode_hparams(hp0, base, mode)
-            run = run_mode(model, tok, records, hp, cfg, baseline, templates, bar, anchors)
-            run["summary"] = summarize_ci(run["per_edit"], cfg.n_boot, cfg.seed)
-            run["layers"] = list(hp.layers)
-            results["runs"][RunKey(base, mode).text] = run
+    with shared_anchors(model, cfg):
+        for base, hp0 in hparams_by_alg.items():
+            if stats_dir:
+                hp0 = hp0.replace(stats_dir=stats_dir)
+            templates = resolve_templates(model, tok, hp0)
+            for mode in cfg.modes:
+                hp, construction = mode_hparams(hp0, base, mode)
+                run = run_mode(model, tok, records, hp, construction, cfg, baseline, templates, bar)
+                run["summary"] = summarize_ci(run["per_edit"], cfg.n_boot, cfg.seed)
+                run["layers"] = list(hp.layers)
+                results["runs"][RunKey(base, mode).text] = run
     bar.close()
     return results

@@ -43,13 +43,16 @@ from typing import Dict, List, Optional, Sequence
 
 from ..diagnostics import norm_modules, output_norms, restore_attribution
 from ..errors import ReplayError
+from ..evaluate import Evaluation
 from ..sequential import key_drift, reset_sequential_state, track_sequential
 from .cells import (
     batch_path, cell_edits, cell_path, hparams_settings, planned_cells, read_cell, records_digest, step_path,
     steps_of, unedited_path, update_plan, write_cell,
 )
 from .metrics import RunKey
-from .runner import CompareConfig, edit_in_batches, mode_hparams, run_mode, score_rows, unedited_block
+from .runner import (
+    CompareConfig, edit_in_batches, mode_hparams, run_mode, score_rows, shared_anchors, unedited_block,
+)
 from .statistics import summarize_ci
 
 log = logging.getLogger("easyedit_replay.scale")
@@ -95,10 +98,9 @@ class _Context:
     out: Path
     templates: Dict[str, List[List[str]]]
     bar: object = None
-    anchors: Optional[dict] = None
-    baselines: Dict[int, list] = field(default_factory=dict)
+    baselines: Dict[int, Evaluation] = field(default_factory=dict)
 
-    def baseline(self, n: int) -> list:
+    def baseline(self, n: int) -> Evaluation:
         """The unedited model's :func:`evaluate_records` on ``records[:n]`` (as ``compare --n
         n`` computes it), memoized for the latest ``n``; writes the unedited cell."""
         if n not in self.baselines:
@@ -113,10 +115,11 @@ class _Context:
         return self.baselines[n]
 
     def hparams(self, run: RunKey):
+        """``(hp, construction)`` of ``run`` (:func:`~easyedit_replay.experiments.runner.mode_hparams`)."""
         return mode_hparams(self.by_alg[run.alg], run.alg, run.mode)
 
     def settings(self, run: RunKey, n: int, **extra) -> dict:
-        return {"records": records_digest(self.records[:n]), "hparams": hparams_settings(self.hparams(run)),
+        return {"records": records_digest(self.records[:n]), "hparams": hparams_settings(self.hparams(run)[0]),
                 "templates": self.templates[run.alg], "metrics": self.cfg.metric_settings(), **extra}
 
 
@@ -125,10 +128,10 @@ def _batch_cell(ctx: _Context, n: int, run: RunKey) -> None:
     path = batch_path(ctx.out, n, run.alg, run.mode)
     if read_cell(path, settings) is not None:
         return
-    hp = ctx.hparams(run)
+    hp, construction = ctx.hparams(run)
     records = ctx.records[:n]
-    result = run_mode(ctx.model, ctx.tok, records, hp, ctx.cfg.compare_config(), ctx.baseline(n),
-                      ctx.templates[run.alg], None, ctx.anchors)
+    result = run_mode(ctx.model, ctx.tok, records, hp, construction, ctx.cfg.compare_config(), ctx.baseline(n),
+                      ctx.templates[run.alg], None)
     result["summary"] = summarize_ci(result["per_edit"], ctx.cfg.n_boot, ctx.cfg.seed)
     result["layers"] = list(hp.layers)
     write_cell(path, {"kind": "batch", "n": n, "alg": run.alg, "mode": run.mode,
@@ -162,14 +165,14 @@ class _Series:
     done: List[dict]
     params: dict
     attribution: List[int]
-    reference: list = None
+    reference: Optional[Evaluation] = None
     norms: Dict[str, float] = None
     rows: Dict[int, dict] = field(default_factory=dict)
     snapshots: Dict[int, Dict[str, object]] = field(default_factory=dict)  # weights right after each step
 
     def redone(self, k: int, idx) -> None:
         """A finished step re-applied: its rows back, its fingerprint checked."""
-        from ..anchor_cache import model_fingerprint
+        from ..anchors.store import model_fingerprint
 
         self.rows.update({int(i): r for i, r in self.done[k]["batch_rows"].items()})
         if model_fingerprint(self.ctx.model) != self.done[k]["fingerprint"]:
@@ -206,7 +209,7 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
         done.append(cell)
     if len(done) == len(steps):
         return
-    hp = ctx.hparams(run)
+    hp, construction = ctx.hparams(run)
     params = {name: resolve_parameter(ctx.model, name) for name in weight_names(hp)}
     series = _Series(ctx, run, hp, steps, settings, paths, done, params, attribution)
     ccfg = cfg.compare_config(batch_size=b, sequential=True)
@@ -215,9 +218,8 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
     reset_sequential_state(ctx.model)
     track_sequential(ctx.model)  # record every batch's keys: the key drift reads them
     try:
-        edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, ccfg, ctx.templates[run.alg], ctx.anchors,
-                        series.made, params=params, redo=len(done), on_redo=series.redone,
-                        norm_reference=series.norms)
+        edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, construction, ccfg, ctx.templates[run.alg],
+                        series.made, params=params, redo=len(done), on_redo=series.redone, norm_reference=series.norms)
     finally:
         reset_sequential_state(ctx.model)
 
@@ -230,7 +232,7 @@ def _step_cell(series: _Series, k: int, idx, step: dict) -> None:
     step the restore-one-layer attribution, from the snapshots of the weights after each
     earlier step) and, when the step is evaluated, every edit made so far against
     ``series.reference``."""
-    from ..anchor_cache import model_fingerprint
+    from ..anchors.store import model_fingerprint
 
     ctx, run, cfg = series.ctx, series.run, series.ctx.cfg
     ccfg = cfg.compare_config(batch_size=cfg.batch_size, sequential=True)
@@ -253,7 +255,8 @@ def _step_cell(series: _Series, k: int, idx, step: dict) -> None:
                                                                 series.params)
     cell["timing"]["sequential_diagnostic_seconds"] = time.perf_counter() - start
     if cfg.curve or made in cfg.sizes or k == len(series.steps) - 1:
-        scored = score_rows(ctx.model, ctx.tok, ctx.records[:made], series.reference[:made], ccfg, cell["timing"])
+        scored = score_rows(ctx.model, ctx.tok, ctx.records[:made], series.reference.subset(range(made)), ccfg,
+                            cell["timing"])
         per_edit = [{**series.rows[i], **scored[i]} for i in range(made)]
         cell.update(evaluated=True, evaluated_cases=[r.get("case_id") for r in ctx.records[:made]],
                     per_edit=per_edit, summary=summarize_ci(per_edit, cfg.n_boot, cfg.seed))
@@ -291,7 +294,7 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
     templates = {a: resolve_templates(model, tok, hp) for a, hp in by_alg.items()}
     plan = planned_cells(cfg, list(by_alg))
     update_plan(out, plan, meta)
-    ctx = _Context(model, tok, records, by_alg, cfg, out, templates, anchors={} if cfg.share_anchors else None)
+    ctx = _Context(model, tok, records, by_alg, cfg, out, templates)
     finished = [c for c in plan if cell_path(out, c).exists()]
     total = sum(cell_edits(c) for c in plan)
     ctx.bar = tqdm(total=total, initial=sum(cell_edits(c) for c in finished), desc="scale", unit="edit",
@@ -299,17 +302,20 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
     try:
         if b is None:
             for n in sizes:
-                ctx.anchors = {} if cfg.share_anchors else None  # anchor keys hold the batch: nothing carries over
+                # One in-process anchor layer per size: a request's anchor from another size's chunks
+                # differs in float rounding (the disk store, when on, serves it all the same).
+                with shared_anchors(model, cfg):
+                    for alg in by_alg:
+                        for mode in cfg.modes:
+                            existed = batch_path(out, n, alg, mode).exists()
+                            _batch_cell(ctx, n, RunKey(alg, mode))  # a finished cell: only its settings are checked
+                            if not existed:
+                                ctx.bar.update(n)
+        else:
+            with shared_anchors(model, cfg):
                 for alg in by_alg:
                     for mode in cfg.modes:
-                        existed = batch_path(out, n, alg, mode).exists()
-                        _batch_cell(ctx, n, RunKey(alg, mode))  # a finished cell: only its settings are checked
-                        if not existed:
-                            ctx.bar.update(n)
-        else:
-            for alg in by_alg:
-                for mode in cfg.modes:
-                    _sequential_series(ctx, RunKey(alg, mode))
+                        _sequential_series(ctx, RunKey(alg, mode))
     finally:
         ctx.bar.close()
     return write_scale_report(out, cfg.n_boot, cfg.seed) if report else None

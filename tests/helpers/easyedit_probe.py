@@ -90,7 +90,7 @@ def main():
     # compute mom2_dataset 'bundled'; it reads the file the plugin wrote).
     spread_hp = load_hparams(args.replay, alg_name="MEMIT_SPREAD", v_num_grad_steps=args.steps)
     t0 = time.perf_counter()
-    plan = easyedit_replay.compute_edit(model, tok, requests, spread_hp, context_templates=TEMPLATES)
+    plan = easyedit_replay.compute_edit(model, tok, requests, spread_hp, "spread", context_templates=TEMPLATES)
     report["plugin_seconds"] = round(time.perf_counter() - t0, 2)
     memit_main.CONTEXT_TEMPLATES_CACHE = TEMPLATES
     stock_hp.v_num_grad_steps = args.steps

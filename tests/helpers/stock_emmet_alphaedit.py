@@ -95,7 +95,7 @@ def main():
         ours_model, stock_model = copy.deepcopy(model), copy.deepcopy(model)
         errors = []
         for b, batch in enumerate(batches):
-            plan = compute_edit(ours_model, tok, batch, ours_hp, context_templates=templates)
+            plan = compute_edit(ours_model, tok, batch, ours_hp, "spread", context_templates=templates)
             zs = iter(plan.anchor.value[0])
             original = stock.compute_z
             stock.compute_z = lambda *a, **k: next(zs).clone()

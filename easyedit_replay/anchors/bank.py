@@ -1,6 +1,6 @@
 """Anchor banks: ``easyedit-replay anchors info | bank``.
 
-An anchor bank is an anchor disk cache folder (:mod:`easyedit_replay.anchor_cache`)
+An anchor bank is an anchor disk cache folder (:mod:`easyedit_replay.anchors.store`)
 kept and shared on purpose, e.g. committed beside measured results
 (``docs/results/anchors``) so that a later run on any machine loads the anchors
 instead of optimizing them again.
@@ -38,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .errors import ReplayError
+from ..errors import ReplayError
 
 DEFAULT_FOLDER = "docs/results/anchors"
 
@@ -73,12 +73,12 @@ def _request(description: dict) -> str:
 
 def read_keys(folder: Path):
     """``[(group, request, steps, max steps)]`` for every anchor file under ``folder``
-    (:meth:`~easyedit_replay.anchor_cache.AnchorStore.stored`); ``group`` is
+    (:meth:`~easyedit_replay.anchors.store.AnchorStore.stored`); ``group`` is
     ``"layer L, S site(s), model F"`` (``F``: the first 8 hex digits of the model
     fingerprint), ``request`` the key's request part
-    (:func:`~easyedit_replay.anchor_cache.request_description`) as text, ``steps`` the
+    (:func:`~easyedit_replay.anchors.store.request_description`) as text, ``steps`` the
     optimization steps the anchor took and ``max steps`` its ``v_num_grad_steps``."""
-    from .anchor_cache import AnchorStore
+    from .store import AnchorStore
 
     return [(f"layer {key['layer']}, {len(key['sites'])} site(s), model {key['model'][:8]}", _request(key["request"]),
              steps, int(key["hparams"]["v_num_grad_steps"]))
@@ -114,9 +114,9 @@ def info(folder: str, data: Sequence[str] = ()) -> List[str]:
         files = [f for per_req in steps[group].values() for f in per_req]
         lines.append(f"  {group}: {len(steps[group])} requests, {steps_summary(files)}")
     if specs:
-        from .anchor_cache import request_description
-        from .data import load_records
-        from .keys import prepare_requests
+        from ..data import load_records
+        from ..prompts import prepare_requests
+        from .store import request_description
 
         for path, n in specs:
             reqs = [_request(request_description(r)) for r in prepare_requests(load_records(path, n))]
@@ -143,15 +143,15 @@ def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", prog
     """
     import logging
 
-    from .algorithms import load_hparams
-    from .anchor_cache import anchor_cache_dir
-    from .data import load_records, parse_records
-    from .editor import compute_anchors
-    from .models import load_model
+    from ..algorithms import load_hparams
+    from ..data import load_records, parse_records
+    from ..editor import compute_anchors
+    from ..models import load_model
+    from .store import anchor_cache_dir
 
     path, n = parse_data_spec(data)
     idx = shard_indices(n, shard)
-    logging.getLogger("easyedit_replay.anchor").setLevel(logging.INFO)  # anchors loaded vs optimized
+    logging.getLogger("easyedit_replay.anchors").setLevel(logging.INFO)  # anchors loaded vs optimized
     hp = load_hparams(hparams_path)
     where = f"{Path(path).name}[{records}]" if records else Path(path).name
     selected = load_records(path, n, records=parse_records(records))
@@ -162,7 +162,7 @@ def bank(hparams_path, data: str, modes: Sequence[str], shard: str = "1/1", prog
     print(lines[-1], flush=True)
     for mode in modes:
         start = time.perf_counter()
-        anchors = compute_anchors(model, tok, batch, hp, mode=mode, progress=progress)
+        anchors = compute_anchors(model, tok, batch, hp, mode, progress=progress)
         lines.append(f"{mode}: anchor layer(s) {sorted(anchors)} for {len(batch)} requests in "
                      f"{time.perf_counter() - start:.0f} s")
         print(lines[-1], flush=True)

@@ -1,7 +1,7 @@
 """The ``replay_joint`` construction (issue 16, item 3): the edit shared across layers by
 one solve through the Jacobians of the layers between the edits.
 
-``replay_capacity`` (:mod:`easyedit_replay.targets`) shares the replayed residual under
+``replay_capacity`` (:class:`~easyedit_replay.targets.shares.Capacity`) shares the replayed residual under
 the paper's additive assumption: a change delivered at layer ``l_j`` arrives unchanged
 at ``l_n``. Here the change travels through the network instead. With
 
@@ -45,10 +45,11 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .batching import input_device, pad_id_of, pad_right, token_ids
-from .errors import HyperParamsError
-from .keys import EditRequest, bare_probes
-from .tracing import Trace, add_at_positions, run
+from ..batching import input_device, pad_id_of, pad_right, token_ids
+from ..errors import HyperParamsError
+from ..prompts import EditRequest
+from ..reads import bare_probes
+from ..tracing import Trace, add_at_positions, run
 
 
 @dataclass
@@ -63,7 +64,7 @@ class JointPlan:
         iterations: the most conjugate-gradient iterations any chunk ran.
         relative_residual: the largest relative residual ``|M mu - r| / |r|`` over
             requests at the end, as conjugate gradients' running estimate (not
-            recomputed; NaN if the solve broke down: ``compute_edit`` refuses it).
+            recomputed; NaN if the solve broke down: ``Joint.prepare`` refuses it).
         seconds: wall time of the whole plan (solve + trajectory pass).
     """
 
@@ -160,7 +161,7 @@ def joint_plan(model, tok, requests: Sequence[EditRequest], hparams, z_last: tor
             raise HyperParamsError(f"alg_name {hparams.alg_name}: replay_joint needs a finite capacity at every "
                                    f"edit layer; layer {layer} has an infinite one (EMMET with emmet_lambda = 0 "
                                    f"delivers exactly): set emmet_lambda > 0 or use replay_capacity")
-    from .anchor import frozen_parameters
+    from ..anchors import frozen_parameters
 
     started = time.perf_counter()
     earlier, last = layers[:-1], layers[-1]
@@ -214,7 +215,7 @@ def planned_trajectory(model, tok, probes, deltas: Dict[int, torch.Tensor], name
                        ) -> Dict[int, torch.Tensor]:
     """``{l_j: [R, d]}`` the state at the output of block ``l_j`` with every ``d_i``
     (``i <= j``) added at the lookup token of block ``l_i``: one no-grad forward pass."""
-    from .keys import read_at_lookup
+    from ..reads import read_at_lookup
 
     outputs = [names[l] for l in deltas]
     reads = read_at_lookup(model, tok, probes, outputs=outputs, add={names[l]: d for l, d in deltas.items()})
