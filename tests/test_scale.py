@@ -249,6 +249,12 @@ def test_sequential_series_are_paired_against_spread_on_the_edits_made():
     assert retention[0] == ["algorithm", "mode", "edits made", "batch 1", "batch 2", "batch 3"]
     assert retention[3] == ["MEMIT", "spread", "288", "0.86", "0.81", "0.94"]
     assert retention[5] == ["MEMIT", "replay", "192", "0.95", "0.95", ""]
+    # the same, paired against spread on each batch's edits
+    kept = tables.retention_paired_table(series, n_boot=1000, seed=0)
+    assert kept[0] == ["algorithm", "mode - spread", "edits made", "batch 1", "batch 2", "batch 3"]
+    assert kept[1:] == [["MEMIT", "replay", "96", "+0.08 [+0.03, +0.14]*", "", ""],
+                        ["MEMIT", "replay", "192", "+0.07 [+0.00, +0.16]", "+0.08 [+0.01, +0.16]*", ""],
+                        ["AlphaEdit", "replay", "96", "-0.01 [-0.03, +0.00]", "", ""]]
     norms = tables.update_norm_table(series)
     assert norms[0] == ["algorithm", "mode", "step"] + [f"|dW| layer {l}" for l in range(4, 9)]
     assert norms[4] == ["MEMIT", "replay", "1", "75.5", "59.6", "37.4", "21.1", "13.0"]

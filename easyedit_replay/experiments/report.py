@@ -31,8 +31,8 @@ from .plots import (
 from .statistics import paired_difference
 from .tables import (
     analysis_rows, attribution_table, batch_table, clear_differences, fmt, key_drift_table, marked, paired_table,
-    render_markdown, render_text, retention_table, sequential_paired_table, sequential_steps, sequential_table,
-    table_rows, target_norm_table, update_norm_table, against_spread,
+    render_markdown, render_text, retention_paired_table, retention_table, sequential_paired_table, sequential_steps,
+    sequential_table, table_rows, target_norm_table, update_norm_table, against_spread,
 )
 
 # ----------------------------------------------------------------------------- compare
@@ -141,6 +141,8 @@ def _series_lines(series: Dict[str, List[dict]], b: int, total: int, n_boot: int
              render_markdown(sequential_paired_table(series, n_boot, seed)), "",
              "Retention: efficacy Acc of each batch's edits after every step (forgetting of the earlier "
              "batches):", "", render_markdown(retention_table(series)), "",
+             "Retention, paired: mode - spread on each batch's edits (efficacy Acc):", "",
+             render_markdown(retention_paired_table(series, n_boot, seed)), "",
              "Each step's weight update, Frobenius norm per edited weight:", "",
              render_markdown(update_norm_table(series)), ""]
     if any(c.get("sequential") for steps in series.values() for c in steps):

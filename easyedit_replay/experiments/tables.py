@@ -234,6 +234,28 @@ def retention_table(steps_by_key: Dict[str, List[dict]], key: str = "efficacy_ex
     return rows
 
 
+def retention_paired_table(series: Dict[str, List[dict]], n_boot: int, seed: int,
+                           key: str = "efficacy_exact") -> List[List[str]]:
+    """Rows (header first) of one sequential series: ``mode - spread`` on the edits of each
+    batch made so far (per-edit ``key``, default exact-match efficacy), at every step both
+    have evaluated, mean [95% paired bootstrap interval] (``*``: excludes 0): whether a
+    construction keeps an earlier batch better than spreading on the same edits, which
+    the unpaired :func:`retention_table` cannot say. A cell of a batch not yet made is
+    empty."""
+    by_step = sequential_per_edit(series)
+    size = next((c["batch_size"] for steps in series.values() for c in steps), 1)
+    n_batches = max(by_step, default=0) // size
+    rows = [["algorithm", "mode - spread", "edits made"] + [f"batch {j + 1}" for j in range(n_batches)]]
+    for made, per_edit_by_key in by_step.items():
+        for alg, mode, per_edit, ref in against_spread(per_edit_by_key):
+            rows.append([alg, mode, str(made)] + [
+                marked(paired_difference(per_edit[j * size:(j + 1) * size], ref[j * size:(j + 1) * size], key,
+                                         n_boot, seed)) if j < made // size else ""
+                for j in range(n_batches)])
+    rows[1:] = sorted(rows[1:], key=lambda r: (run_order(RunKey(r[0], r[1])), int(r[2])))
+    return rows
+
+
 def layer_of(name: str) -> str:
     """``"model.layers.4.mlp.down_proj.weight"`` -> ``"layer 4"`` (the name itself without a layer index)."""
     index = next((part for part in name.split(".") if part.isdigit()), None)
