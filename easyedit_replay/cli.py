@@ -260,10 +260,33 @@ def cmd_tune(args) -> int:
 
 
 def cmd_report(args) -> int:
-    """The condensed markdown tables of docs/results.md (:func:`easyedit_replay.experiments.report.markdown`)."""
+    """The condensed markdown tables of docs/results.md (:func:`easyedit_replay.experiments.report.markdown`),
+    or with ``--points`` the cells of ``scale`` folders side by side across operating points
+    (:func:`easyedit_replay.experiments.points.points_markdown`; ``--out FILE`` writes it too).
+
+    Raises:
+        ReplayError: ``--points`` with a SOURCE or ``--allocation``; neither ``--points`` nor
+            SOURCE ``--markdown``; those of the report functions.
+    """
+    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    if args.points:
+        from .experiments.points import points_markdown
+
+        if args.source or args.allocation:
+            raise ReplayError("report --points DIR [DIR ...] takes the scale --out folders after --points; "
+                              "no SOURCE, no --allocation")
+        text = points_markdown(args.points, reference=args.reference, modes=modes)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        print(text, end="")
+        return 0
+    if not args.source or not args.markdown:
+        raise ReplayError("report: give SOURCE --markdown (a compare results.json or a scale --out folder), "
+                          "or --points DIR [DIR ...]")
     from .experiments.report import markdown
 
-    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     print(markdown(args.source, modes=modes, allocation=args.allocation, out=args.out), end="")
     return 0
 
@@ -404,13 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("report", help="the condensed markdown tables of a compare results.json or of scale cells "
-                       "(docs/results.md)")
-    r.add_argument("source", help="results.json of `compare --out DIR`, or a `scale --out DIR` folder")
-    r.add_argument("--markdown", action="store_true", required=True, help="print markdown tables (the format)")
+                       "(docs/results.md), or scale cells side by side across operating points (--points)")
+    r.add_argument("source", nargs="?", help="results.json of `compare --out DIR`, or a `scale --out DIR` folder")
+    r.add_argument("--markdown", action="store_true", help="print markdown tables (the format; needed with SOURCE)")
+    r.add_argument("--points", nargs="+", metavar="DIR", help="`scale --out` folders, one per operating point "
+                   "(read from the cells' operating_point): the scale metrics side by side, mode - spread within "
+                   "each point and against spread at --reference on the same edits, update and anchor norms")
+    r.add_argument("--reference", default="bundled", help="--points: the point spreading is compared at "
+                   "(default bundled, the tuned default)")
     r.add_argument("--modes", help="scale cells: only these comma-separated modes (default: all)")
     r.add_argument("--allocation", action="store_true", help="a compare results.json: every rule against replay "
                    "on the same edits, per-layer update norms and residual ratios (the allocation sweep)")
-    r.add_argument("--out", help="--allocation: also write report.md and the two allocation plots into this folder")
+    r.add_argument("--out", help="--allocation: also write report.md and the two allocation plots into this folder; "
+                   "--points: also write the markdown to this file")
     r.set_defaults(func=cmd_report)
 
     anchor_bank.add_subcommands(sub, lambda alg, point="bundled": default_hparams_path(alg=alg, point=point))

@@ -8,7 +8,8 @@
 - :mod:`.cells`: ``scale``'s cell files (paths, settings digests, plan, resume);
 - :mod:`.scale`: ``scale`` (``run_scale``);
 - :mod:`.plots`: the PNG plots;
-- :mod:`.report`: ``compare``'s and ``scale``'s reports and ``report --markdown``.
+- :mod:`.report`: ``compare``'s and ``scale``'s reports and ``report --markdown``;
+- :mod:`.points`: ``report --points``, ``scale`` cells side by side across operating points.
 
 Import from the submodules (``from easyedit_replay.experiments.runner import
 run_comparison``): the package itself loads only the registry, so that the lower

@@ -13,6 +13,8 @@ edits made): the ``scale`` metrics with their intervals and, next to each ``pair
 metric, ``mode - spread`` on the same edits with its paired interval (``*``: the
 interval excludes 0); planned cells that are not finished are listed. The allocation
 tables compare every rule of one ``compare`` run with ``replay`` on the same edits.
+``report --points`` (``scale`` folders side by side across operating points) is
+:mod:`~easyedit_replay.experiments.points`.
 """
 
 from __future__ import annotations

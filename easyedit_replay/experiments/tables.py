@@ -12,7 +12,7 @@ sequential series is ``found["sequential"][(b, total)]``, ``{"ALG/mode": [step c
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .metrics import Metric, RunKey, metrics, run_order
 from .statistics import excludes_zero, paired_difference
@@ -87,17 +87,24 @@ def analysis_rows(results, name: str = "residual_ratio", digits: int = 3) -> Lis
 # ----------------------------------------------------------------------------- pairs
 
 
-def against_spread(per_edit_by_key: Dict[str, list]):
+def against_spread(per_edit_by_key: Dict[str, list], spread_by_key: Optional[Dict[str, list]] = None,
+                   missing: bool = False):
     """``(alg, mode, rows, reference)`` for every non-spread ``"ALG/mode"`` of
     ``per_edit_by_key`` whose algorithm also has a spread entry, in table order: the
     per-edit rows of the mode and of spread on the same edits, for
     :func:`~easyedit_replay.experiments.statistics.paired_difference`. ``per_edit_by_key``
     maps ``"ALG/mode"`` to the per-edit rows of one batch of ``n`` (or of one sequential
-    step, all edits made so far)."""
+    step, all edits made so far); any other value (a cell) passes through as well.
+
+    ``spread_by_key``: where the spread entries are looked up (default:
+    ``per_edit_by_key`` itself; another operating point's entries pair each mode with
+    spreading at that point, :mod:`~easyedit_replay.experiments.points`). ``missing``:
+    also yield the modes whose algorithm has no spread entry there, with reference None."""
+    spreads = per_edit_by_key if spread_by_key is None else spread_by_key
     for key, rows in sorted(per_edit_by_key.items(), key=run_order):
         k = RunKey.parse(key)
-        ref = per_edit_by_key.get(RunKey(k.alg, "spread").text)
-        if k.mode != "spread" and ref is not None:
+        ref = spreads.get(RunKey(k.alg, "spread").text)
+        if k.mode != "spread" and (ref is not None or missing):
             yield k.alg, k.mode, rows, ref
 
 
@@ -296,18 +303,27 @@ def key_drift_table(steps_by_key: Dict[str, List[dict]], batch: int = 1) -> List
     return _per_weight_table(steps_by_key, values, lambda n: f"key drift {layer_of(n)}", "{:.4f}")
 
 
+def norm_values(norms: dict) -> Dict[tuple, float]:
+    """``{("delta", module): |delta|, ("target", module): |t|}`` of one batch's anchor and
+    target norms (``analysis["norms"]``: ``{"anchor": {module: {"delta": ...}}, "targets":
+    {module: {"norm": ...}}}``, means over the batch relative to the unedited model's mean
+    norm of the module); empty for a batch that has none."""
+    out = {("delta", m): v["delta"] for m, v in (norms or {}).get("anchor", {}).items()}
+    out.update({("target", m): v["norm"] for m, v in (norms or {}).get("targets", {}).items()})
+    return out
+
+
+def norm_label(name: tuple) -> str:
+    """The column of a :func:`norm_values` key: ``("delta", "model.layers.4")`` -> ``"|delta| layer 4"``."""
+    return f"{'|delta|' if name[0] == 'delta' else '|t|'} {layer_of(name[1])}"
+
+
 def target_norm_table(steps_by_key: Dict[str, List[dict]]) -> List[List[str]]:
     """Rows (header first): each step's anchor ``|delta|`` and the norm of its target at
     every edited layer, means over the batch relative to the unedited model's mean norm
-    of that module (``cell["sequential"]["norms"]``)."""
-    def values(cell):
-        norms = (cell.get("sequential") or {}).get("norms", {})
-        out = {("delta", m): v["delta"] for m, v in norms.get("anchor", {}).items()}
-        out.update({("target", m): v["norm"] for m, v in norms.get("targets", {}).items()})
-        return out
-
-    return _per_weight_table(steps_by_key, values,
-                             lambda n: f"{'|delta|' if n[0] == 'delta' else '|t|'} {layer_of(n[1])}", "{:.2f}")
+    of that module (``cell["sequential"]["norms"]``, :func:`norm_values`)."""
+    return _per_weight_table(steps_by_key, lambda cell: norm_values((cell.get("sequential") or {}).get("norms")),
+                             norm_label, "{:.2f}")
 
 
 def attribution_table(steps_by_key: Dict[str, List[dict]], key: str = "efficacy_exact") -> List[List[str]]:

@@ -1,0 +1,428 @@
+"""``easyedit-replay report --points``: the cells of ``scale`` side by side across
+operating points (``scale --point``), one ``scale --out`` folder per point.
+
+    easyedit-replay report --points docs/results/scale_cf docs/results/scale_cf_paper
+    easyedit-replay report --points docs/results/scale_cf docs/results/scale_cf_paper \\
+        --reference bundled --modes spread,replay --out points.md
+
+A folder's point is its cells' ``operating_point`` (cells made before that field
+existed take the one point its ``scale.json`` names, and the report says how many
+did); a run is then ``ALG/mode@point``. For every kind of cell finished at more than
+one point (one batch of ``n``; a sequential series, at each number of edits made) and
+every algorithm finished at more than one point in it, :func:`points_markdown` writes
+
+a. the ``scale`` metrics (``metrics("scale")``) side by side, mean [95% CI], one row
+   per algorithm, mode and point;
+b. paired differences on the same edits (:func:`pairs`): ``mode@P - spread@P`` within
+   each point, ``mode@P - spread@R`` against spreading at the reference point ``R``
+   (``bundled``, the tuned default: each construction against spreading at its best
+   point) and ``spread@P - spread@R``; ``*`` marks a 95% interval that excludes 0. Two
+   cells are paired only on the same records (:func:`pair_refusal`); sequential cells
+   at the numbers of edits made that both have evaluated;
+c. per-layer mean update norms ``|dW|`` and, where the cells record them, the anchor's
+   ``|delta|`` and the targets' ``|t|`` relative to the unedited model's mean norm of
+   the module (``|delta| / |h|``), per algorithm, mode and point (:func:`norm_tables`);
+d. the pairs that cannot be formed yet (a side not evaluated), the pairs refused
+   (records differ) and the planned cells not finished, per point.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import ReplayError
+from .cells import collect_cells, describe, missing_cells
+from .metrics import RunKey, metrics, run_order
+from .report import update_norms
+from .statistics import mean, paired_difference
+from .tables import (
+    against_spread, fmt, marked, norm_label, norm_values, render_markdown, sequential_steps, summary_stat,
+)
+
+REFERENCE = "bundled"  # the tuned default point (docs/results.md, "At the paper's operating point")
+SUMMARY_ONLY = ("n_boot", "seed")  # metric settings that change a cell's summary, not its per-edit rows
+
+
+@dataclass
+class PointCells:
+    """One ``scale --out`` folder at one operating point.
+
+    Attributes:
+        point: the operating point (``bundled``, ``paper``, ``host-fe``).
+        source: the folder.
+        found: its cells (:func:`~easyedit_replay.experiments.cells.collect_cells`).
+        from_plan: how many of its edit cells lack ``operating_point`` and take the point
+            that ``scale.json`` names.
+    """
+
+    point: str
+    source: Path
+    found: dict
+    from_plan: int = 0
+
+
+@dataclass
+class Pair:
+    """One wanted paired difference on the same edits, ``mode@point - spread@against`` of
+    algorithm ``alg`` at ``made`` edits made (None: one batch of n).
+
+    Attributes:
+        stats: ``{metric key: (mean, lo, hi)}`` of ``metrics("scale")`` when formed, else None.
+        reason: why it is not formed: a side not evaluated (``missing``) or a
+            :func:`pair_refusal`.
+    """
+
+    alg: str
+    mode: str
+    point: str
+    against: str
+    made: Optional[int]
+    stats: Optional[Dict[str, tuple]] = None
+    reason: Optional[str] = None
+    missing: bool = False
+
+    @property
+    def text(self) -> str:
+        return f"{self.mode}@{self.point} - spread@{self.against}"
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _edit_cells(found: dict) -> List[dict]:
+    """The one-batch and sequential cells of ``found`` (not the unedited ones)."""
+    return ([c for by_key in found["batch"].values() for c in by_key.values()]
+            + [c for series in found["sequential"].values() for steps in series.values() for c in steps])
+
+
+def read_point(source) -> PointCells:
+    """The cells of one ``scale --out`` folder and its one operating point.
+
+    Raises:
+        ReplayError: not a folder; its cells name more than one ``operating_point``
+            (they differ from the point ``scale.json`` names for the cells without it);
+            or cells without ``operating_point`` (or no cells at all) and a
+            ``scale.json`` that does not name exactly one point.
+    """
+    path = Path(source)
+    if not path.is_dir():
+        raise ReplayError(f"report --points {source}: not a `scale --out` folder")
+    found = collect_cells(path)
+    cells = _edit_cells(found)
+    named = {c["operating_point"] for c in cells if c.get("operating_point")}
+    unnamed = sum(1 for c in cells if not c.get("operating_point"))
+    plan = path / "scale.json"
+    planned = json.loads(plan.read_text()).get("meta", {}).get("operating_point") if plan.exists() else None
+    planned = [planned] if isinstance(planned, str) else list(planned or [])
+    if unnamed or not cells:
+        if len(planned) != 1:
+            what = f"{unnamed} of its cells lack the field `operating_point`" if cells else "it has no cells"
+            plan_says = (f"its scale.json names {'the points ' + ', '.join(planned) if planned else 'none'}"
+                         if plan.exists() else "it has no scale.json")
+            raise ReplayError(f"report --points {source}: {what}, and {plan_says}; cannot tell its operating point")
+        named.add(planned[0])
+    if len(named) > 1:
+        raise ReplayError(f"report --points {source}: its cells are at more than one operating point "
+                          f"(field `operating_point`: {', '.join(sorted(named))}"
+                          f"{'; the cells without it take ' + planned[0] + ' from scale.json' if unnamed else ''}); "
+                          f"give each point a folder of its own")
+    return PointCells(named.pop(), path, found, unnamed)
+
+
+def read_points(sources: Sequence, reference: str = REFERENCE) -> List[PointCells]:
+    """:func:`read_point` of every folder, the ``reference`` point first, the others in
+    the order given.
+
+    Raises:
+        ReplayError: those of :func:`read_point`; two folders at the same point; no
+            folder at ``reference``.
+    """
+    points: Dict[str, PointCells] = {}
+    for source in sources:
+        p = read_point(source)
+        if p.point in points:
+            raise ReplayError(f"report --points: {points[p.point].source} and {source} are both at operating point "
+                              f"{p.point} (field `operating_point`); give one folder per point")
+        points[p.point] = p
+    if reference not in points:
+        raise ReplayError(f"report --points: --reference {reference}: no folder is at that point "
+                          f"(points: {', '.join(points)})")
+    return [points[reference]] + [p for name, p in points.items() if name != reference]
+
+
+# ----------------------------------------------------------------------------- kinds and steps
+
+
+def _numbers(cell: dict) -> dict:
+    """Where a cell's ``summary`` and ``per_edit`` are: ``run`` of a one-batch cell, the step cell itself."""
+    return cell["run"] if cell["kind"] == "batch" else cell
+
+
+def _kinds(found: dict) -> List[tuple]:
+    """``("batch", n)`` and ``("sequential", (b, total))`` of every kind ``found`` holds."""
+    return [("batch", n) for n in found["batch"]] + [("sequential", bt) for bt in found["sequential"]]
+
+
+def _planned_kind(cell: dict) -> tuple:
+    return ("batch", cell["n"]) if cell["kind"] == "batch" else ("sequential", (cell["batch_size"], cell["total"]))
+
+
+def _where(kind: tuple, made: Optional[int] = None) -> str:
+    if kind[0] == "batch":
+        return f"one batch of {kind[1]} edits"
+    b, total = kind[1]
+    return f"sequential: {total} edits in batches of {b}" + (f", {made} edits made" if made is not None else "")
+
+
+def steps_of_kind(found: dict, kind: tuple) -> Dict[Optional[int], Dict[str, dict]]:
+    """``{edits made: {"ALG/mode": evaluated cell}}`` of one kind: a sequential series'
+    evaluated steps (:func:`~easyedit_replay.experiments.tables.sequential_steps`), or
+    the one-batch cells of ``n`` under the key None."""
+    if kind[0] == "batch":
+        cells = found["batch"].get(kind[1], {})
+        return {None: dict(cells)} if cells else {}
+    return sequential_steps(found["sequential"].get(kind[1], {}))
+
+
+def shared_algorithms(points: Sequence[PointCells], kind: tuple) -> List[str]:
+    """The algorithms with evaluated cells of ``kind`` at more than one point, in table order."""
+    at: Dict[str, int] = {}
+    for p in points:
+        for alg in {RunKey.parse(k).alg for cells in steps_of_kind(p.found, kind).values() for k in cells}:
+            at[alg] = at.get(alg, 0) + 1
+    return sorted((a for a, n in at.items() if n > 1), key=lambda a: run_order(RunKey(a, "spread")))
+
+
+def shared_kinds(points: Sequence[PointCells]) -> List[tuple]:
+    """The kinds of cell with an algorithm evaluated at more than one point: one batch by
+    n, then the sequential series."""
+    kinds = dict.fromkeys(k for p in points for k in _kinds(p.found))
+    return sorted((k for k in kinds if shared_algorithms(points, k)), key=lambda k: (k[0] != "batch", k[1]))
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def pair_refusal(cell: dict, reference: dict) -> Optional[str]:
+    """Why the per-edit rows of two cells are not rows of the same edits, None when they
+    are: both carry the records digest (``settings["records"]``) and it is the same, the
+    evaluated case ids (``evaluated_cases``, sequential cells) are the same where both
+    record them, the rows are as many, and the metric options that change a per-edit
+    row (``settings["metrics"]`` but ``n_boot`` and ``seed``) are the same."""
+    sa, sb = cell.get("settings") or {}, reference.get("settings") or {}
+    if not sa.get("records") or not sb.get("records"):
+        return "a cell has no records digest (settings.records)"
+    if sa["records"] != sb["records"]:
+        return f"records differ (settings.records {sa['records'][:8]} vs {sb['records'][:8]})"
+    ca, cb = cell.get("evaluated_cases"), reference.get("evaluated_cases")
+    if ca is not None and cb is not None and ca != cb:
+        return "evaluated case ids differ (evaluated_cases)"
+    na, nb = len(_numbers(cell)["per_edit"]), len(_numbers(reference)["per_edit"])
+    if na != nb:
+        return f"{na} and {nb} per-edit rows"
+    ma, mb = ({k: v for k, v in (s.get("metrics") or {}).items() if k not in SUMMARY_ONLY} for s in (sa, sb))
+    if ma != mb:
+        return f"metric options differ ({', '.join(sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k)))})"
+    return None
+
+
+def pairs(points: Sequence[PointCells], kind: tuple, modes: Optional[Sequence[str]] = None,
+          n_boot: int = 1000, seed: int = 0) -> List[Pair]:
+    """Every wanted paired difference of ``kind`` (``points[0]`` is the reference point R),
+    for the algorithms of :func:`shared_algorithms`, at every number of edits made that
+    some point has evaluated: ``mode@P - spread@P`` and, for P other than R, ``mode@P -
+    spread@R`` for each non-spread mode evaluated at P (only ``modes``, all when None),
+    and ``spread@P - spread@R`` where P has evaluated that algorithm (``spread`` in
+    ``modes``). A pair is formed (``stats``: :func:`paired_difference` of each
+    ``metrics("scale")`` key, ``n_boot`` resamples, ``seed``) when both sides are
+    evaluated and :func:`pair_refusal` has nothing; otherwise ``reason`` says why. In
+    table order: algorithm, mode, point, against, edits made."""
+    ms = metrics("scale")
+    algs = shared_algorithms(points, kind)
+    steps = [steps_of_kind(p.found, kind) for p in points]
+    ref = points[0].point
+    order = {p.point: i for i, p in enumerate(points)}
+    out: List[Pair] = []
+
+    def add(alg, mode, point, against, made, cell, spread):
+        pair = Pair(alg, mode, point, against, made)
+        if cell is None or spread is None:
+            pair.missing = True
+            pair.reason = f"{mode + '@' + point if cell is None else 'spread@' + against} not evaluated"
+        else:
+            pair.reason = pair_refusal(cell, spread)
+            if pair.reason is None:
+                rows, reference = _numbers(cell)["per_edit"], _numbers(spread)["per_edit"]
+                pair.stats = {m.key: paired_difference(rows, reference, m.key, n_boot, seed) for m in ms}
+        out.append(pair)
+
+    for made in sorted({m for s in steps for m in s}, key=lambda m: m or 0):
+        ref_cells = steps[0].get(made, {})
+        for p, by_made in zip(points, steps):
+            cells = {k: c for k, c in by_made.get(made, {}).items() if RunKey.parse(k).alg in algs}
+            for against, spreads in [(p.point, cells)] + ([(ref, ref_cells)] if p.point != ref else []):
+                for alg, mode, cell, spread in against_spread(cells, spreads, missing=True):
+                    if not modes or mode in modes:
+                        add(alg, mode, p.point, against, made, cell, spread)
+            if p.point != ref and (not modes or "spread" in modes):
+                for alg in sorted({RunKey.parse(k).alg for k in cells}, key=lambda a: algs.index(a)):
+                    add(alg, "spread", p.point, ref, made, cells.get(RunKey(alg, "spread").text),
+                        ref_cells.get(RunKey(alg, "spread").text))
+    out.sort(key=lambda q: (run_order(RunKey(q.alg, q.mode)), order[q.point], q.against != q.point, q.made or 0))
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def side_by_side_table(points: Sequence[PointCells], kind: tuple,
+                       modes: Optional[Sequence[str]] = None) -> List[List[str]]:
+    """Rows (header first) of ``kind``: the ``metrics("scale")``, mean [95% CI], one row
+    per algorithm (:func:`shared_algorithms`), mode (``modes``, all when None), point and,
+    for a sequential series, number of edits made, the points of one run next to each
+    other."""
+    ms = metrics("scale")
+    seq = kind[0] == "sequential"
+    algs = shared_algorithms(points, kind)
+    rows = []
+    for i, p in enumerate(points):
+        for made, cells in steps_of_kind(p.found, kind).items():
+            for key, cell in cells.items():
+                k = RunKey.parse(key)
+                if k.alg in algs and (not modes or k.mode in modes):
+                    summary = _numbers(cell)["summary"]
+                    rows.append(((run_order(key), made or 0, i), [k.alg, k.mode, p.point]
+                                 + ([str(made)] if seq else []) + [fmt(summary_stat(summary, m.key)) for m in ms]))
+    header = ["algorithm", "mode", "point"] + (["edits made"] if seq else []) + [m.label for m in ms]
+    return [header] + [row for _, row in sorted(rows, key=lambda r: r[0])]
+
+
+def pairs_table(found_pairs: Sequence[Pair], kind: tuple) -> List[List[str]]:
+    """Rows (header first) of the formed :func:`pairs`: each ``metrics("scale")`` paired
+    difference, mean [95% paired bootstrap interval], ``*`` where it excludes 0."""
+    seq = kind[0] == "sequential"
+    ms = metrics("scale")
+    rows = [["algorithm", "difference"] + (["edits made"] if seq else []) + [m.label for m in ms]]
+    rows += [[q.alg, q.text] + ([str(q.made)] if seq else []) + [marked(q.stats[m.key]) for m in ms]
+             for q in found_pairs if q.stats is not None]
+    return rows
+
+
+def _analyses(points: Sequence[PointCells], kind: tuple, modes) -> List[tuple]:
+    """``(alg, mode, point, steps, analyses)`` per run of ``kind`` in table order: a
+    one-batch cell's ``run["analyses"]`` (steps None), or a sequential run's step
+    analyses over steps 1..S, S the fewest steps that run has made at any point (so the
+    points of one run are compared on the same batches)."""
+    seq = kind[0] == "sequential"
+    algs = shared_algorithms(points, kind)
+    series = [p.found["sequential"].get(kind[1], {}) if seq
+              else {k: [c] for k, c in p.found["batch"].get(kind[1], {}).items()} for p in points]
+    runs = []
+    for i, (p, by_key) in enumerate(zip(points, series)):
+        for key, steps in by_key.items():
+            k = RunKey.parse(key)
+            if k.alg not in algs or (modes and k.mode not in modes):
+                continue
+            if seq:
+                s = min(len(other[key]) for other in series if key in other)
+                runs.append(((run_order(key), i), k.alg, k.mode, p.point, "1" if s == 1 else f"1-{s}",
+                             [c["analysis"] for c in steps[:s]]))
+            else:
+                runs.append(((run_order(key), i), k.alg, k.mode, p.point, None, steps[0]["run"]["analyses"]))
+    return [run[1:] for run in sorted(runs, key=lambda r: r[0])]
+
+
+def _escaped(header: str) -> str:
+    """A header with its ``|`` escaped, so that a markdown table keeps its columns."""
+    return header.replace("|", "\\|")
+
+
+def norm_tables(points: Sequence[PointCells], kind: tuple,
+                modes: Optional[Sequence[str]] = None) -> Tuple[List[List[str]], Optional[List[List[str]]]]:
+    """``(update norms, anchor norms)``: rows (header first) per algorithm, mode and point
+    of ``kind`` (:func:`_analyses`): the mean ``|dW|_F`` per layer
+    (:func:`~easyedit_replay.experiments.report.update_norms`), and the mean anchor
+    ``|delta|`` and targets ``|t|`` relative to the unedited model's mean norm of the
+    module (:func:`~easyedit_replay.experiments.tables.norm_values`; None when no cell
+    records them)."""
+    runs = _analyses(points, kind, modes)
+    first = ["algorithm", "mode", "point"] + (["steps"] if kind[0] == "sequential" else [])
+    lead = [[alg, mode, point] + ([steps] if steps is not None else []) for alg, mode, point, steps, _ in runs]
+    dw = [update_norms({"analyses": analyses}) for *_, analyses in runs]
+    layers = sorted({l for norms in dw for l in norms})
+    updates = [first + [_escaped(f"|dW| layer {l}") for l in layers]]
+    updates += [row + [f"{norms[l]:.1f}" if l in norms else "-" for l in layers] for row, norms in zip(lead, dw)]
+    anchors = []
+    for *_, analyses in runs:
+        values = [norm_values(a.get("norms")) for a in analyses]
+        anchors.append({n: mean(v.get(n) for v in values) for n in dict.fromkeys(n for v in values for n in v)})
+    names = list(dict.fromkeys(n for norms in anchors for n in norms))
+    if not names:
+        return updates, None
+    table = [first + [_escaped(norm_label(n)) for n in names]]
+    table += [row + [f"{norms[n]:.2f}" if n in norms else "-" for n in names] for row, norms in zip(lead, anchors)]
+    return updates, table
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Optional[Sequence[str]] = None,
+                    n_boot: int = 1000, seed: int = 0) -> str:
+    """``report --points``: the markdown report of the module docstring over the
+    ``scale --out`` folders ``sources``, one per operating point, ``reference`` the point
+    spreading is compared at (a-d above); only ``modes`` (all when None).
+
+    Raises:
+        ReplayError: a folder's point cannot be told or is not one (it names the field
+            ``operating_point``), two folders at one point, no folder at ``reference``
+            (:func:`read_points`).
+    """
+    points = read_points(sources, reference)
+    lines = ["# `scale` cells across operating points", ""]
+    for p in points:
+        lines.append(f"- `{p.point}`{' (reference)' if p is points[0] else ''}: {p.source}"
+                     + (f" ({p.from_plan} cells predate the field `operating_point` and take the point of "
+                        f"scale.json)" if p.from_plan else ""))
+    lines += ["", f"Cells: mean over edits [95% bootstrap interval]. Paired: `mode@P - spread@P` within a point, "
+              f"`mode@P - spread@{reference}` against spreading at the reference point and `spread@P - "
+              f"spread@{reference}`, on the same edits (same records), mean [95% paired bootstrap interval]; `*` "
+              f"marks an interval that excludes 0. Only algorithms evaluated at more than one point in a kind of "
+              f"cell are shown; a sequential series pairs at the numbers of edits made both sides have evaluated.",
+              ""]
+    kinds = shared_kinds(points)
+    if not kinds:
+        lines += ["No kind of cell is evaluated at more than one point yet.", ""]
+    wanted: List[Tuple[tuple, Pair]] = []
+    for kind in kinds:
+        found_pairs = pairs(points, kind, modes, n_boot, seed)
+        wanted += [(kind, q) for q in found_pairs]
+        updates, anchors = norm_tables(points, kind, modes)
+        lines += [f"## {_where(kind).capitalize()}", "",
+                  render_markdown(side_by_side_table(points, kind, modes)), "",
+                  "Paired differences on the same edits:", "", render_markdown(pairs_table(found_pairs, kind)), "",
+                  "Update norms, mean |dW|_F per edited layer"
+                  + (" over steps 1..S (S: the fewest steps the run has made at any point):" if kind[0] == "sequential"
+                     else ":"), "", render_markdown(updates), ""]
+        if anchors is not None:
+            lines += ["Anchor |delta| and targets |t| relative to the unedited model's mean norm of the module "
+                      "(|delta| / |h|), mean over the same batches (`-`: not recorded):", "",
+                      render_markdown(anchors), ""]
+    missing = [f"- {_where(kind, q.made)}, {q.alg}: {q.text}: {q.reason}" for kind, q in wanted if q.missing]
+    refused = [f"- {_where(kind, q.made)}, {q.alg}: {q.text}: {q.reason}" for kind, q in wanted
+               if q.reason and not q.missing]
+    # planned cells not finished, of the kinds finished or planned at more than one point
+    planned = [(p, missing_cells(p.source)) for p in points]
+    seen = [set(_kinds(p.found)) | {_planned_kind(c) for c in cells} for p, cells in planned]
+    across = set(kinds) | {k for k in set().union(*seen) if sum(k in s for s in seen) > 1}
+    unfinished = [f"- {p.point}: {describe(c)}" for p, cells in planned for c in cells
+                  if _planned_kind(c) in across and (not modes or c["mode"] in modes)]
+    for title, items in (("Missing pairs (a side not evaluated yet)", missing),
+                         ("Not paired (not the same edits)", refused),
+                         ("Planned cells not finished", unfinished)):
+        if items:
+            lines += [f"{title}:", ""] + items + [""]
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""``easyedit-replay report --points``: ``scale`` cells side by side across operating points
+(:mod:`easyedit_replay.experiments.points`), on copies of the committed CounterFact cells
+of ``docs/results/scale_cf`` (the copy at ``paper`` identical but for its
+``operating_point``). No model is loaded; the tests read JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from easyedit_replay.errors import ReplayError
+from easyedit_replay.experiments import tables
+from easyedit_replay.experiments.cells import collect_cells, update_plan
+from easyedit_replay.experiments.metrics import metrics
+from easyedit_replay.experiments.points import (
+    norm_tables, pair_refusal, pairs, points_markdown, read_points, side_by_side_table,
+)
+
+from .conftest import ROOT
+
+CELLS = ROOT / "docs" / "results" / "scale_cf" / "cells"
+SERIES = "seq_b0096_n00768"
+SEQ = ("sequential", (96, 768))
+N_BOOT = 200
+
+
+def _folder(out, point, series=None, batch=(), plan_point=None, edit=None):
+    """A ``scale --out`` folder ``out`` with copies of the committed cells: ``series``
+    ``{"ALG__mode": steps}`` of the 8 x 96 series (steps 1..steps) and the one-batch
+    cells ``batch`` of n = 48, each with ``operating_point`` set to ``point`` (left as
+    committed, without it, when None), passed through ``edit(path, cell)`` if given;
+    ``plan_point``: the point scale.json's meta names."""
+    copies = [(CELLS / SERIES / run / f"step{k:03d}.json", out / "cells" / SERIES / run / f"step{k:03d}.json")
+              for run, steps in (series or {}).items() for k in range(1, steps + 1)]
+    copies += [(CELLS / "batch" / "n00048" / f"{run}.json", out / "cells" / "batch" / "n00048" / f"{run}.json")
+               for run in batch]
+    for src, dest in copies:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if point is None and edit is None:
+            shutil.copyfile(src, dest)
+            continue
+        cell = json.loads(src.read_text())
+        if point is not None:
+            cell["operating_point"] = point
+        if edit is not None:
+            edit(dest, cell)
+        dest.write_text(json.dumps(cell))
+    if plan_point is not None:
+        update_plan(out, [], {"operating_point": [plan_point]})
+    return out
+
+
+def _stats(found_pairs, text, made):
+    return next(q for q in found_pairs if q.text == text and q.made == made)
+
+
+@pytest.fixture
+def twins(tmp_path):
+    """``bundled`` (the committed cells, which predate ``operating_point``: the point is
+    scale.json's) and ``paper`` (the same cells marked ``paper``): MEMIT spread steps
+    1-3, replay steps 1-2, one batch of 48 spread and replay."""
+    runs = {"MEMIT__spread": 3, "MEMIT__replay": 2}
+    batch = ("MEMIT__spread", "MEMIT__replay")
+    return (_folder(tmp_path / "bundled", None, runs, batch, plan_point="bundled"),
+            _folder(tmp_path / "paper", "paper", runs, batch))
+
+
+def test_identical_copies_pair_as_the_within_point_tables(twins):
+    """On a copy that differs only in its point, ``mode@paper - spread@bundled`` is the
+    within-point ``mode - spread`` of ``sequential_paired_table`` / ``paired_table`` (at
+    every evaluated step, and the one batch of 48), its mean is the difference of the
+    per-edit means, and ``spread@paper - spread@bundled`` is exactly 0."""
+    points = read_points(twins)
+    assert [p.point for p in points] == ["bundled", "paper"]
+    assert [p.from_plan for p in points] == [5 + 2, 0]
+    ms = metrics("scale")
+    found = points[0].found
+    within = tables.sequential_paired_table(found["sequential"][(96, 768)], N_BOOT, 0, ms)
+    assert [row[:3] for row in within[1:]] == [["MEMIT", "replay", "96"], ["MEMIT", "replay", "192"]]
+    seq = pairs(points, SEQ, n_boot=N_BOOT)
+    for row in within[1:]:
+        made = int(row[2])
+        for text in ("replay@paper - spread@bundled", "replay@paper - spread@paper", "replay@bundled - spread@bundled"):
+            assert [tables.marked(_stats(seq, text, made).stats[m.key]) for m in ms] == row[3:], (text, made)
+    cell = {k: json.loads((CELLS / SERIES / f"MEMIT__{k}" / "step002.json").read_text()) for k in ("spread", "replay")}
+    expected = (sum(r["efficacy_exact"] for r in cell["replay"]["per_edit"])
+                - sum(r["efficacy_exact"] for r in cell["spread"]["per_edit"])) / 192
+    assert _stats(seq, "replay@paper - spread@bundled", 192).stats["efficacy_exact"][0] == pytest.approx(expected)
+    assert _stats(seq, "replay@paper - spread@bundled", 96).stats["efficacy_exact"][0] == pytest.approx(0.0833, abs=1e-4)
+    for made in (96, 192, 288):
+        same = _stats(seq, "spread@paper - spread@bundled", made)
+        assert same.stats == {m.key: (0.0, 0.0, 0.0) for m in ms}
+    assert not [q for q in seq if q.reason]
+    one = pairs(points, ("batch", 48), n_boot=N_BOOT)
+    batch_within = tables.paired_table(found, 48, N_BOOT, 0, ms)
+    assert [tables.marked(_stats(one, "replay@paper - spread@bundled", None).stats[m.key]) for m in ms] \
+        == batch_within[1][2:]
+    # side by side: each paper row repeats its bundled row
+    rows = side_by_side_table(points, SEQ)
+    assert rows[0][:4] == ["algorithm", "mode", "point", "edits made"]
+    assert [r[:4] for r in rows[1:3]] == [["MEMIT", "spread", "bundled", "96"], ["MEMIT", "spread", "paper", "96"]]
+    assert rows[1][4:] == rows[2][4:] and rows[1][4] == "0.91 [0.84, 0.96]"
+    text = points_markdown(twins, n_boot=N_BOOT)
+    assert "## One batch of 48 edits" in text and "## Sequential: 768 edits in batches of 96" in text
+    assert "Missing pairs" not in text and "Not paired" not in text
+    assert "- `bundled` (reference): " in text and "(7 cells predate the field `operating_point`" in text
+
+
+def test_update_and_anchor_norms_per_point(tmp_path):
+    """The mean |dW| per layer over the steps every point has made, and the anchor and
+    target norms where the cells record them (``replay+refresh``'s, not the older
+    ``replay``'s)."""
+    runs = {"MEMIT__replay": 2, "MEMIT__replay+refresh": 2}
+    folders = [_folder(tmp_path / "b", "bundled", runs), _folder(tmp_path / "p", "paper", {"MEMIT__replay": 1,
+                                                                                            "MEMIT__replay+refresh": 2})]
+    updates, anchors = norm_tables(read_points(folders), SEQ)
+    assert updates[0] == ["algorithm", "mode", "point", "steps"] + [f"\\|dW\\| layer {l}" for l in range(4, 9)]
+    step = [json.loads((CELLS / SERIES / "MEMIT__replay+refresh" / f"step{k:03d}.json").read_text()) for k in (1, 2)]
+    w4 = "model.layers.4.mlp.down_proj.weight"
+    both = f"{(step[0]['analysis']['update_norm'][w4] + step[1]['analysis']['update_norm'][w4]) / 2:.1f}"
+    assert updates[1:] == [["MEMIT", "replay", "bundled", "1", "75.5", "59.6", "37.4", "21.1", "13.0"],
+                           ["MEMIT", "replay", "paper", "1", "75.5", "59.6", "37.4", "21.1", "13.0"],
+                           ["MEMIT", "replay+refresh", "bundled", "1-2", both] + updates[3][5:],
+                           ["MEMIT", "replay+refresh", "paper", "1-2", both] + updates[3][5:]]
+    assert anchors[0][4] == "\\|delta\\| layer 4"
+    delta = sum(s["sequential"]["norms"]["anchor"]["model.layers.4"]["delta"] for s in step) / 2
+    assert [row[4] for row in anchors[1:]] == ["-", "-", f"{delta:.2f}", f"{delta:.2f}"]
+
+
+def test_pairs_not_evaluated_yet_are_listed_as_missing(tmp_path):
+    """``paper`` has replay at 96 and 192 edits made but spread at 96 only: the pairs
+    against spread@paper at 192 are missing, replay@paper - spread@bundled is formed; the
+    planned paper cells not finished are listed."""
+    bundled = _folder(tmp_path / "b", "bundled", {"MEMIT__spread": 2, "MEMIT__replay": 2})
+    paper = _folder(tmp_path / "p", "paper", {"MEMIT__spread": 1, "MEMIT__replay": 2})
+    update_plan(paper, [{"kind": "sequential", "batch_size": 96, "total": 768, "step": 2, "edits": 192,
+                         "alg": "MEMIT", "mode": "spread"}], {"operating_point": ["paper"]})
+    found = pairs(read_points([bundled, paper]), SEQ, n_boot=N_BOOT)
+    assert [(q.text, q.made) for q in found if q.missing] == [("spread@paper - spread@bundled", 192),
+                                                             ("replay@paper - spread@paper", 192)]
+    assert _stats(found, "replay@paper - spread@bundled", 192).stats is not None
+    text = points_markdown([bundled, paper], n_boot=N_BOOT)
+    assert ("- sequential: 768 edits in batches of 96, 192 edits made, MEMIT: replay@paper - spread@paper: "
+            "spread@paper not evaluated") in text
+    assert "- paper: sequential 768 in batches of 96, step 2 (192 edits made), MEMIT/spread" in text
+    assert "| MEMIT | replay@paper - spread@bundled | 192 | +0.08 [" in text
+
+
+def test_cells_of_other_records_are_not_paired(tmp_path):
+    """A cell whose records digest or evaluated case ids differ is refused, with the
+    reason, and its pair is left out of the table."""
+    def other_records(path, cell):
+        if "MEMIT__spread" in str(path):
+            cell["settings"]["records"] = "0" * 32
+
+    bundled = _folder(tmp_path / "b", "bundled", {"MEMIT__spread": 1, "MEMIT__replay": 1})
+    paper = _folder(tmp_path / "p", "paper", {"MEMIT__spread": 1, "MEMIT__replay": 1}, edit=other_records)
+    cell = json.loads((bundled / "cells" / SERIES / "MEMIT__spread" / "step001.json").read_text())
+    assert pair_refusal(cell, cell) is None
+    assert pair_refusal(cell, dict(cell, evaluated_cases=cell["evaluated_cases"][::-1])) \
+        == "evaluated case ids differ (evaluated_cases)"
+    found = pairs(read_points([bundled, paper]), SEQ, n_boot=N_BOOT)
+    refused = {q.text: q.reason for q in found if q.reason}
+    assert refused == {"spread@paper - spread@bundled": "records differ (settings.records 00000000 vs 54abf96c)",
+                       "replay@paper - spread@paper": "records differ (settings.records 54abf96c vs 00000000)"}
+    text = points_markdown([bundled, paper], n_boot=N_BOOT)
+    assert "Not paired (not the same edits):" in text
+    assert "| MEMIT | spread@paper - spread@bundled |" not in text
+    assert "| MEMIT | replay@paper - spread@bundled | 96 |" in text
+
+
+def test_the_point_of_a_folder_must_be_one_and_known(tmp_path):
+    """A folder whose cells name two points, cells without ``operating_point`` and no
+    point in scale.json, two folders at one point, and a reference no folder is at: each
+    a ReplayError naming what is wrong."""
+    def half_paper(path, cell):
+        cell["operating_point"] = "paper" if "replay" in str(path) else "bundled"
+
+    mixed = _folder(tmp_path / "mixed", None, {"MEMIT__spread": 1, "MEMIT__replay": 1}, edit=half_paper)
+    with pytest.raises(ReplayError, match=r"more than one operating point \(field `operating_point`: bundled, paper"):
+        read_points([mixed])
+    unnamed = _folder(tmp_path / "unnamed", None, {"MEMIT__spread": 1})
+    with pytest.raises(ReplayError, match="lack the field `operating_point`"):
+        read_points([unnamed])
+    b1, b2 = (_folder(tmp_path / name, "bundled", {"MEMIT__spread": 1}) for name in ("b1", "b2"))
+    with pytest.raises(ReplayError, match="both at operating point bundled"):
+        read_points([b1, b2])
+    with pytest.raises(ReplayError, match="--reference paper: no folder is at that point"):
+        read_points([b1], reference="paper")
+    assert collect_cells(b1)["sequential"][(96, 768)]["MEMIT/spread"][0]["operating_point"] == "bundled"
+
+
+def test_report_points_command(twins, tmp_path, capsys):
+    """``report --points DIR DIR --out FILE`` prints the report and writes it; ``report
+    SOURCE`` without ``--markdown`` and ``--points`` with a SOURCE are errors."""
+    from easyedit_replay.cli import main
+
+    out = tmp_path / "points.md"
+    assert main(["report", "--points", *map(str, twins), "--modes", "spread,replay", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text() and printed.startswith("# `scale` cells across operating points")
+    assert main(["report", str(twins[0])]) == 2
+    assert "give SOURCE --markdown" in capsys.readouterr().err
+    assert main(["report", str(twins[0]), "--points", str(twins[1])]) == 2
