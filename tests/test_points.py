@@ -116,7 +116,7 @@ def test_update_and_anchor_norms_per_point(tmp_path):
     folders = [_folder(tmp_path / "b", "bundled", runs), _folder(tmp_path / "p", "paper", {"MEMIT__replay": 1,
                                                                                             "MEMIT__replay+refresh": 2})]
     updates, anchors = norm_tables(read_points(folders), SEQ)
-    assert updates[0] == ["algorithm", "mode", "point", "steps"] + [f"\\|dW\\| layer {l}" for l in range(4, 9)]
+    assert updates[0] == ["algorithm", "mode", "point", "steps"] + [f"|dW| layer {l}" for l in range(4, 9)]
     step = [json.loads((CELLS / SERIES / "MEMIT__replay+refresh" / f"step{k:03d}.json").read_text()) for k in (1, 2)]
     w4 = "model.layers.4.mlp.down_proj.weight"
     both = f"{(step[0]['analysis']['update_norm'][w4] + step[1]['analysis']['update_norm'][w4]) / 2:.1f}"
@@ -124,7 +124,7 @@ def test_update_and_anchor_norms_per_point(tmp_path):
                            ["MEMIT", "replay", "paper", "1", "75.5", "59.6", "37.4", "21.1", "13.0"],
                            ["MEMIT", "replay+refresh", "bundled", "1-2", both] + updates[3][5:],
                            ["MEMIT", "replay+refresh", "paper", "1-2", both] + updates[3][5:]]
-    assert anchors[0][4] == "\\|delta\\| layer 4"
+    assert anchors[0][4] == "|delta| layer 4"
     delta = sum(s["sequential"]["norms"]["anchor"]["model.layers.4"]["delta"] for s in step) / 2
     assert [row[4] for row in anchors[1:]] == ["-", "-", f"{delta:.2f}", f"{delta:.2f}"]
 
@@ -204,3 +204,12 @@ def test_report_points_command(twins, tmp_path, capsys):
     assert main(["report", str(twins[0])]) == 2
     assert "give SOURCE --markdown" in capsys.readouterr().err
     assert main(["report", str(twins[0]), "--points", str(twins[1])]) == 2
+
+
+def test_markdown_tables_escape_a_bar_inside_a_cell():
+    """``|dW| layer 4`` stays one column of a markdown table: the bar is escaped."""
+    from easyedit_replay.experiments.tables import render_markdown
+
+    text = render_markdown([["mode", "|dW| layer 4"], ["replay", "75.5"]])
+    assert text.splitlines() == ["| mode | \\|dW\\| layer 4 |", "|---|---|", "| replay | 75.5 |"]
+    assert all(line.replace("\\|", "").count("|") == 3 for line in text.splitlines())

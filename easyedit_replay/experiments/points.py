@@ -335,11 +335,6 @@ def _analyses(points: Sequence[PointCells], kind: tuple, modes) -> List[tuple]:
     return [run[1:] for run in sorted(runs, key=lambda r: r[0])]
 
 
-def _escaped(header: str) -> str:
-    """A header with its ``|`` escaped, so that a markdown table keeps its columns."""
-    return header.replace("|", "\\|")
-
-
 def norm_tables(points: Sequence[PointCells], kind: tuple,
                 modes: Optional[Sequence[str]] = None) -> Tuple[List[List[str]], Optional[List[List[str]]]]:
     """``(update norms, anchor norms)``: rows (header first) per algorithm, mode and point
@@ -353,7 +348,7 @@ def norm_tables(points: Sequence[PointCells], kind: tuple,
     lead = [[alg, mode, point] + ([steps] if steps is not None else []) for alg, mode, point, steps, _ in runs]
     dw = [update_norms({"analyses": analyses}) for *_, analyses in runs]
     layers = sorted({l for norms in dw for l in norms})
-    updates = [first + [_escaped(f"|dW| layer {l}") for l in layers]]
+    updates = [first + [f"|dW| layer {l}" for l in layers]]
     updates += [row + [f"{norms[l]:.1f}" if l in norms else "-" for l in layers] for row, norms in zip(lead, dw)]
     anchors = []
     for *_, analyses in runs:
@@ -362,7 +357,7 @@ def norm_tables(points: Sequence[PointCells], kind: tuple,
     names = list(dict.fromkeys(n for norms in anchors for n in norms))
     if not names:
         return updates, None
-    table = [first + [_escaped(norm_label(n)) for n in names]]
+    table = [first + [norm_label(n) for n in names]]
     table += [row + [f"{norms[n]:.2f}" if n in norms else "-" for n in names] for row, norms in zip(lead, anchors)]
     return updates, table
 

@@ -40,8 +40,13 @@ def render_text(rows) -> str:
 
 
 def render_markdown(rows) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    """A markdown table of ``rows`` (header first); a ``|`` inside a cell (``|dW| layer 4``)
+    is escaped so that the table keeps its columns."""
+    def cells(row):
+        return " | ".join(c.replace("|", "\\|") for c in row)
+
+    lines = ["| " + cells(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + cells(r) + " |" for r in rows[1:]]
     return "\n".join(lines)
 
 
