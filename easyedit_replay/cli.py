@@ -222,13 +222,24 @@ def cmd_scale(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    """The operating-point grid on a tuning split (:mod:`easyedit_replay.tune`)."""
+    """The operating-point grid on a tuning split (:mod:`easyedit_replay.tune`), with
+    ``--windows`` also over edit windows.
+
+    Raises:
+        ReplayError: bad ``--points``, ``--lambdas`` or ``--windows`` (also ``--windows``
+            with ``--layers``, without the YAMLs' window, or with a layer beyond the
+            model), an ``--out`` of the other layout, and as :func:`_prepare`.
+    """
     from .experiments.scale import ScaleConfig
-    from .tune import RULE, run_tuning, write_tuning_report
+    from .tune import RULE, WINDOW_RULE, anchor_layers, check_layout, parse_windows, run_tuning, \
+        window_name, write_tuning_report, yaml_window
 
     if args.report_only:
         print(write_tuning_report(args.out).read_text())
         return 0
+    windows = parse_windows(args.windows) if args.windows is not None else None
+    if windows and args.layers:
+        raise ReplayError("--windows sets the edit layers of each cell; drop --layers")
     points = [p.strip() for p in args.points.split(",") if p.strip()]
     bad = [p for p in points if p not in OPERATING_POINTS]
     if bad or not points:
@@ -245,16 +256,24 @@ def cmd_tune(args) -> int:
     done = _spellings(prep.by_alg.values())
     _validate(args, prep.records, [lead for lead in _spellings(hp for by_alg in by_point.values()
                                                                for hp in by_alg.values()) if lead not in done])
+    check_layout(args.out, bool(windows))
     cfg = ScaleConfig(sizes=[len(prep.records)], modes=prep.modes, fluency=not args.no_fluency, seed=args.seed or 0,
                       progress=not args.quiet)
     print(RULE, file=sys.stderr)
+    if windows:
+        ref = yaml_window(by_point, windows)
+        layers = anchor_layers(windows, prep.modes)
+        print(WINDOW_RULE, file=sys.stderr)
+        print(f"windows {', '.join(window_name(w) for w in windows)} (provisional {window_name(ref)}): anchor sets "
+              f"at layers {', '.join(map(str, layers))}, {len(layers)} per point x {len(points)} point(s)",
+              file=sys.stderr)
     print(f"loading {prep.model_name} ...", file=sys.stderr)
     from .models import load_model
 
     model, tok = load_model(prep.model_name, device=args.device)
     meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":"}
     report = run_tuning(model, tok, prep.records, by_point, lambdas, cfg, args.out, stats_dir=prep.stats_dir,
-                        meta=meta)
+                        meta=meta, windows=windows)
     print(report.read_text())
     return 0
 
@@ -413,16 +432,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "load no model, compute nothing")
     sc.set_defaults(func=cmd_scale)
 
-    t = sub.add_parser("tune", help="the operating-point grid (points x lambda x algorithm x construction) on a "
-                       "tuning split, one batch per cell, and the rule that picks the default; a rerun resumes")
+    t = sub.add_parser("tune", help="the operating-point grid (points [x windows] x lambda x algorithm x "
+                       "construction) on a tuning split, one batch per cell, and the rule that picks the default; a "
+                       "rerun resumes")
     _common_options(t)
     t.set_defaults(algs="MEMIT,EMMET,AlphaEdit")
     t.add_argument("--points", default=",".join(OPERATING_POINTS), help="comma-separated operating points "
                    f"(default {','.join(OPERATING_POINTS)})")
     t.add_argument("--lambdas", default="1000,5000,15000,30000", help="comma-separated mom2_update_weight values "
                    "(default 1000,5000,15000,30000)")
-    t.add_argument("--out", required=True, help="directory of the grid: OUT/<point>/lambda<L>/ scale cells, "
-                   "OUT/report.md, OUT/grid.json")
+    t.add_argument("--windows", help="also sweep the edit window: contiguous inclusive layer ranges separated by "
+                   "commas, e.g. 1-4,2-5,4-7 (or explicit layer lists separated by ';', e.g. 1,2,3,4;2,3,4,5); "
+                   "must include the YAMLs' window (the rule's reference); each window's cells go to "
+                   "OUT/<point>/w<first>-<last>/lambda<L>/ and the window rule (tune.WINDOW_RULE) picks one; "
+                   "anchors cost one set per point per distinct anchor layer: each window's first layer (replay) "
+                   "and last layer (spread), a layer that is both counted once")
+    t.add_argument("--out", required=True, help="directory of the grid: OUT/<point>/lambda<L>/ scale cells "
+                   "(OUT/<point>/w<first>-<last>/lambda<L>/ with --windows), OUT/report.md, OUT/grid.json")
     t.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from the cells found")
     t.set_defaults(func=cmd_tune)
 
