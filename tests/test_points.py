@@ -15,7 +15,7 @@ from easyedit_replay.experiments import tables
 from easyedit_replay.experiments.cells import collect_cells, update_plan
 from easyedit_replay.experiments.metrics import metrics
 from easyedit_replay.experiments.points import (
-    norm_tables, pair_refusal, pairs, points_markdown, read_points, side_by_side_table,
+    norm_tables, pair_refusal, pairs, points_markdown, read_points, retention_pairs_table, side_by_side_table,
 )
 
 from .conftest import ROOT
@@ -67,6 +67,12 @@ def twins(tmp_path):
             _folder(tmp_path / "paper", "paper", runs, batch))
 
 
+def one_value(rows, text, made):
+    """The batch cells of the one row of ``rows`` with difference ``text`` at ``made`` edits made."""
+    [row] = [r for r in rows if r[1] == text and r[2] == made]
+    return [c for c in row[3:] if c]
+
+
 def test_identical_copies_pair_as_the_within_point_tables(twins):
     """On a copy that differs only in its point, ``mode@paper - spread@bundled`` is the
     within-point ``mode - spread`` of ``sequential_paired_table`` / ``paired_table`` (at
@@ -93,7 +99,18 @@ def test_identical_copies_pair_as_the_within_point_tables(twins):
         same = _stats(seq, "spread@paper - spread@bundled", made)
         assert same.stats == {m.key: (0.0, 0.0, 0.0) for m in ms}
     assert not [q for q in seq if q.reason]
+    retained = tables.retention_paired_table(found["sequential"][(96, 768)], N_BOOT, 0)
+    assert retained[2][:3] == ["MEMIT", "replay", "192"] and retained[2][4].endswith("*")  # batch 2: +0.08*
+    across = retention_pairs_table(seq)
+    for row in retained[1:]:
+        for text in ("replay@paper - spread@bundled", "replay@bundled - spread@bundled"):
+            assert [r for r in across if r[1] == text and r[2] == row[2]] == [["MEMIT", text] + row[2:]]
+    assert one_value(across, "spread@paper - spread@bundled", "288") == ["+0.00 [+0.00, +0.00]"] * 3
+    assert _stats(seq, "replay@paper - spread@bundled", 192).retention[0][0] == pytest.approx(
+        sum(a["efficacy_exact"] - b["efficacy_exact"]
+            for a, b in zip(cell["replay"]["per_edit"][:96], cell["spread"]["per_edit"][:96])) / 96)
     one = pairs(points, ("batch", 48), n_boot=N_BOOT)
+    assert all(q.retention is None for q in one)
     batch_within = tables.paired_table(found, 48, N_BOOT, 0, ms)
     assert [tables.marked(_stats(one, "replay@paper - spread@bundled", None).stats[m.key]) for m in ms] \
         == batch_within[1][2:]
@@ -104,6 +121,7 @@ def test_identical_copies_pair_as_the_within_point_tables(twins):
     assert rows[1][4:] == rows[2][4:] and rows[1][4] == "0.91 [0.84, 0.96]"
     text = points_markdown(twins, n_boot=N_BOOT)
     assert "## One batch of 48 edits" in text and "## Sequential: 768 edits in batches of 96" in text
+    assert text.count("Retention, paired:") == 1  # the sequential series only
     assert "Missing pairs" not in text and "Not paired" not in text
     assert "- `bundled` (reference): " in text and "(7 cells predate the field `operating_point`" in text
 

@@ -18,7 +18,8 @@ b. paired differences on the same edits (:func:`pairs`): ``mode@P - spread@P`` w
    (``bundled``, the tuned default: each construction against spreading at its best
    point) and ``spread@P - spread@R``; ``*`` marks a 95% interval that excludes 0. Two
    cells are paired only on the same records (:func:`pair_refusal`); sequential cells
-   at the numbers of edits made that both have evaluated;
+   at the numbers of edits made that both have evaluated, on all edits made and on each
+   batch's edits (retention, :func:`retention_pairs_table`);
 c. per-layer mean update norms ``|dW|`` and, where the cells record them, the anchor's
    ``|delta|`` and the targets' ``|t|`` relative to the unedited model's mean norm of
    the module (``|delta| / |h|``), per algorithm, mode and point (:func:`norm_tables`);
@@ -43,7 +44,8 @@ from .tables import (
 )
 
 REFERENCE = "bundled"  # the tuned default point (docs/results.md, "At the paper's operating point")
-SUMMARY_ONLY = ("n_boot", "seed")  # metric settings that change a cell's summary, not its per-edit rows
+SUMMARY_ONLY = ("n_boot", "seed")
+RETENTION_KEY = "efficacy_exact"  # the per-edit value of the retention pairs (efficacy Acc)  # metric settings that change a cell's summary, not its per-edit rows
 
 
 @dataclass
@@ -71,6 +73,9 @@ class Pair:
 
     Attributes:
         stats: ``{metric key: (mean, lo, hi)}`` of ``metrics("scale")`` when formed, else None.
+        retention: of a formed sequential pair, the paired difference of
+            :data:`RETENTION_KEY` on each batch's edits made so far (batch 1 first), as in
+            :func:`~easyedit_replay.experiments.tables.retention_paired_table`; else None.
         reason: why it is not formed: a side not evaluated (``missing``) or a
             :func:`pair_refusal`.
     """
@@ -83,6 +88,7 @@ class Pair:
     stats: Optional[Dict[str, tuple]] = None
     reason: Optional[str] = None
     missing: bool = False
+    retention: Optional[List[tuple]] = None
 
     @property
     def text(self) -> str:
@@ -257,6 +263,10 @@ def pairs(points: Sequence[PointCells], kind: tuple, modes: Optional[Sequence[st
             if pair.reason is None:
                 rows, reference = _numbers(cell)["per_edit"], _numbers(spread)["per_edit"]
                 pair.stats = {m.key: paired_difference(rows, reference, m.key, n_boot, seed) for m in ms}
+                if kind[0] == "sequential":
+                    b = kind[1][0]
+                    pair.retention = [paired_difference(rows[j * b:(j + 1) * b], reference[j * b:(j + 1) * b],
+                                                        RETENTION_KEY, n_boot, seed) for j in range(made // b)]
         out.append(pair)
 
     for made in sorted({m for s in steps for m in s}, key=lambda m: m or 0):
@@ -308,6 +318,19 @@ def pairs_table(found_pairs: Sequence[Pair], kind: tuple) -> List[List[str]]:
     rows = [["algorithm", "difference"] + (["edits made"] if seq else []) + [m.label for m in ms]]
     rows += [[q.alg, q.text] + ([str(q.made)] if seq else []) + [marked(q.stats[m.key]) for m in ms]
              for q in found_pairs if q.stats is not None]
+    return rows
+
+
+def retention_pairs_table(found_pairs: Sequence[Pair]) -> List[List[str]]:
+    """Rows (header first) of the formed sequential :func:`pairs`: the paired difference
+    of efficacy Acc on each batch's edits, mean [95% paired bootstrap interval] (``*``:
+    excludes 0), empty for a batch not yet made: whether a run keeps an earlier batch
+    better than spreading at its own or at the reference point."""
+    formed = [q for q in found_pairs if q.retention is not None]
+    n = max((len(q.retention) for q in formed), default=0)
+    rows = [["algorithm", "difference", "edits made"] + [f"batch {j + 1}" for j in range(n)]]
+    rows += [[q.alg, q.text, str(q.made)] + [marked(st) for st in q.retention] + [""] * (n - len(q.retention))
+             for q in formed]
     return rows
 
 
@@ -398,8 +421,11 @@ def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Option
         updates, anchors = norm_tables(points, kind, modes)
         lines += [f"## {_where(kind).capitalize()}", "",
                   render_markdown(side_by_side_table(points, kind, modes)), "",
-                  "Paired differences on the same edits:", "", render_markdown(pairs_table(found_pairs, kind)), "",
-                  "Update norms, mean |dW|_F per edited layer"
+                  "Paired differences on the same edits:", "", render_markdown(pairs_table(found_pairs, kind)), ""]
+        if kind[0] == "sequential":
+            lines += ["Retention, paired: the same differences on each batch's edits (efficacy Acc):", "",
+                      render_markdown(retention_pairs_table(found_pairs)), ""]
+        lines += ["Update norms, mean |dW|_F per edited layer"
                   + (" over steps 1..S (S: the fewest steps the run has made at any point):" if kind[0] == "sequential"
                      else ":"), "", render_markdown(updates), ""]
         if anchors is not None:
