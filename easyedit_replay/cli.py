@@ -294,6 +294,9 @@ def cmd_report(args) -> int:
         if args.source or args.allocation:
             raise ReplayError("report --points DIR [DIR ...] takes the scale --out folders after --points; "
                               "no SOURCE, no --allocation")
+        if args.out and Path(args.out).is_dir():
+            raise ReplayError(f"report --points --out {args.out}: a folder; --out takes the markdown file to "
+                              f"write, e.g. {Path(args.out) / 'points.md'}")
         text = points_markdown(args.points, reference=args.reference, modes=modes)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -375,8 +378,8 @@ def _common_options(c) -> None:
     c.add_argument("--modes", default="spread,replay",
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
                         "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
-                        "replay_capacity, replay_joint; '+option' adds a sequential-editing option: +old_keys, "
-                        "+rekeyed, +norm_anchor (e.g. replay+rekeyed; default: spread,replay)")
+                        "replay_capacity, replay_joint; '+option' adds a sequential-editing option: +refresh, "
+                        "+old_keys, +rekeyed, +norm_anchor (e.g. replay+refresh; default: spread,replay)")
     c.add_argument("--point", default="bundled", choices=OPERATING_POINTS,
                    help="operating point of the bundled YAMLs: bundled (default), paper (the FE authors' anchor "
                         "settings), host-fe (EasyEdit's MEMIT-FE); see hparams/README.md")

@@ -222,6 +222,10 @@ def test_report_points_command(twins, tmp_path, capsys):
     assert main(["report", str(twins[0])]) == 2
     assert "give SOURCE --markdown" in capsys.readouterr().err
     assert main(["report", str(twins[0]), "--points", str(twins[1])]) == 2
+    capsys.readouterr()
+    assert main(["report", "--points", *map(str, twins), "--out", str(tmp_path)]) == 2  # refused before the work
+    captured = capsys.readouterr()
+    assert "a folder; --out takes the markdown file" in captured.err and captured.out == ""
 
 
 def test_markdown_tables_escape_a_bar_inside_a_cell():

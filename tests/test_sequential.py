@@ -203,6 +203,21 @@ def test_mode_specs_with_options_and_their_errors(stats_dir):
         _hp(stats_dir, "MEMIT", norm_anchor="yes")
 
 
+def test_the_modes_help_names_every_registered_option_and_construction():
+    """``--modes`` help of compare, scale and tune is written out by hand (the parser does
+    not import torch); it must name every registered sequential option and construction."""
+    from easyedit_replay.cli import build_parser
+    from easyedit_replay.sequential import SEQUENTIAL_OPTIONS
+    from easyedit_replay.targets import CONSTRUCTIONS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command" or getattr(a, "choices", None))
+    for name in ("compare", "scale", "tune"):
+        [modes] = [a for a in sub.choices[name]._actions if a.dest == "modes"]
+        text = " ".join(modes.help.split())
+        assert all(f"+{o}" in text for o in SEQUENTIAL_OPTIONS), (name, sorted(SEQUENTIAL_OPTIONS))
+        assert all(c in text for c in CONSTRUCTIONS), (name, sorted(CONSTRUCTIONS))
+
+
 def _block_states(model, tok, requests, hp):
     """``[L, R, d]`` block outputs of ``requests`` (bare prompts, lookup token) at every edit layer."""
     from easyedit_replay.reads import bare_probes, read_at_lookup
