@@ -129,11 +129,15 @@ def residual_ratios(plan) -> Dict[int, torch.Tensor]:
 
     Source: the paper's Tables 2 and 5 (section 4); ``m_L`` is
     ``plan.trajectory.final_target``. A ratio above 1 means the edit moved ``h_L``
-    away from its target.
+    away from its target. A request whose target is its unedited state (its anchor
+    needed no change, ``|m_L - h_L(unedited)| = 0``) has no ratio: NaN, which the
+    statistics drop, not ``inf``.
     """
     t = plan.trajectory
     gap0 = (t.final_target - t.unedited[t.final_layer]).norm(dim=-1)
-    return {l: (t.final_target - after[t.final_layer]).norm(dim=-1) / gap0 for l, after in t.after.items()}
+    return {l: torch.where(gap0 > 0, (t.final_target - after[t.final_layer]).norm(dim=-1) / gap0,
+                           torch.full_like(gap0, float("nan")))
+            for l, after in t.after.items()}
 
 
 def passive_cosines(plan) -> Dict[int, torch.Tensor]:

@@ -72,6 +72,27 @@ def test_bootstrap_interval():
     assert mean == 0.5 and 0.38 < lo < 0.5 < hi < 0.62
     assert bootstrap([None, None]) == (None, None, None)
     assert bootstrap([0.7] * 5) == (0.7, 0.7, 0.7)
+    assert bootstrap([0.7, float("inf"), float("nan"), None, 0.7]) == (0.7, 0.7, 0.7)
+
+
+def test_residual_ratio_is_undefined_where_the_anchor_needed_no_change():
+    """``|m_L - h_L(after)| / |m_L - h_L(unedited)|`` by hand, and NaN (not ``inf``) for a
+    request whose target is its unedited state; the paired statistics then drop it."""
+    from types import SimpleNamespace
+
+    from easyedit_replay.diagnostics import residual_ratios
+    from easyedit_replay.experiments.statistics import paired_difference
+
+    unedited = torch.tensor([[0.0, 0.0], [1.0, 1.0]])  # [R=2, d=2] at l_n
+    target = torch.tensor([[3.0, 4.0], [1.0, 1.0]])  # request 1: target == unedited
+    after = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+    plan = SimpleNamespace(trajectory=SimpleNamespace(final_target=target, final_layer=8, unedited={8: unedited},
+                                                      after={4: {8: after}}))
+    ratio = residual_ratios(plan)[4]
+    assert ratio[0].item() == pytest.approx(3.0 / 5.0) and torch.isnan(ratio[1])
+    rows = [{"r": v} for v in ratio.tolist()]
+    assert paired_difference(rows, [{"r": 0.5}, {"r": 0.5}], "r") == pytest.approx((0.1, 0.1, 0.1))
+    assert paired_difference([{"r": float("inf")}], [{"r": 0.5}], "r") == (None, None, None)
 
 
 def test_compare_produces_every_column_json_and_plots(tmp_path, capsys):

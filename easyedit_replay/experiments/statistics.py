@@ -15,9 +15,11 @@ from .metrics import metrics
 
 
 def bootstrap(values: Sequence[Optional[float]], n_boot: int = 1000, seed: int = 0):
-    """``(mean, lo, hi)``: the mean of ``values`` (Nones dropped) and its 95% percentile
-    bootstrap interval over ``n_boot`` resamples; ``(None, None, None)`` if empty."""
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    """``(mean, lo, hi)``: the mean of ``values`` (None, NaN and infinite values dropped:
+    a per-edit value that is not defined for that edit, such as the residual ratio of an
+    edit whose anchor needed no change) and its 95% percentile bootstrap interval over
+    ``n_boot`` resamples; ``(None, None, None)`` if empty."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return None, None, None
     rng = random.Random(seed)
@@ -33,7 +35,7 @@ def paired_difference(rows: Sequence[dict], reference: Sequence[dict], key: str,
     bootstrap interval (edits resampled with both values together)."""
     diffs = [a.get(key) - r.get(key) for a, r in zip(rows, reference)
              if a.get(key) is not None and r.get(key) is not None
-             and not (isinstance(a.get(key), float) and math.isnan(a.get(key)))]
+             and math.isfinite(a.get(key)) and math.isfinite(r.get(key))]
     return bootstrap(diffs, n_boot, seed)
 
 
