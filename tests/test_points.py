@@ -235,3 +235,14 @@ def test_markdown_tables_escape_a_bar_inside_a_cell():
     text = render_markdown([["mode", "|dW| layer 4"], ["replay", "75.5"]])
     assert text.splitlines() == ["| mode | \\|dW\\| layer 4 |", "|---|---|", "| replay | 75.5 |"]
     assert all(line.replace("\\|", "").count("|") == 3 for line in text.splitlines())
+
+
+def test_scale_report_names_its_operating_point(tmp_path):
+    """``report.md`` of a ``scale`` folder says which operating point made it (from
+    scale.json), and says nothing of one when the plan does not name it."""
+    from easyedit_replay.experiments.report import write_scale_report
+
+    named = _folder(tmp_path / "paper", "paper", {"MEMIT__spread": 1}, plan_point="paper")
+    assert "\nOperating point: paper (`scale --point`" in write_scale_report(named, n_boot=N_BOOT).read_text()
+    unnamed = _folder(tmp_path / "plain", None, {"MEMIT__spread": 1})
+    assert "Operating point" not in write_scale_report(unnamed, n_boot=N_BOOT).read_text()

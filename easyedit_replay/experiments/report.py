@@ -115,6 +115,11 @@ def write_scale_report(out_dir, n_boot: int = 1000, seed: int = 0) -> Path:
              "KL(unedited || edited) of the next token at the neighbourhood prompt (lower is better); Top-k: "
              "overlap of the top-k next tokens; fluency: n-gram entropy of greedy continuations; final resid. "
              "ratio: |m_L - h_L| / |m_L - h_L(unedited)| at l_n after the edit (lower is better).", ""]
+    points = meta.get("operating_point")
+    if points:
+        points = [points] if isinstance(points, str) else list(points)
+        lines += [f"Operating point: {', '.join(points)} (`scale --point`; its anchor settings are in "
+                  f"hparams/README.md, \"Operating points\").", ""]
     for n in sorted(found["batch"]):
         lines += [f"## One batch of {n} edits", "", render_markdown(batch_table(found, n)), "",
                   f"Paired differences, {n} edits:", "", render_markdown(paired_table(found, n, n_boot, seed)), ""]
