@@ -226,8 +226,8 @@ def cmd_tune(args) -> int:
     ``--windows`` also over edit windows.
 
     Raises:
-        ReplayError: bad ``--points``, ``--lambdas`` or ``--windows`` (also ``--windows``
-            with ``--layers``, without the YAMLs' window, or with a layer beyond the
+        ReplayError: bad ``--points``, ``--lambdas`` or ``--windows`` (also ``--point`` or
+            ``--lambda``, which the grid's axes replace; ``--windows`` with ``--layers``, without the YAMLs' window, or with a layer beyond the
             model), an ``--out`` of the other layout, and as :func:`_prepare`.
     """
     from .experiments.scale import ScaleConfig
@@ -240,6 +240,12 @@ def cmd_tune(args) -> int:
     windows = parse_windows(args.windows) if args.windows is not None else None
     if windows and args.layers:
         raise ReplayError("--windows sets the edit layers of each cell; drop --layers")
+    if args.point != "bundled":
+        raise ReplayError(f"tune --point {args.point}: the grid's points are --points (comma-separated, e.g. "
+                          f"--points bundled,{args.point}); drop --point")
+    if args.lambda_ is not None:
+        raise ReplayError(f"tune --lambda {args.lambda_}: the grid's lambdas are --lambdas (comma-separated, e.g. "
+                          f"--lambdas 1000,{args.lambda_:g}); drop --lambda")
     points = [p.strip() for p in args.points.split(",") if p.strip()]
     bad = [p for p in points if p not in OPERATING_POINTS]
     if bad or not points:

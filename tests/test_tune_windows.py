@@ -83,6 +83,11 @@ def test_cli_refuses_bad_windows_before_loading_a_model(tmp_path, capsys):
     assert main(["tune", "--model", "gemma3-270m", "--windows", "1-4,4-7", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "window [2, 3, 4, 5] is the rule's reference" in err and "add 2-5" in err
+    # --point and --lambda would be overwritten by the grid's axes: refused, not ignored
+    assert main(["tune", "--point", "paper", "--out", out]) == 2
+    assert "drop --point" in capsys.readouterr().err
+    assert main(["tune", "--lambda", "300", "--out", out]) == 2
+    assert "--lambdas 1000,300); drop --lambda" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- what a window sets
