@@ -430,5 +430,5 @@ def test_every_candidate_runs_in_sequence_and_resumes(model_tok, stats_dir, demo
     assert norm_anchored["analysis"]["norm_anchor"]["7/model.layers.{}"]["not_edited"] == 0
     report = (reference / "report.md").read_text()
     for line in ("| AlphaEdit | replay+rekeyed | 2 | 1 |", "| MEMIT | replay+rekeyed | 2 | 0.0000 |",
-                 "key drift layer 8", "|delta| layer 7"):
+                 "key drift layer 8", "\\|delta\\| layer 7"):
         assert line in report, line
