@@ -228,6 +228,30 @@ def test_report_points_command(twins, tmp_path, capsys):
     assert "a folder; --out takes the markdown file" in captured.err and captured.out == ""
 
 
+def test_report_refuses_a_mode_no_cell_has(twins, capsys):
+    """``report SOURCE --markdown --modes`` and ``report --points --modes`` with an entry
+    that no cell has exit 2 naming the flag, the entry and the modes the cells have (they
+    printed empty tables before); entries the cells have still filter the tables; a
+    compare results.json refuses ``--modes`` (it is reported whole)."""
+    from easyedit_replay.cli import main
+
+    present = "the modes present are spread, replay"
+    assert main(["report", str(twins[0]), "--markdown", "--modes", "spread,bogus"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: report {twins[0]} --modes spread,bogus: 'bogus' names no mode of the cells; "
+                            f"{present}\n")
+    assert main(["report", "--points", *map(str, twins), "--modes", "bogus,Replay"]) == 2
+    assert capsys.readouterr().err == (f"error: report --points --modes bogus,Replay: 'bogus', 'Replay' name no "
+                                       f"mode of the cells; {present}\n")
+    assert main(["report", str(twins[0]), "--markdown", "--modes", "replay"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 48 |")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["MEMIT", "replay"]]
+    results = ROOT / "docs" / "results" / "cf48_all" / "results.json"
+    assert main(["report", str(results), "--markdown", "--modes", "spread"]) == 2
+    assert "--modes picks the modes of scale cells; a compare results.json is reported whole" in capsys.readouterr().err
+
+
 def test_markdown_tables_escape_a_bar_inside_a_cell():
     """``|dW| layer 4`` stays one column of a markdown table: the bar is escaped."""
     from easyedit_replay.experiments.tables import render_markdown

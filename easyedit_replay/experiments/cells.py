@@ -202,6 +202,28 @@ def collect_cells(out_dir) -> dict:
     return found
 
 
+def edit_cells(found: dict) -> List[dict]:
+    """The one-batch and sequential cells of ``found`` (:func:`collect_cells`), not the unedited ones."""
+    return ([c for by_key in found["batch"].values() for c in by_key.values()]
+            + [c for series in found["sequential"].values() for steps in series.values() for c in steps])
+
+
+def check_modes(modes: Optional[Sequence[str]], founds: Sequence[dict], where: str) -> None:
+    """Refuse a ``--modes`` entry that names no mode of the finished edit cells of
+    ``founds`` (each a :func:`collect_cells` result); None or empty ``modes``: nothing to check.
+
+    Raises:
+        ReplayError: naming ``where`` (the command), ``--modes``, the entries that match no
+            cell and the modes the cells have.
+    """
+    present = sorted({c["mode"] for found in founds for c in edit_cells(found)}, key=lambda m: run_order(RunKey("", m)))
+    unknown = [m for m in modes or () if m not in present]
+    if unknown:
+        raise ReplayError(f"{where} --modes {','.join(modes)}: {', '.join(map(repr, unknown))} "
+                          f"{'names' if len(unknown) == 1 else 'name'} no mode of the cells; the modes present are "
+                          f"{', '.join(present) if present else 'none (no finished cells)'}")
+
+
 def results_for_n(found: dict, n: int, meta: dict) -> dict:
     """A ``compare``-format results dict of the one-batch cells of size ``n``."""
     runs = {key: cell["run"] for key, cell in sorted(found["batch"].get(n, {}).items(), key=run_order)}

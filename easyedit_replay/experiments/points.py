@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ReplayError
-from .cells import collect_cells, describe, missing_cells
+from .cells import check_modes, collect_cells, describe, edit_cells, missing_cells
 from .metrics import RunKey, metrics, run_order
 from .report import update_norms
 from .statistics import mean, paired_difference
@@ -98,12 +98,6 @@ class Pair:
 # ----------------------------------------------------------------------------- reading
 
 
-def _edit_cells(found: dict) -> List[dict]:
-    """The one-batch and sequential cells of ``found`` (not the unedited ones)."""
-    return ([c for by_key in found["batch"].values() for c in by_key.values()]
-            + [c for series in found["sequential"].values() for steps in series.values() for c in steps])
-
-
 def read_point(source) -> PointCells:
     """The cells of one ``scale --out`` folder and its one operating point.
 
@@ -117,7 +111,7 @@ def read_point(source) -> PointCells:
     if not path.is_dir():
         raise ReplayError(f"report --points {source}: not a `scale --out` folder")
     found = collect_cells(path)
-    cells = _edit_cells(found)
+    cells = edit_cells(found)
     named = {c["operating_point"] for c in cells if c.get("operating_point")}
     unnamed = sum(1 for c in cells if not c.get("operating_point"))
     plan = path / "scale.json"
@@ -397,9 +391,11 @@ def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Option
     Raises:
         ReplayError: a folder's point cannot be told or is not one (it names the field
             ``operating_point``), two folders at one point, no folder at ``reference``
-            (:func:`read_points`).
+            (:func:`read_points`); an entry of ``modes`` that no folder's cells have
+            (:func:`~easyedit_replay.experiments.cells.check_modes`).
     """
     points = read_points(sources, reference)
+    check_modes(modes, [p.found for p in points], "report --points")
     lines = ["# `scale` cells across operating points", ""]
     for p in points:
         lines.append(f"- `{p.point}`{' (reference)' if p is points[0] else ''}: {p.source}"
