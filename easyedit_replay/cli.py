@@ -469,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--points", nargs="+", metavar="DIR", help="`scale --out` folders, one per operating point "
                    "(read from the cells' operating_point): the scale metrics side by side, mode - spread within "
                    "each point and against spread at --reference on the same edits, update and anchor norms")
-    r.add_argument("--reference", default="bundled", help="--points: the point spreading is compared at "
-                   "(default bundled, the tuned default)")
+    r.add_argument("--reference", default="bundled", help="--points: the point spreading is compared at, one of "
+                   "the folders' points (default bundled, the tuned default)")
     r.add_argument("--modes", help="scale cells: only these comma-separated modes, each one the cells have "
                    "(default: all)")
     r.add_argument("--allocation", action="store_true", help="a compare results.json: every rule against replay "

@@ -252,6 +252,29 @@ def test_report_refuses_a_mode_no_cell_has(twins, capsys):
     assert "--modes picks the modes of scale cells; a compare results.json is reported whole" in capsys.readouterr().err
 
 
+def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path, capsys):
+    """``--reference`` must name a point of the folders given (the error lists them); a
+    ``tune --out`` folder, or one of its point or window folders, is refused as a tune
+    folder naming one of its ``scale`` folders, which ``--points`` reads."""
+    from easyedit_replay.cli import main
+
+    assert main(["report", "--points", *map(str, twins), "--reference", "papr"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("error: report --points: --reference papr: no folder is at that point "
+                            "(points: bundled, paper)\n")
+    tune = tmp_path / "tune"
+    lam = _folder(tune / "paper" / "lambda5000", "paper", {"MEMIT__spread": 1}, plan_point="paper")
+    windowed = _folder(tmp_path / "wtune" / "paper" / "w4-8" / "lambda5000", "paper", {"MEMIT__spread": 1})
+    for folder, scale in ((tune, lam), (tune / "paper", lam), (tmp_path / "wtune", windowed),
+                          (tmp_path / "wtune" / "paper", windowed), (tmp_path / "wtune" / "paper" / "w4-8", windowed)):
+        assert main(["report", "--points", str(twins[0]), str(folder)]) == 2
+        assert capsys.readouterr().err == (f"error: report --points {folder}: is a tune folder; --points reads scale "
+                                           f"folders (a tune grid's are its <point>/lambda<L> folders, e.g. {scale})\n")
+    assert main(["report", "--points", str(twins[0]), str(lam)]) == 0  # a grid's scale folder is one
+    assert f"- `paper`: {lam}" in capsys.readouterr().out
+
+
 def test_markdown_tables_escape_a_bar_inside_a_cell():
     """``|dW| layer 4`` stays one column of a markdown table: the bar is escaped."""
     from easyedit_replay.experiments.tables import render_markdown

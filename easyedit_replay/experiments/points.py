@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ReplayError
+from ..tune import grid_scale_folders
 from .cells import check_modes, collect_cells, describe, edit_cells, missing_cells
 from .metrics import RunKey, metrics, run_order
 from .report import update_norms
@@ -102,7 +103,9 @@ def read_point(source) -> PointCells:
     """The cells of one ``scale --out`` folder and its one operating point.
 
     Raises:
-        ReplayError: not a folder; its cells name more than one ``operating_point``
+        ReplayError: not a folder; a ``tune --out`` folder or a point or window folder of
+            one (:func:`~easyedit_replay.tune.grid_scale_folders`; it names one of the
+            grid's ``scale`` folders); its cells name more than one ``operating_point``
             (they differ from the point ``scale.json`` names for the cells without it);
             or cells without ``operating_point`` (or no cells at all) and a
             ``scale.json`` that does not name exactly one point.
@@ -110,6 +113,10 @@ def read_point(source) -> PointCells:
     path = Path(source)
     if not path.is_dir():
         raise ReplayError(f"report --points {source}: not a `scale --out` folder")
+    grid = [] if (path / "cells").is_dir() else grid_scale_folders(path)
+    if grid:
+        raise ReplayError(f"report --points {source}: is a tune folder; --points reads scale folders (a tune "
+                          f"grid's are its <point>/lambda<L> folders, e.g. {grid[0]})")
     found = collect_cells(path)
     cells = edit_cells(found)
     named = {c["operating_point"] for c in cells if c.get("operating_point")}
