@@ -147,6 +147,42 @@ def test_update_and_anchor_norms_per_point(tmp_path):
     assert [row[4] for row in anchors[1:]] == ["-", "-", f"{delta:.2f}", f"{delta:.2f}"]
 
 
+def test_norm_columns_are_in_layer_order(tmp_path):
+    """The |dW| and the anchor and target norm columns go by layer number (layer 10 after
+    layer 9, whatever order the cells list them in), the |delta| columns before the |t|
+    ones: on replay+refresh cells whose layers 4, 5, 6 are relabelled 10, 9, 2, and whose
+    anchor sits at layer 10 at ``bundled`` and at layer 8 at ``paper``."""
+    def relabel(anchor_at):
+        def edit(path, cell):
+            def moved(name, at=None):  # model.layers.{l}[.…] with l moved
+                parts = name.split(".")
+                parts[2] = str(at or {4: 10, 5: 9, 6: 2}.get(int(parts[2]), int(parts[2])))
+                return ".".join(parts)
+
+            analysis = cell["analysis"]
+            analysis["update_norm"] = {moved(k): v for k, v in analysis["update_norm"].items()}
+            norms = analysis["norms"]
+            norms["targets"] = {moved(k): v for k, v in norms["targets"].items()}
+            norms["anchor"] = {moved(k, anchor_at): v for k, v in norms["anchor"].items()}
+        return edit
+
+    folders = [_folder(tmp_path / point, point, {"MEMIT__replay+refresh": 2}, edit=relabel(at))
+               for point, at in (("bundled", 10), ("paper", 8))]
+    updates, anchors = norm_tables(read_points(folders), SEQ)
+    assert updates[0][4:] == [f"|dW| layer {l}" for l in (2, 7, 8, 9, 10)]
+    step = [json.loads((CELLS / SERIES / "MEMIT__replay+refresh" / f"step{k:03d}.json").read_text()) for k in (1, 2)]
+    dw = {l: f"{sum(s['analysis']['update_norm'][f'model.layers.{l}.mlp.down_proj.weight'] for s in step) / 2:.1f}"
+          for l in (4, 5, 6, 7, 8)}
+    assert updates[1][4:] == [dw[6], dw[7], dw[8], dw[5], dw[4]]
+    assert anchors[0][4:] == ["|delta| layer 8", "|delta| layer 10"] + [f"|t| layer {l}" for l in (2, 7, 8, 9, 10)]
+    mean = {l: f"{sum(s['analysis']['norms']['targets'][f'model.layers.{l}']['norm'] for s in step) / 2:.2f}"
+            for l in (4, 5, 6, 7, 8)}
+    delta = f"{sum(s['analysis']['norms']['anchor']['model.layers.4']['delta'] for s in step) / 2:.2f}"
+    targets = [mean[l] for l in (6, 7, 8, 5, 4)]  # the columns of layers 2, 7, 8, 9, 10
+    assert anchors[1:] == [["MEMIT", "replay+refresh", "bundled", "1-2", "-", delta] + targets,
+                           ["MEMIT", "replay+refresh", "paper", "1-2", delta, "-"] + targets]
+
+
 def test_pairs_not_evaluated_yet_are_listed_as_missing(tmp_path):
     """``paper`` has replay at 96 and 192 edits made but spread at 96 only: the pairs
     against spread@paper at 192 are missing, replay@paper - spread@bundled is formed; the

@@ -41,7 +41,8 @@ from .metrics import RunKey, metrics, run_order
 from .report import update_norms
 from .statistics import mean, paired_difference
 from .tables import (
-    against_spread, fmt, marked, norm_label, norm_values, render_markdown, sequential_steps, summary_stat,
+    against_spread, fmt, marked, norm_label, norm_order, norm_values, render_markdown, sequential_steps,
+    summary_stat,
 )
 
 REFERENCE = "bundled"  # the tuned default point (docs/results.md, "At the paper's operating point")
@@ -366,7 +367,8 @@ def norm_tables(points: Sequence[PointCells], kind: tuple,
     (:func:`~easyedit_replay.experiments.report.update_norms`), and the mean anchor
     ``|delta|`` and targets ``|t|`` relative to the unedited model's mean norm of the
     module (:func:`~easyedit_replay.experiments.tables.norm_values`; None when no cell
-    records them)."""
+    records them). Columns by layer number (layer 10 after layer 9); the ``|delta|``
+    columns before the ``|t|`` ones (:func:`~easyedit_replay.experiments.tables.norm_order`)."""
     runs = _analyses(points, kind, modes)
     first = ["algorithm", "mode", "point"] + (["steps"] if kind[0] == "sequential" else [])
     lead = [[alg, mode, point] + ([steps] if steps is not None else []) for alg, mode, point, steps, _ in runs]
@@ -378,7 +380,7 @@ def norm_tables(points: Sequence[PointCells], kind: tuple,
     for *_, analyses in runs:
         values = [norm_values(a.get("norms")) for a in analyses]
         anchors.append({n: mean(v.get(n) for v in values) for n in dict.fromkeys(n for v in values for n in v)})
-    names = list(dict.fromkeys(n for norms in anchors for n in norms))
+    names = sorted({n for norms in anchors for n in norms}, key=norm_order)
     if not names:
         return updates, None
     table = [first + [norm_label(n) for n in names]]
