@@ -329,3 +329,26 @@ def test_scale_report_names_its_operating_point(tmp_path):
     assert "\nOperating point: paper (`scale --point`" in write_scale_report(named, n_boot=N_BOOT).read_text()
     unnamed = _folder(tmp_path / "plain", None, {"MEMIT__spread": 1})
     assert "Operating point" not in write_scale_report(unnamed, n_boot=N_BOOT).read_text()
+
+
+def test_the_plan_names_its_points_as_a_string_or_a_list(tmp_path):
+    """``plan_points`` reads scale.json's ``meta["operating_point"]`` as one name or a
+    list; ``report --points`` (for cells without the field) and scale's ``report.md``
+    both read it through it, the string form included."""
+    from easyedit_replay.experiments.cells import plan_points
+    from easyedit_replay.experiments.points import read_point
+    from easyedit_replay.experiments.report import write_scale_report
+
+    assert plan_points({"operating_point": "paper"}) == ("paper",)
+    assert plan_points({"operating_point": ["bundled", "paper"]}) == ("bundled", "paper")
+    assert plan_points({"model": "smollm2-135m"}) == plan_points({"operating_point": []}) == plan_points(None) == ()
+    for name, named in (("one", "host-fe"), ("listed", ["host-fe"])):
+        folder = _folder(tmp_path / name, None, {"MEMIT__spread": 1})
+        update_plan(folder, [], {"operating_point": named})
+        point = read_point(folder)
+        assert (point.point, point.from_plan) == ("host-fe", 1)
+        assert "\nOperating point: host-fe (`scale --point`" in write_scale_report(folder, n_boot=N_BOOT).read_text()
+    update_plan(folder, [], {"operating_point": ["bundled", "paper"]})
+    with pytest.raises(ReplayError, match="its scale.json names the points bundled, paper; cannot tell"):
+        read_point(folder)
+    assert "\nOperating point: bundled, paper (`scale --point`" in write_scale_report(folder, n_boot=N_BOOT).read_text()

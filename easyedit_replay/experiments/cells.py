@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..errors import ReplayError
 from ..files import atomic_write_text
@@ -157,6 +157,19 @@ def update_plan(out: Path, plan: List[dict], meta: Optional[dict]) -> None:
     data["planned"] += [c for c in plan if json.dumps(c, sort_keys=True) not in known]
     data["meta"].update(meta or {})
     atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def plan_points(meta: Optional[dict]) -> Tuple[str, ...]:
+    """The operating points a ``scale.json``'s ``meta`` names: its ``operating_point``,
+    one name (a string) or several (a list), as a tuple; empty when ``meta`` names none.
+
+    >>> plan_points({"operating_point": "paper"}), plan_points({"operating_point": ["bundled"]})
+    (('paper',), ('bundled',))
+    """
+    named = (meta or {}).get("operating_point")
+    if not named:
+        return ()
+    return (named,) if isinstance(named, str) else tuple(named)
 
 
 def missing_cells(out_dir, found: Optional[dict] = None) -> List[dict]:

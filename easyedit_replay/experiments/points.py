@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ReplayError
 from ..tune import grid_scale_folders
-from .cells import check_modes, collect_cells, describe, edit_cells, missing_cells
+from .cells import check_modes, collect_cells, describe, edit_cells, missing_cells, plan_points
 from .metrics import RunKey, metrics, run_order
 from .report import update_norms
 from .statistics import mean, paired_difference
@@ -123,8 +123,7 @@ def read_point(source) -> PointCells:
     named = {c["operating_point"] for c in cells if c.get("operating_point")}
     unnamed = sum(1 for c in cells if not c.get("operating_point"))
     plan = path / "scale.json"
-    planned = json.loads(plan.read_text()).get("meta", {}).get("operating_point") if plan.exists() else None
-    planned = [planned] if isinstance(planned, str) else list(planned or [])
+    planned = plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
     if unnamed or not cells:
         if len(planned) != 1:
             what = f"{unnamed} of its cells lack the field `operating_point`" if cells else "it has no cells"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..files import atomic_write_text
-from .cells import check_modes, collect_cells, describe, missing_cells, results_for_n
+from .cells import check_modes, collect_cells, describe, missing_cells, plan_points, results_for_n
 from .metrics import RunKey, metrics, run_order, summary_metrics
 from .plots import (
     plot_allocation, plot_paired, plot_residual_ratio, plot_scale, plot_sequential, plot_sequential_paired,
@@ -115,9 +115,8 @@ def write_scale_report(out_dir, n_boot: int = 1000, seed: int = 0) -> Path:
              "KL(unedited || edited) of the next token at the neighbourhood prompt (lower is better); Top-k: "
              "overlap of the top-k next tokens; fluency: n-gram entropy of greedy continuations; final resid. "
              "ratio: |m_L - h_L| / |m_L - h_L(unedited)| at l_n after the edit (lower is better).", ""]
-    points = meta.get("operating_point")
+    points = plan_points(meta)
     if points:
-        points = [points] if isinstance(points, str) else list(points)
         lines += [f"Operating point: {', '.join(points)} (`scale --point`; its anchor settings are in "
                   f"hparams/README.md, \"Operating points\").", ""]
     for n in sorted(found["batch"]):
