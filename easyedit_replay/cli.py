@@ -291,7 +291,8 @@ def cmd_report(args) -> int:
 
     Raises:
         ReplayError: ``--points`` with a SOURCE or ``--allocation``; neither ``--points`` nor
-            SOURCE ``--markdown``; those of the report functions.
+            SOURCE ``--markdown``; those of the report functions (a ``--modes`` entry no cell
+            has, ``--modes`` with a compare results.json).
     """
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     if args.points:
@@ -468,9 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--points", nargs="+", metavar="DIR", help="`scale --out` folders, one per operating point "
                    "(read from the cells' operating_point): the scale metrics side by side, mode - spread within "
                    "each point and against spread at --reference on the same edits, update and anchor norms")
-    r.add_argument("--reference", default="bundled", help="--points: the point spreading is compared at "
-                   "(default bundled, the tuned default)")
-    r.add_argument("--modes", help="scale cells: only these comma-separated modes (default: all)")
+    r.add_argument("--reference", default="bundled", help="--points: the point spreading is compared at, one of "
+                   "the folders' points (default bundled, the tuned default)")
+    r.add_argument("--modes", help="scale cells: only these comma-separated modes, each one the cells have "
+                   "(default: all)")
     r.add_argument("--allocation", action="store_true", help="a compare results.json: every rule against replay "
                    "on the same edits, per-layer update norms and residual ratios (the allocation sweep)")
     r.add_argument("--out", help="--allocation: also write report.md and the two allocation plots into this folder; "

@@ -332,6 +332,18 @@ def _grid_folders(out_dir) -> Iterator[Tuple[str, Optional[str], Path]]:
                 yield point_dir.name, win_dir.name[1:], lam_dir
 
 
+def grid_scale_folders(path) -> List[Path]:
+    """The ``scale`` output folders (``lambda<L>``) of a ``tune`` grid at ``path``: every one
+    of the grid when ``path`` is a ``tune --out`` folder, those of one point
+    (``OUT/<point>``) or one window (``OUT/<point>/w<first>-<last>``); empty for any
+    other folder (a ``scale --out`` folder among them)."""
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    found = [lam for _, _, lam in _grid_folders(p)] + sorted(p.glob("lambda*")) + sorted(p.glob("w*-*/lambda*"))
+    return [f for f in found if (f / "scale.json").is_file() or (f / "cells").is_dir()]
+
+
 def grid_rows(out_dir) -> List[dict]:
     """One dict per finished grid cell: point, window (only for the cells of a window
     folder: ``"2-5"``), lambda, alg, mode, n, the means of efficacy Acc, generalization

@@ -147,6 +147,42 @@ def test_update_and_anchor_norms_per_point(tmp_path):
     assert [row[4] for row in anchors[1:]] == ["-", "-", f"{delta:.2f}", f"{delta:.2f}"]
 
 
+def test_norm_columns_are_in_layer_order(tmp_path):
+    """The |dW| and the anchor and target norm columns go by layer number (layer 10 after
+    layer 9, whatever order the cells list them in), the |delta| columns before the |t|
+    ones: on replay+refresh cells whose layers 4, 5, 6 are relabelled 10, 9, 2, and whose
+    anchor sits at layer 10 at ``bundled`` and at layer 8 at ``paper``."""
+    def relabel(anchor_at):
+        def edit(path, cell):
+            def moved(name, at=None):  # model.layers.{l}[.…] with l moved
+                parts = name.split(".")
+                parts[2] = str(at or {4: 10, 5: 9, 6: 2}.get(int(parts[2]), int(parts[2])))
+                return ".".join(parts)
+
+            analysis = cell["analysis"]
+            analysis["update_norm"] = {moved(k): v for k, v in analysis["update_norm"].items()}
+            norms = analysis["norms"]
+            norms["targets"] = {moved(k): v for k, v in norms["targets"].items()}
+            norms["anchor"] = {moved(k, anchor_at): v for k, v in norms["anchor"].items()}
+        return edit
+
+    folders = [_folder(tmp_path / point, point, {"MEMIT__replay+refresh": 2}, edit=relabel(at))
+               for point, at in (("bundled", 10), ("paper", 8))]
+    updates, anchors = norm_tables(read_points(folders), SEQ)
+    assert updates[0][4:] == [f"|dW| layer {l}" for l in (2, 7, 8, 9, 10)]
+    step = [json.loads((CELLS / SERIES / "MEMIT__replay+refresh" / f"step{k:03d}.json").read_text()) for k in (1, 2)]
+    dw = {l: f"{sum(s['analysis']['update_norm'][f'model.layers.{l}.mlp.down_proj.weight'] for s in step) / 2:.1f}"
+          for l in (4, 5, 6, 7, 8)}
+    assert updates[1][4:] == [dw[6], dw[7], dw[8], dw[5], dw[4]]
+    assert anchors[0][4:] == ["|delta| layer 8", "|delta| layer 10"] + [f"|t| layer {l}" for l in (2, 7, 8, 9, 10)]
+    mean = {l: f"{sum(s['analysis']['norms']['targets'][f'model.layers.{l}']['norm'] for s in step) / 2:.2f}"
+            for l in (4, 5, 6, 7, 8)}
+    delta = f"{sum(s['analysis']['norms']['anchor']['model.layers.4']['delta'] for s in step) / 2:.2f}"
+    targets = [mean[l] for l in (6, 7, 8, 5, 4)]  # the columns of layers 2, 7, 8, 9, 10
+    assert anchors[1:] == [["MEMIT", "replay+refresh", "bundled", "1-2", "-", delta] + targets,
+                           ["MEMIT", "replay+refresh", "paper", "1-2", delta, "-"] + targets]
+
+
 def test_pairs_not_evaluated_yet_are_listed_as_missing(tmp_path):
     """``paper`` has replay at 96 and 192 edits made but spread at 96 only: the pairs
     against spread@paper at 192 are missing, replay@paper - spread@bundled is formed; the
@@ -228,6 +264,53 @@ def test_report_points_command(twins, tmp_path, capsys):
     assert "a folder; --out takes the markdown file" in captured.err and captured.out == ""
 
 
+def test_report_refuses_a_mode_no_cell_has(twins, capsys):
+    """``report SOURCE --markdown --modes`` and ``report --points --modes`` with an entry
+    that no cell has exit 2 naming the flag, the entry and the modes the cells have (they
+    printed empty tables before); entries the cells have still filter the tables; a
+    compare results.json refuses ``--modes`` (it is reported whole)."""
+    from easyedit_replay.cli import main
+
+    present = "the modes present are spread, replay"
+    assert main(["report", str(twins[0]), "--markdown", "--modes", "spread,bogus"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: report {twins[0]} --modes spread,bogus: 'bogus' names no mode of the cells; "
+                            f"{present}\n")
+    assert main(["report", "--points", *map(str, twins), "--modes", "bogus,Replay"]) == 2
+    assert capsys.readouterr().err == (f"error: report --points --modes bogus,Replay: 'bogus', 'Replay' name no "
+                                       f"mode of the cells; {present}\n")
+    assert main(["report", str(twins[0]), "--markdown", "--modes", "replay"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 48 |")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["MEMIT", "replay"]]
+    results = ROOT / "docs" / "results" / "cf48_all" / "results.json"
+    assert main(["report", str(results), "--markdown", "--modes", "spread"]) == 2
+    assert "--modes picks the modes of scale cells; a compare results.json is reported whole" in capsys.readouterr().err
+
+
+def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path, capsys):
+    """``--reference`` must name a point of the folders given (the error lists them); a
+    ``tune --out`` folder, or one of its point or window folders, is refused as a tune
+    folder naming one of its ``scale`` folders, which ``--points`` reads."""
+    from easyedit_replay.cli import main
+
+    assert main(["report", "--points", *map(str, twins), "--reference", "papr"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("error: report --points: --reference papr: no folder is at that point "
+                            "(points: bundled, paper)\n")
+    tune = tmp_path / "tune"
+    lam = _folder(tune / "paper" / "lambda5000", "paper", {"MEMIT__spread": 1}, plan_point="paper")
+    windowed = _folder(tmp_path / "wtune" / "paper" / "w4-8" / "lambda5000", "paper", {"MEMIT__spread": 1})
+    for folder, scale in ((tune, lam), (tune / "paper", lam), (tmp_path / "wtune", windowed),
+                          (tmp_path / "wtune" / "paper", windowed), (tmp_path / "wtune" / "paper" / "w4-8", windowed)):
+        assert main(["report", "--points", str(twins[0]), str(folder)]) == 2
+        assert capsys.readouterr().err == (f"error: report --points {folder}: is a tune folder; --points reads scale "
+                                           f"folders (a tune grid's are its <point>/lambda<L> folders, e.g. {scale})\n")
+    assert main(["report", "--points", str(twins[0]), str(lam)]) == 0  # a grid's scale folder is one
+    assert f"- `paper`: {lam}" in capsys.readouterr().out
+
+
 def test_markdown_tables_escape_a_bar_inside_a_cell():
     """``|dW| layer 4`` stays one column of a markdown table: the bar is escaped."""
     from easyedit_replay.experiments.tables import render_markdown
@@ -246,3 +329,26 @@ def test_scale_report_names_its_operating_point(tmp_path):
     assert "\nOperating point: paper (`scale --point`" in write_scale_report(named, n_boot=N_BOOT).read_text()
     unnamed = _folder(tmp_path / "plain", None, {"MEMIT__spread": 1})
     assert "Operating point" not in write_scale_report(unnamed, n_boot=N_BOOT).read_text()
+
+
+def test_the_plan_names_its_points_as_a_string_or_a_list(tmp_path):
+    """``plan_points`` reads scale.json's ``meta["operating_point"]`` as one name or a
+    list; ``report --points`` (for cells without the field) and scale's ``report.md``
+    both read it through it, the string form included."""
+    from easyedit_replay.experiments.cells import plan_points
+    from easyedit_replay.experiments.points import read_point
+    from easyedit_replay.experiments.report import write_scale_report
+
+    assert plan_points({"operating_point": "paper"}) == ("paper",)
+    assert plan_points({"operating_point": ["bundled", "paper"]}) == ("bundled", "paper")
+    assert plan_points({"model": "smollm2-135m"}) == plan_points({"operating_point": []}) == plan_points(None) == ()
+    for name, named in (("one", "host-fe"), ("listed", ["host-fe"])):
+        folder = _folder(tmp_path / name, None, {"MEMIT__spread": 1})
+        update_plan(folder, [], {"operating_point": named})
+        point = read_point(folder)
+        assert (point.point, point.from_plan) == ("host-fe", 1)
+        assert "\nOperating point: host-fe (`scale --point`" in write_scale_report(folder, n_boot=N_BOOT).read_text()
+    update_plan(folder, [], {"operating_point": ["bundled", "paper"]})
+    with pytest.raises(ReplayError, match="its scale.json names the points bundled, paper; cannot tell"):
+        read_point(folder)
+    assert "\nOperating point: bundled, paper (`scale --point`" in write_scale_report(folder, n_boot=N_BOOT).read_text()

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..errors import ReplayError
 from ..files import atomic_write_text
@@ -159,6 +159,19 @@ def update_plan(out: Path, plan: List[dict], meta: Optional[dict]) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
+def plan_points(meta: Optional[dict]) -> Tuple[str, ...]:
+    """The operating points a ``scale.json``'s ``meta`` names: its ``operating_point``,
+    one name (a string) or several (a list), as a tuple; empty when ``meta`` names none.
+
+    >>> plan_points({"operating_point": "paper"}), plan_points({"operating_point": ["bundled"]})
+    (('paper',), ('bundled',))
+    """
+    named = (meta or {}).get("operating_point")
+    if not named:
+        return ()
+    return (named,) if isinstance(named, str) else tuple(named)
+
+
 def missing_cells(out_dir, found: Optional[dict] = None) -> List[dict]:
     """Planned cells (``scale.json``) with no finished cell file."""
     out = Path(out_dir)
@@ -200,6 +213,28 @@ def collect_cells(out_dir) -> dict:
         for steps in series.values():
             steps.sort(key=lambda c: c["step"])
     return found
+
+
+def edit_cells(found: dict) -> List[dict]:
+    """The one-batch and sequential cells of ``found`` (:func:`collect_cells`), not the unedited ones."""
+    return ([c for by_key in found["batch"].values() for c in by_key.values()]
+            + [c for series in found["sequential"].values() for steps in series.values() for c in steps])
+
+
+def check_modes(modes: Optional[Sequence[str]], founds: Sequence[dict], where: str) -> None:
+    """Refuse a ``--modes`` entry that names no mode of the finished edit cells of
+    ``founds`` (each a :func:`collect_cells` result); None or empty ``modes``: nothing to check.
+
+    Raises:
+        ReplayError: naming ``where`` (the command), ``--modes``, the entries that match no
+            cell and the modes the cells have.
+    """
+    present = sorted({c["mode"] for found in founds for c in edit_cells(found)}, key=lambda m: run_order(RunKey("", m)))
+    unknown = [m for m in modes or () if m not in present]
+    if unknown:
+        raise ReplayError(f"{where} --modes {','.join(modes)}: {', '.join(map(repr, unknown))} "
+                          f"{'names' if len(unknown) == 1 else 'name'} no mode of the cells; the modes present are "
+                          f"{', '.join(present) if present else 'none (no finished cells)'}")
 
 
 def results_for_n(found: dict, n: int, meta: dict) -> dict:

@@ -35,12 +35,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ReplayError
-from .cells import collect_cells, describe, missing_cells
+from ..tune import grid_scale_folders
+from .cells import check_modes, collect_cells, describe, edit_cells, missing_cells, plan_points
 from .metrics import RunKey, metrics, run_order
 from .report import update_norms
 from .statistics import mean, paired_difference
 from .tables import (
-    against_spread, fmt, marked, norm_label, norm_values, render_markdown, sequential_steps, summary_stat,
+    against_spread, fmt, marked, norm_label, norm_order, norm_values, render_markdown, sequential_steps,
+    summary_stat,
 )
 
 REFERENCE = "bundled"  # the tuned default point (docs/results.md, "At the paper's operating point")
@@ -98,17 +100,13 @@ class Pair:
 # ----------------------------------------------------------------------------- reading
 
 
-def _edit_cells(found: dict) -> List[dict]:
-    """The one-batch and sequential cells of ``found`` (not the unedited ones)."""
-    return ([c for by_key in found["batch"].values() for c in by_key.values()]
-            + [c for series in found["sequential"].values() for steps in series.values() for c in steps])
-
-
 def read_point(source) -> PointCells:
     """The cells of one ``scale --out`` folder and its one operating point.
 
     Raises:
-        ReplayError: not a folder; its cells name more than one ``operating_point``
+        ReplayError: not a folder; a ``tune --out`` folder or a point or window folder of
+            one (:func:`~easyedit_replay.tune.grid_scale_folders`; it names one of the
+            grid's ``scale`` folders); its cells name more than one ``operating_point``
             (they differ from the point ``scale.json`` names for the cells without it);
             or cells without ``operating_point`` (or no cells at all) and a
             ``scale.json`` that does not name exactly one point.
@@ -116,13 +114,16 @@ def read_point(source) -> PointCells:
     path = Path(source)
     if not path.is_dir():
         raise ReplayError(f"report --points {source}: not a `scale --out` folder")
+    grid = [] if (path / "cells").is_dir() else grid_scale_folders(path)
+    if grid:
+        raise ReplayError(f"report --points {source}: is a tune folder; --points reads scale folders (a tune "
+                          f"grid's are its <point>/lambda<L> folders, e.g. {grid[0]})")
     found = collect_cells(path)
-    cells = _edit_cells(found)
+    cells = edit_cells(found)
     named = {c["operating_point"] for c in cells if c.get("operating_point")}
     unnamed = sum(1 for c in cells if not c.get("operating_point"))
     plan = path / "scale.json"
-    planned = json.loads(plan.read_text()).get("meta", {}).get("operating_point") if plan.exists() else None
-    planned = [planned] if isinstance(planned, str) else list(planned or [])
+    planned = plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
     if unnamed or not cells:
         if len(planned) != 1:
             what = f"{unnamed} of its cells lack the field `operating_point`" if cells else "it has no cells"
@@ -365,7 +366,8 @@ def norm_tables(points: Sequence[PointCells], kind: tuple,
     (:func:`~easyedit_replay.experiments.report.update_norms`), and the mean anchor
     ``|delta|`` and targets ``|t|`` relative to the unedited model's mean norm of the
     module (:func:`~easyedit_replay.experiments.tables.norm_values`; None when no cell
-    records them)."""
+    records them). Columns by layer number (layer 10 after layer 9); the ``|delta|``
+    columns before the ``|t|`` ones (:func:`~easyedit_replay.experiments.tables.norm_order`)."""
     runs = _analyses(points, kind, modes)
     first = ["algorithm", "mode", "point"] + (["steps"] if kind[0] == "sequential" else [])
     lead = [[alg, mode, point] + ([steps] if steps is not None else []) for alg, mode, point, steps, _ in runs]
@@ -377,7 +379,7 @@ def norm_tables(points: Sequence[PointCells], kind: tuple,
     for *_, analyses in runs:
         values = [norm_values(a.get("norms")) for a in analyses]
         anchors.append({n: mean(v.get(n) for v in values) for n in dict.fromkeys(n for v in values for n in v)})
-    names = list(dict.fromkeys(n for norms in anchors for n in norms))
+    names = sorted({n for norms in anchors for n in norms}, key=norm_order)
     if not names:
         return updates, None
     table = [first + [norm_label(n) for n in names]]
@@ -397,9 +399,11 @@ def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Option
     Raises:
         ReplayError: a folder's point cannot be told or is not one (it names the field
             ``operating_point``), two folders at one point, no folder at ``reference``
-            (:func:`read_points`).
+            (:func:`read_points`); an entry of ``modes`` that no folder's cells have
+            (:func:`~easyedit_replay.experiments.cells.check_modes`).
     """
     points = read_points(sources, reference)
+    check_modes(modes, [p.found for p in points], "report --points")
     lines = ["# `scale` cells across operating points", ""]
     for p in points:
         lines.append(f"- `{p.point}`{' (reference)' if p is points[0] else ''}: {p.source}"

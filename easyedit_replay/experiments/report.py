@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..files import atomic_write_text
-from .cells import collect_cells, describe, missing_cells, results_for_n
+from .cells import check_modes, collect_cells, describe, missing_cells, plan_points, results_for_n
 from .metrics import RunKey, metrics, run_order, summary_metrics
 from .plots import (
     plot_allocation, plot_paired, plot_residual_ratio, plot_scale, plot_sequential, plot_sequential_paired,
@@ -115,9 +115,8 @@ def write_scale_report(out_dir, n_boot: int = 1000, seed: int = 0) -> Path:
              "KL(unedited || edited) of the next token at the neighbourhood prompt (lower is better); Top-k: "
              "overlap of the top-k next tokens; fluency: n-gram entropy of greedy continuations; final resid. "
              "ratio: |m_L - h_L| / |m_L - h_L(unedited)| at l_n after the edit (lower is better).", ""]
-    points = meta.get("operating_point")
+    points = plan_points(meta)
     if points:
-        points = [points] if isinstance(points, str) else list(points)
         lines += [f"Operating point: {', '.join(points)} (`scale --point`; its anchor settings are in "
                   f"hparams/README.md, \"Operating points\").", ""]
     for n in sorted(found["batch"]):
@@ -211,8 +210,14 @@ def _scale_rows(first: str, cells: dict, modes) -> list:
 def scale_markdown(out_dir, modes: Optional[Sequence[str]] = None) -> str:
     """The condensed tables of ``scale --out DIR`` cells (only the ``modes`` listed, all
     when None): one batch at every n, then each sequential series by edits made (rows
-    grouped by algorithm and mode), both with the paired columns, and the missing cells."""
+    grouped by algorithm and mode), both with the paired columns, and the missing cells.
+
+    Raises:
+        ReplayError: an entry of ``modes`` that no cell has
+            (:func:`~easyedit_replay.experiments.cells.check_modes`).
+    """
     found = collect_cells(out_dir)
+    check_modes(modes, [found], f"report {out_dir}")
     chunks = []
 
     def header(first):
@@ -308,7 +313,8 @@ def markdown(source, modes: Optional[Sequence[str]] = None, allocation: bool = F
     allocation tables of that results file (and with ``out`` its ``report.md`` and plots).
 
     Raises:
-        ReplayError: ``source`` is neither.
+        ReplayError: ``source`` is neither; ``modes`` with a results.json (its tables are
+            printed whole); those of :func:`scale_markdown`.
     """
     from ..errors import ReplayError
 
@@ -318,6 +324,9 @@ def markdown(source, modes: Optional[Sequence[str]] = None, allocation: bool = F
     if not path.is_file():
         raise ReplayError(f"report --markdown {source}: expected a results.json of compare or a scale --out "
                           f"folder (with cells/)")
+    if modes:
+        raise ReplayError(f"report {source} --modes {','.join(modes)}: --modes picks the modes of scale cells; "
+                          f"a compare results.json is reported whole (drop --modes)")
     results = json.loads(path.read_text())
     if not allocation:
         return compare_markdown(results)

@@ -268,9 +268,15 @@ def retention_paired_table(series: Dict[str, List[dict]], n_boot: int, seed: int
     return rows
 
 
+def layer_index(name: str) -> Optional[int]:
+    """``"model.layers.4.mlp.down_proj.weight"`` -> ``4``: the first dotted part of a
+    module or weight name that is a number; None when there is none."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
 def layer_of(name: str) -> str:
     """``"model.layers.4.mlp.down_proj.weight"`` -> ``"layer 4"`` (the name itself without a layer index)."""
-    index = next((part for part in name.split(".") if part.isdigit()), None)
+    index = layer_index(name)
     return f"layer {index}" if index is not None else name
 
 
@@ -321,6 +327,14 @@ def norm_values(norms: dict) -> Dict[tuple, float]:
 def norm_label(name: tuple) -> str:
     """The column of a :func:`norm_values` key: ``("delta", "model.layers.4")`` -> ``"|delta| layer 4"``."""
     return f"{'|delta|' if name[0] == 'delta' else '|t|'} {layer_of(name[1])}"
+
+
+def norm_order(name: tuple) -> tuple:
+    """Sort key of a :func:`norm_values` key: the anchor ``|delta|`` columns first, then
+    the targets ``|t|``, each by layer number (layer 10 after layer 9), names without a
+    layer index last."""
+    index = layer_index(name[1])
+    return name[0] != "delta", index is None, index or 0, name[1]
 
 
 def target_norm_table(steps_by_key: Dict[str, List[dict]]) -> List[List[str]]:
