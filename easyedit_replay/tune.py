@@ -601,6 +601,29 @@ def _grid_meta(out: Path) -> dict:
     return {}
 
 
+# what ``--out`` of ``tune --report-only`` should hold (the refusals of :func:`_check_grid`)
+_GRID_CONTENTS = ("the grid folders that `tune --out OUT` writes: <point>/lambda<L>/ (<point>/w<first>-<last>/lambda<L>/ "
+                 "with --windows), each with its scale.json and cells/")
+
+
+def _check_grid(out: Path) -> None:
+    """Check that ``out`` holds a ``tune`` grid: a grid folder (:func:`_grid_folders`) with
+    its ``scale.json``.
+
+    Raises:
+        ReplayError: ``out`` is missing or not a folder, or holds no such grid folder (a
+            ``scale --out`` folder included); the message names ``--out`` and what it
+            should contain (:data:`_GRID_CONTENTS`).
+    """
+    if not out.is_dir():
+        why = "not a folder" if out.exists() else "no such folder"
+        raise ReplayError(f"--out {out}: {why}; give the folder of a tune grid, holding {_GRID_CONTENTS}")
+    if not any((lam_dir / "scale.json").exists() for _, _, lam_dir in _grid_folders(out)):
+        scale = (" (it is a `scale --out` folder: `easyedit-replay scale --report-only --out` reports it)"
+                 if (out / "scale.json").exists() else "")
+        raise ReplayError(f"--out {out}: no tune grid here{scale}; the folder should hold {_GRID_CONTENTS}")
+
+
 def write_tuning_report(out_dir) -> Path:
     """Write ``OUT/report.md`` (the rule, the picks, the whole grid) and ``OUT/grid.json``.
 
@@ -610,12 +633,14 @@ def write_tuning_report(out_dir) -> Path:
     rows of window folders carry their ``window``).
 
     Raises:
-        ReplayError: ``OUT`` holds cells with and without window folders.
+        ReplayError: ``OUT`` is missing or holds no grid (:func:`_check_grid`), or holds
+            cells with and without window folders.
     """
     from .experiments.metrics import ALGORITHM_ORDER
     from .experiments.tables import render_markdown
 
     out = Path(out_dir)
+    _check_grid(out)
     rows = grid_rows(out)
     if len({"window" in r for r in rows}) > 1:
         raise ReplayError(f"{out}: holds cells with and without a window folder; one report reads one layout")
