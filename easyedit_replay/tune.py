@@ -43,6 +43,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from .errors import ReplayError
 from .files import atomic_write_text
 
+# The algorithms of the grid (``tune --algs``' default): the three that share anchors (PMET's are its own).
+GRID_ALGORITHMS = ("MEMIT", "EMMET", "AlphaEdit")
 # Record ranges (Python slices of the data file) of the tuning splits; the largest
 # reported evaluation prefix is EVALUATION_PREFIX records.
 TUNING_SPLITS = {"counterfact-val.json": (1823, 1919), "zsre-1k.json": (952, 1000)}

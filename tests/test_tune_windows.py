@@ -90,6 +90,24 @@ def test_cli_refuses_bad_windows_before_loading_a_model(tmp_path, capsys):
     assert "--lambdas 1000,300); drop --lambda" in capsys.readouterr().err
 
 
+def test_tune_help_states_the_defaults_tune_uses():
+    """``tune --help`` names the defaults the parser gives tune (``--algs``: the grid's three
+    algorithms, not compare's every bundled one), and compare keeps its own."""
+    from easyedit_replay.cli import build_parser
+    from easyedit_replay.tune import GRID_ALGORITHMS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    tune = parser.parse_args(["tune", "--out", "x"])
+    assert tune.algs == "MEMIT,EMMET,AlphaEdit" == ",".join(GRID_ALGORITHMS)
+    text = " ".join(sub.choices["tune"].format_help().split())
+    assert "comma-separated base algorithms (default: MEMIT,EMMET,AlphaEdit)" in text
+    assert "every one with a bundled" not in text
+    assert f"mom2_update_weight values (default {tune.lambdas})" in text and tune.lambdas == "1000,5000,15000,30000"
+    assert parser.parse_args(["compare"]).algs is None
+    assert "(default: every one with a bundled SmolLM2 YAML)" in " ".join(sub.choices["compare"].format_help().split())
+
+
 # ----------------------------------------------------------------------------- what a window sets
 
 
