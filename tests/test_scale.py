@@ -14,7 +14,7 @@ from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.experiments.scale import ScaleConfig, run_scale
 
-from .conftest import ROOT, SHARED_DATA, requires_shared
+from .conftest import ROOT, SHARED_DATA, load_script, requires_shared
 
 pytestmark = pytest.mark.slow
 
@@ -399,3 +399,56 @@ def test_source_commit_in_and_out_of_a_checkout(tmp_path, monkeypatch):
     nested.mkdir(parents=True)
     assert commit_of(nested) is None
     assert provenance.provenance()["version"] == provenance.__version__
+
+
+# ----------------------------------------------------------------------------- scripts/recompute_summaries.py
+
+
+def test_recompute_summaries_replaces_only_the_non_finite_entries(tmp_path, capsys):
+    """A summary stored with inf (the residual ratio of an edit with a zero gap, before
+    non-finite values were dropped) is recomputed from the cell's per-edit rows with its
+    n_boot and seed: the inf entry becomes the mean over the finite rows, every other
+    entry and the rows stay as stored; a second run changes nothing; a cell whose finite
+    entries do not recompute to the stored values is refused and left as it is."""
+    from easyedit_replay.experiments.cells import write_cell
+    from easyedit_replay.experiments.statistics import bootstrap, summarize_ci
+
+    script = load_script("recompute_summaries")
+    rows = [{"efficacy_exact": float(i % 2), "final_ratio": 0.1 * (i + 1)} for i in range(5)]
+    rows.append({"efficacy_exact": 1.0, "final_ratio": float("inf")})
+    settings = {"metrics": {"n_boot": 50, "seed": 3}}
+    good = {k: list(v) for k, v in summarize_ci(rows, 50, 3).items()}
+    old = dict(good, final_ratio=[float("inf"), 0.2, float("inf")])  # as written before the fix
+    out = tmp_path / "scale"
+    step = out / "cells" / "seq_b0002_n00006" / "MEMIT__replay" / "step003.json"
+    batch = out / "cells" / "batch" / "n00006" / "MEMIT__spread.json"
+    clean = out / "cells" / "batch" / "n00006" / "MEMIT__replay.json"
+    wrong = out / "cells" / "batch" / "n00006" / "EMMET__spread.json"
+    write_cell(step, {"kind": "sequential", "per_edit": rows, "summary": old}, settings)
+    write_cell(batch, {"kind": "batch", "run": {"per_edit": rows, "summary": old}}, settings)
+    write_cell(clean, {"kind": "batch", "run": {"per_edit": rows, "summary": good}}, settings)
+    write_cell(wrong, {"kind": "batch", "run": {"per_edit": rows, "summary": dict(old, efficacy_exact=[0.5] * 3)}},
+               settings)
+    (out / "scale.json").write_text("{}")
+    before = {p: p.read_bytes() for p in (step, batch, clean, wrong)}
+
+    assert script.main(["--dry-run", str(out)]) == 1  # the wrong cell is refused
+    assert {p: p.read_bytes() for p in before} == before
+    capsys.readouterr()
+    assert script.main([str(out)]) == 1
+    printed = capsys.readouterr()
+    mean, lo, hi = bootstrap([r["final_ratio"] for r in rows[:5]], 50, 3)
+    assert mean == pytest.approx(0.3)
+    for path, where in ((step, "summary"), (batch, "run.summary")):
+        cell = json.loads(path.read_text())
+        block = cell if where == "summary" else cell["run"]
+        assert block["summary"] == dict(good, final_ratio=[mean, lo, hi])
+        assert block["per_edit"][-1]["final_ratio"] == float("inf") and cell["settings"] == settings
+        assert f"{path}: {where}.final_ratio [inf, 0.2, inf] -> [{mean}, {lo}, {hi}]" in printed.out
+    assert clean.read_bytes() == before[clean] and wrong.read_bytes() == before[wrong]
+    assert (f"{wrong}: left as it is: run.summary.efficacy_exact recomputes to {good['efficacy_exact']}, not the "
+            "stored [0.5, 0.5, 0.5]") in printed.err
+    assert "2 cell(s) rewritten" in printed.out and f"easyedit-replay scale --report-only --out {out}" in printed.out
+    assert script.main([str(out)]) == 1 and "0 cell(s) rewritten" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "missing")]) == 1
+    assert "no such folder" in capsys.readouterr().err
