@@ -5,7 +5,7 @@ Public API: the ``apply_*_to_model`` entry points (EasyEdit's signature),
 Importing this package does not import EasyEdit.
 """
 
-__version__ = "0.1.0"
+from .provenance import __version__  # noqa: F401
 
 from .entry_points import entry_point_name, make_entry  # noqa: F401
 from .errors import (  # noqa: F401

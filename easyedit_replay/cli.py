@@ -21,6 +21,7 @@ from .anchors import bank as anchor_bank
 from .bundled import OPERATING_POINTS, bundled_algorithms, bundled_model, default_hparams_path  # noqa: F401
 from .data import parse_records  # noqa: F401  (re-exported: ``--records``)
 from .errors import ReplayError
+from .tune import GRID_ALGORITHMS
 
 log = logging.getLogger("easyedit_replay")
 
@@ -374,9 +375,13 @@ def cmd_make_corpus(args) -> int:
     return 0
 
 
-def _common_options(c) -> None:
-    """Options ``compare`` and ``scale`` share: what is edited, how, and with which model."""
-    c.add_argument("--algs", help="comma-separated base algorithms (default: every one with a bundled SmolLM2 YAML)")
+def _common_options(c, algs: Optional[Tuple[str, ...]] = None) -> None:
+    """Options ``compare``, ``scale`` and ``tune`` share: what is edited, how, and with which
+    model. ``algs``: the default of ``--algs``, which its help then names (None: every
+    algorithm with a bundled YAML)."""
+    c.add_argument("--algs", default=",".join(algs) if algs else None,
+                   help="comma-separated base algorithms (default: "
+                        + ("%(default)s" if algs else "every one with a bundled SmolLM2 YAML") + ")")
     c.add_argument("--hparams", help="one plugin YAML instead of the bundled ones (its alg_name picks the algorithm)")
     c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name); without "
                    "--hparams, the bundled YAMLs named after it are used (hparams/<ALG>_REPLAY/<name>.yaml)")
@@ -445,12 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="the operating-point grid (points [x windows] x lambda x algorithm x "
                        "construction) on a tuning split, one batch per cell, and the rule that picks the default; a "
                        "rerun resumes")
-    _common_options(t)
-    t.set_defaults(algs="MEMIT,EMMET,AlphaEdit")
+    _common_options(t, algs=GRID_ALGORITHMS)
     t.add_argument("--points", default=",".join(OPERATING_POINTS), help="comma-separated operating points "
-                   f"(default {','.join(OPERATING_POINTS)})")
+                   "(default %(default)s)")
     t.add_argument("--lambdas", default="1000,5000,15000,30000", help="comma-separated mom2_update_weight values "
-                   "(default 1000,5000,15000,30000)")
+                   "(default %(default)s)")
     t.add_argument("--windows", help="also sweep the edit window: contiguous inclusive layer ranges separated by "
                    "commas, e.g. 1-4,2-5,4-7 (or explicit layer lists separated by ';', e.g. 1,2,3,4;2,3,4,5); "
                    "must include the YAMLs' window (the rule's reference); each window's cells go to "

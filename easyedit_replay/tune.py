@@ -43,6 +43,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from .errors import ReplayError
 from .files import atomic_write_text
 
+# The algorithms of the grid (``tune --algs``' default): the three that share anchors (PMET's are its own).
+GRID_ALGORITHMS = ("MEMIT", "EMMET", "AlphaEdit")
 # Record ranges (Python slices of the data file) of the tuning splits; the largest
 # reported evaluation prefix is EVALUATION_PREFIX records.
 TUNING_SPLITS = {"counterfact-val.json": (1823, 1919), "zsre-1k.json": (952, 1000)}
@@ -425,33 +427,39 @@ def pick(rows: Sequence[dict], window: Optional[str] = None) -> dict:
     window at the chosen point, and the lambdas and default cells are those at the
     chosen point and window."""
     ok = admissible(rows, window)
-    algs = sorted({r["alg"] for r in ok if r["mode"] == "spread"})
-    best_at: Dict[Tuple[str, str], dict] = {}
-    for r in ok:
-        if r["mode"] == "spread" and _better(r, best_at.get((r["point"], r["alg"])), window):
-            best_at[(r["point"], r["alg"])] = r
-    points = sorted({p for p, _ in best_at})
-    scores = {p: sum(best_at[(p, a)]["score"] for a in algs) / len(algs) for p in points
-              if all((p, a) in best_at for a in algs)}
-    chosen = _first_best(scores, lambda p: (p != "bundled", p))
-    best: Dict[Tuple[str, str], dict] = {}
-    for r in ok:
-        if _better(r, best.get((r["alg"], r["mode"])), window):
-            best[(r["alg"], r["mode"])] = r
-    cells = {a: best_at[(chosen, a)] for a in algs} if chosen else {}
+    spread = [r for r in ok if r["mode"] == "spread"]
+    algs = sorted({r["alg"] for r in spread})
+    chosen, scores, cells = _choose(spread, "point", algs, lambda p: (p != "bundled", p), window)
+    best = _best_by(ok, lambda r: (r["alg"], r["mode"]), window)
     chosen_window, window_scores = None, {}
     if any("window" in r for r in rows):
-        best_in: Dict[Tuple[str, str], dict] = {}
-        for r in ok:
-            if r["mode"] == "spread" and r["point"] == chosen and _better(r, best_in.get((r["window"], r["alg"])),
-                                                                          window):
-                best_in[(r["window"], r["alg"])] = r
-        window_scores = {w: sum(best_in[(w, a)]["score"] for a in algs) / len(algs)
-                         for w in {w for w, _ in best_in} if all((w, a) in best_in for a in algs)}
-        chosen_window = _first_best(window_scores, lambda w: (w != window, window_key(w)))
-        cells = {a: best_in[(chosen_window, a)] for a in algs} if chosen_window else {}
+        chosen_window, window_scores, cells = _choose([r for r in spread if r["point"] == chosen], "window", algs,
+                                                      lambda w: (w != window, window_key(w)), window)
     return {"point": chosen, "point_scores": scores, "lambda": {a: c["lambda"] for a, c in cells.items()},
             "default_cells": cells, "best": best, "window": chosen_window, "window_scores": window_scores}
+
+
+def _best_by(rows: Sequence[dict], key, window: Optional[str] = None) -> Dict[tuple, dict]:
+    """The best of ``rows`` per ``key(row)`` (:func:`_better`; ``window`` the provisional one)."""
+    best: Dict[tuple, dict] = {}
+    for r in rows:
+        if _better(r, best.get(key(r)), window):
+            best[key(r)] = r
+    return best
+
+
+def _choose(spread: Sequence[dict], axis: str, algs: Sequence[str], preferred,
+            window: Optional[str] = None) -> Tuple[Optional[str], Dict[str, float], Dict[str, dict]]:
+    """One choice of :data:`RULE` items 3-4 (``axis`` ``"point"``) or :data:`WINDOW_RULE`
+    items W3-W4 (``axis`` ``"window"``, ``spread`` already at the chosen point):
+    ``(chosen value, {value: mean over algs of the best admissible spread score},
+    {alg: its best spread cell at the chosen value})``. A value lacking a cell of one of
+    ``algs`` has no score; ``preferred`` is the tie order (:func:`_first_best`)."""
+    best = _best_by(spread, lambda r: (r[axis], r["alg"]), window)
+    scores = {v: sum(best[(v, a)]["score"] for a in algs) / len(algs) for v in sorted({v for v, _ in best})
+              if all((v, a) in best for a in algs)}
+    chosen = _first_best(scores, preferred)
+    return chosen, scores, ({a: best[(chosen, a)] for a in algs} if chosen else {})
 
 
 POINT_FIELDS = ("clamp_norm_factor", "v_lr", "v_weight_decay", "v_num_grad_steps")
@@ -515,12 +523,18 @@ def anchor_norms(anchor_dir, records: Sequence[dict], model: Optional[str] = Non
     return out
 
 
+def _axes(windowed: bool) -> List[str]:
+    """The columns that name a cell before its lambda: the point, and the window in a
+    windowed grid (a table's header, and the keys of a row's values)."""
+    return ["point", "window"] if windowed else ["point"]
+
+
 def _row_text(r: dict, windowed: bool = False) -> List[str]:
     norms = " ".join(f"{r['update_norm'][k]:.1f}" for k in sorted(r["update_norm"], key=str))
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    return [r["point"]] + ([r["window"]] if windowed else []) + [
-        f"{r['lambda']:g}", r["alg"], r["mode"], f(r["eff_acc"]), f(r["gen_acc"]), f(r["score"]),
-        f(r["dkl"]), f(r["top1"]), f(r["fluency"]), norms]
+    return [r[k] for k in _axes(windowed)] + [f"{r['lambda']:g}", r["alg"], r["mode"], f(r["eff_acc"]),
+                                               f(r["gen_acc"]), f(r["score"]), f(r["dkl"]), f(r["top1"]),
+                                               f(r["fluency"]), norms]
 
 
 def _cell_name(r: dict, windowed: bool) -> str:
@@ -544,8 +558,7 @@ def _paired_lines(rows: Sequence[dict], chosen: dict, windowed: bool = False) ->
         return [fmt(paired_difference(r["_per_edit"], ref["_per_edit"], m.key), signed=True) for m in paired]
 
     cells = {(r["point"], r.get("window"), r["lambda"], r["alg"], r["mode"]): r for r in rows}
-    header = ["point"] + (["window"] if windowed else []) + [
-        "lambda", "alg", "spread eff. / gen. / DKL", "replay eff. / gen. / DKL"] + [
+    header = _axes(windowed) + ["lambda", "alg", "spread eff. / gen. / DKL", "replay eff. / gen. / DKL"] + [
         f"replay - spread {m.label}" for m in paired]
     order = (lambda x: (x[0][3], x[0][0], window_key(x[0][1]))) if windowed else (lambda x: (x[0][3], x[0][0]))
     table = [header]
@@ -554,7 +567,7 @@ def _paired_lines(rows: Sequence[dict], chosen: dict, windowed: bool = False) ->
         if mode != "replay" or ref is None or lam != chosen["lambda"].get(alg, bundled_lambda(alg)):
             continue
         f = lambda c: f"{c['eff_acc']:.2f} / {c['gen_acc']:.2f} / {c['dkl']:.3f}"  # noqa: E731
-        table.append([point] + ([window] if windowed else []) + [f"{lam:g}", alg, f(ref), f(r)] + pair(r, ref))
+        table.append([r[k] for k in _axes(windowed)] + [f"{lam:g}", alg, f(ref), f(r)] + pair(r, ref))
     best = [["alg", "replay's best cell", "spread's best cell"] + [f"replay - spread {m.label}" for m in paired]]
     for (alg, mode), r in sorted(chosen["best"].items()):
         ref = chosen["best"].get((alg, "spread"))
@@ -593,12 +606,36 @@ def _anchor_norm_lines(meta: dict, windows: Sequence[str] = ()) -> List[str]:
 
 
 def _grid_meta(out: Path) -> dict:
-    """The ``meta`` of the first ``scale.json`` of the grid (model, data, records; in a
-    windowed grid also ``window`` and ``yaml_window``)."""
-    for pattern in ("*/lambda*/scale.json", "*/w*-*/lambda*/scale.json"):
-        for p in out.glob(pattern):
-            return json.loads(p.read_text()).get("meta", {})
+    """The ``meta`` of the first ``scale.json`` of the grid in :func:`_grid_folders`' order
+    (model, data, records; in a windowed grid also ``window`` and ``yaml_window``); empty
+    when no grid folder has one."""
+    for _, _, lam_dir in _grid_folders(out):
+        if (lam_dir / "scale.json").exists():
+            return json.loads((lam_dir / "scale.json").read_text()).get("meta", {})
     return {}
+
+
+# what ``--out`` of ``tune --report-only`` should hold (the refusals of :func:`_check_grid`)
+_GRID_CONTENTS = ("the grid folders that `tune --out OUT` writes: <point>/lambda<L>/ (<point>/w<first>-<last>/lambda<L>/ "
+                 "with --windows), each with its scale.json and cells/")
+
+
+def _check_grid(out: Path) -> None:
+    """Check that ``out`` holds a ``tune`` grid: a grid folder (:func:`_grid_folders`) with
+    its ``scale.json``.
+
+    Raises:
+        ReplayError: ``out`` is missing or not a folder, or holds no such grid folder (a
+            ``scale --out`` folder included); the message names ``--out`` and what it
+            should contain (:data:`_GRID_CONTENTS`).
+    """
+    if not out.is_dir():
+        why = "not a folder" if out.exists() else "no such folder"
+        raise ReplayError(f"--out {out}: {why}; give the folder of a tune grid, holding {_GRID_CONTENTS}")
+    if not any((lam_dir / "scale.json").exists() for _, _, lam_dir in _grid_folders(out)):
+        scale = (" (it is a `scale --out` folder: `easyedit-replay scale --report-only --out` reports it)"
+                 if (out / "scale.json").exists() else "")
+        raise ReplayError(f"--out {out}: no tune grid here{scale}; the folder should hold {_GRID_CONTENTS}")
 
 
 def write_tuning_report(out_dir) -> Path:
@@ -610,12 +647,14 @@ def write_tuning_report(out_dir) -> Path:
     rows of window folders carry their ``window``).
 
     Raises:
-        ReplayError: ``OUT`` holds cells with and without window folders.
+        ReplayError: ``OUT`` is missing or holds no grid (:func:`_check_grid`), or holds
+            cells with and without window folders.
     """
     from .experiments.metrics import ALGORITHM_ORDER
     from .experiments.tables import render_markdown
 
     out = Path(out_dir)
+    _check_grid(out)
     rows = grid_rows(out)
     if len({"window" in r for r in rows}) > 1:
         raise ReplayError(f"{out}: holds cells with and without a window folder; one report reads one layout")
@@ -651,8 +690,8 @@ def write_tuning_report(out_dir) -> Path:
                          f"spread cell for some algorithm; the reference is window {ref}, bundled point, bundled "
                          "lambda)")
         lines += ["", "Each construction's own best admissible cell:", ""]
-        header = ["point"] + (["window"] if windowed else []) + [
-            "lambda", "alg", "mode", "eff. Acc", "gen. Acc", "score", "DKL", "Top-1", "fluency", "|dW| per layer"]
+        header = _axes(windowed) + ["lambda", "alg", "mode", "eff. Acc", "gen. Acc", "score", "DKL", "Top-1",
+                                    "fluency", "|dW| per layer"]
         best = sorted(chosen["best"].values(), key=lambda r: (algs.get(r["alg"], 9), r["mode"]))
         lines += render_markdown([header] + [_row_text(r, windowed) for r in best]).splitlines()
         lines += _paired_lines(rows, chosen, windowed)

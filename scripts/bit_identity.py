@@ -59,6 +59,7 @@ ALGS = ("MEMIT", "PMET", "EMMET", "AlphaEdit")
 TEMPLATES = [["{}"], ["The following is true. {}", "I read this yesterday. {}"]]
 STEPS = 2  # v_num_grad_steps: keeps the anchors cheap; the code paths are the same
 TIME_KEYS = ("seconds", "finished")
+PROVENANCE_KEY = "provenance"  # a cell's version and commit: differs between the two sides by design
 
 
 def _modes():
@@ -80,10 +81,11 @@ def _hparams(alg):
 
 
 def _zero_times(obj):
-    """``obj`` with every timing (keys ending in ``seconds``) set to 0 and timestamps dropped."""
+    """``obj`` with every timing (keys ending in ``seconds``) set to 0, timestamps and a
+    cell's provenance dropped."""
     if isinstance(obj, dict):
         return {k: (_zero_times_value(v) if k.endswith(TIME_KEYS[0]) else _zero_times(v))
-                for k, v in obj.items() if k != TIME_KEYS[1]}
+                for k, v in obj.items() if k not in (TIME_KEYS[1], PROVENANCE_KEY)}
     if isinstance(obj, list):
         return [_zero_times(v) for v in obj]
     return obj

@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EASYEDIT_REPLAY_SHARED", ROOT.parent / "shared"))
 SHARED_DATA = SHARED / "data"
 
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are files, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 requires_shared = pytest.mark.skipif(
     not SHARED_DATA.exists(), reason=f"../shared/data is absent ({SHARED_DATA}); it exists in CI and in the team's checkouts"
 )

@@ -14,7 +14,7 @@ from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.experiments.scale import ScaleConfig, run_scale
 
-from .conftest import ROOT, SHARED_DATA, requires_shared
+from .conftest import ROOT, SHARED_DATA, load_script, requires_shared
 
 pytestmark = pytest.mark.slow
 
@@ -281,3 +281,174 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
                               check=True).stdout
         printed |= set(text.splitlines())
     assert [row for row in rows if row not in printed] == []
+
+
+# ----------------------------------------------------------------------------- provenance of a cell
+
+
+def _no_model_runner(monkeypatch, calls):
+    """``run_scale`` without a model: templates, the unedited evaluation and each edit
+    are stand-ins returning fixed rows (``calls`` counts the edits); the cell bookkeeping,
+    summaries and writing are the real ones."""
+    import contextlib
+
+    import easyedit_replay.editor as editor
+
+    row = {"efficacy_exact": 1.0, "generalization_exact": 0.5, "locality_dkl": 0.1, "locality_top1": 0.9,
+           "fluency": 4.0}
+
+    def run_mode(model, tok, records, hp, construction, cfg, baseline, templates, bar):
+        calls.append(hp.alg_name)
+        return {"per_edit": [dict(row) for _ in records], "analyses": []}
+
+    monkeypatch.setattr(editor, "resolve_templates", lambda model, tok, hp: [["{}"]])
+    monkeypatch.setattr(scale, "shared_anchors", lambda model, cfg: contextlib.nullcontext())
+    monkeypatch.setattr(scale, "unedited_block", lambda model, tok, records, cfg: (
+        None, {"per_edit": [dict(row) for _ in records], "summary": {}}))
+    monkeypatch.setattr(scale, "run_mode", run_mode)
+
+
+def _git_commit_of(root):
+    """The checkout's short HEAD (+dirty for uncommitted changes to tracked files of its
+    easyedit_replay/), or None when ``root`` is not the top of a git checkout."""
+    import subprocess
+    from pathlib import Path
+
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True)  # noqa: E731
+    top = git("rev-parse", "--show-toplevel")
+    if top.returncode or Path(top.stdout.strip()).resolve() != Path(root).resolve():
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "easyedit_replay").stdout.strip()
+    return git("rev-parse", "--short", "HEAD").stdout.strip() + ("+dirty" if dirty else "")
+
+
+def test_tune_and_scale_cells_record_their_provenance(tmp_path, monkeypatch):
+    """Every cell ``tune`` makes (through ``run_scale``: the unedited cell and each batch
+    cell) records the package version and the checkout's commit; a cell without the field
+    (written before it existed) is read back as finished, and the report is the same."""
+    from pathlib import Path
+
+    import easyedit_replay
+    from easyedit_replay.tune import run_tuning
+
+    calls = []
+    _no_model_runner(monkeypatch, calls)
+    records = [{"case_id": i, "prompt": f"p{i}", "target_new": "t"} for i in range(2)]
+    hp = load_hparams(default_hparams_path(alg="MEMIT_REPLAY"))
+    cfg = ScaleConfig(sizes=[2], modes=("spread", "replay"), fluency=False, n_boot=20, progress=False)
+    meta = {"model": "smollm2-135m", "data": "synthetic", "records": "0:2"}
+    report = run_tuning(None, None, records, {"bundled": {"MEMIT": hp}}, [5000], cfg, tmp_path, meta=meta)
+    cells = sorted(tmp_path.glob("bundled/lambda5000/cells/**/*.json"))
+    assert [str(p.relative_to(tmp_path / "bundled" / "lambda5000" / "cells")) for p in cells] == [
+        "batch/n00002/MEMIT__replay.json", "batch/n00002/MEMIT__spread.json", "unedited/n00002.json"]
+    expected = {"version": easyedit_replay.__version__,
+                "commit": _git_commit_of(Path(easyedit_replay.__file__).resolve().parents[1])}
+    for path in cells:
+        assert json.loads(path.read_text())["provenance"] == expected, path
+    assert len(calls) == 2 and "| bundled | 5000 | MEMIT | spread | 1.000 | 0.500 | 0.750 | 0.100 |" in report.read_text()
+    # the cells as written before the field existed: finished (not recomputed), the same report
+    before = report.read_text()
+    for path in cells:
+        cell = json.loads(path.read_text())
+        del cell["provenance"]
+        path.write_text(json.dumps(cell, indent=1))
+    run_tuning(None, None, records, {"bundled": {"MEMIT": hp}}, [5000], cfg, tmp_path, meta=meta)
+    assert len(calls) == 2 and report.read_text() == before
+    assert all("provenance" not in json.loads(p.read_text()) for p in cells)
+
+
+def test_source_commit_in_and_out_of_a_checkout(tmp_path, monkeypatch):
+    """The commit is the short HEAD of the checkout the package sits at the top of, with
+    +dirty for a change to a tracked file of the package (staged or not), not for an
+    untracked file; None outside git and for a package inside another repository's tree."""
+    import subprocess
+
+    from easyedit_replay import provenance
+
+    def git(repo, *args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def commit_of(package_dir):
+        monkeypatch.setattr(provenance, "PACKAGE_DIR", package_dir)
+        provenance.source_commit.cache_clear()
+        try:
+            return provenance.source_commit()
+        finally:
+            provenance.source_commit.cache_clear()
+
+    repo = tmp_path / "checkout"
+    package = repo / "easyedit_replay"
+    package.mkdir(parents=True)
+    (package / "core.py").write_text("x = 1\n")
+    (repo / "README.md").write_text("r\n")
+    assert commit_of(package) is None  # not in git yet
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "c")
+    head = git(repo, "rev-parse", "--short", "HEAD")
+    assert commit_of(package) == head and len(head) >= 7
+    (package / "new.py").write_text("y = 2\n")  # untracked: not dirty
+    (repo / "README.md").write_text("changed outside the package\n")  # not the package: not dirty
+    assert commit_of(package) == head
+    (package / "core.py").write_text("x = 2\n")
+    assert commit_of(package) == head + "+dirty"
+    git(repo, "add", "easyedit_replay/core.py")  # staged, not committed: still dirty
+    assert commit_of(package) == head + "+dirty"
+    nested = repo / "site" / "easyedit_replay"  # an installed copy inside another repository's tree
+    nested.mkdir(parents=True)
+    assert commit_of(nested) is None
+    assert provenance.provenance()["version"] == provenance.__version__
+
+
+# ----------------------------------------------------------------------------- scripts/recompute_summaries.py
+
+
+def test_recompute_summaries_replaces_only_the_non_finite_entries(tmp_path, capsys):
+    """A summary stored with inf (the residual ratio of an edit with a zero gap, before
+    non-finite values were dropped) is recomputed from the cell's per-edit rows with its
+    n_boot and seed: the inf entry becomes the mean over the finite rows, every other
+    entry and the rows stay as stored; a second run changes nothing; a cell whose finite
+    entries do not recompute to the stored values is refused and left as it is."""
+    from easyedit_replay.experiments.cells import write_cell
+    from easyedit_replay.experiments.statistics import bootstrap, summarize_ci
+
+    script = load_script("recompute_summaries")
+    rows = [{"efficacy_exact": float(i % 2), "final_ratio": 0.1 * (i + 1)} for i in range(5)]
+    rows.append({"efficacy_exact": 1.0, "final_ratio": float("inf")})
+    settings = {"metrics": {"n_boot": 50, "seed": 3}}
+    good = {k: list(v) for k, v in summarize_ci(rows, 50, 3).items()}
+    old = dict(good, final_ratio=[float("inf"), 0.2, float("inf")])  # as written before the fix
+    out = tmp_path / "scale"
+    step = out / "cells" / "seq_b0002_n00006" / "MEMIT__replay" / "step003.json"
+    batch = out / "cells" / "batch" / "n00006" / "MEMIT__spread.json"
+    clean = out / "cells" / "batch" / "n00006" / "MEMIT__replay.json"
+    wrong = out / "cells" / "batch" / "n00006" / "EMMET__spread.json"
+    write_cell(step, {"kind": "sequential", "per_edit": rows, "summary": old}, settings)
+    write_cell(batch, {"kind": "batch", "run": {"per_edit": rows, "summary": old}}, settings)
+    write_cell(clean, {"kind": "batch", "run": {"per_edit": rows, "summary": good}}, settings)
+    write_cell(wrong, {"kind": "batch", "run": {"per_edit": rows, "summary": dict(old, efficacy_exact=[0.5] * 3)}},
+               settings)
+    (out / "scale.json").write_text("{}")
+    before = {p: p.read_bytes() for p in (step, batch, clean, wrong)}
+
+    assert script.main(["--dry-run", str(out)]) == 1  # the wrong cell is refused
+    assert {p: p.read_bytes() for p in before} == before
+    capsys.readouterr()
+    assert script.main([str(out)]) == 1
+    printed = capsys.readouterr()
+    mean, lo, hi = bootstrap([r["final_ratio"] for r in rows[:5]], 50, 3)
+    assert mean == pytest.approx(0.3)
+    for path, where in ((step, "summary"), (batch, "run.summary")):
+        cell = json.loads(path.read_text())
+        block = cell if where == "summary" else cell["run"]
+        assert block["summary"] == dict(good, final_ratio=[mean, lo, hi])
+        assert block["per_edit"][-1]["final_ratio"] == float("inf") and cell["settings"] == settings
+        assert f"{path}: {where}.final_ratio [inf, 0.2, inf] -> [{mean}, {lo}, {hi}]" in printed.out
+    assert clean.read_bytes() == before[clean] and wrong.read_bytes() == before[wrong]
+    assert (f"{wrong}: left as it is: run.summary.efficacy_exact recomputes to {good['efficacy_exact']}, not the "
+            "stored [0.5, 0.5, 0.5]") in printed.err
+    assert "2 cell(s) rewritten" in printed.out and f"easyedit-replay scale --report-only --out {out}" in printed.out
+    assert script.main([str(out)]) == 1 and "0 cell(s) rewritten" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "missing")]) == 1
+    assert "no such folder" in capsys.readouterr().err

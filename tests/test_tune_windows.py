@@ -90,6 +90,24 @@ def test_cli_refuses_bad_windows_before_loading_a_model(tmp_path, capsys):
     assert "--lambdas 1000,300); drop --lambda" in capsys.readouterr().err
 
 
+def test_tune_help_states_the_defaults_tune_uses():
+    """``tune --help`` names the defaults the parser gives tune (``--algs``: the grid's three
+    algorithms, not compare's every bundled one), and compare keeps its own."""
+    from easyedit_replay.cli import build_parser
+    from easyedit_replay.tune import GRID_ALGORITHMS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    tune = parser.parse_args(["tune", "--out", "x"])
+    assert tune.algs == "MEMIT,EMMET,AlphaEdit" == ",".join(GRID_ALGORITHMS)
+    text = " ".join(sub.choices["tune"].format_help().split())
+    assert "comma-separated base algorithms (default: MEMIT,EMMET,AlphaEdit)" in text
+    assert "every one with a bundled" not in text
+    assert f"mom2_update_weight values (default {tune.lambdas})" in text and tune.lambdas == "1000,5000,15000,30000"
+    assert parser.parse_args(["compare"]).algs is None
+    assert "(default: every one with a bundled SmolLM2 YAML)" in " ".join(sub.choices["compare"].format_help().split())
+
+
 # ----------------------------------------------------------------------------- what a window sets
 
 
@@ -140,6 +158,7 @@ def test_grid_dir():
 def _fake_run_scale(calls):
     def run_scale(model, tok, records, hps, cfg, out_dir, stats_dir=None, meta=None, report=True):
         Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "scale.json").write_text(json.dumps({"planned": [], "meta": meta}))  # as run_scale's plan
         calls.append((Path(out_dir), {a: hp.layers for a, hp in hps.items()},
                       {a: hp.v_loss_layer for a, hp in hps.items()},
                       {a: hp.mom2_update_weight for a, hp in hps.items()}, dict(meta)))
@@ -191,6 +210,33 @@ def test_window_beyond_the_model_is_refused_before_any_cell(tmp_path, monkeypatc
         run_tuning(model, None, [], gemma_by_point(["bundled"]), [5000], SimpleNamespace(), tmp_path,
                    windows=parse_windows("2-5,15-18"))
     assert calls == []
+
+
+def test_report_only_refuses_an_out_without_a_grid(tmp_path, capsys):
+    """``tune --report-only`` on a missing folder, a file, an empty folder or a ``scale``
+    folder: an error naming --out and what it should hold, and no report written."""
+    missing, empty, scale_out, a_file = tmp_path / "missing", tmp_path / "empty", tmp_path / "scale", tmp_path / "f"
+    empty.mkdir()
+    (scale_out / "cells").mkdir(parents=True)
+    (scale_out / "scale.json").write_text(json.dumps({"planned": [], "meta": {"model": "smollm2-135m"}}))
+    a_file.write_text("")
+    contents = ("the grid folders that `tune --out OUT` writes: <point>/lambda<L>/ (<point>/w<first>-<last>/lambda<L>/ "
+                "with --windows), each with its scale.json and cells/")
+    for out, why in ((missing, "no such folder; give the folder of a tune grid, holding "),
+                     (a_file, "not a folder; give the folder of a tune grid, holding "),
+                     (empty, "no tune grid here; the folder should hold "),
+                     (scale_out, "no tune grid here (it is a `scale --out` folder: `easyedit-replay scale "
+                                 "--report-only --out` reports it); the folder should hold ")):
+        assert main(["tune", "--report-only", "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: --out {out}: {why}{contents}\n"
+    assert not missing.exists() and list(empty.iterdir()) == [] and not (scale_out / "report.md").exists()
+    # a grid folder with its plan but no finished cell yet is a grid: its report has the title, no picks
+    (empty / "bundled" / "lambda5000").mkdir(parents=True)
+    (empty / "bundled" / "lambda5000" / "scale.json").write_text(json.dumps(
+        {"planned": [], "meta": {"model": "smollm2-135m", "data": "d.json", "records": "0:4"}}))
+    assert main(["tune", "--report-only", "--out", str(empty)]) == 0
+    report = (empty / "report.md").read_text()
+    assert report.startswith("# Operating-point grid: smollm2-135m, d.json records 0:4, one batch") and "## Picks" not in report
 
 
 # ----------------------------------------------------------------------------- the rule on a synthetic grid

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..errors import ReplayError
 from ..files import atomic_write_text
+from ..provenance import provenance
 from .metrics import RunKey, run_order
 
 log = logging.getLogger("easyedit_replay.scale")
@@ -111,9 +112,12 @@ def read_cell(path: Path, settings: dict) -> Optional[dict]:
 
 
 def write_cell(path: Path, cell: dict, settings: dict) -> None:
-    """Write ``cell`` (plus its settings and their digest) atomically."""
+    """Write ``cell`` (plus its settings and their digest, the time it finished and its
+    ``provenance``: the package version and commit, :func:`~easyedit_replay.provenance.provenance`)
+    atomically. Every cell of ``scale`` and ``tune`` is written here. ``provenance`` is
+    not a setting: no reader uses it, and a cell written before it existed loads the same."""
     cell = dict(cell, settings=settings, settings_digest=digest(settings),
-                finished=datetime.datetime.now().isoformat(timespec="seconds"))
+                finished=datetime.datetime.now().isoformat(timespec="seconds"), provenance=provenance())
     atomic_write_text(path, json.dumps(cell, indent=1, default=str))
 
 
