@@ -105,7 +105,42 @@ def test_tune_help_states_the_defaults_tune_uses():
     assert "every one with a bundled" not in text
     assert f"mom2_update_weight values (default {tune.lambdas})" in text and tune.lambdas == "1000,5000,15000,30000"
     assert parser.parse_args(["compare"]).algs is None
-    assert "(default: every one with a bundled SmolLM2 YAML)" in " ".join(sub.choices["compare"].format_help().split())
+    compare = " ".join(sub.choices["compare"].format_help().split())
+    assert "(default: every one with a bundled SmolLM2 YAML)" in compare
+    # --point and --lambda: offered by compare, not by tune (whose grid axes replace them; still
+    # parsed, so that tune refuses them naming --points and --lambdas); tune has no --n
+    assert "--point {bundled,paper,host-fe} operating point" in compare and "--lambda LAMBDA override" in compare
+    assert "--records RECORDS use this slice of --data before --n, START:END" in compare
+    assert "--point" not in text.replace("--points", "") and "--lambda " not in text and "LAMBDA " not in text
+    assert not re.search(r"--n\b", text)
+    assert "--records RECORDS the tuning split: this slice of --data, START:END" in text
+    assert parser.parse_args(["tune", "--point", "paper", "--lambda", "3", "--out", "x"]).point == "paper"
+    assert parser.parse_args(["tune", "--lambda", "3", "--out", "x"]).lambda_ == 3.0
+
+
+def test_tune_refuses_hparams_with_named_points_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """``tune --hparams`` with the default ``--points`` (or any point but bundled) is refused
+    naming --points and the fix, before any model loads; with ``--points bundled`` it goes on
+    to load the model."""
+    import easyedit_replay.models as models
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    yaml, out = str(ROOT / "hparams" / "MEMIT_REPLAY" / "smollm2-135m.yaml"), tmp_path / "grid"
+    assert main(["tune", "--hparams", yaml, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "error: --points bundled,paper,host-fe (the default) includes paper and host-fe, operating points of the "
+        "bundled YAMLs; with --hparams the YAML sets the anchor settings: pass --points bundled\n")
+    assert main(["tune", "--hparams", yaml, "--points", "paper", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: --points paper includes paper, operating points")
+    assert not out.exists()
+    with pytest.raises(Loaded):
+        main(["tune", "--hparams", yaml, "--points", "bundled", "--out", str(out)])
 
 
 # ----------------------------------------------------------------------------- what a window sets
