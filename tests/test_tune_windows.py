@@ -394,3 +394,38 @@ def test_report_without_windows_is_unchanged(tmp_path, monkeypatch):
     write_tuning_report(out)
     for name in ("report.md", "grid.json"):
         assert (out / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_report_notes_anchor_norms_it_cannot_find(tmp_path, monkeypatch, capsys):
+    """Without the grid's data file, or without its anchors in the anchor store in use,
+    ``tune --report-only`` keeps the "Anchor norms" section as a note (and prints it to
+    stderr) naming why, the folder searched and how to point at the bank; the rest of the
+    report is the committed one (the section used to be dropped silently)."""
+    committed = ROOT / "docs" / "results" / "tune_cf"
+    head, section = (committed / "report.md").read_text().split("\n## Anchor norms\n")
+    assert "| point | anchor layer |" in section
+    out = tmp_path / "tune_cf"
+    shutil.copytree(committed, out, ignore=shutil.ignore_patterns("*.lock"))
+    meta = json.loads((committed / "bundled" / "lambda5000" / "scale.json").read_text())["meta"]
+    empty, missing = tmp_path / "anchors", tmp_path / "no-anchors"
+    empty.mkdir()
+    how = ("Anchors are looked for in $EASYEDIT_REPLAY_ANCHOR_CACHE (default: the cache root's anchors/), here {}; "
+           "point EASYEDIT_REPLAY_ANCHOR_CACHE at the anchor bank the grid was made with (this repository's: "
+           "docs/results/anchors) and rerun `easyedit-replay tune --report-only --out OUT`.")
+    cases = [(missing, f"no anchor folder at {missing}")]
+    if Path(meta["data"]).exists():
+        cases.append((empty, f"{empty} holds no anchor of the grid's records at its points"))
+    for store, why in cases:
+        monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(store))
+        note = f"Not reported: {why}. " + how.format(store)
+        assert main(["tune", "--report-only", "--out", str(out)]) == 0
+        assert (out / "report.md").read_text() == f"{head}\n## Anchor norms\n\n{note}\n"
+        assert capsys.readouterr().err == f"note: anchor norms: {note}\n"
+    # the data file absent (another machine): the bank alone cannot match the records
+    monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(ROOT / "docs" / "results" / "anchors"))
+    for plan in out.glob("*/lambda*/scale.json"):
+        plan.write_text(plan.read_text().replace(meta["data"], str(tmp_path / "gone.json")))
+    write_tuning_report(out)
+    note = (f"Not reported: the grid's data file {tmp_path / 'gone.json'} is absent (the anchors are matched to its "
+            "records). " + how.format(ROOT / "docs" / "results" / "anchors"))
+    assert (out / "report.md").read_text().endswith(f"\n## Anchor norms\n\n{note}\n")
