@@ -335,6 +335,24 @@ def _grid_folders(out_dir) -> Iterator[Tuple[str, Optional[str], Path]]:
                 yield point_dir.name, win_dir.name[1:], lam_dir
 
 
+def grid_of(folder) -> Optional[Path]:
+    """The ``tune --out`` folder whose grid has ``folder`` as one of its ``scale`` folders
+    (``OUT/<point>/lambda<L>`` or ``OUT/<point>/w<first>-<last>/lambda<L>``, as
+    :func:`_grid_folders` finds them), or None: a ``scale --out`` folder of its own."""
+    f = Path(folder).resolve()
+    if not f.name.startswith("lambda") or len(f.parents) < 3:
+        return None
+    try:
+        windowed = f.parent.name.startswith("w") and len(window_key(f.parent.name[1:])) == 2
+    except ValueError:
+        windowed = False
+    root = f.parents[2] if windowed else f.parents[1]
+    try:
+        return root if any(lam.resolve() == f for _, _, lam in _grid_folders(root)) else None
+    except ValueError:  # a folder beside the points named w<...>-<...> that is no window: no grid
+        return None
+
+
 def grid_scale_folders(path) -> List[Path]:
     """The ``scale`` output folders (``lambda<L>``) of a ``tune`` grid at ``path``: every one
     of the grid when ``path`` is a ``tune --out`` folder, those of one point
