@@ -395,6 +395,12 @@ def test_source_commit_in_and_out_of_a_checkout(tmp_path, monkeypatch):
     assert commit_of(package) == head + "+dirty"
     git(repo, "add", "easyedit_replay/core.py")  # staged, not committed: still dirty
     assert commit_of(package) == head + "+dirty"
+    # a checkout owned by another user: git refuses it ("dubious ownership") unless it is marked
+    # safe, which source_commit does for the checkout it reads (git's own test switch fakes the owner)
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    assert subprocess.run(["git", "-C", str(repo), "status"], capture_output=True, text=True).returncode != 0
+    assert commit_of(package) == head + "+dirty"
+    monkeypatch.delenv("GIT_TEST_ASSUME_DIFFERENT_OWNER")
     nested = repo / "site" / "easyedit_replay"  # an installed copy inside another repository's tree
     nested.mkdir(parents=True)
     assert commit_of(nested) is None
