@@ -1,4 +1,5 @@
-"""Command line: ``easyedit-replay compare | scale | anchors | export-model | stats | make-corpus``.
+"""The ``easyedit-replay`` command line; its subcommands are those :func:`build_parser`
+registers (the top-level help lists them from the parser).
 
 ``compare`` edits the same requests with backward spreading and with forward
 replay (one batch edit each, from the same original weights) and prints
@@ -189,7 +190,34 @@ def parse_sizes(text: str, option: str = "--n") -> List[int]:
     return sorted(set(sizes))
 
 
+# ``scale``'s options that only a ``--sequential`` run reads: (args attribute, flag, why), refused
+# without --sequential by :func:`_refuse_sequential_only`
+SEQUENTIAL_ONLY = (("batch_size", "--batch-size", "one-batch cells edit all n at once"),
+                   ("curve", "--curve", "one-batch cells are evaluated once, at their n"),
+                   ("attribution", "--attribution", "it names steps of the series"))
+
+
+def _refuse_sequential_only(args) -> None:
+    """Refuse ``scale``'s sequential-only options (:data:`SEQUENTIAL_ONLY`) without ``--sequential``.
+
+    Raises:
+        ReplayError: the first such option given, named with why it needs ``--sequential``.
+    """
+    if args.sequential:
+        return
+    for dest, flag, why in SEQUENTIAL_ONLY:
+        if getattr(args, dest):
+            raise ReplayError(f"{flag} is for --sequential runs: {why}; add --sequential or drop {flag}")
+
+
 def cmd_scale(args) -> int:
+    """Make the missing cells of ``--out`` and write its report (only the report with
+    ``--report-only``; the plan without a model with ``--plan-only``).
+
+    Raises:
+        ReplayError: bad ``--n``; ``--sequential`` without ``--batch-size``; a sequential-only
+            option without ``--sequential`` (:func:`_refuse_sequential_only`); and as :func:`_prepare`.
+    """
     from .experiments.report import write_scale_report
     from .experiments.scale import ScaleConfig, record_plan, run_scale
 
@@ -199,13 +227,10 @@ def cmd_scale(args) -> int:
     sizes = parse_sizes(args.n)
     if args.sequential and not args.batch_size:
         raise ReplayError("--sequential needs --batch-size B (edits per batch)")
-    if args.batch_size and not args.sequential:
-        raise ReplayError("--batch-size is for --sequential runs; one-batch cells edit all n at once")
+    _refuse_sequential_only(args)
     prep = _prepare(args, max(sizes), load=not args.plan_only)
     by_alg, modes = prep.by_alg, prep.modes
     attribution = parse_sizes(args.attribution, "--attribution") if args.attribution else []
-    if attribution and not args.sequential:
-        raise ReplayError("--attribution is for --sequential runs: it names steps of the series")
     cfg = ScaleConfig(sizes=sizes, modes=modes, sequential=args.sequential, batch_size=args.batch_size,
                       curve=args.curve, fluency=not args.no_fluency, target_accuracy=args.target_accuracy,
                       seed=args.seed or 0, progress=not args.quiet, attribution=attribution)
@@ -228,7 +253,8 @@ def cmd_tune(args) -> int:
 
     Raises:
         ReplayError: bad ``--points``, ``--lambdas`` or ``--windows`` (also ``--point`` or
-            ``--lambda``, which the grid's axes replace; ``--windows`` with ``--layers``, without the YAMLs' window, or with a layer beyond the
+            ``--lambda``, which the grid's axes replace; ``--points`` other than bundled with
+            ``--hparams``; ``--windows`` with ``--layers``, without the YAMLs' window, or with a layer beyond the
             model), an ``--out`` of the other layout, and as :func:`_prepare`.
     """
     from .experiments.scale import ScaleConfig
@@ -251,6 +277,11 @@ def cmd_tune(args) -> int:
     bad = [p for p in points if p not in OPERATING_POINTS]
     if bad or not points:
         raise ReplayError(f"--points {args.points}: expected names from {', '.join(OPERATING_POINTS)}")
+    named = [p for p in points if p != "bundled"]  # points name bundled YAMLs; --hparams is one YAML of its own
+    if args.hparams and named:
+        default = " (the default)" if args.points == ",".join(OPERATING_POINTS) else ""
+        raise ReplayError(f"--points {args.points}{default} includes {' and '.join(named)}, operating points of the "
+                          "bundled YAMLs; with --hparams the YAML sets the anchor settings: pass --points bundled")
     try:
         lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
     except ValueError:
@@ -292,12 +323,14 @@ def cmd_report(args) -> int:
 
     Raises:
         ReplayError: ``--points`` with a SOURCE or ``--allocation``; neither ``--points`` nor
-            SOURCE ``--markdown``; those of the report functions (a ``--modes`` entry no cell
-            has, ``--modes`` with a compare results.json).
+            SOURCE ``--markdown``; ``--reference`` without ``--points``, ``--out`` without
+            ``--allocation`` or ``--points`` (options that would do nothing); those of the report
+            functions (a ``--modes`` entry no cell has, ``--modes`` with a compare results.json,
+            ``--allocation`` with a scale folder).
     """
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     if args.points:
-        from .experiments.points import points_markdown
+        from .experiments.points import REFERENCE, points_markdown
 
         if args.source or args.allocation:
             raise ReplayError("report --points DIR [DIR ...] takes the scale --out folders after --points; "
@@ -305,7 +338,7 @@ def cmd_report(args) -> int:
         if args.out and Path(args.out).is_dir():
             raise ReplayError(f"report --points --out {args.out}: a folder; --out takes the markdown file to "
                               f"write, e.g. {Path(args.out) / 'points.md'}")
-        text = points_markdown(args.points, reference=args.reference, modes=modes)
+        text = points_markdown(args.points, reference=args.reference or REFERENCE, modes=modes)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text)
@@ -313,8 +346,18 @@ def cmd_report(args) -> int:
         print(text, end="")
         return 0
     if not args.source or not args.markdown:
-        raise ReplayError("report: give SOURCE --markdown (a compare results.json or a scale --out folder), "
+        given = (f"report {args.source}{' --allocation' if args.allocation else ''}: add --markdown (the format); "
+                 if args.source else "report: ")
+        raise ReplayError(given + "give SOURCE --markdown (a compare results.json or a scale --out folder), "
+                          "SOURCE --markdown --allocation (a compare results.json's allocation tables) "
                           "or --points DIR [DIR ...]")
+    if args.reference is not None:
+        raise ReplayError(f"report --reference {args.reference}: --reference is the point --points compares "
+                          "spreading at; SOURCE is reported as it is (drop --reference, or give --points DIR [DIR ...])")
+    if args.out and not args.allocation:
+        raise ReplayError(f"report --out {args.out}: --out writes the --allocation report of a compare results.json "
+                          "(report.md and plots) or the --points markdown; without them it would write nothing "
+                          "(drop --out, or add --allocation)")
     from .experiments.report import markdown
 
     print(markdown(args.source, modes=modes, allocation=args.allocation, out=args.out), end="")
@@ -375,10 +418,13 @@ def cmd_make_corpus(args) -> int:
     return 0
 
 
-def _common_options(c, algs: Optional[Tuple[str, ...]] = None) -> None:
+def _common_options(c, algs: Optional[Tuple[str, ...]] = None, grid: bool = False) -> None:
     """Options ``compare``, ``scale`` and ``tune`` share: what is edited, how, and with which
     model. ``algs``: the default of ``--algs``, which its help then names (None: every
-    algorithm with a bundled YAML)."""
+    algorithm with a bundled YAML). ``grid``: ``tune``'s parser, where the grid's
+    ``--points`` and ``--lambdas`` replace ``--point`` and ``--lambda`` (left out of the
+    help, still parsed so that :func:`cmd_tune` refuses them naming the replacement) and
+    ``--records`` is the whole tuning split (tune has no ``--n``)."""
     c.add_argument("--algs", default=",".join(algs) if algs else None,
                    help="comma-separated base algorithms (default: "
                         + ("%(default)s" if algs else "every one with a bundled SmolLM2 YAML") + ")")
@@ -393,13 +439,15 @@ def _common_options(c, algs: Optional[Tuple[str, ...]] = None) -> None:
                         "replay_capacity, replay_joint; '+option' adds a sequential-editing option: +refresh, "
                         "+old_keys, +rekeyed, +norm_anchor (e.g. replay+refresh; default: spread,replay)")
     c.add_argument("--point", default="bundled", choices=OPERATING_POINTS,
-                   help="operating point of the bundled YAMLs: bundled (default), paper (the FE authors' anchor "
-                        "settings), host-fe (EasyEdit's MEMIT-FE); see hparams/README.md")
-    c.add_argument("--lambda", dest="lambda_", type=float,
-                   help="override mom2_update_weight (the covariance weight lambda)")
-    c.add_argument("--records", help="use this slice of --data before --n, START:END (e.g. 1823:1919, or -96: "
-                                     "for the last 96; ranges separated by commas are taken in order, e.g. "
-                                     "1823:1919,1535:1823); default: from the first record")
+                   help=argparse.SUPPRESS if grid else "operating point of the bundled YAMLs: bundled (default), "
+                   "paper (the FE authors' anchor settings), host-fe (EasyEdit's MEMIT-FE); see hparams/README.md")
+    c.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float, help=argparse.SUPPRESS if grid else
+                   "override mom2_update_weight (the covariance weight lambda)")
+    slices = ("START:END (e.g. 1823:1919, or -96: for the last 96; ranges separated by commas are taken in order, "
+              "e.g. 1823:1919,1535:1823)")
+    c.add_argument("--records", help=f"the tuning split: this slice of --data, {slices}, every record edited in "
+                   "each cell; default: the whole file" if grid else
+                   f"use this slice of --data before --n, {slices}; default: from the first record")
     c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
     c.add_argument("--steps", type=int, help="override v_num_grad_steps")
     c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
@@ -411,7 +459,9 @@ def _common_options(c, algs: Optional[Tuple[str, ...]] = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="easyedit-replay", description=__doc__.splitlines()[0])
+    """The ``easyedit-replay`` parser: every subcommand, its options and the function that
+    runs it (``args.func``); the top-level description lists the registered subcommands."""
+    p = argparse.ArgumentParser(prog="easyedit-replay")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -450,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="the operating-point grid (points [x windows] x lambda x algorithm x "
                        "construction) on a tuning split, one batch per cell, and the rule that picks the default; a "
                        "rerun resumes")
-    _common_options(t, algs=GRID_ALGORITHMS)
+    _common_options(t, algs=GRID_ALGORITHMS, grid=True)
     t.add_argument("--points", default=",".join(OPERATING_POINTS), help="comma-separated operating points "
                    "(default %(default)s)")
     t.add_argument("--lambdas", default="1000,5000,15000,30000", help="comma-separated mom2_update_weight values "
@@ -473,14 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--points", nargs="+", metavar="DIR", help="`scale --out` folders, one per operating point "
                    "(read from the cells' operating_point): the scale metrics side by side, mode - spread within "
                    "each point and against spread at --reference on the same edits, update and anchor norms")
-    r.add_argument("--reference", default="bundled", help="--points: the point spreading is compared at, one of "
+    r.add_argument("--reference", help="only with --points: the point spreading is compared at, one of "
                    "the folders' points (default bundled, the tuned default)")
     r.add_argument("--modes", help="scale cells: only these comma-separated modes, each one the cells have "
                    "(default: all)")
     r.add_argument("--allocation", action="store_true", help="a compare results.json: every rule against replay "
                    "on the same edits, per-layer update norms and residual ratios (the allocation sweep)")
-    r.add_argument("--out", help="--allocation: also write report.md and the two allocation plots into this folder; "
-                   "--points: also write the markdown to this file")
+    r.add_argument("--out", help="only with --allocation (also write report.md and the two allocation plots into "
+                   "this folder) or --points (also write the markdown to this file)")
     r.set_defaults(func=cmd_report)
 
     anchor_bank.add_subcommands(sub, lambda alg, point="bundled": default_hparams_path(alg=alg, point=point))
@@ -505,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--out", default=str(Path(__file__).resolve().parent / "data" / "bundled_corpus.json"))
     mc.add_argument("--device", default="cpu")
     mc.set_defaults(func=cmd_make_corpus)
+    p.description = ("Forward replay for MEMIT-family editors, as a plugin for EasyEdit. Commands: "
+                     + " | ".join(sub.choices))  # every registered subcommand, in the order of the list below
     return p
 
 

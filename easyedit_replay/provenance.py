@@ -21,10 +21,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _git(*args: str) -> Optional[str]:
     """``git args`` run on the package's folder (no optional locks: never blocks a commit in
-    progress); its output stripped, or None when git is missing or fails."""
+    progress; the checkout the package would sit at the top of marked safe, so that git
+    reads a checkout owned by another user instead of refusing its "dubious ownership");
+    its output stripped, or None when git is missing or fails."""
     try:
-        done = subprocess.run(["git", "--no-optional-locks", "-C", str(PACKAGE_DIR), *args], capture_output=True,
-                              text=True, timeout=30)
+        done = subprocess.run(["git", "--no-optional-locks", "-c", f"safe.directory={PACKAGE_DIR.parent}",
+                               "-C", str(PACKAGE_DIR), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -334,6 +335,24 @@ def _grid_folders(out_dir) -> Iterator[Tuple[str, Optional[str], Path]]:
                 yield point_dir.name, win_dir.name[1:], lam_dir
 
 
+def grid_of(folder) -> Optional[Path]:
+    """The ``tune --out`` folder whose grid has ``folder`` as one of its ``scale`` folders
+    (``OUT/<point>/lambda<L>`` or ``OUT/<point>/w<first>-<last>/lambda<L>``, as
+    :func:`_grid_folders` finds them), or None: a ``scale --out`` folder of its own."""
+    f = Path(folder).resolve()
+    if not f.name.startswith("lambda") or len(f.parents) < 3:
+        return None
+    try:
+        windowed = f.parent.name.startswith("w") and len(window_key(f.parent.name[1:])) == 2
+    except ValueError:
+        windowed = False
+    root = f.parents[2] if windowed else f.parents[1]
+    try:
+        return root if any(lam.resolve() == f for _, _, lam in _grid_folders(root)) else None
+    except ValueError:  # a folder beside the points named w<...>-<...> that is no window: no grid
+        return None
+
+
 def grid_scale_folders(path) -> List[Path]:
     """The ``scale`` output folders (``lambda<L>``) of a ``tune`` grid at ``path``: every one
     of the grid when ``path`` is a ``tune --out`` folder, those of one point
@@ -581,20 +600,32 @@ def _paired_lines(rows: Sequence[dict], chosen: dict, windowed: bool = False) ->
 
 
 def _anchor_norm_lines(meta: dict, windows: Sequence[str] = ()) -> List[str]:
-    """The report's anchor-norm table (:func:`anchor_norms` of the grid's records in the
-    anchor store in use, for the grid's model); empty when the data file or the store is
-    not at hand. ``windows``: the grid's windows, named in the text when more than one."""
-    from .anchors.store import anchor_cache_dir
+    """The report's anchor-norm section: the table of :func:`anchor_norms` of the grid's
+    records in the anchor store in use, for the grid's model; when the data file is
+    absent, or the store holds none of the grid's anchors, a note saying so, where the
+    anchors were looked for and how to point at the bank (also printed to stderr).
+    ``windows``: the grid's windows, named in the text when more than one."""
+    from .anchors.store import ENV_DIR, anchor_cache_dir
     from .data import load_records, parse_records
     from .experiments.tables import render_markdown
 
     data, store = meta.get("data"), anchor_cache_dir()
-    if not data or not Path(data).exists() or not store.exists():
-        return []
-    records = load_records(data, records=parse_records(meta.get("records") or ":"))
-    norms = anchor_norms(store, records, model=meta.get("model"))
+    norms = []
+    if not data or not Path(data).exists():
+        why = f"the grid's data file {data} is absent (the anchors are matched to its records)" if data else \
+            "the grid's scale.json names no data file (the anchors are matched to its records)"
+    elif not store.is_dir():
+        why = f"no anchor folder at {store}"
+    else:
+        records = load_records(data, records=parse_records(meta.get("records") or ":"))
+        norms = anchor_norms(store, records, model=meta.get("model"))
+        why = f"{store} holds no anchor of the grid's records at its points"
     if not norms:
-        return []
+        note = (f"Not reported: {why}. Anchors are looked for in ${ENV_DIR} (default: the cache root's anchors/), "
+                f"here {store}; point {ENV_DIR} at the anchor bank the grid was made with (this repository's: "
+                "docs/results/anchors) and rerun `easyedit-replay tune --report-only --out OUT`.")
+        print(f"note: anchor norms: {note}", file=sys.stderr)
+        return ["", "## Anchor norms", "", note]
     rows = [["point", "anchor layer", "requests", "mean abs(delta) / abs(h)", "mean abs(delta)", "mean abs(h)"]]
     rows += [[r["point"], str(r["layer"]), str(r["n"]), f"{r['ratio']:.3f}", f"{r['delta']:.1f}", f"{r['h']:.1f}"]
              for r in norms]

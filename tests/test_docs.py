@@ -189,6 +189,32 @@ def test_the_link_check_finds_a_missing_file_and_heading(tmp_path):
     assert list(_broken_links(doc)) == [("c.md", "no such file"), ("b.md#nowhere", "no such heading")]
 
 
+# ----------------------------------------------------------------------------- the CLI's help
+
+
+def _help(parser) -> str:
+    return " ".join(parser.format_help().split())
+
+
+def test_the_help_names_every_subcommand_and_when_an_option_applies():
+    """The help is documentation too: the top-level description lists every registered
+    subcommand (built from the parser, so tune and report are there); report's ``--out``
+    and ``--reference`` and scale's ``--curve`` say which option they go with (without it
+    they are refused: tests/test_cli.py)."""
+    from easyedit_replay.cli import build_parser
+
+    parser = build_parser()
+    sub = _subparsers(parser)
+    assert {"compare", "scale", "tune", "report", "anchors", "export-model", "stats", "make-corpus"} <= set(sub)
+    assert parser.description.endswith("Commands: " + " | ".join(sub))
+    assert "Commands: compare | scale | tune | report | anchors |" in _help(parser)
+    report = _help(sub["report"])
+    assert "--reference REFERENCE only with --points: the point spreading is compared at" in report
+    assert ("--out OUT only with --allocation (also write report.md and the two allocation plots into this folder) "
+            "or --points (also write the markdown to this file)") in report
+    assert "--curve --sequential: evaluate all edits so far after every batch" in _help(sub["scale"])
+
+
 # ----------------------------------------------------------------------------- lists that must be complete
 
 

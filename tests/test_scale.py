@@ -395,6 +395,12 @@ def test_source_commit_in_and_out_of_a_checkout(tmp_path, monkeypatch):
     assert commit_of(package) == head + "+dirty"
     git(repo, "add", "easyedit_replay/core.py")  # staged, not committed: still dirty
     assert commit_of(package) == head + "+dirty"
+    # a checkout owned by another user: git refuses it ("dubious ownership") unless it is marked
+    # safe, which source_commit does for the checkout it reads (git's own test switch fakes the owner)
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    assert subprocess.run(["git", "-C", str(repo), "status"], capture_output=True, text=True).returncode != 0
+    assert commit_of(package) == head + "+dirty"
+    monkeypatch.delenv("GIT_TEST_ASSUME_DIFFERENT_OWNER")
     nested = repo / "site" / "easyedit_replay"  # an installed copy inside another repository's tree
     nested.mkdir(parents=True)
     assert commit_of(nested) is None
@@ -452,3 +458,60 @@ def test_recompute_summaries_replaces_only_the_non_finite_entries(tmp_path, caps
     assert script.main([str(out)]) == 1 and "0 cell(s) rewritten" in capsys.readouterr().out
     assert script.main([str(tmp_path / "missing")]) == 1
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_recompute_summaries_finds_the_cells_and_the_report_of_any_folder_given(tmp_path, capsys):
+    """The folder given may hold several scale folders (each gets its own scale report
+    command), be a tune grid's scale folder (windowed or not: the command is the grid's
+    tune report), or be a cells/ folder; a folder given twice is read once; a folder
+    without cells and a cell that is no JSON object are named (exit status 1), the other
+    cells still done."""
+    from easyedit_replay.experiments.cells import write_cell
+    from easyedit_replay.experiments.statistics import summarize_ci
+
+    script = load_script("recompute_summaries")
+    rows = [{"efficacy_exact": float(i % 2), "final_ratio": 0.1 * (i + 1)} for i in range(4)]
+    old = dict({k: list(v) for k, v in summarize_ci(rows, 20, 0).items()}, final_ratio=[float("inf")] * 3)
+
+    def inf_cell(folder):
+        path = folder / "cells" / "batch" / "n00004" / "MEMIT__replay.json"
+        write_cell(path, {"kind": "batch", "run": {"per_edit": rows, "summary": old}},
+                   {"metrics": {"n_boot": 20, "seed": 0}})
+        (folder / "scale.json").write_text("{}")
+        return path
+
+    runs, grid, windowed = tmp_path / "runs", tmp_path / "grid", tmp_path / "wgrid"
+    cells = [inf_cell(runs / "a"), inf_cell(runs / "b"), inf_cell(grid / "bundled" / "lambda5000"),
+             inf_cell(windowed / "paper" / "w2-5" / "lambda1000")]
+    before = {p: p.read_bytes() for p in cells}
+
+    def run(*dirs):
+        status = script.main(["--dry-run", *map(str, dirs)])
+        printed = capsys.readouterr()
+        return status, printed.out.splitlines(), printed.err
+
+    scale_a, scale_b = (f"  easyedit-replay scale --report-only --out {runs / x}" for x in "ab")
+    tune_grid, tune_windowed = (f"  easyedit-replay tune --report-only --out {g}" for g in (grid, windowed))
+    status, out, err = run(runs)
+    assert status == 0 and err == ""
+    assert out[-4:] == ["2 cell(s) would be rewritten", "regenerate the reports:", scale_a, scale_b]
+    status, out, _ = run(grid / "bundled" / "lambda5000", windowed / "paper")
+    assert status == 0 and out[-4:] == ["2 cell(s) would be rewritten", "regenerate the reports:", tune_grid,
+                                        tune_windowed]
+    status, out, _ = run(runs / "a" / "cells", runs / "a", runs / "a" / "cells" / "batch")  # one cell, read once
+    assert status == 0 and out[-3:] == ["1 cell(s) would be rewritten", "regenerate the reports:", scale_a]
+    assert len([line for line in out if line.startswith(str(cells[0]))]) == 1
+    # no cells below a folder; a cell that is no JSON object
+    (tmp_path / "empty").mkdir()
+    broken, listed = runs / "b" / "cells" / "batch" / "n00004" / "EMMET__replay.json", runs / "b" / "cells" / "x.json"
+    broken.write_text('{"kind": "batch", ')
+    listed.write_text("[]")
+    status, out, err = run(tmp_path / "empty", runs / "b")
+    assert status == 1 and out[-3:] == ["1 cell(s) would be rewritten", "regenerate the reports:", scale_b]
+    assert err.splitlines() == [
+        f"{tmp_path / 'empty'}: no cell files below it (*.json under a cells/ folder); give a scale --out folder, "
+        "a tune --out grid or a cells/ folder",
+        f"{broken}: left as it is: not a cell: unreadable JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 19 (char 18))",
+        f"{listed}: left as it is: not a cell: a JSON list, not an object"]
+    assert {p: p.read_bytes() for p in cells} == before

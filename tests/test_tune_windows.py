@@ -105,7 +105,42 @@ def test_tune_help_states_the_defaults_tune_uses():
     assert "every one with a bundled" not in text
     assert f"mom2_update_weight values (default {tune.lambdas})" in text and tune.lambdas == "1000,5000,15000,30000"
     assert parser.parse_args(["compare"]).algs is None
-    assert "(default: every one with a bundled SmolLM2 YAML)" in " ".join(sub.choices["compare"].format_help().split())
+    compare = " ".join(sub.choices["compare"].format_help().split())
+    assert "(default: every one with a bundled SmolLM2 YAML)" in compare
+    # --point and --lambda: offered by compare, not by tune (whose grid axes replace them; still
+    # parsed, so that tune refuses them naming --points and --lambdas); tune has no --n
+    assert "--point {bundled,paper,host-fe} operating point" in compare and "--lambda LAMBDA override" in compare
+    assert "--records RECORDS use this slice of --data before --n, START:END" in compare
+    assert "--point" not in text.replace("--points", "") and "--lambda " not in text and "LAMBDA " not in text
+    assert not re.search(r"--n\b", text)
+    assert "--records RECORDS the tuning split: this slice of --data, START:END" in text
+    assert parser.parse_args(["tune", "--point", "paper", "--lambda", "3", "--out", "x"]).point == "paper"
+    assert parser.parse_args(["tune", "--lambda", "3", "--out", "x"]).lambda_ == 3.0
+
+
+def test_tune_refuses_hparams_with_named_points_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """``tune --hparams`` with the default ``--points`` (or any point but bundled) is refused
+    naming --points and the fix, before any model loads; with ``--points bundled`` it goes on
+    to load the model."""
+    import easyedit_replay.models as models
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    yaml, out = str(ROOT / "hparams" / "MEMIT_REPLAY" / "smollm2-135m.yaml"), tmp_path / "grid"
+    assert main(["tune", "--hparams", yaml, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "error: --points bundled,paper,host-fe (the default) includes paper and host-fe, operating points of the "
+        "bundled YAMLs; with --hparams the YAML sets the anchor settings: pass --points bundled\n")
+    assert main(["tune", "--hparams", yaml, "--points", "paper", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: --points paper includes paper, operating points")
+    assert not out.exists()
+    with pytest.raises(Loaded):
+        main(["tune", "--hparams", yaml, "--points", "bundled", "--out", str(out)])
 
 
 # ----------------------------------------------------------------------------- what a window sets
@@ -359,3 +394,38 @@ def test_report_without_windows_is_unchanged(tmp_path, monkeypatch):
     write_tuning_report(out)
     for name in ("report.md", "grid.json"):
         assert (out / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_report_notes_anchor_norms_it_cannot_find(tmp_path, monkeypatch, capsys):
+    """Without the grid's data file, or without its anchors in the anchor store in use,
+    ``tune --report-only`` keeps the "Anchor norms" section as a note (and prints it to
+    stderr) naming why, the folder searched and how to point at the bank; the rest of the
+    report is the committed one (the section used to be dropped silently)."""
+    committed = ROOT / "docs" / "results" / "tune_cf"
+    head, section = (committed / "report.md").read_text().split("\n## Anchor norms\n")
+    assert "| point | anchor layer |" in section
+    out = tmp_path / "tune_cf"
+    shutil.copytree(committed, out, ignore=shutil.ignore_patterns("*.lock"))
+    meta = json.loads((committed / "bundled" / "lambda5000" / "scale.json").read_text())["meta"]
+    empty, missing = tmp_path / "anchors", tmp_path / "no-anchors"
+    empty.mkdir()
+    how = ("Anchors are looked for in $EASYEDIT_REPLAY_ANCHOR_CACHE (default: the cache root's anchors/), here {}; "
+           "point EASYEDIT_REPLAY_ANCHOR_CACHE at the anchor bank the grid was made with (this repository's: "
+           "docs/results/anchors) and rerun `easyedit-replay tune --report-only --out OUT`.")
+    cases = [(missing, f"no anchor folder at {missing}")]
+    if Path(meta["data"]).exists():
+        cases.append((empty, f"{empty} holds no anchor of the grid's records at its points"))
+    for store, why in cases:
+        monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(store))
+        note = f"Not reported: {why}. " + how.format(store)
+        assert main(["tune", "--report-only", "--out", str(out)]) == 0
+        assert (out / "report.md").read_text() == f"{head}\n## Anchor norms\n\n{note}\n"
+        assert capsys.readouterr().err == f"note: anchor norms: {note}\n"
+    # the data file absent (another machine): the bank alone cannot match the records
+    monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(ROOT / "docs" / "results" / "anchors"))
+    for plan in out.glob("*/lambda*/scale.json"):
+        plan.write_text(plan.read_text().replace(meta["data"], str(tmp_path / "gone.json")))
+    write_tuning_report(out)
+    note = (f"Not reported: the grid's data file {tmp_path / 'gone.json'} is absent (the anchors are matched to its "
+            "records). " + how.format(ROOT / "docs" / "results" / "anchors"))
+    assert (out / "report.md").read_text().endswith(f"\n## Anchor norms\n\n{note}\n")

@@ -313,13 +313,21 @@ def markdown(source, modes: Optional[Sequence[str]] = None, allocation: bool = F
     allocation tables of that results file (and with ``out`` its ``report.md`` and plots).
 
     Raises:
-        ReplayError: ``source`` is neither; ``modes`` with a results.json (its tables are
-            printed whole); those of :func:`scale_markdown`.
+        ReplayError: ``source`` is neither; ``allocation`` with anything but a results.json;
+            ``modes`` with a results.json (its tables are printed whole); those of
+            :func:`scale_markdown`.
     """
     from ..errors import ReplayError
 
     path = Path(source)
-    if path.is_dir() and (path / "cells").is_dir() and not allocation:
+    if allocation and not path.is_file():
+        sizes = sorted(path.glob("n*/results.json")) if path.is_dir() else []
+        what = ("a scale --out folder" if (path / "cells").is_dir() else "a folder" if path.is_dir()
+                else "no such file")
+        raise ReplayError(f"report {source} --allocation: {what}; --allocation reads a compare results.json "
+                          f"(`compare --out DIR` writes DIR/results.json"
+                          + (f"; a scale folder holds one per size, e.g. {sizes[0]}" if sizes else "") + ")")
+    if path.is_dir() and (path / "cells").is_dir():
         return scale_markdown(path, modes)
     if not path.is_file():
         raise ReplayError(f"report --markdown {source}: expected a results.json of compare or a scale --out "
