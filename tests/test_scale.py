@@ -283,6 +283,56 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
     assert [row for row in rows if row not in printed] == []
 
 
+
+def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells():
+    """The two tables of docs/results.md "Sequential 8 x 96 at the paper's point" are what
+    ``report --points docs/results/scale_cf docs/results/scale_cf_paper`` gives from the
+    committed cells (the first batch's efficacy Acc from each folder's committed report.md):
+    each point's efficacy Acc / DKL / first batch's efficacy Acc, and the
+    paired ``replay@paper - spread@bundled`` rows with the first batch's retention pair. A
+    number no cell backs, or a cell added without the docs updated, fails here."""
+    from easyedit_replay.experiments.points import points_markdown
+
+    results = (ROOT / "docs" / "results.md").read_text()
+    start = results.index("\n### Sequential 8 x 96 at the paper's point")
+    ends = [results.find(mark, start + 1) for mark in ("\n## ", "\n### ")]
+    section = results[start:min([e for e in ends if e > 0], default=len(results))]
+    printed = points_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_paper"],
+                              modes=["spread", "replay"])
+
+    def table(text, title):
+        lines = text[text.index(title):].splitlines()[1:]
+        lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")):]
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
+            (i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]]
+        return rows[2:]
+
+    first = lambda v: v.split(" [")[0]  # noqa: E731
+    cells = {(r[1], r[2], r[3]): r for r in table(printed, "## Sequential") if r[0] == "MEMIT"}
+    retention = {(r[1], r[2]): r[3] for r in table(printed, "Retention, paired")}
+    paired = {r[2]: r for r in table(printed, "Paired differences on the same edits")
+              if r[1] == "replay@paper - spread@bundled"}
+    kept = {point: {(r[1], r[2]): r[3] for r in table((ROOT / "docs" / "results" / folder / "report.md").read_text(),
+                                                      "Retention: efficacy Acc of each batch") if r[0] == "MEMIT"}
+            for point, folder in (("bundled", "scale_cf"), ("paper", "scale_cf_paper"))}
+    docs_cells = table(section, "Each point's cells")
+    docs_paired = table(section, "Replay at the paper's point minus spreading")
+    assert len(docs_cells) == 8 and len(docs_paired) >= 5
+    for row in docs_cells:
+        for (mode, point), value in zip([("spread", "bundled"), ("replay", "bundled"), ("spread", "paper"),
+                                         ("replay", "paper")], row[1:]):
+            cell = cells.get((mode, point, row[0]))
+            if cell is None:
+                assert value == "not run", (row[0], mode, point)
+                continue
+            eff, dkl, batch1 = value.split(" / ")
+            assert (eff, dkl, batch1) == (first(cell[4]), first(cell[6]), kept[point][(mode, row[0])]), \
+                (row[0], mode, point)
+    for row in docs_paired:
+        assert row[1:6] == paired[row[0]][3:8], row[0]
+        assert row[6] == retention[("replay@paper - spread@bundled", row[0])], row[0]
+    assert [r[0] for r in docs_paired] == sorted(paired, key=int)
+
 # ----------------------------------------------------------------------------- provenance of a cell
 
 
