@@ -225,6 +225,80 @@ def test_cells_of_other_records_are_not_paired(tmp_path):
     assert "| MEMIT | replay@paper - spread@bundled | 96 |" in text
 
 
+def test_pairs_need_one_model_and_edit_layers_and_name_other_hyperparameters(tmp_path):
+    """Cells of another model or other edit layers are not the same edits: refused, with
+    the field and both values. Across points the point's anchor settings may differ;
+    any other hyperparameter that differs (here lambda, ``mom2_update_weight``) is named
+    next to the pair and, with both values, under the table. Within a point the anchor
+    settings are named too, and the fields a mode sets (``+refresh``) never are."""
+    from easyedit_replay.experiments.points import hparams_differences
+
+    def at(model=None, layers=None, **fields):
+        def edit(path, cell):
+            hp = cell["settings"]["hparams"]
+            hp.update(fields)
+            if model:
+                hp["model_name"] = model
+            if layers:
+                hp["layers"] = layers
+        return edit
+
+    runs = {"MEMIT__spread": 1, "MEMIT__replay": 1}
+    bundled = _folder(tmp_path / "b", "bundled", runs)
+    paper = _folder(tmp_path / "p", "paper", runs, edit=at(clamp_norm_factor=0.75, v_lr=0.1, mom2_update_weight=1000))
+    found = pairs(read_points([bundled, paper]), SEQ, n_boot=N_BOOT)
+    assert {q.text: q.differs for q in found} == {
+        "spread@paper - spread@bundled": {"mom2_update_weight": (1000, 5000)},
+        "replay@bundled - spread@bundled": {},
+        "replay@paper - spread@paper": {},
+        "replay@paper - spread@bundled": {"mom2_update_weight": (1000, 5000)}}
+    assert all(q.stats is not None for q in found)
+    text = points_markdown([bundled, paper], n_boot=N_BOOT)
+    assert ("| MEMIT | spread@paper - spread@bundled (mom2_update_weight also differs) | 96 | +0.00 [+0.00, +0.00] |"
+            in text)
+    assert "| MEMIT | replay@paper - spread@paper | 96 | +0.08 [" in text
+    assert "- MEMIT, spread@paper - spread@bundled: mom2_update_weight 1000 vs 5000\n" in text
+    assert "- MEMIT, replay@paper - spread@bundled: mom2_update_weight 1000 vs 5000\n" in text
+    assert "Not paired" not in text
+
+    cell = json.loads((bundled / "cells" / SERIES / "MEMIT__spread" / "step001.json").read_text())
+    clamped = json.loads(json.dumps(cell))
+    clamped["settings"]["hparams"]["clamp_norm_factor"] = 0.75
+    assert hparams_differences(clamped, cell, across_points=False) == {"clamp_norm_factor": (0.75, 4)}
+    assert hparams_differences(clamped, cell, across_points=True) == {}
+    refresh = json.loads((CELLS / SERIES / "MEMIT__replay+refresh" / "step001.json").read_text())
+    assert refresh["settings"]["hparams"]["sequential_refresh"] is True
+    assert hparams_differences(refresh, cell, across_points=False) == {}
+
+    for name, edit, reason in (
+            ("g", at(model="gemma3-270m"), "models differ (settings.hparams.model_name gemma3-270m vs smollm2-135m)"),
+            ("w", at(layers=[3, 4, 5, 6, 7]),
+             "edit layers differ (settings.hparams.layers [3, 4, 5, 6, 7] vs [4, 5, 6, 7, 8])")):
+        other = _folder(tmp_path / name, "host-fe", runs, edit=edit)
+        found = pairs(read_points([bundled, other]), SEQ, n_boot=N_BOOT)
+        refused = {q.text: q.reason for q in found if q.reason}
+        assert refused == {"spread@host-fe - spread@bundled": reason, "replay@host-fe - spread@bundled": reason}
+        text = points_markdown([bundled, other], n_boot=N_BOOT)
+        assert f"- sequential: 768 edits in batches of 96, 96 edits made, MEMIT: spread@host-fe - spread@bundled: " \
+               f"{reason}" in text
+        assert "| MEMIT | spread@host-fe - spread@bundled |" not in text
+        assert "| MEMIT | replay@host-fe - spread@host-fe | 96 |" in text
+
+
+def test_the_committed_points_pair_with_no_other_hyperparameter(tmp_path):
+    """docs/results/scale_cf (bundled) and scale_cf_paper (paper) differ only in the
+    paper point's anchor settings: every pair both have evaluated is formed and names
+    no other hyperparameter."""
+    results = ROOT / "docs" / "results"
+    found = pairs(read_points([results / "scale_cf", results / "scale_cf_paper"]), SEQ, ("spread", "replay"),
+                  n_boot=N_BOOT)
+    formed = [q for q in found if q.stats is not None]
+    assert {q.text for q in formed} == {"spread@paper - spread@bundled", "replay@bundled - spread@bundled",
+                                        "replay@paper - spread@paper", "replay@paper - spread@bundled"}
+    assert all(q.missing for q in found if q.stats is None)
+    assert [q.differs for q in formed] == [{}] * len(formed)
+
+
 def test_the_point_of_a_folder_must_be_one_and_known(tmp_path):
     """A folder whose cells name two points, cells without ``operating_point`` and no
     point in scale.json, two folders at one point, and a reference no folder is at: each
