@@ -363,7 +363,8 @@ def test_report_refuses_a_mode_no_cell_has(twins, capsys):
 
 
 def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path, capsys):
-    """``--reference`` must name a point of the folders given (the error lists them); a
+    """``--reference`` must name a point of the folders given (the error lists them,
+    says when it is the default, bundled, and names one to pass instead); a
     ``tune --out`` folder, or one of its point or window folders, is refused as a tune
     folder naming one of its ``scale`` folders, which ``--points`` reads."""
     from easyedit_replay.cli import main
@@ -372,7 +373,13 @@ def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path,
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == ("error: report --points: --reference papr: no folder is at that point "
-                            "(points: bundled, paper)\n")
+                            "(points: bundled, paper); pass --reference bundled\n")
+    paper, host = (_folder(tmp_path / point, point, {"MEMIT__spread": 1}) for point in ("paper", "host-fe"))
+    assert main(["report", "--points", str(paper), str(host)]) == 2  # no --reference: bundled, absent
+    assert capsys.readouterr().err == ("error: report --points: --reference bundled (the default): no folder is at "
+                                       "that point (points: paper, host-fe); pass --reference paper\n")
+    assert main(["report", "--points", str(paper), str(host), "--reference", "paper"]) == 0
+    assert "- `paper` (reference): " in capsys.readouterr().out
     tune = tmp_path / "tune"
     lam = _folder(tune / "paper" / "lambda5000", "paper", {"MEMIT__spread": 1}, plan_point="paper")
     windowed = _folder(tmp_path / "wtune" / "paper" / "w4-8" / "lambda5000", "paper", {"MEMIT__spread": 1})

@@ -162,7 +162,8 @@ def read_points(sources: Sequence, reference: str = REFERENCE) -> List[PointCell
 
     Raises:
         ReplayError: those of :func:`read_point`; two folders at the same point; no
-            folder at ``reference``.
+            folder at ``reference`` (it says when that is the default, :data:`REFERENCE`,
+            and names a point to pass as ``--reference``).
     """
     points: Dict[str, PointCells] = {}
     for source in sources:
@@ -172,8 +173,9 @@ def read_points(sources: Sequence, reference: str = REFERENCE) -> List[PointCell
                               f"{p.point} (field `operating_point`); give one folder per point")
         points[p.point] = p
     if reference not in points:
-        raise ReplayError(f"report --points: --reference {reference}: no folder is at that point "
-                          f"(points: {', '.join(points)})")
+        default = " (the default)" if reference == REFERENCE else ""
+        raise ReplayError(f"report --points: --reference {reference}{default}: no folder is at that point "
+                          f"(points: {', '.join(points)}); pass --reference {next(iter(points))}")
     return [points[reference]] + [p for name, p in points.items() if name != reference]
 
 
