@@ -112,6 +112,35 @@ def _validate(args, records, spellings) -> None:
                          source=f"--data {args.data!r}" if args.data else "bundled demo edits")
 
 
+def parse_modes(text: str, strict: bool = True) -> Tuple[str, ...]:
+    """``--modes``: comma-separated mode specs, each in its canonical spelling
+    (:func:`~easyedit_replay.targets.mode_spec`, the spelling ``scale`` writes a cell's
+    mode in: ``replay_tau=0.50`` -> ``replay_tau=0.5``, `` replay`` -> ``replay``), in
+    the order given; empty entries (``spread,replay,``) are ignored. ``strict=False``
+    (``report``, which matches the modes of cells) keeps an entry ``mode_spec`` refuses as
+    written: a cell's mode may be a construction registered in another process, and
+    :func:`~easyedit_replay.experiments.cells.check_modes` names an entry no cell has.
+
+    Raises:
+        ReplayError: no entry; with ``strict``, an entry that is not a mode spec (both
+            name ``--modes``).
+    """
+    from .targets import mode_spec
+
+    entries = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not entries:
+        raise ReplayError(f"--modes {text!r}: names no mode; give comma-separated modes, e.g. spread,replay")
+    modes = []
+    for m in entries:
+        try:
+            modes.append(mode_spec(m))
+        except ValueError as exc:
+            if strict:
+                raise ReplayError(f"--modes {text}: {exc}") from None
+            modes.append(m)
+    return tuple(modes)
+
+
 def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
     """Shared by ``compare``, ``scale`` and ``tune``: hyperparameters per algorithm
     (:func:`_hparams_by_alg` at ``args.point``), the statistics folder, the first ``n``
@@ -123,12 +152,8 @@ def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
     """
     from .data import load_records
     from .models import load_model
-    from .targets import mode_spec
 
-    try:
-        modes = tuple(mode_spec(m) for m in args.modes.split(","))
-    except ValueError as exc:
-        raise ReplayError(f"--modes {args.modes}: {exc}") from None
+    modes = parse_modes(args.modes)
     by_alg, stats_dir = _hparams_by_alg(args, args.point)
     # Fail fast: data, requests and modes (above) are checked before the model is loaded.
     records = load_records(args.data, n, records=parse_records(args.records))
@@ -292,10 +317,11 @@ def cmd_report(args) -> int:
 
     Raises:
         ReplayError: ``--points`` with a SOURCE or ``--allocation``; neither ``--points`` nor
-            SOURCE ``--markdown``; those of the report functions (a ``--modes`` entry no cell
-            has, ``--modes`` with a compare results.json).
+            SOURCE ``--markdown``; ``--modes`` with no entry (:func:`parse_modes`); those of
+            the report functions (a ``--modes`` entry no cell has, ``--modes`` with a compare
+            results.json).
     """
-    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    modes = list(parse_modes(args.modes, strict=False)) if args.modes else None
     if args.points:
         from .experiments.points import points_markdown
 

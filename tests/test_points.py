@@ -26,15 +26,15 @@ SEQ = ("sequential", (96, 768))
 N_BOOT = 200
 
 
-def _folder(out, point, series=None, batch=(), plan_point=None, edit=None):
+def _folder(out, point, series=None, batch=(), plan_point=None, edit=None, n=48):
     """A ``scale --out`` folder ``out`` with copies of the committed cells: ``series``
     ``{"ALG__mode": steps}`` of the 8 x 96 series (steps 1..steps) and the one-batch
-    cells ``batch`` of n = 48, each with ``operating_point`` set to ``point`` (left as
+    cells ``batch`` of ``n``, each with ``operating_point`` set to ``point`` (left as
     committed, without it, when None), passed through ``edit(path, cell)`` if given;
     ``plan_point``: the point scale.json's meta names."""
     copies = [(CELLS / SERIES / run / f"step{k:03d}.json", out / "cells" / SERIES / run / f"step{k:03d}.json")
               for run, steps in (series or {}).items() for k in range(1, steps + 1)]
-    copies += [(CELLS / "batch" / "n00048" / f"{run}.json", out / "cells" / "batch" / "n00048" / f"{run}.json")
+    copies += [(CELLS / "batch" / f"n{n:05d}" / f"{run}.json", out / "cells" / "batch" / f"n{n:05d}" / f"{run}.json")
                for run in batch]
     for src, dest in copies:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -360,6 +360,35 @@ def test_report_refuses_a_mode_no_cell_has(twins, capsys):
     results = ROOT / "docs" / "results" / "cf48_all" / "results.json"
     assert main(["report", str(results), "--markdown", "--modes", "spread"]) == 2
     assert "--modes picks the modes of scale cells; a compare results.json is reported whole" in capsys.readouterr().err
+
+
+def test_report_modes_are_read_as_scale_writes_them(twins, tmp_path, capsys):
+    """``--modes`` entries are canonical mode specs, as ``scale`` writes a cell's mode
+    (``replay_tau=0.50`` is the cells' ``replay_tau=0.5``, `` replay `` is ``replay``),
+    an empty entry (a trailing comma) is ignored, and ``--modes`` with no entry is an
+    error naming it; compare, scale and tune read ``--modes`` the same way, refusing an
+    entry that is not a mode spec."""
+    from easyedit_replay.cli import main, parse_modes
+
+    assert parse_modes("spread, replay_tau=0.50 ,replay + refresh,") == ("spread", "replay_tau=0.5", "replay+refresh")
+    assert parse_modes("spread,bogus", strict=False) == ("spread", "bogus")
+    with pytest.raises(ReplayError, match="--modes spread,bogus: mode='bogus'; use one of"):
+        parse_modes("spread,bogus")
+    assert main(["report", "--points", *map(str, twins), "--modes", "spread,replay"]) == 0
+    expected = capsys.readouterr().out
+    for modes in ("spread,replay,", " replay , spread "):
+        assert main(["report", "--points", *map(str, twins), "--modes", modes]) == 0
+        assert capsys.readouterr().out == expected
+    assert main(["report", "--points", *map(str, twins), "--modes", ","]) == 2
+    assert capsys.readouterr().err == ("error: --modes ',': names no mode; give comma-separated modes, e.g. "
+                                       "spread,replay\n")
+    tau = [_folder(tmp_path / point, point, batch=("MEMIT__spread", "MEMIT__replay_tau=0.5"), n=192)
+           for point in ("bundled", "paper")]
+    assert main(["report", "--points", *map(str, tau), "--modes", "replay_tau=0.50"]) == 0
+    assert "| MEMIT | replay_tau=0.5@paper - spread@bundled | +" in capsys.readouterr().out
+    assert main(["report", str(tau[0]), "--markdown", "--modes", "replay_tau=0.50,"]) == 0
+    rows = [line.split(" | ")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| 192 |")]
+    assert rows and set(map(tuple, rows)) == {("MEMIT", "replay_tau=0.5")}
 
 
 def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path, capsys):
