@@ -391,6 +391,32 @@ def test_report_modes_are_read_as_scale_writes_them(twins, tmp_path, capsys):
     assert rows and set(map(tuple, rows)) == {("MEMIT", "replay_tau=0.5")}
 
 
+def test_a_mode_at_one_point_only_is_named_and_modes_pick_the_kinds(tmp_path):
+    """The report shows the algorithms evaluated at more than one point; a mode of theirs
+    that one point only has (``replay+refresh`` at bundled), with or without ``--modes``,
+    is named as such under its kind's heading, and is not when every point has it. A
+    kind evaluated at more than one point but with no cell of ``--modes`` is left out
+    (no empty tables), and the report says no shared kind has such cells."""
+    runs = {"MEMIT__spread": 1, "MEMIT__replay": 1}
+    bundled = _folder(tmp_path / "b", "bundled", dict(runs, **{"MEMIT__replay+refresh": 1}), batch=("MEMIT__blue",))
+    paper = _folder(tmp_path / "p", "paper", runs)
+    alone = ("Evaluated at one point only (no other point to compare the run with; its rows and its pairs against "
+             "spreading are shown): MEMIT/replay+refresh at bundled.")
+    for modes in (None, ["replay+refresh"], ["replay", "replay+refresh"]):
+        text = points_markdown([bundled, paper], modes=modes, n_boot=N_BOOT)
+        assert text.split("## Sequential: 768 edits in batches of 96\n\n")[1].startswith(alone + "\n"), modes
+        assert "| MEMIT | replay+refresh | bundled | 96 |" in text
+    assert alone not in points_markdown([bundled, paper], modes=["spread", "replay"], n_boot=N_BOOT)
+    text = points_markdown([bundled, paper], modes=["blue"], n_boot=N_BOOT)  # blue: one batch of 48, bundled only
+    assert "##" not in text and "|" not in text
+    assert "No kind of cell evaluated at more than one point has cells of --modes blue." in text
+    from easyedit_replay.experiments.points import single_point_runs
+
+    points = read_points([bundled, paper])
+    assert single_point_runs(points, SEQ) == [("MEMIT", "replay+refresh", "bundled")]
+    assert single_point_runs(points, SEQ, ["spread", "replay"]) == []
+
+
 def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path, capsys):
     """``--reference`` must name a point of the folders given (the error lists them,
     says when it is the default, bundled, and names one to pass instead); a

@@ -9,7 +9,9 @@ A folder's point is its cells' ``operating_point`` (cells made before that field
 existed take the one point its ``scale.json`` names, and the report says how many
 did); a run is then ``ALG/mode@point``. For every kind of cell finished at more than
 one point (one batch of ``n``; a sequential series, at each number of edits made) and
-every algorithm finished at more than one point in it, :func:`points_markdown` writes
+every algorithm finished at more than one point in it (with ``--modes``, a kind that
+has a cell of those modes), :func:`points_markdown` writes, after naming the modes of
+those algorithms that only one point has evaluated (:func:`single_point_runs`),
 
 a. the ``scale`` metrics (``metrics("scale")``) side by side, mean [95% CI], one row
    per algorithm, mode and point;
@@ -222,11 +224,35 @@ def shared_algorithms(points: Sequence[PointCells], kind: tuple) -> List[str]:
     return sorted((a for a, n in at.items() if n > 1), key=lambda a: run_order(RunKey(a, "spread")))
 
 
-def shared_kinds(points: Sequence[PointCells]) -> List[tuple]:
-    """The kinds of cell with an algorithm evaluated at more than one point: one batch by
-    n, then the sequential series."""
+def _runs_at(points: Sequence[PointCells], kind: tuple, modes: Optional[Sequence[str]] = None) -> Dict[tuple, list]:
+    """``{(alg, mode): [points]}`` of the evaluated runs of ``kind`` of the
+    :func:`shared_algorithms` (only ``modes``, all when None), in table order."""
+    algs = shared_algorithms(points, kind)
+    at: Dict[tuple, list] = {}
+    for p in points:
+        for key in dict.fromkeys(k for cells in steps_of_kind(p.found, kind).values() for k in cells):
+            run = RunKey.parse(key)
+            if run.alg in algs and (not modes or run.mode in modes):
+                at.setdefault((run.alg, run.mode), []).append(p.point)
+    return dict(sorted(at.items(), key=lambda item: run_order(RunKey(*item[0]))))
+
+
+def shared_kinds(points: Sequence[PointCells], modes: Optional[Sequence[str]] = None) -> List[tuple]:
+    """The kinds of cell with an algorithm evaluated at more than one point (and, with
+    ``modes``, a cell of one of them in one of ``modes``): one batch by n, then the
+    sequential series."""
     kinds = dict.fromkeys(k for p in points for k in _kinds(p.found))
-    return sorted((k for k in kinds if shared_algorithms(points, k)), key=lambda k: (k[0] != "batch", k[1]))
+    return sorted((k for k in kinds if shared_algorithms(points, k) and (not modes or _runs_at(points, k, modes))),
+                  key=lambda k: (k[0] != "batch", k[1]))
+
+
+def single_point_runs(points: Sequence[PointCells], kind: tuple,
+                      modes: Optional[Sequence[str]] = None) -> List[Tuple[str, str, str]]:
+    """``(alg, mode, point)`` of the runs of ``kind`` that the report shows (an algorithm
+    of :func:`shared_algorithms`, a mode of ``modes``) but that only one point has
+    evaluated: nothing of that run to compare across points, only its pairs against
+    spreading. In table order."""
+    return [(alg, mode, at[0]) for (alg, mode), at in _runs_at(points, kind, modes).items() if len(at) == 1]
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -494,19 +520,26 @@ def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Option
               f"`mode@P - spread@{reference}` against spreading at the reference point and `spread@P - "
               f"spread@{reference}`, on the same edits (same records, model and edit layers), mean [95% paired "
               f"bootstrap interval]; `*` marks an interval that excludes 0. Only algorithms evaluated at more than "
-              f"one point in a kind of cell are shown; a sequential series pairs at the numbers of edits made both "
-              f"sides have evaluated.",
+              f"one point in a kind of cell are shown (a mode of theirs evaluated at one point only is named under "
+              f"the kind's heading); a sequential series pairs at the numbers of edits made both sides have "
+              f"evaluated.",
               ""]
-    kinds = shared_kinds(points)
+    kinds = shared_kinds(points, modes)
     if not kinds:
-        lines += ["No kind of cell is evaluated at more than one point yet.", ""]
+        lines += [f"No kind of cell evaluated at more than one point has cells of --modes {','.join(modes)}."
+                  if modes and shared_kinds(points) else "No kind of cell is evaluated at more than one point yet.", ""]
     wanted: List[Tuple[tuple, Pair]] = []
     for kind in kinds:
         found_pairs = pairs(points, kind, modes, n_boot, seed)
         wanted += [(kind, q) for q in found_pairs]
         updates, anchors = norm_tables(points, kind, modes)
-        lines += [f"## {_where(kind).capitalize()}", "",
-                  render_markdown(side_by_side_table(points, kind, modes)), "",
+        lines += [f"## {_where(kind).capitalize()}", ""]
+        alone = single_point_runs(points, kind, modes)
+        if alone:
+            lines += ["Evaluated at one point only (no other point to compare the run with; its rows and its pairs "
+                      "against spreading are shown): " + ", ".join(f"{RunKey(alg, mode).text} at {point}"
+                                                                   for alg, mode, point in alone) + ".", ""]
+        lines += [render_markdown(side_by_side_table(points, kind, modes)), "",
                   "Paired differences on the same edits:", "", render_markdown(pairs_table(found_pairs, kind)), ""]
         lines += differences_note(found_pairs)
         if kind[0] == "sequential":
@@ -525,7 +558,7 @@ def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Option
     # planned cells not finished, of the kinds finished or planned at more than one point
     planned = [(p, missing_cells(p.source)) for p in points]
     seen = [set(_kinds(p.found)) | {_planned_kind(c) for c in cells} for p, cells in planned]
-    across = set(kinds) | {k for k in set().union(*seen) if sum(k in s for s in seen) > 1}
+    across = set(shared_kinds(points)) | {k for k in set().union(*seen) if sum(k in s for s in seen) > 1}
     unfinished = [f"- {p.point}: {describe(c)}" for p, cells in planned for c in cells
                   if _planned_kind(c) in across and (not modes or c["mode"] in modes)]
     for title, items in (("Missing pairs (a side not evaluated yet)", missing),
