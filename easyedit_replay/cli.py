@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -151,7 +151,6 @@ def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
         ReplayError: bad ``--modes``, hyperparameters, data or records.
     """
     from .data import load_records
-    from .models import load_model
 
     modes = parse_modes(args.modes)
     by_alg, stats_dir = _hparams_by_alg(args, args.point)
@@ -161,11 +160,17 @@ def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
     if not args.quiet:
         logging.getLogger("easyedit_replay.anchors").setLevel(logging.INFO)  # anchors loaded vs optimized
     model_name = args.model or next(iter(by_alg.values())).model_name
-    model = tok = None
-    if load:
-        print(f"loading {model_name} ...", file=sys.stderr)
-        model, tok = load_model(model_name, device=args.device)
-    return Prepared(by_alg, stats_dir, records, model, tok, model_name, modes)
+    prep = Prepared(by_alg, stats_dir, records, None, None, model_name, modes)
+    return _load(args, prep) if load else prep
+
+
+def _load(args, prep: Prepared) -> Prepared:
+    """``prep`` with its model and tokenizer loaded (``--device``)."""
+    from .models import load_model
+
+    print(f"loading {prep.model_name} ...", file=sys.stderr)
+    model, tok = load_model(prep.model_name, device=args.device)
+    return replace(prep, model=model, tok=tok)
 
 
 def cmd_compare(args) -> int:
@@ -215,6 +220,7 @@ def parse_sizes(text: str, option: str = "--n") -> List[int]:
 
 
 def cmd_scale(args) -> int:
+    from .experiments.cells import check_out_point
     from .experiments.report import write_scale_report
     from .experiments.scale import ScaleConfig, record_plan, run_scale
 
@@ -226,7 +232,7 @@ def cmd_scale(args) -> int:
         raise ReplayError("--sequential needs --batch-size B (edits per batch)")
     if args.batch_size and not args.sequential:
         raise ReplayError("--batch-size is for --sequential runs; one-batch cells edit all n at once")
-    prep = _prepare(args, max(sizes), load=not args.plan_only)
+    prep = _prepare(args, max(sizes), load=False)
     by_alg, modes = prep.by_alg, prep.modes
     attribution = parse_sizes(args.attribution, "--attribution") if args.attribution else []
     if attribution and not args.sequential:
@@ -234,14 +240,16 @@ def cmd_scale(args) -> int:
     cfg = ScaleConfig(sizes=sizes, modes=modes, sequential=args.sequential, batch_size=args.batch_size,
                       curve=args.curve, fluency=not args.no_fluency, target_accuracy=args.target_accuracy,
                       seed=args.seed or 0, progress=not args.quiet, attribution=attribution)
+    meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":",
+            "operating_point": sorted({hp.operating_point for hp in by_alg.values()})}
+    check_out_point(args.out, meta["operating_point"])  # before the model loads
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
-    meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":",
-            "operating_point": sorted({hp.operating_point for hp in by_alg.values()})}
     if args.plan_only:
         print(record_plan(args.out, cfg, list(by_alg), meta=meta))
         return 0
+    prep = _load(args, prep)
     report = run_scale(prep.model, prep.tok, prep.records, by_alg, cfg, args.out, stats_dir=prep.stats_dir, meta=meta)
     print(report)
     return 0
@@ -299,12 +307,9 @@ def cmd_tune(args) -> int:
         print(f"windows {', '.join(window_name(w) for w in windows)} (provisional {window_name(ref)}): anchor sets "
               f"at layers {', '.join(map(str, layers))}, {len(layers)} per point x {len(points)} point(s)",
               file=sys.stderr)
-    print(f"loading {prep.model_name} ...", file=sys.stderr)
-    from .models import load_model
-
-    model, tok = load_model(prep.model_name, device=args.device)
+    prep = _load(args, prep)
     meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":"}
-    report = run_tuning(model, tok, prep.records, by_point, lambdas, cfg, args.out, stats_dir=prep.stats_dir,
+    report = run_tuning(prep.model, prep.tok, prep.records, by_point, lambdas, cfg, args.out, stats_dir=prep.stats_dir,
                         meta=meta, windows=windows)
     print(report.read_text())
     return 0

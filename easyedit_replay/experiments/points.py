@@ -42,7 +42,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..bundled import POINT_FIELDS
 from ..errors import ReplayError
 from ..tune import grid_scale_folders
-from .cells import check_modes, collect_cells, describe, edit_cells, missing_cells, plan_points
+from .cells import (
+    cell_points, check_modes, collect_cells, describe, edit_cells, missing_cells, plan_points,
+)
 from .metrics import RunKey, metrics, run_order
 from .report import update_norms
 from .statistics import mean, paired_difference
@@ -139,8 +141,8 @@ def read_point(source) -> PointCells:
                           f"grid's are its <point>/lambda<L> folders, e.g. {grid[0]})")
     found = collect_cells(path)
     cells = edit_cells(found)
-    named = {c["operating_point"] for c in cells if c.get("operating_point")}
-    unnamed = sum(1 for c in cells if not c.get("operating_point"))
+    points, unnamed = cell_points(found)
+    named = set(points)
     plan = path / "scale.json"
     planned = plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
     if unnamed or not cells:
