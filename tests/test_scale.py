@@ -254,6 +254,27 @@ def test_an_out_folder_keeps_its_operating_point(tmp_path, capsys):
         check_out_point(results / "scale_cf", ["paper"])
 
 
+def test_a_replan_keeps_the_recorded_spelling_of_its_data(tmp_path, monkeypatch):
+    """scale.json's ``meta["data"]`` keeps the path it records when a later plan names
+    the same file another way (absolute for relative, as ``$CF`` for
+    ``../shared/data/...``); another file replaces it."""
+    from easyedit_replay.experiments.cells import update_plan
+
+    (tmp_path / "data").mkdir()
+    for name in ("cf.json", "other.json"):
+        (tmp_path / "data" / name).write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scale"
+    out.mkdir()
+    update_plan(out, [], {"data": "data/cf.json", "model": "smollm2-135m"})
+    update_plan(out, [], {"data": str(tmp_path / "data" / "cf.json"), "model": "smollm2-135m"})
+    assert json.loads((out / "scale.json").read_text())["meta"]["data"] == "data/cf.json"
+    update_plan(out, [], {"data": "./data/../data/cf.json"})
+    assert json.loads((out / "scale.json").read_text())["meta"]["data"] == "data/cf.json"
+    update_plan(out, [], {"data": str(tmp_path / "data" / "other.json")})
+    assert json.loads((out / "scale.json").read_text())["meta"]["data"] == str(tmp_path / "data" / "other.json")
+
+
 def test_sequential_series_are_paired_against_spread_on_the_edits_made():
     """The paired difference ``mode - spread`` of a sequential series, on the committed
     CounterFact 8 x 96 cells: paired at each number of edits made that both modes have

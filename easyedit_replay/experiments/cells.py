@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -153,13 +154,27 @@ def cell_edits(cell: dict) -> int:
     return cell["n"] if cell["kind"] == "batch" else cell["edits"] - (cell["step"] - 1) * cell["batch_size"]
 
 
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def update_plan(out: Path, plan: List[dict], meta: Optional[dict]) -> None:
-    """Add ``plan``'s cells (and ``meta``) to ``out/scale.json``."""
+    """Add ``plan``'s cells (and ``meta``) to ``out/scale.json``. A ``meta["data"]``
+    naming the file the plan already records under another spelling (an absolute path
+    for a relative one; both read from the working folder) keeps the recorded spelling,
+    so a re-plan does not churn it."""
     path = out / "scale.json"
     data = json.loads(path.read_text()) if path.exists() else {"planned": [], "meta": {}}
     known = {json.dumps(c, sort_keys=True) for c in data["planned"]}
     data["planned"] += [c for c in plan if json.dumps(c, sort_keys=True) not in known]
-    data["meta"].update(meta or {})
+    meta = dict(meta or {})
+    recorded = data["meta"].get("data")
+    if meta.get("data") and recorded and _same_file(recorded, meta["data"]):
+        meta["data"] = recorded
+    data["meta"].update(meta)
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
