@@ -10,6 +10,10 @@ from typing import List, Optional
 from .errors import ReplayError
 
 OPERATING_POINTS = ("bundled", "paper", "host-fe")
+# The hyperparameters an operating point sets: the anchor objective's four settings. A
+# point's YAML is the bundled one's but for these (and its labels, ``operating_point`` and
+# ``hparams_source``); PMET's point YAMLs set the same four and keep PMET's own fields.
+POINT_FIELDS = ("clamp_norm_factor", "v_lr", "v_weight_decay", "v_num_grad_steps")
 
 
 def default_hparams_path(model: str = "smollm2-135m", alg: str = "MEMIT_REPLAY", point: str = "bundled") -> Path:

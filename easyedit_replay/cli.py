@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -113,6 +113,35 @@ def _validate(args, records, spellings) -> None:
                          source=f"--data {args.data!r}" if args.data else "bundled demo edits")
 
 
+def parse_modes(text: str, strict: bool = True) -> Tuple[str, ...]:
+    """``--modes``: comma-separated mode specs, each in its canonical spelling
+    (:func:`~easyedit_replay.targets.mode_spec`, the spelling ``scale`` writes a cell's
+    mode in: ``replay_tau=0.50`` -> ``replay_tau=0.5``, `` replay`` -> ``replay``), in
+    the order given; empty entries (``spread,replay,``) are ignored. ``strict=False``
+    (``report``, which matches the modes of cells) keeps an entry ``mode_spec`` refuses as
+    written: a cell's mode may be a construction registered in another process, and
+    :func:`~easyedit_replay.experiments.cells.check_modes` names an entry no cell has.
+
+    Raises:
+        ReplayError: no entry; with ``strict``, an entry that is not a mode spec (both
+            name ``--modes``).
+    """
+    from .targets import mode_spec
+
+    entries = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not entries:
+        raise ReplayError(f"--modes {text!r}: names no mode; give comma-separated modes, e.g. spread,replay")
+    modes = []
+    for m in entries:
+        try:
+            modes.append(mode_spec(m))
+        except ValueError as exc:
+            if strict:
+                raise ReplayError(f"--modes {text}: {exc}") from None
+            modes.append(m)
+    return tuple(modes)
+
+
 def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
     """Shared by ``compare``, ``scale`` and ``tune``: hyperparameters per algorithm
     (:func:`_hparams_by_alg` at ``args.point``), the statistics folder, the first ``n``
@@ -123,13 +152,8 @@ def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
         ReplayError: bad ``--modes``, hyperparameters, data or records.
     """
     from .data import load_records
-    from .models import load_model
-    from .targets import mode_spec
 
-    try:
-        modes = tuple(mode_spec(m) for m in args.modes.split(","))
-    except ValueError as exc:
-        raise ReplayError(f"--modes {args.modes}: {exc}") from None
+    modes = parse_modes(args.modes)
     by_alg, stats_dir = _hparams_by_alg(args, args.point)
     # Fail fast: data, requests and modes (above) are checked before the model is loaded.
     records = load_records(args.data, n, records=parse_records(args.records))
@@ -137,11 +161,17 @@ def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
     if not args.quiet:
         logging.getLogger("easyedit_replay.anchors").setLevel(logging.INFO)  # anchors loaded vs optimized
     model_name = args.model or next(iter(by_alg.values())).model_name
-    model = tok = None
-    if load:
-        print(f"loading {model_name} ...", file=sys.stderr)
-        model, tok = load_model(model_name, device=args.device)
-    return Prepared(by_alg, stats_dir, records, model, tok, model_name, modes)
+    prep = Prepared(by_alg, stats_dir, records, None, None, model_name, modes)
+    return _load(args, prep) if load else prep
+
+
+def _load(args, prep: Prepared) -> Prepared:
+    """``prep`` with its model and tokenizer loaded (``--device``)."""
+    from .models import load_model
+
+    print(f"loading {prep.model_name} ...", file=sys.stderr)
+    model, tok = load_model(prep.model_name, device=args.device)
+    return replace(prep, model=model, tok=tok)
 
 
 def cmd_compare(args) -> int:
@@ -216,8 +246,11 @@ def cmd_scale(args) -> int:
 
     Raises:
         ReplayError: bad ``--n``; ``--sequential`` without ``--batch-size``; a sequential-only
-            option without ``--sequential`` (:func:`_refuse_sequential_only`); and as :func:`_prepare`.
+            option without ``--sequential`` (:func:`_refuse_sequential_only`); an ``--out`` that
+            holds cells at another operating point (:func:`~easyedit_replay.experiments.cells.check_out_point`);
+            and as :func:`_prepare`.
     """
+    from .experiments.cells import check_out_point
     from .experiments.report import write_scale_report
     from .experiments.scale import ScaleConfig, record_plan, run_scale
 
@@ -228,20 +261,22 @@ def cmd_scale(args) -> int:
     if args.sequential and not args.batch_size:
         raise ReplayError("--sequential needs --batch-size B (edits per batch)")
     _refuse_sequential_only(args)
-    prep = _prepare(args, max(sizes), load=not args.plan_only)
+    prep = _prepare(args, max(sizes), load=False)
     by_alg, modes = prep.by_alg, prep.modes
     attribution = parse_sizes(args.attribution, "--attribution") if args.attribution else []
     cfg = ScaleConfig(sizes=sizes, modes=modes, sequential=args.sequential, batch_size=args.batch_size,
                       curve=args.curve, fluency=not args.no_fluency, target_accuracy=args.target_accuracy,
                       seed=args.seed or 0, progress=not args.quiet, attribution=attribution)
+    meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":",
+            "operating_point": sorted({hp.operating_point for hp in by_alg.values()})}
+    check_out_point(args.out, meta["operating_point"])  # before the model loads
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
-    meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":",
-            "operating_point": sorted({hp.operating_point for hp in by_alg.values()})}
     if args.plan_only:
         print(record_plan(args.out, cfg, list(by_alg), meta=meta))
         return 0
+    prep = _load(args, prep)
     report = run_scale(prep.model, prep.tok, prep.records, by_alg, cfg, args.out, stats_dir=prep.stats_dir, meta=meta)
     print(report)
     return 0
@@ -305,12 +340,9 @@ def cmd_tune(args) -> int:
         print(f"windows {', '.join(window_name(w) for w in windows)} (provisional {window_name(ref)}): anchor sets "
               f"at layers {', '.join(map(str, layers))}, {len(layers)} per point x {len(points)} point(s)",
               file=sys.stderr)
-    print(f"loading {prep.model_name} ...", file=sys.stderr)
-    from .models import load_model
-
-    model, tok = load_model(prep.model_name, device=args.device)
+    prep = _load(args, prep)
     meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":"}
-    report = run_tuning(model, tok, prep.records, by_point, lambdas, cfg, args.out, stats_dir=prep.stats_dir,
+    report = run_tuning(prep.model, prep.tok, prep.records, by_point, lambdas, cfg, args.out, stats_dir=prep.stats_dir,
                         meta=meta, windows=windows)
     print(report.read_text())
     return 0
@@ -323,12 +355,12 @@ def cmd_report(args) -> int:
 
     Raises:
         ReplayError: ``--points`` with a SOURCE or ``--allocation``; neither ``--points`` nor
-            SOURCE ``--markdown``; ``--reference`` without ``--points``, ``--out`` without
-            ``--allocation`` or ``--points`` (options that would do nothing); those of the report
-            functions (a ``--modes`` entry no cell has, ``--modes`` with a compare results.json,
-            ``--allocation`` with a scale folder).
+            SOURCE ``--markdown``; ``--modes`` with no entry (:func:`parse_modes`); ``--reference``
+            without ``--points``, ``--out`` without ``--allocation`` or ``--points`` (options that
+            would do nothing); those of the report functions (a ``--modes`` entry no cell has,
+            ``--modes`` with a compare results.json, ``--allocation`` with a scale folder).
     """
-    modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
+    modes = list(parse_modes(args.modes, strict=False)) if args.modes else None
     if args.points:
         from .experiments.points import REFERENCE, points_markdown
 

@@ -41,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .bundled import POINT_FIELDS
 from .errors import ReplayError
 from .files import atomic_write_text
 
@@ -479,9 +480,6 @@ def _choose(spread: Sequence[dict], axis: str, algs: Sequence[str], preferred,
               if all((v, a) in best for a in algs)}
     chosen = _first_best(scores, preferred)
     return chosen, scores, ({a: best[(chosen, a)] for a in algs} if chosen else {})
-
-
-POINT_FIELDS = ("clamp_norm_factor", "v_lr", "v_weight_decay", "v_num_grad_steps")
 
 
 def anchor_norms(anchor_dir, records: Sequence[dict], model: Optional[str] = None) -> List[dict]:

@@ -10,6 +10,7 @@ import logging
 import pytest
 
 from easyedit_replay.algorithms import load_hparams
+from easyedit_replay.bundled import POINT_FIELDS
 from easyedit_replay.cli import OPERATING_POINTS, default_hparams_path, main, parse_records
 from easyedit_replay.errors import ReplayError
 from easyedit_replay.prompts import prepare_requests
@@ -19,13 +20,12 @@ from .conftest import SHARED_DATA, requires_shared
 from .test_core import with_fields
 
 ALGS = ("MEMIT", "PMET", "EMMET", "AlphaEdit")
-# (clamp_norm_factor, v_lr, v_weight_decay, v_num_grad_steps) and the file each point's values come from
+# POINT_FIELDS (clamp_norm_factor, v_lr, v_weight_decay, v_num_grad_steps) and the file each point's values come from
 EXPECTED = {
     "bundled": ((4, 0.5, 1e-3, 25), "hparams/MEMIT/llama-7b.yaml"),
     "paper": ((0.75, 0.1, 0.5, 35), "jugechengzi/FE configs/llms/llama3-8b.yaml"),
     "host-fe": ((4, 0.1, 0.5, 25), "hparams/MEMIT-FE/llama3-8b.yaml"),
 }
-ANCHOR_FIELDS = ("clamp_norm_factor", "v_lr", "v_weight_decay", "v_num_grad_steps")
 
 
 @pytest.mark.parametrize("point", OPERATING_POINTS)
@@ -33,12 +33,12 @@ ANCHOR_FIELDS = ("clamp_norm_factor", "v_lr", "v_weight_decay", "v_num_grad_step
 def test_point_yaml_carries_its_values_and_source(alg, point):
     hp = load_hparams(default_hparams_path("smollm2-135m", f"{alg}_REPLAY", point))
     values, source = EXPECTED[point]
-    assert tuple(getattr(hp, f) for f in ANCHOR_FIELDS) == values
+    assert tuple(getattr(hp, f) for f in POINT_FIELDS) == values
     assert hp.operating_point == point
     assert source in hp.hparams_source
     bundled = load_hparams(default_hparams_path("smollm2-135m", f"{alg}_REPLAY"))
     # everything but the anchor settings and the labels is the bundled YAML's
-    same = {k: v for k, v in hp.to_dict().items() if k not in ANCHOR_FIELDS + ("operating_point", "hparams_source")}
+    same = {k: v for k, v in hp.to_dict().items() if k not in POINT_FIELDS + ("operating_point", "hparams_source")}
     assert same == {k: v for k, v in bundled.to_dict().items() if k in same}
 
 

@@ -26,15 +26,15 @@ SEQ = ("sequential", (96, 768))
 N_BOOT = 200
 
 
-def _folder(out, point, series=None, batch=(), plan_point=None, edit=None):
+def _folder(out, point, series=None, batch=(), plan_point=None, edit=None, n=48):
     """A ``scale --out`` folder ``out`` with copies of the committed cells: ``series``
     ``{"ALG__mode": steps}`` of the 8 x 96 series (steps 1..steps) and the one-batch
-    cells ``batch`` of n = 48, each with ``operating_point`` set to ``point`` (left as
+    cells ``batch`` of ``n``, each with ``operating_point`` set to ``point`` (left as
     committed, without it, when None), passed through ``edit(path, cell)`` if given;
     ``plan_point``: the point scale.json's meta names."""
     copies = [(CELLS / SERIES / run / f"step{k:03d}.json", out / "cells" / SERIES / run / f"step{k:03d}.json")
               for run, steps in (series or {}).items() for k in range(1, steps + 1)]
-    copies += [(CELLS / "batch" / "n00048" / f"{run}.json", out / "cells" / "batch" / "n00048" / f"{run}.json")
+    copies += [(CELLS / "batch" / f"n{n:05d}" / f"{run}.json", out / "cells" / "batch" / f"n{n:05d}" / f"{run}.json")
                for run in batch]
     for src, dest in copies:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +225,80 @@ def test_cells_of_other_records_are_not_paired(tmp_path):
     assert "| MEMIT | replay@paper - spread@bundled | 96 |" in text
 
 
+def test_pairs_need_one_model_and_edit_layers_and_name_other_hyperparameters(tmp_path):
+    """Cells of another model or other edit layers are not the same edits: refused, with
+    the field and both values. Across points the point's anchor settings may differ;
+    any other hyperparameter that differs (here lambda, ``mom2_update_weight``) is named
+    next to the pair and, with both values, under the table. Within a point the anchor
+    settings are named too, and the fields a mode sets (``+refresh``) never are."""
+    from easyedit_replay.experiments.points import hparams_differences
+
+    def at(model=None, layers=None, **fields):
+        def edit(path, cell):
+            hp = cell["settings"]["hparams"]
+            hp.update(fields)
+            if model:
+                hp["model_name"] = model
+            if layers:
+                hp["layers"] = layers
+        return edit
+
+    runs = {"MEMIT__spread": 1, "MEMIT__replay": 1}
+    bundled = _folder(tmp_path / "b", "bundled", runs)
+    paper = _folder(tmp_path / "p", "paper", runs, edit=at(clamp_norm_factor=0.75, v_lr=0.1, mom2_update_weight=1000))
+    found = pairs(read_points([bundled, paper]), SEQ, n_boot=N_BOOT)
+    assert {q.text: q.differs for q in found} == {
+        "spread@paper - spread@bundled": {"mom2_update_weight": (1000, 5000)},
+        "replay@bundled - spread@bundled": {},
+        "replay@paper - spread@paper": {},
+        "replay@paper - spread@bundled": {"mom2_update_weight": (1000, 5000)}}
+    assert all(q.stats is not None for q in found)
+    text = points_markdown([bundled, paper], n_boot=N_BOOT)
+    assert ("| MEMIT | spread@paper - spread@bundled (mom2_update_weight also differs) | 96 | +0.00 [+0.00, +0.00] |"
+            in text)
+    assert "| MEMIT | replay@paper - spread@paper | 96 | +0.08 [" in text
+    assert "- MEMIT, spread@paper - spread@bundled: mom2_update_weight 1000 vs 5000\n" in text
+    assert "- MEMIT, replay@paper - spread@bundled: mom2_update_weight 1000 vs 5000\n" in text
+    assert "Not paired" not in text
+
+    cell = json.loads((bundled / "cells" / SERIES / "MEMIT__spread" / "step001.json").read_text())
+    clamped = json.loads(json.dumps(cell))
+    clamped["settings"]["hparams"]["clamp_norm_factor"] = 0.75
+    assert hparams_differences(clamped, cell, across_points=False) == {"clamp_norm_factor": (0.75, 4)}
+    assert hparams_differences(clamped, cell, across_points=True) == {}
+    refresh = json.loads((CELLS / SERIES / "MEMIT__replay+refresh" / "step001.json").read_text())
+    assert refresh["settings"]["hparams"]["sequential_refresh"] is True
+    assert hparams_differences(refresh, cell, across_points=False) == {}
+
+    for name, edit, reason in (
+            ("g", at(model="gemma3-270m"), "models differ (settings.hparams.model_name gemma3-270m vs smollm2-135m)"),
+            ("w", at(layers=[3, 4, 5, 6, 7]),
+             "edit layers differ (settings.hparams.layers [3, 4, 5, 6, 7] vs [4, 5, 6, 7, 8])")):
+        other = _folder(tmp_path / name, "host-fe", runs, edit=edit)
+        found = pairs(read_points([bundled, other]), SEQ, n_boot=N_BOOT)
+        refused = {q.text: q.reason for q in found if q.reason}
+        assert refused == {"spread@host-fe - spread@bundled": reason, "replay@host-fe - spread@bundled": reason}
+        text = points_markdown([bundled, other], n_boot=N_BOOT)
+        assert f"- sequential: 768 edits in batches of 96, 96 edits made, MEMIT: spread@host-fe - spread@bundled: " \
+               f"{reason}" in text
+        assert "| MEMIT | spread@host-fe - spread@bundled |" not in text
+        assert "| MEMIT | replay@host-fe - spread@host-fe | 96 |" in text
+
+
+def test_the_committed_points_pair_with_no_other_hyperparameter(tmp_path):
+    """docs/results/scale_cf (bundled) and scale_cf_paper (paper) differ only in the
+    paper point's anchor settings: every pair both have evaluated is formed and names
+    no other hyperparameter."""
+    results = ROOT / "docs" / "results"
+    found = pairs(read_points([results / "scale_cf", results / "scale_cf_paper"]), SEQ, ("spread", "replay"),
+                  n_boot=N_BOOT)
+    formed = [q for q in found if q.stats is not None]
+    assert {q.text for q in formed} == {"spread@paper - spread@bundled", "replay@bundled - spread@bundled",
+                                        "replay@paper - spread@paper", "replay@paper - spread@bundled"}
+    assert all(q.missing for q in found if q.stats is None)
+    assert [q.differs for q in formed] == [{}] * len(formed)
+
+
 def test_the_point_of_a_folder_must_be_one_and_known(tmp_path):
     """A folder whose cells name two points, cells without ``operating_point`` and no
     point in scale.json, two folders at one point, and a reference no folder is at: each
@@ -288,8 +362,64 @@ def test_report_refuses_a_mode_no_cell_has(twins, capsys):
     assert "--modes picks the modes of scale cells; a compare results.json is reported whole" in capsys.readouterr().err
 
 
+def test_report_modes_are_read_as_scale_writes_them(twins, tmp_path, capsys):
+    """``--modes`` entries are canonical mode specs, as ``scale`` writes a cell's mode
+    (``replay_tau=0.50`` is the cells' ``replay_tau=0.5``, `` replay `` is ``replay``),
+    an empty entry (a trailing comma) is ignored, and ``--modes`` with no entry is an
+    error naming it; compare, scale and tune read ``--modes`` the same way, refusing an
+    entry that is not a mode spec."""
+    from easyedit_replay.cli import main, parse_modes
+
+    assert parse_modes("spread, replay_tau=0.50 ,replay + refresh,") == ("spread", "replay_tau=0.5", "replay+refresh")
+    assert parse_modes("spread,bogus", strict=False) == ("spread", "bogus")
+    with pytest.raises(ReplayError, match="--modes spread,bogus: mode='bogus'; use one of"):
+        parse_modes("spread,bogus")
+    assert main(["report", "--points", *map(str, twins), "--modes", "spread,replay"]) == 0
+    expected = capsys.readouterr().out
+    for modes in ("spread,replay,", " replay , spread "):
+        assert main(["report", "--points", *map(str, twins), "--modes", modes]) == 0
+        assert capsys.readouterr().out == expected
+    assert main(["report", "--points", *map(str, twins), "--modes", ","]) == 2
+    assert capsys.readouterr().err == ("error: --modes ',': names no mode; give comma-separated modes, e.g. "
+                                       "spread,replay\n")
+    tau = [_folder(tmp_path / point, point, batch=("MEMIT__spread", "MEMIT__replay_tau=0.5"), n=192)
+           for point in ("bundled", "paper")]
+    assert main(["report", "--points", *map(str, tau), "--modes", "replay_tau=0.50"]) == 0
+    assert "| MEMIT | replay_tau=0.5@paper - spread@bundled | +" in capsys.readouterr().out
+    assert main(["report", str(tau[0]), "--markdown", "--modes", "replay_tau=0.50,"]) == 0
+    rows = [line.split(" | ")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| 192 |")]
+    assert rows and set(map(tuple, rows)) == {("MEMIT", "replay_tau=0.5")}
+
+
+def test_a_mode_at_one_point_only_is_named_and_modes_pick_the_kinds(tmp_path):
+    """The report shows the algorithms evaluated at more than one point; a mode of theirs
+    that one point only has (``replay+refresh`` at bundled), with or without ``--modes``,
+    is named as such under its kind's heading, and is not when every point has it. A
+    kind evaluated at more than one point but with no cell of ``--modes`` is left out
+    (no empty tables), and the report says no shared kind has such cells."""
+    runs = {"MEMIT__spread": 1, "MEMIT__replay": 1}
+    bundled = _folder(tmp_path / "b", "bundled", dict(runs, **{"MEMIT__replay+refresh": 1}), batch=("MEMIT__blue",))
+    paper = _folder(tmp_path / "p", "paper", runs)
+    alone = ("Evaluated at one point only (no other point to compare the run with; its rows and its pairs against "
+             "spreading are shown): MEMIT/replay+refresh at bundled.")
+    for modes in (None, ["replay+refresh"], ["replay", "replay+refresh"]):
+        text = points_markdown([bundled, paper], modes=modes, n_boot=N_BOOT)
+        assert text.split("## Sequential: 768 edits in batches of 96\n\n")[1].startswith(alone + "\n"), modes
+        assert "| MEMIT | replay+refresh | bundled | 96 |" in text
+    assert alone not in points_markdown([bundled, paper], modes=["spread", "replay"], n_boot=N_BOOT)
+    text = points_markdown([bundled, paper], modes=["blue"], n_boot=N_BOOT)  # blue: one batch of 48, bundled only
+    assert "##" not in text and "|" not in text
+    assert "No kind of cell evaluated at more than one point has cells of --modes blue." in text
+    from easyedit_replay.experiments.points import single_point_runs
+
+    points = read_points([bundled, paper])
+    assert single_point_runs(points, SEQ) == [("MEMIT", "replay+refresh", "bundled")]
+    assert single_point_runs(points, SEQ, ["spread", "replay"]) == []
+
+
 def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path, capsys):
-    """``--reference`` must name a point of the folders given (the error lists them); a
+    """``--reference`` must name a point of the folders given (the error lists them,
+    says when it is the default, bundled, and names one to pass instead); a
     ``tune --out`` folder, or one of its point or window folders, is refused as a tune
     folder naming one of its ``scale`` folders, which ``--points`` reads."""
     from easyedit_replay.cli import main
@@ -298,7 +428,13 @@ def test_report_points_names_the_points_and_tells_a_tune_folder(twins, tmp_path,
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == ("error: report --points: --reference papr: no folder is at that point "
-                            "(points: bundled, paper)\n")
+                            "(points: bundled, paper); pass --reference bundled\n")
+    paper, host = (_folder(tmp_path / point, point, {"MEMIT__spread": 1}) for point in ("paper", "host-fe"))
+    assert main(["report", "--points", str(paper), str(host)]) == 2  # no --reference: bundled, absent
+    assert capsys.readouterr().err == ("error: report --points: --reference bundled (the default): no folder is at "
+                                       "that point (points: paper, host-fe); pass --reference paper\n")
+    assert main(["report", "--points", str(paper), str(host), "--reference", "paper"]) == 0
+    assert "- `paper` (reference): " in capsys.readouterr().out
     tune = tmp_path / "tune"
     lam = _folder(tune / "paper" / "lambda5000", "paper", {"MEMIT__spread": 1}, plan_point="paper")
     windowed = _folder(tmp_path / "wtune" / "paper" / "w4-8" / "lambda5000", "paper", {"MEMIT__spread": 1})

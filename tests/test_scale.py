@@ -216,6 +216,65 @@ def test_plan_only_lists_the_planned_cells_as_missing_without_a_model(tmp_path, 
     assert report.count("AlphaEdit/replay") >= 2  # both sequential steps
 
 
+def test_an_out_folder_keeps_its_operating_point(tmp_path, capsys):
+    """``scale --point P --out DIR`` (and ``--plan-only``) on a folder whose cells or plan
+    are at another point is refused before any work, naming the point to use; scale.json
+    and the report stay as they were. The committed folders accept their own point
+    (``scale_cf``'s older cells lack ``operating_point``: its scale.json names bundled),
+    and a new folder takes any. ``run_scale`` refuses it too, before anything is made."""
+    import shutil
+
+    from easyedit_replay.cli import main
+    from easyedit_replay.errors import ReplayError
+
+    results = ROOT / "docs" / "results"
+    out = tmp_path / "paper"
+    shutil.copytree(results / "scale_cf_paper", out)
+    before = {name: (out / name).read_bytes() for name in ("scale.json", "report.md")}
+    plan = ["scale", "--plan-only", "--n", "8", "--algs", "MEMIT", "--modes", "spread", "--out", str(out)]
+    for argv in (plan + ["--point", "bundled"], plan):  # bundled: also the default
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (f"error: --out {out} holds cells at paper (this run: bundled); use --point "
+                                           f"paper or another --out\n")
+        assert {name: (out / name).read_bytes() for name in before} == before
+    with pytest.raises(ReplayError, match="holds cells at paper"):
+        run_scale(None, None, [{}] * 8, {"MEMIT": _hparams(None, "MEMIT")}, _batch_cfg(), out)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert main(plan + ["--point", "paper"]) == 0
+    assert json.loads((out / "scale.json").read_text())["meta"]["operating_point"] == ["paper"]
+    fresh = tmp_path / "fresh"
+    assert main(["scale", "--plan-only", "--n", "8", "--algs", "MEMIT", "--point", "host-fe", "--out", str(fresh)]) == 0
+    assert main(["scale", "--plan-only", "--n", "8", "--algs", "MEMIT", "--out", str(fresh)]) == 2
+    assert "holds a plan (scale.json) at host-fe (this run: bundled); use --point host-fe" in capsys.readouterr().err
+    from easyedit_replay.experiments.cells import check_out_point
+
+    check_out_point(results / "scale_cf", ["bundled"])
+    check_out_point(results / "scale_cf_paper", ["paper"])
+    with pytest.raises(ReplayError, match=r"holds cells at bundled \(this run: paper\); use --point bundled"):
+        check_out_point(results / "scale_cf", ["paper"])
+
+
+def test_a_replan_keeps_the_recorded_spelling_of_its_data(tmp_path, monkeypatch):
+    """scale.json's ``meta["data"]`` keeps the path it records when a later plan names
+    the same file another way (absolute for relative, as ``$CF`` for
+    ``../shared/data/...``); another file replaces it."""
+    from easyedit_replay.experiments.cells import update_plan
+
+    (tmp_path / "data").mkdir()
+    for name in ("cf.json", "other.json"):
+        (tmp_path / "data" / name).write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scale"
+    out.mkdir()
+    update_plan(out, [], {"data": "data/cf.json", "model": "smollm2-135m"})
+    update_plan(out, [], {"data": str(tmp_path / "data" / "cf.json"), "model": "smollm2-135m"})
+    assert json.loads((out / "scale.json").read_text())["meta"]["data"] == "data/cf.json"
+    update_plan(out, [], {"data": "./data/../data/cf.json"})
+    assert json.loads((out / "scale.json").read_text())["meta"]["data"] == "data/cf.json"
+    update_plan(out, [], {"data": str(tmp_path / "data" / "other.json")})
+    assert json.loads((out / "scale.json").read_text())["meta"]["data"] == str(tmp_path / "data" / "other.json")
+
+
 def test_sequential_series_are_paired_against_spread_on_the_edits_made():
     """The paired difference ``mode - spread`` of a sequential series, on the committed
     CounterFact 8 x 96 cells: paired at each number of edits made that both modes have

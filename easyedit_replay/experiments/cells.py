@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -153,13 +154,27 @@ def cell_edits(cell: dict) -> int:
     return cell["n"] if cell["kind"] == "batch" else cell["edits"] - (cell["step"] - 1) * cell["batch_size"]
 
 
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def update_plan(out: Path, plan: List[dict], meta: Optional[dict]) -> None:
-    """Add ``plan``'s cells (and ``meta``) to ``out/scale.json``."""
+    """Add ``plan``'s cells (and ``meta``) to ``out/scale.json``. A ``meta["data"]``
+    naming the file the plan already records under another spelling (an absolute path
+    for a relative one; both read from the working folder) keeps the recorded spelling,
+    so a re-plan does not churn it."""
     path = out / "scale.json"
     data = json.loads(path.read_text()) if path.exists() else {"planned": [], "meta": {}}
     known = {json.dumps(c, sort_keys=True) for c in data["planned"]}
     data["planned"] += [c for c in plan if json.dumps(c, sort_keys=True) not in known]
-    data["meta"].update(meta or {})
+    meta = dict(meta or {})
+    recorded = data["meta"].get("data")
+    if meta.get("data") and recorded and _same_file(recorded, meta["data"]):
+        meta["data"] = recorded
+    data["meta"].update(meta)
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
@@ -174,6 +189,43 @@ def plan_points(meta: Optional[dict]) -> Tuple[str, ...]:
     if not named:
         return ()
     return (named,) if isinstance(named, str) else tuple(named)
+
+
+def cell_points(found: dict) -> Tuple[Tuple[str, ...], int]:
+    """``(points, unnamed)``: the operating points the edit cells of ``found``
+    (:func:`collect_cells`) name in their ``operating_point``, sorted, and how many cells
+    lack the field (made before it existed)."""
+    cells = edit_cells(found)
+    return (tuple(sorted({c["operating_point"] for c in cells if c.get("operating_point")})),
+            sum(1 for c in cells if not c.get("operating_point")))
+
+
+def check_out_point(out_dir, points: Sequence[str]) -> None:
+    """Refuse to plan or make cells at the operating points ``points`` in a ``scale
+    --out`` folder that holds cells, or a plan, at other points; one folder is one point
+    (``report --points`` reads a folder's point from its cells and its ``scale.json``).
+    The folder's points are its cells' ``operating_point`` (:func:`cell_points`) and, when
+    a cell lacks the field or there is no cell, the points its ``scale.json`` names
+    (:func:`plan_points`). A folder that records no point (new, or only cells older than
+    the field and a plan naming none) takes any.
+
+    Raises:
+        ReplayError: the folder's points are not ``points``: names ``--out``, the points
+            it holds and ``--point``.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    found = collect_cells(out)
+    named, unnamed = cell_points(found)
+    plan = out / "scale.json"
+    planned = plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
+    held = sorted(set(named) | (set(planned) if unnamed or not named else set()))
+    if held and held != sorted(set(points)):
+        what = "cells" if edit_cells(found) else "a plan (scale.json)"
+        asked = ", ".join(sorted(set(points)))
+        raise ReplayError(f"--out {out} holds {what} at {', '.join(held)} (this run: {asked}); use --point {held[0]} "
+                          f"or another --out")
 
 
 def missing_cells(out_dir, found: Optional[dict] = None) -> List[dict]:

@@ -9,7 +9,9 @@ A folder's point is its cells' ``operating_point`` (cells made before that field
 existed take the one point its ``scale.json`` names, and the report says how many
 did); a run is then ``ALG/mode@point``. For every kind of cell finished at more than
 one point (one batch of ``n``; a sequential series, at each number of edits made) and
-every algorithm finished at more than one point in it, :func:`points_markdown` writes
+every algorithm finished at more than one point in it (with ``--modes``, a kind that
+has a cell of those modes), :func:`points_markdown` writes, after naming the modes of
+those algorithms that only one point has evaluated (:func:`single_point_runs`),
 
 a. the ``scale`` metrics (``metrics("scale")``) side by side, mean [95% CI], one row
    per algorithm, mode and point;
@@ -17,26 +19,32 @@ b. paired differences on the same edits (:func:`pairs`): ``mode@P - spread@P`` w
    each point, ``mode@P - spread@R`` against spreading at the reference point ``R``
    (``bundled``, the tuned default: each construction against spreading at its best
    point) and ``spread@P - spread@R``; ``*`` marks a 95% interval that excludes 0. Two
-   cells are paired only on the same records (:func:`pair_refusal`); sequential cells
-   at the numbers of edits made that both have evaluated, on all edits made and on each
+   cells are paired only on the same records, model and edit layers
+   (:func:`pair_refusal`); a hyperparameter that differs within a pair besides the
+   modes' own and, across points, the point's anchor settings (``POINT_FIELDS``) is
+   named next to the pair (:func:`hparams_differences`); sequential cells at the
+   numbers of edits made that both have evaluated, on all edits made and on each
    batch's edits (retention, :func:`retention_pairs_table`);
 c. per-layer mean update norms ``|dW|`` and, where the cells record them, the anchor's
    ``|delta|`` and the targets' ``|t|`` relative to the unedited model's mean norm of
    the module (``|delta| / |h|``), per algorithm, mode and point (:func:`norm_tables`);
 d. the pairs that cannot be formed yet (a side not evaluated), the pairs refused
-   (records differ) and the planned cells not finished, per point.
+   (records, model or edit layers differ) and the planned cells not finished, per point.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..bundled import POINT_FIELDS
 from ..errors import ReplayError
 from ..tune import grid_scale_folders
-from .cells import check_modes, collect_cells, describe, edit_cells, missing_cells, plan_points
+from .cells import (
+    cell_points, check_modes, collect_cells, describe, edit_cells, missing_cells, plan_points,
+)
 from .metrics import RunKey, metrics, run_order
 from .report import update_norms
 from .statistics import mean, paired_difference
@@ -48,6 +56,8 @@ from .tables import (
 REFERENCE = "bundled"  # the tuned default point (docs/results.md, "At the paper's operating point")
 SUMMARY_ONLY = ("n_boot", "seed")
 RETENTION_KEY = "efficacy_exact"  # the per-edit value of the retention pairs (efficacy Acc)  # metric settings that change a cell's summary, not its per-edit rows
+# hyperparameters two cells must share to be rows of the same edits (pair_refusal), and what they are
+SAME_EDITS_HPARAMS = {"model_name": "models", "layers": "edit layers"}
 
 
 @dataclass
@@ -80,6 +90,9 @@ class Pair:
             :func:`~easyedit_replay.experiments.tables.retention_paired_table`; else None.
         reason: why it is not formed: a side not evaluated (``missing``) or a
             :func:`pair_refusal`.
+        differs: of a formed pair, :func:`hparams_differences` of its two cells: the
+            hyperparameters that differ besides the expected ones, ``{field: (value at
+            mode@point, value at spread@against)}``.
     """
 
     alg: str
@@ -91,10 +104,18 @@ class Pair:
     reason: Optional[str] = None
     missing: bool = False
     retention: Optional[List[tuple]] = None
+    differs: Dict[str, tuple] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
         return f"{self.mode}@{self.point} - spread@{self.against}"
+
+    @property
+    def label(self) -> str:
+        """:attr:`text`, naming the hyperparameters of :attr:`differs` after it."""
+        if not self.differs:
+            return self.text
+        return f"{self.text} ({', '.join(self.differs)} also {'differs' if len(self.differs) == 1 else 'differ'})"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -120,8 +141,8 @@ def read_point(source) -> PointCells:
                           f"grid's are its <point>/lambda<L> folders, e.g. {grid[0]})")
     found = collect_cells(path)
     cells = edit_cells(found)
-    named = {c["operating_point"] for c in cells if c.get("operating_point")}
-    unnamed = sum(1 for c in cells if not c.get("operating_point"))
+    points, unnamed = cell_points(found)
+    named = set(points)
     plan = path / "scale.json"
     planned = plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
     if unnamed or not cells:
@@ -145,7 +166,8 @@ def read_points(sources: Sequence, reference: str = REFERENCE) -> List[PointCell
 
     Raises:
         ReplayError: those of :func:`read_point`; two folders at the same point; no
-            folder at ``reference``.
+            folder at ``reference`` (it says when that is the default, :data:`REFERENCE`,
+            and names a point to pass as ``--reference``).
     """
     points: Dict[str, PointCells] = {}
     for source in sources:
@@ -155,8 +177,9 @@ def read_points(sources: Sequence, reference: str = REFERENCE) -> List[PointCell
                               f"{p.point} (field `operating_point`); give one folder per point")
         points[p.point] = p
     if reference not in points:
-        raise ReplayError(f"report --points: --reference {reference}: no folder is at that point "
-                          f"(points: {', '.join(points)})")
+        default = " (the default)" if reference == REFERENCE else ""
+        raise ReplayError(f"report --points: --reference {reference}{default}: no folder is at that point "
+                          f"(points: {', '.join(points)}); pass --reference {next(iter(points))}")
     return [points[reference]] + [p for name, p in points.items() if name != reference]
 
 
@@ -203,11 +226,35 @@ def shared_algorithms(points: Sequence[PointCells], kind: tuple) -> List[str]:
     return sorted((a for a, n in at.items() if n > 1), key=lambda a: run_order(RunKey(a, "spread")))
 
 
-def shared_kinds(points: Sequence[PointCells]) -> List[tuple]:
-    """The kinds of cell with an algorithm evaluated at more than one point: one batch by
-    n, then the sequential series."""
+def _runs_at(points: Sequence[PointCells], kind: tuple, modes: Optional[Sequence[str]] = None) -> Dict[tuple, list]:
+    """``{(alg, mode): [points]}`` of the evaluated runs of ``kind`` of the
+    :func:`shared_algorithms` (only ``modes``, all when None), in table order."""
+    algs = shared_algorithms(points, kind)
+    at: Dict[tuple, list] = {}
+    for p in points:
+        for key in dict.fromkeys(k for cells in steps_of_kind(p.found, kind).values() for k in cells):
+            run = RunKey.parse(key)
+            if run.alg in algs and (not modes or run.mode in modes):
+                at.setdefault((run.alg, run.mode), []).append(p.point)
+    return dict(sorted(at.items(), key=lambda item: run_order(RunKey(*item[0]))))
+
+
+def shared_kinds(points: Sequence[PointCells], modes: Optional[Sequence[str]] = None) -> List[tuple]:
+    """The kinds of cell with an algorithm evaluated at more than one point (and, with
+    ``modes``, a cell of one of them in one of ``modes``): one batch by n, then the
+    sequential series."""
     kinds = dict.fromkeys(k for p in points for k in _kinds(p.found))
-    return sorted((k for k in kinds if shared_algorithms(points, k)), key=lambda k: (k[0] != "batch", k[1]))
+    return sorted((k for k in kinds if shared_algorithms(points, k) and (not modes or _runs_at(points, k, modes))),
+                  key=lambda k: (k[0] != "batch", k[1]))
+
+
+def single_point_runs(points: Sequence[PointCells], kind: tuple,
+                      modes: Optional[Sequence[str]] = None) -> List[Tuple[str, str, str]]:
+    """``(alg, mode, point)`` of the runs of ``kind`` that the report shows (an algorithm
+    of :func:`shared_algorithms`, a mode of ``modes``) but that only one point has
+    evaluated: nothing of that run to compare across points, only its pairs against
+    spreading. In table order."""
+    return [(alg, mode, at[0]) for (alg, mode), at in _runs_at(points, kind, modes).items() if len(at) == 1]
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -217,8 +264,12 @@ def pair_refusal(cell: dict, reference: dict) -> Optional[str]:
     """Why the per-edit rows of two cells are not rows of the same edits, None when they
     are: both carry the records digest (``settings["records"]``) and it is the same, the
     evaluated case ids (``evaluated_cases``, sequential cells) are the same where both
-    record them, the rows are as many, and the metric options that change a per-edit
-    row (``settings["metrics"]`` but ``n_boot`` and ``seed``) are the same."""
+    record them, both carry their hyperparameters (``settings["hparams"]``) and the
+    model and edit layers in them (:data:`SAME_EDITS_HPARAMS`) are the same, the rows are
+    as many, and the metric options that change a per-edit row (``settings["metrics"]``
+    but ``n_boot`` and ``seed``) are the same. Other hyperparameters may differ: those a
+    pair expects (the modes', the points' anchor settings) and the others, which
+    :func:`hparams_differences` names."""
     sa, sb = cell.get("settings") or {}, reference.get("settings") or {}
     if not sa.get("records") or not sb.get("records"):
         return "a cell has no records digest (settings.records)"
@@ -227,6 +278,12 @@ def pair_refusal(cell: dict, reference: dict) -> Optional[str]:
     ca, cb = cell.get("evaluated_cases"), reference.get("evaluated_cases")
     if ca is not None and cb is not None and ca != cb:
         return "evaluated case ids differ (evaluated_cases)"
+    ha, hb = sa.get("hparams"), sb.get("hparams")
+    if not ha or not hb:
+        return "a cell has no hyperparameters (settings.hparams)"
+    for name, what in SAME_EDITS_HPARAMS.items():
+        if ha.get(name) != hb.get(name):
+            return f"{what} differ (settings.hparams.{name} {ha.get(name)} vs {hb.get(name)})"
     na, nb = len(_numbers(cell)["per_edit"]), len(_numbers(reference)["per_edit"])
     if na != nb:
         return f"{na} and {nb} per-edit rows"
@@ -234,6 +291,36 @@ def pair_refusal(cell: dict, reference: dict) -> Optional[str]:
     if ma != mb:
         return f"metric options differ ({', '.join(sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k)))})"
     return None
+
+
+def _mode_fields(mode: str) -> set:
+    """The hyperparameters a mode spec sets (:func:`~easyedit_replay.targets.parse_mode`:
+    ``replay_tau=0.25``'s ``replay_tau``, ``+refresh``'s ``sequential_refresh``); none for
+    a construction not registered in this process."""
+    from ..targets import parse_mode
+
+    try:
+        return set(parse_mode(mode)[1])
+    except ValueError:
+        return set()
+
+
+def hparams_differences(cell: dict, reference: dict, across_points: bool) -> Dict[str, tuple]:
+    """The hyperparameters (``settings["hparams"]``) of two cells that differ besides the
+    ones a pair expects to differ: ``alg_name`` and the fields of each cell's mode spec
+    (:func:`_mode_fields`) and, when the two cells are at two operating points
+    (``across_points``), the point's anchor settings
+    (:data:`~easyedit_replay.bundled.POINT_FIELDS`). ``{field: (cell's value,
+    reference's value)}`` in field order; None for a field one cell does not record (at
+    its dataclass default, :func:`~easyedit_replay.experiments.cells.hparams_settings`).
+    A lambda (``mom2_update_weight``) that differs between two points is one of them: its
+    effect is mixed into the pair's difference."""
+    ha, hb = ((c.get("settings") or {}).get("hparams") or {} for c in (cell, reference))
+    expected = {"alg_name"} | _mode_fields(cell["mode"]) | _mode_fields(reference["mode"])
+    if across_points:
+        expected |= set(POINT_FIELDS)
+    return {k: (ha.get(k), hb.get(k)) for k in sorted(set(ha) | set(hb))
+            if k not in expected and ha.get(k) != hb.get(k)}
 
 
 def pairs(points: Sequence[PointCells], kind: tuple, modes: Optional[Sequence[str]] = None,
@@ -244,9 +331,10 @@ def pairs(points: Sequence[PointCells], kind: tuple, modes: Optional[Sequence[st
     spread@R`` for each non-spread mode evaluated at P (only ``modes``, all when None),
     and ``spread@P - spread@R`` where P has evaluated that algorithm (``spread`` in
     ``modes``). A pair is formed (``stats``: :func:`paired_difference` of each
-    ``metrics("scale")`` key, ``n_boot`` resamples, ``seed``) when both sides are
-    evaluated and :func:`pair_refusal` has nothing; otherwise ``reason`` says why. In
-    table order: algorithm, mode, point, against, edits made."""
+    ``metrics("scale")`` key, ``n_boot`` resamples, ``seed``; ``differs``:
+    :func:`hparams_differences`) when both sides are evaluated and :func:`pair_refusal`
+    has nothing; otherwise ``reason`` says why. In table order: algorithm, mode, point,
+    against, edits made."""
     ms = metrics("scale")
     algs = shared_algorithms(points, kind)
     steps = [steps_of_kind(p.found, kind) for p in points]
@@ -262,6 +350,7 @@ def pairs(points: Sequence[PointCells], kind: tuple, modes: Optional[Sequence[st
         else:
             pair.reason = pair_refusal(cell, spread)
             if pair.reason is None:
+                pair.differs = hparams_differences(cell, spread, point != against)
                 rows, reference = _numbers(cell)["per_edit"], _numbers(spread)["per_edit"]
                 pair.stats = {m.key: paired_difference(rows, reference, m.key, n_boot, seed) for m in ms}
                 if kind[0] == "sequential":
@@ -317,9 +406,29 @@ def pairs_table(found_pairs: Sequence[Pair], kind: tuple) -> List[List[str]]:
     seq = kind[0] == "sequential"
     ms = metrics("scale")
     rows = [["algorithm", "difference"] + (["edits made"] if seq else []) + [m.label for m in ms]]
-    rows += [[q.alg, q.text] + ([str(q.made)] if seq else []) + [marked(q.stats[m.key]) for m in ms]
+    rows += [[q.alg, q.label] + ([str(q.made)] if seq else []) + [marked(q.stats[m.key]) for m in ms]
              for q in found_pairs if q.stats is not None]
     return rows
+
+
+def _value(v) -> str:
+    if v is None:
+        return "default"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def differences_note(found_pairs: Sequence[Pair]) -> List[str]:
+    """Markdown lines under a pairs table: for each formed pair whose cells differ in a
+    hyperparameter besides the expected ones (:attr:`Pair.differs`), the fields and their
+    two values, once per algorithm and difference; empty when there is none."""
+    items = dict.fromkeys(f"- {q.alg}, {q.text}: " + "; ".join(f"{k} {_value(a)} vs {_value(b)}"
+                                                                 for k, (a, b) in q.differs.items())
+                          for q in found_pairs if q.stats is not None and q.differs)
+    if not items:
+        return []
+    return [f"Besides the modes' own hyperparameters and, across points, the anchor settings a point sets "
+            f"({', '.join(POINT_FIELDS)}), these pairs' cells differ in (mode@P's value vs spread's); their "
+            f"effect is mixed into the difference:", "", *items, ""]
 
 
 def retention_pairs_table(found_pairs: Sequence[Pair]) -> List[List[str]]:
@@ -330,7 +439,7 @@ def retention_pairs_table(found_pairs: Sequence[Pair]) -> List[List[str]]:
     formed = [q for q in found_pairs if q.retention is not None]
     n = max((len(q.retention) for q in formed), default=0)
     rows = [["algorithm", "difference", "edits made"] + [f"batch {j + 1}" for j in range(n)]]
-    rows += [[q.alg, q.text, str(q.made)] + [marked(st) for st in q.retention] + [""] * (n - len(q.retention))
+    rows += [[q.alg, q.label, str(q.made)] + [marked(st) for st in q.retention] + [""] * (n - len(q.retention))
              for q in formed]
     return rows
 
@@ -411,21 +520,30 @@ def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Option
                         f"scale.json)" if p.from_plan else ""))
     lines += ["", f"Cells: mean over edits [95% bootstrap interval]. Paired: `mode@P - spread@P` within a point, "
               f"`mode@P - spread@{reference}` against spreading at the reference point and `spread@P - "
-              f"spread@{reference}`, on the same edits (same records), mean [95% paired bootstrap interval]; `*` "
-              f"marks an interval that excludes 0. Only algorithms evaluated at more than one point in a kind of "
-              f"cell are shown; a sequential series pairs at the numbers of edits made both sides have evaluated.",
+              f"spread@{reference}`, on the same edits (same records, model and edit layers), mean [95% paired "
+              f"bootstrap interval]; `*` marks an interval that excludes 0. Only algorithms evaluated at more than "
+              f"one point in a kind of cell are shown (a mode of theirs evaluated at one point only is named under "
+              f"the kind's heading); a sequential series pairs at the numbers of edits made both sides have "
+              f"evaluated.",
               ""]
-    kinds = shared_kinds(points)
+    kinds = shared_kinds(points, modes)
     if not kinds:
-        lines += ["No kind of cell is evaluated at more than one point yet.", ""]
+        lines += [f"No kind of cell evaluated at more than one point has cells of --modes {','.join(modes)}."
+                  if modes and shared_kinds(points) else "No kind of cell is evaluated at more than one point yet.", ""]
     wanted: List[Tuple[tuple, Pair]] = []
     for kind in kinds:
         found_pairs = pairs(points, kind, modes, n_boot, seed)
         wanted += [(kind, q) for q in found_pairs]
         updates, anchors = norm_tables(points, kind, modes)
-        lines += [f"## {_where(kind).capitalize()}", "",
-                  render_markdown(side_by_side_table(points, kind, modes)), "",
+        lines += [f"## {_where(kind).capitalize()}", ""]
+        alone = single_point_runs(points, kind, modes)
+        if alone:
+            lines += ["Evaluated at one point only (no other point to compare the run with; its rows and its pairs "
+                      "against spreading are shown): " + ", ".join(f"{RunKey(alg, mode).text} at {point}"
+                                                                   for alg, mode, point in alone) + ".", ""]
+        lines += [render_markdown(side_by_side_table(points, kind, modes)), "",
                   "Paired differences on the same edits:", "", render_markdown(pairs_table(found_pairs, kind)), ""]
+        lines += differences_note(found_pairs)
         if kind[0] == "sequential":
             lines += ["Retention, paired: the same differences on each batch's edits (efficacy Acc):", "",
                       render_markdown(retention_pairs_table(found_pairs)), ""]
@@ -442,7 +560,7 @@ def points_markdown(sources: Sequence, reference: str = REFERENCE, modes: Option
     # planned cells not finished, of the kinds finished or planned at more than one point
     planned = [(p, missing_cells(p.source)) for p in points]
     seen = [set(_kinds(p.found)) | {_planned_kind(c) for c in cells} for p, cells in planned]
-    across = set(kinds) | {k for k in set().union(*seen) if sum(k in s for s in seen) > 1}
+    across = set(shared_kinds(points)) | {k for k in set().union(*seen) if sum(k in s for s in seen) > 1}
     unfinished = [f"- {p.point}: {describe(c)}" for p, cells in planned for c in cells
                   if _planned_kind(c) in across and (not modes or c["mode"] in modes)]
     for title, items in (("Missing pairs (a side not evaluated yet)", missing),

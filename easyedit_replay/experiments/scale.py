@@ -46,8 +46,8 @@ from ..errors import ReplayError
 from ..evaluate import Evaluation
 from ..sequential import key_drift, reset_sequential_state, track_sequential
 from .cells import (
-    batch_path, cell_edits, cell_path, hparams_settings, planned_cells, read_cell, records_digest, step_path,
-    steps_of, unedited_path, update_plan, write_cell,
+    batch_path, cell_edits, cell_path, check_out_point, hparams_settings, plan_points, planned_cells, read_cell,
+    records_digest, step_path, steps_of, unedited_path, update_plan, write_cell,
 )
 from .metrics import RunKey
 from .runner import (
@@ -279,7 +279,9 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
             --report-only`` writes it later).
 
     Raises:
-        ReplayError: bad sizes, or a finished cell made with other settings.
+        ReplayError: bad sizes; ``out_dir`` holds cells or a plan at another operating
+            point than the hyperparameters' (:func:`~easyedit_replay.experiments.cells.check_out_point`);
+            a finished cell made with other settings.
     """
     from tqdm.auto import tqdm
 
@@ -290,6 +292,7 @@ def run_scale(model, tok, records: List[dict], hparams_by_alg: Dict[str, object]
     sizes = cfg.sizes
     b = cfg.batch_size if cfg.sequential else None
     out = Path(out_dir)
+    check_out_point(out, sorted({hp.operating_point for hp in hparams_by_alg.values()}))
     by_alg = {a: (hp.replace(stats_dir=stats_dir) if stats_dir else hp) for a, hp in hparams_by_alg.items()}
     templates = {a: resolve_templates(model, tok, hp) for a, hp in by_alg.items()}
     plan = planned_cells(cfg, list(by_alg))
@@ -353,12 +356,15 @@ def record_plan(out_dir, cfg: ScaleConfig, algs: Sequence[str], meta: Optional[d
     then rewrite the report. Returns ``out_dir/report.md``.
 
     Raises:
-        ReplayError: bad sizes or batch size (the checks of :func:`run_scale`).
+        ReplayError: bad sizes or batch size, or ``out_dir`` at another operating point
+            than ``meta`` names (the checks of :func:`run_scale`).
     """
     from .report import write_scale_report
 
     check_sizes(cfg, None)
     out = Path(out_dir)
+    if plan_points(meta):
+        check_out_point(out, plan_points(meta))
     out.mkdir(parents=True, exist_ok=True)
     update_plan(out, planned_cells(cfg, list(algs)), meta)
     return write_scale_report(out, cfg.n_boot, cfg.seed)
