@@ -393,6 +393,41 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells()
         assert row[6] == retention[("replay@paper - spread@bundled", row[0])], row[0]
     assert [r[0] for r in docs_paired] == sorted(paired, key=int)
 
+
+def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells():
+    """The table of docs/results.md "One batch of 192 at the paper's point" is what
+    ``report --points docs/results/scale_cf docs/results/scale_cf_paper --modes
+    spread,replay,blue`` gives for one batch of 192: each point's efficacy Acc /
+    generalization Acc / DKL, ``mode - spread`` within each point, and ``mode@paper -
+    spread@bundled``; a number no cell backs fails here."""
+    from easyedit_replay.experiments.points import points_markdown
+
+    results = (ROOT / "docs" / "results.md").read_text()
+    start = results.index("\n### One batch of 192 at the paper's point")
+    section = results[start:results.index("\n`report --points` sets the cells", start)]
+    printed = points_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_paper"],
+                              modes=["spread", "replay", "blue"])
+    printed = printed[printed.index("## One batch of 192 edits"):printed.index("## Sequential")]
+
+    def table(text, header):
+        lines = text[text.index(header):].splitlines()
+        return [[c.strip() for c in line.strip("|").split("|")]
+                for line in lines[2:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]]
+
+    first = lambda v: v.split(" [")[0]  # noqa: E731
+    cells = {(r[0], r[1], r[2]): r for r in table(printed, "| algorithm | mode | point |")}
+    pairs = {(r[0], r[1]): r[2:5] for r in table(printed, "| algorithm | difference |")}
+    docs = table(section, "| algorithm | mode | at bundled")
+    assert len(docs) == 9
+    for alg, mode, bundled, paper, within_b, within_p, eff, gen, dkl in docs:
+        for point, value in (("bundled", bundled), ("paper", paper)):
+            cell = cells[(alg, mode, point)]
+            assert value == " / ".join(first(v) for v in cell[3:6]), (alg, mode, point)
+        if mode != "spread":
+            assert within_b == pairs[(alg, f"{mode}@bundled - spread@bundled")][0], (alg, mode)
+            assert within_p == pairs[(alg, f"{mode}@paper - spread@paper")][0], (alg, mode)
+        assert [eff, gen, dkl] == pairs[(alg, f"{mode}@paper - spread@bundled")], (alg, mode)
+
 # ----------------------------------------------------------------------------- provenance of a cell
 
 
