@@ -191,6 +191,13 @@ def plan_points(meta: Optional[dict]) -> Tuple[str, ...]:
     return (named,) if isinstance(named, str) else tuple(named)
 
 
+def recorded_points(out_dir) -> Tuple[str, ...]:
+    """The operating points ``out_dir/scale.json`` names (:func:`plan_points` of its
+    ``meta``); empty when the folder has no ``scale.json``."""
+    plan = Path(out_dir) / "scale.json"
+    return plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
+
+
 def cell_points(found: dict) -> Tuple[Tuple[str, ...], int]:
     """``(points, unnamed)``: the operating points the edit cells of ``found``
     (:func:`collect_cells`) name in their ``operating_point``, sorted, and how many cells
@@ -206,7 +213,7 @@ def check_out_point(out_dir, points: Sequence[str]) -> None:
     (``report --points`` reads a folder's point from its cells and its ``scale.json``).
     The folder's points are its cells' ``operating_point`` (:func:`cell_points`) and, when
     a cell lacks the field or there is no cell, the points its ``scale.json`` names
-    (:func:`plan_points`). A folder that records no point (new, or only cells older than
+    (:func:`recorded_points`). A folder that records no point (new, or only cells older than
     the field and a plan naming none) takes any.
 
     Raises:
@@ -218,11 +225,10 @@ def check_out_point(out_dir, points: Sequence[str]) -> None:
         return
     found = collect_cells(out)
     named, unnamed = cell_points(found)
-    plan = out / "scale.json"
-    planned = plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
+    planned = recorded_points(out)
     held = sorted(set(named) | (set(planned) if unnamed or not named else set()))
     if held and held != sorted(set(points)):
-        what = "cells" if edit_cells(found) else "a plan (scale.json)"
+        what = "cells" if named or unnamed else "a plan (scale.json)"
         asked = ", ".join(sorted(set(points)))
         raise ReplayError(f"--out {out} holds {what} at {', '.join(held)} (this run: {asked}); use --point {held[0]} "
                           f"or another --out")

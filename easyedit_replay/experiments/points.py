@@ -34,7 +34,6 @@ d. the pairs that cannot be formed yet (a side not evaluated), the pairs refused
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,7 +42,7 @@ from ..bundled import POINT_FIELDS
 from ..errors import ReplayError
 from ..tune import grid_scale_folders
 from .cells import (
-    cell_points, check_modes, collect_cells, describe, edit_cells, missing_cells, plan_points,
+    cell_points, check_modes, collect_cells, describe, edit_cells, missing_cells, recorded_points,
 )
 from .metrics import RunKey, metrics, run_order
 from .report import update_norms
@@ -144,7 +143,7 @@ def read_point(source) -> PointCells:
     points, unnamed = cell_points(found)
     named = set(points)
     plan = path / "scale.json"
-    planned = plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
+    planned = recorded_points(path)
     if unnamed or not cells:
         if len(planned) != 1:
             what = f"{unnamed} of its cells lack the field `operating_point`" if cells else "it has no cells"
