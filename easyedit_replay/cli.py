@@ -453,13 +453,14 @@ def cmd_make_corpus(args) -> int:
 def _common_options(c, algs: Optional[Tuple[str, ...]] = None, grid: bool = False) -> None:
     """Options ``compare``, ``scale`` and ``tune`` share: what is edited, how, and with which
     model. ``algs``: the default of ``--algs``, which its help then names (None: every
-    algorithm with a bundled YAML). ``grid``: ``tune``'s parser, where the grid's
+    algorithm with a bundled YAML for ``--model``, :func:`bundled_algorithms`). ``grid``: ``tune``'s parser, where the grid's
     ``--points`` and ``--lambdas`` replace ``--point`` and ``--lambda`` (left out of the
     help, still parsed so that :func:`cmd_tune` refuses them naming the replacement) and
     ``--records`` is the whole tuning split (tune has no ``--n``)."""
     c.add_argument("--algs", default=",".join(algs) if algs else None,
                    help="comma-separated base algorithms (default: "
-                        + ("%(default)s" if algs else "every one with a bundled SmolLM2 YAML") + ")")
+                        + ("%(default)s" if algs else "every one with a bundled YAML for --model, "
+                           "hparams/<ALG>_REPLAY/<model>.yaml; SmolLM2's without --model") + ")")
     c.add_argument("--hparams", help="one plugin YAML instead of the bundled ones (its alg_name picks the algorithm)")
     c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name); without "
                    "--hparams, the bundled YAMLs named after it are used (hparams/<ALG>_REPLAY/<name>.yaml)")
@@ -486,7 +487,7 @@ def _common_options(c, algs: Optional[Tuple[str, ...]] = None, grid: bool = Fals
     c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for bundled YAMLs)")
     c.add_argument("--no-anchor-cache", action="store_true",
                    help="optimize every anchor afresh; neither read nor write the anchor disk cache")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu, cuda, cuda:1 (default cpu)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -517,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--batch-size, one after another on the same model")
     sc.add_argument("--batch-size", type=int, help="edits per batch of a --sequential run")
     sc.add_argument("--curve", action="store_true", help="--sequential: evaluate all edits so far after every batch")
-    sc.add_argument("--target-accuracy", action="store_true", help="also measure the per-layer target error (dear)")
+    sc.add_argument("--target-accuracy", action="store_true", help="also measure the per-layer target error "
+                    "(expensive: reads every context template to the loss layer again)")
     sc.add_argument("--attribution", help="--sequential: comma-separated steps after which each earlier batch's "
                     "efficacy is re-scored with each edited layer set back to its weights right after that batch "
                     "(2 + layers evaluations per earlier batch); cells made with it differ from cells without")
@@ -573,19 +575,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "contain 'llama', e.g. ./smollm2-135m-llama")
     e.set_defaults(func=cmd_export_model)
 
-    s = sub.add_parser("stats", help="compute (or check) covariance statistics for a YAML")
-    s.add_argument("--hparams", required=True)
-    s.add_argument("--model")
-    s.add_argument("--stats-dir")
-    s.add_argument("--force", action="store_true", help="recompute even if cached")
-    s.add_argument("--device", default="cpu")
+    s = sub.add_parser("stats", help="compute (or check) covariance statistics for a YAML: files already in the "
+                       "statistics folder are checked, not recomputed",
+                       description="Compute the covariance statistics (key second moments) of a YAML's rewritten "
+                       "modules, in one pass over its corpus for every module without a file. A module whose file "
+                       "is already in the statistics folder is checked instead: the file is read, its shape, dtype and "
+                       "sample size are compared with the model and the YAML, and its values must be finite (a bad "
+                       "file is an error naming it; delete it or pass --force). Either way it prints each module's shape "
+                       "and trace.")
+    s.add_argument("--hparams", required=True, help="a plugin YAML (alg_name e.g. MEMIT_REPLAY): its layers, "
+                   "rewritten modules, mom2_dataset, mom2_n_samples and mom2_dtype say which statistics")
+    s.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name)")
+    s.add_argument("--stats-dir", help="statistics folder, in EasyEdit's cache layout (default: the YAML's stats_dir)")
+    s.add_argument("--force", action="store_true", help="recompute and overwrite the files even if they exist")
+    s.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu, cuda (default cpu)")
     s.set_defaults(func=cmd_stats)
     mc = sub.add_parser("make-corpus", help="regenerate the bundled offline statistics corpus")
-    mc.add_argument("--model", default="smollm2-135m")
-    mc.add_argument("--n", type=int, default=512)
-    mc.add_argument("--seed", type=int, default=0)
-    mc.add_argument("--out", default=str(Path(__file__).resolve().parent / "data" / "bundled_corpus.json"))
-    mc.add_argument("--device", default="cpu")
+    mc.add_argument("--model", default="smollm2-135m", help="the model that samples the texts (default %(default)s)")
+    mc.add_argument("--n", type=int, default=512, help="number of texts (default %(default)s)")
+    mc.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    mc.add_argument("--out", default=str(Path(__file__).resolve().parent / "data" / "bundled_corpus.json"),
+                    help="the JSON file to write (default: the package's bundled corpus, which it replaces)")
+    mc.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu, cuda (default cpu)")
     mc.set_defaults(func=cmd_make_corpus)
     p.description = ("Forward replay for MEMIT-family editors, as a plugin for EasyEdit. Commands: "
                      + " | ".join(sub.choices))  # every registered subcommand, in the order of the list below

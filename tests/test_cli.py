@@ -1,14 +1,17 @@
 """The command line refuses options that would do nothing where they are given: ``report``'s
 ``--out`` and ``--reference`` without ``--allocation`` / ``--points``, ``--allocation`` with
 a scale folder, and ``scale``'s sequential-only options without ``--sequential``. Each
-refusal exits 2 naming the flag and the fix, and writes nothing. No model is loaded (the
-help that says when each option applies: tests/test_docs.py)."""
+refusal exits 2 naming the flag and the fix, and writes nothing. Every option of every
+subcommand has a help text. No model is loaded (the help that says when each option
+applies: tests/test_docs.py)."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from easyedit_replay.cli import SEQUENTIAL_ONLY, main
+from easyedit_replay.cli import SEQUENTIAL_ONLY, build_parser, main
 
 from .conftest import ROOT
 
@@ -58,3 +61,46 @@ def test_scale_refuses_sequential_options_without_sequential(tmp_path, capsys, f
     assert main(["scale", "--plan-only", "--n", "8", "--algs", "MEMIT", *given, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: {flag} is for --sequential runs: {why}; add --sequential or drop {flag}\n"
     assert not out.exists()
+
+
+def _commands(parser, prefix=()):
+    """``(words, parser)`` for every subcommand of ``parser``, nested ones (``anchors bank``) too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,), sub
+                yield from _commands(sub, prefix + (name,))
+
+
+def _help(parser) -> str:
+    return " ".join(parser.format_help().split())
+
+
+def test_every_option_of_every_subcommand_has_help():
+    """``stats --help`` listed ``--hparams``, ``--model``, ``--stats-dir`` and ``--device`` with
+    no text (and ``make-corpus`` all its options): every option, positional or not, of every
+    subcommand says what it does (``argparse.SUPPRESS``, a hidden option, counts as said)."""
+    bare = {" ".join(words): [a.option_strings[-1] if a.option_strings else a.dest
+                              for a in sub._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+            for words, sub in _commands(build_parser())}
+    assert {cmd: opts for cmd, opts in bare.items() if opts} == {}
+    assert {"stats", "make-corpus", "anchors bank", "anchors info"} <= set(bare)
+
+
+def test_help_says_how_stats_checks_and_what_algs_defaults_to():
+    """``stats``'s "compute (or check)" says how it checks (a file already there is read and
+    checked, not recomputed); ``--algs`` names its default from ``--model`` (the code reads
+    ``bundled_algorithms(model)``), not from SmolLM2 alone; ``--target-accuracy`` says why it
+    costs (it was "(dear)")."""
+    sub = dict(_commands(build_parser()))
+    top = _help(build_parser())
+    assert "compute (or check) covariance statistics for a YAML: files already in the statistics folder are " \
+           "checked, not recomputed" in top
+    stats = _help(sub[("stats",)])
+    assert "A module whose file is already in the statistics folder is checked instead" in stats
+    assert "--force recompute and overwrite the files even if they exist" in stats
+    for cmd in ("compare", "scale"):
+        assert ("--algs ALGS comma-separated base algorithms (default: every one with a bundled YAML for --model, "
+                "hparams/<ALG>_REPLAY/<model>.yaml; SmolLM2's without --model)") in _help(sub[(cmd,)])
+    scale = _help(sub[("scale",)])
+    assert "(expensive: reads every context template to the loss layer again)" in scale and "dear" not in scale
