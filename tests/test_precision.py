@@ -28,7 +28,7 @@ from .half_precision import ENV_VAR, HALF, HalfPlan, half_choice, matmul_gflops,
 # Per-layer update vs the float32 edit (1 request, layers 4-6, 3 anchor steps), worst layer:
 # |dW_half - dW_32| relative to the edit's largest float32 layer update, and the cosine for
 # every layer whose float32 update is at least 10% of that largest one (a late replay layer
-# can get 0.1% of it, and its direction is rounding). Measured values in the README.
+# can get 0.1% of it, and its direction is rounding). Measured values: docs/results.md, "Half precision".
 UPDATE_TOL = {"bfloat16": dict(rel=0.25, cos=0.96), "float16": dict(rel=0.08, cos=0.995)}
 SUBSTANTIAL = 0.1
 UPDATE_LAYERS = [4, 5, 6]
