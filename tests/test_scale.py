@@ -394,6 +394,63 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells()
     assert [r[0] for r in docs_paired] == sorted(paired, key=int)
 
 
+def test_results_refresh_tables_are_the_committed_scale_cf_report():
+    """The two tables of docs/results.md "Sequential: `+refresh` on the reported 8 x 96" are
+    copied from the committed ``docs/results/scale_cf/report.md``: the series table (efficacy
+    Acc, generalization Acc, DKL and fluency of all edits made, their paired ``- spread``, and
+    the first batch's efficacy Acc) from its "Sequential", "Paired differences, sequential"
+    and "Retention" tables, and the retention / fluency table (the first batch's efficacy Acc
+    of ``replay+refresh`` and spreading, their paired difference, and the paired fluency) from
+    its "Retention", "Retention, paired" and "Paired differences, sequential" tables. A
+    number copied wrong, or a cell rerun without docs/results.md updated, fails here
+    (``scale --out docs/results/scale_cf --report-only`` rewrites the report from the cells)."""
+    results = (ROOT / "docs" / "results.md").read_text()
+    start = results.index("\n### Sequential: `+refresh` on the reported 8 x 96")
+    section = results[start:results.index("\n#", start + 1)]
+    report = (ROOT / "docs" / "results" / "scale_cf" / "report.md").read_text()
+    report = report[report.index("\n## Sequential: 768 edits in batches of 96"):]
+
+    def table(text, title):
+        """The header and the rows of the first markdown table at or after ``title``."""
+        lines = text[text.index(title):].splitlines()
+        lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")):]
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+                for line in lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]]
+        return rows[0], rows[2:]
+
+    def memit(title, text=report):
+        """``{(mode, edits made): {column: value}}`` of the MEMIT rows of a report table."""
+        header, rows = table(text, title)
+        return {(row[1], row[2]): dict(zip(header, row)) for row in rows if row[0] == "MEMIT"}
+
+    first = lambda v: v.split(" [")[0]  # noqa: E731
+    cells = memit("| algorithm | mode | edits made | eff. Success")
+    paired = memit("Paired differences, sequential in batches of 96")
+    kept = memit("Retention: efficacy Acc of each batch")
+    kept_paired = memit("Retention, paired")
+
+    header, series = table(section, "| edits made | mode | eff. Acc | - spread | gen. Acc |")
+    assert header == ["edits made", "mode", "eff. Acc", "- spread", "gen. Acc", "- spread", "DKL", "- spread",
+                      "fluency", "batch 1 eff. Acc"]
+    assert len(series) == 24
+    for n, mode, eff, d_eff, gen, d_gen, dkl, d_dkl, fluency, batch1 in series:
+        cell = cells[(mode, n)]
+        assert [eff, gen, dkl, fluency] == [first(cell[c]) for c in ("eff. Acc", "gen. Acc", "DKL", "fluency")], \
+            (n, mode)
+        assert batch1 == kept[(mode, n)]["batch 1"], (n, mode)
+        expected = ([""] * 3 if mode == "spread"
+                    else [paired[(mode, n)][c] for c in ("eff. Acc", "gen. Acc", "DKL")])
+        assert [d_eff, d_gen, d_dkl] == expected, (n, mode)
+
+    header, retained = table(section, "| edits made | batch 1: refresh / spread |")
+    assert header == ["edits made", "batch 1: refresh / spread", "batch 1: - spread", "fluency: - spread"]
+    assert [row[0] for row in retained] == [str(96 * k) for k in range(1, 9)]
+    for n, both, d_batch1, d_fluency in retained:
+        assert both == f"{kept[('replay+refresh', n)]['batch 1']} / {kept[('spread', n)]['batch 1']}", n
+        assert d_batch1 == kept_paired[("replay+refresh", n)]["batch 1"], n
+        assert d_fluency == paired[("replay+refresh", n)]["fluency"], n
+
+
 def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells():
     """The table of docs/results.md "One batch of 192 at the paper's point" is what
     ``report --points docs/results/scale_cf docs/results/scale_cf_paper --modes
