@@ -169,6 +169,8 @@ class ReplayHyperParams:
     # ------------------------------------------------------------------ loading
     @classmethod
     def field_names(cls) -> List[str]:
+        """Names of every dataclass field of this class (EasyEdit's fields, the replay
+        fields and the algorithm's own), in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
@@ -246,6 +248,8 @@ class ReplayHyperParams:
         return cls.from_dict(config, source=source)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field as a plain mapping (``dataclasses.asdict``: nested values copied);
+        :meth:`from_dict` of it gives back an equal object."""
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
@@ -258,8 +262,13 @@ class ReplayHyperParams:
                 setattr(self, name, int(value))
 
     def validate(self) -> None:
-        """Model-independent checks (no value is changed). Raises :class:`HyperParamsError`
-        naming the field."""
+        """Model-independent checks (no value is changed).
+
+        Raises:
+            HyperParamsError: the first field whose value is out of range or of the wrong
+                type (``layers``, ``fact_token``, the positive / non-negative numbers,
+                ``mom2_dtype``, the replay and sequential fields, the module templates,
+                ``mom2_dataset``); the message names the field and the fix."""
         err = lambda name, fix: field_error(HyperParamsError, name, getattr(self, name), fix)  # noqa: E731
         if not isinstance(self.layers, (list, tuple)) or not self.layers:
             raise err("layers", "must be a non-empty list of layer indices, e.g. [4, 5, 6, 7, 8]")

@@ -47,10 +47,12 @@ class Registered:
 
     @property
     def mode(self) -> str:
+        """The target construction's name (``"replay"``, ``"spread"``, ``"blue"``, ...)."""
         return self.construction.name
 
     @property
     def hparams_class(self):
+        """The rule's hyperparameter dataclass (e.g. ``MEMITHyperParams``)."""
         return self.rule.hparams_class
 
 

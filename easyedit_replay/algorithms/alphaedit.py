@@ -83,6 +83,13 @@ class AlphaEditHyperParams(ReplayHyperParams):
 
 
     def validate(self) -> None:
+        """Base checks plus ``nullspace_threshold``, ``L2`` and ``P_loc``.
+
+        Raises:
+            HyperParamsError: a base field (:meth:`ReplayHyperParams.validate`),
+                ``nullspace_threshold`` or ``L2`` not a positive number, or ``P_loc``
+                neither a string nor null.
+        """
         super().validate()
         if not is_number(self.nullspace_threshold) or self.nullspace_threshold <= 0:
             raise field_error(HyperParamsError, "nullspace_threshold", self.nullspace_threshold,
@@ -133,7 +140,8 @@ def _load_tensor(path: Path, what: str) -> torch.Tensor:
 
 
 def projections(model, hparams, covs: Dict[str, torch.Tensor], stats_dir=None) -> Dict[str, torch.Tensor]:
-    """``{module: P [d_in, d_in] float32}`` for every edit layer's rewrite module.
+    """``{module: P [d_in, d_in] float32}`` for every edit layer's rewrite module (EasyEdit
+    ``AlphaEdit_main.get_project`` via :func:`null_space_projection`, cached on disk).
 
     ``P_loc`` (when the file exists) wins; else each module's cached file under
     ``stats_dir``; else computed from ``covs`` and written there.
@@ -301,7 +309,21 @@ class AlphaEdit(Algorithm):
     keeps_edit_time_keys = True
 
     def prepare(self, model, tok, hp, covs, options) -> AlphaEditState:
-        """Projections and the model's current key caches (``reset_cache=True``: empty)."""
+        """Projections and the model's current key caches (``reset_cache=True``: empty).
+
+        ``covs``: ``{module: [d_in, d_in]}`` second moments; ``options``: the ``apply_*``
+        keyword arguments (``reset_cache``, ``sequential_edit``, ``stats_dir``).
+
+        Returns:
+            :class:`AlphaEditState` with ``P``, ``cache`` (``[d_in, d_in]`` float32 each)
+            and the weight fingerprints per rewritten weight.
+
+        Raises:
+            StatisticsError: from :func:`projections`, an unusable ``P_loc`` or cache file.
+
+        Source: EasyEdit ``AlphaEdit_main`` (``P`` per layer, ``cache_c`` zeroed on
+        ``reset_cache``); the per-model cache and its roll-back are ours.
+        """
         reset = bool(options.get("reset_cache", False))
         P = projections(model, hp, covs, options.get("stats_dir"))
         state = AlphaEditState({}, {}, {}, commit=options.get("sequential_edit", True) is not False)
@@ -325,7 +347,15 @@ class AlphaEdit(Algorithm):
         hold); the recorded edits' edit-time keys leave the solve, which holds them at
         their current keys. With no untracked part nothing is added (bit-identical to
         ``solve(P K K^T + L2 I, P K R^T)``). The cache kept for later batches still adds
-        only this batch's own ``K K^T`` (the first ``m - restored`` columns)."""
+        only this batch's own ``K K^T`` (the first ``m - restored`` columns).
+
+        Shapes: ``inp.keys [d_in, m]``, ``inp.error [d_out, m]``, ``P`` and ``cache``
+        ``[d_in, d_in]``. Mirrors EasyEdit ``AlphaEdit_main.apply_AlphaEdit_to_model``
+        (``torch.linalg.solve`` of the paper's closed form, Fang et al., 2025).
+
+        Raises:
+            torch.linalg.LinAlgError: from ``torch.linalg.solve`` (not caught here).
+        """
         st: AlphaEditState = inp.state
         dev = inp.device
         proj = st.P[inp.weight_name].to(dev).float()
@@ -346,7 +376,18 @@ class AlphaEdit(Algorithm):
     def capacity(self, keys, cov, hp, state: AlphaEditState, weight_name) -> torch.Tensor:
         """``q = k^T B^{-1} P k`` with ``B = P cache + L2 I``: by Sherman-Morrison, the
         solve ``(B + P k k^T)^{-1} P k r^T`` of one key realizes ``q / (1 + q)`` of ``r``
-        (``k^T P k / L2`` with an empty cache)."""
+        (``k^T P k / L2`` with an empty cache).
+
+        Args:
+            keys: ``[d_in, m]`` keys; ``state.P`` / ``state.cache`` at ``weight_name``:
+                ``[d_in, d_in]``.
+
+        Returns:
+            ``[m]`` float64 capacities (computed in float32, as the stock solve).
+
+        Source: ours (Sherman-Morrison on EasyEdit AlphaEdit's solve), for the
+        ``replay_capacity`` construction.
+        """
         keys = keys.float()
         proj = state.P[weight_name].to(keys.device).float()
         cache = state.cache[weight_name].to(keys.device).float()
@@ -363,7 +404,16 @@ class AlphaEdit(Algorithm):
         untracked (the first recorded batch keeps it as the untracked part: a snapshot of
         the cache before the record began); a batch that joins the record keeps the
         untracked part as it was, one left out of it adds its ``K K^T``. Without a
-        context the batch counts as unrecorded and the whole cache as untracked."""
+        context the batch counts as unrecorded and the whole cache as untracked.
+
+        Returns:
+            :class:`PendingCaches` (every cache ``[d_in, d_in]`` float32, from this batch's
+            keys ``[d_in, m]``), or None when ``state.commit`` is False
+            (``sequential_edit=False``).
+
+        Source: EasyEdit ``AlphaEdit_main`` (``cache_c += K K^T`` after the batch); the
+        untracked split is ours.
+        """
         if not state.commit:
             return None
         seq = (context or {}).get("sequential")
@@ -383,6 +433,11 @@ class AlphaEdit(Algorithm):
         return PendingCaches(caches, state.cache, state.before, untracked, used_untracked)
 
     def commit(self, model, hp, pending: Optional[PendingCaches]) -> None:
+        """Store ``pending``'s caches as ``model``'s sequential key cache (nothing when None),
+        with the weight fingerprints before and after the edit so a later batch can roll
+        the cache back if EasyEdit restored the weights. Only called after a successful
+        edit (EasyEdit ``AlphaEdit_main`` updates ``cache_c`` in place; ours keeps it per
+        model)."""
         if pending is None:
             return
         store = _CACHES.setdefault(model, {})

@@ -78,6 +78,8 @@ class Algorithm:
 
     @property
     def host_hparams_name(self) -> str:
+        """EasyEdit's hyperparameter class name for this rule: ``host_hparams`` when set,
+        else ``f"{name}HyperParams"`` (``MEMITHyperParams``, ...)."""
         return self.host_hparams or f"{self.name}HyperParams"
 
     # -- request normalization / anchor objective

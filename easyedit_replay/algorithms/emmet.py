@@ -44,6 +44,12 @@ class EMMETHyperParams(ReplayHyperParams):
 
 
     def validate(self) -> None:
+        """Base checks plus ``update_norm_lambda`` and ``emmet_lambda``.
+
+        Raises:
+            HyperParamsError: a base field (:meth:`ReplayHyperParams.validate`), or
+                ``update_norm_lambda`` / ``emmet_lambda`` not a non-negative number.
+        """
         super().validate()
         for name in ("update_norm_lambda", "emmet_lambda"):
             value = getattr(self, name)
@@ -110,7 +116,17 @@ class EMMET(Algorithm):
     def capacity(self, keys, cov, hp, state, weight_name) -> torch.Tensor:
         """``q = k^T C'^{-1} k / emmet_lambda`` with ``C' = lambda C + update_norm_lambda I``:
         one key's relaxed equality solve realizes ``q / (1 + q)`` (``D = K^T C'^-1 K +
-        emmet_lambda I``); ``emmet_lambda = 0`` gives ``inf`` (an exact constraint)."""
+        emmet_lambda I``); ``emmet_lambda = 0`` gives ``inf`` (an exact constraint).
+
+        Args:
+            keys: ``[d_in, m]`` keys; cov: ``[d_in, d_in]`` second moment.
+
+        Returns:
+            ``[m]`` float64 capacities.
+
+        Source: ours (Sherman-Morrison on EasyEdit ``execute_emmet``'s ``D``), for the
+        ``replay_capacity`` construction.
+        """
         keys = keys.double()
         c = hp.mom2_update_weight * cov.double().to(keys.device)
         if hp.update_norm_lambda != 0:
@@ -119,6 +135,15 @@ class EMMET(Algorithm):
         return q / hp.emmet_lambda if hp.emmet_lambda else torch.full_like(q, math.inf)
 
     def update(self, inp: UpdateInputs) -> torch.Tensor:
+        """EMMET's update for one site: :func:`emmet_solve` of ``inp.keys [d_in, m]`` and
+        ``inp.error [d_out, m] / inp.divisor`` (mirrors EasyEdit ``execute_emmet``).
+
+        Returns:
+            ``[d_out, d_in]`` float64 update on ``inp.device``.
+
+        Raises:
+            NumericalError: from :func:`emmet_solve`, ``C'`` singular.
+        """
         hp = inp.hparams
         resid = inp.error.double().to(inp.device) / inp.divisor
         return emmet_solve(inp.keys.to(inp.device), resid, inp.cov.to(inp.device), hp.mom2_update_weight,

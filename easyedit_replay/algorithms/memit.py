@@ -52,6 +52,17 @@ class MEMIT(Algorithm):
     hparams_class = MEMITHyperParams
 
     def update(self, inp: UpdateInputs) -> torch.Tensor:
+        """MEMIT's eq. 14 for one site: :func:`memit_solve` of ``inp.keys [d_in, m]`` and
+        ``inp.error [d_out, m] / inp.divisor`` with ``lambda = mom2_update_weight`` and
+        ``inp.protected`` (mirrors EasyEdit ``memit_main.execute_memit``).
+
+        Returns:
+            ``[d_out, d_in]`` float64 update on ``inp.device``.
+
+        Raises:
+            torch.linalg.LinAlgError: from ``torch.linalg.solve`` when
+                ``lambda C + K K^T`` is singular (not caught here).
+        """
         keys = inp.keys.double().to(inp.device)
         resid = inp.error.double().to(inp.device) / inp.divisor
         return memit_solve(keys, resid, inp.cov.to(inp.device), inp.hparams.mom2_update_weight, inp.protected)

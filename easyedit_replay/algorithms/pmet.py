@@ -125,6 +125,9 @@ def pmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weigh
 
     Returns:
         ``[d_out, d_in]`` float64 update.
+
+    Source: EasyEdit ``pmet_main.execute_pmet`` (PMET paper, Li et al., AAAI 2024);
+    with ``protected``, the FE authors' ``add_old_keys`` as in :func:`memit_solve`.
     """
     system = keys @ keys.T + weight * cov.double()
     if protected is not None:
@@ -163,6 +166,13 @@ class PMET(Algorithm):
         return [Site(t, TargetSite(t, anchor_site_of(t, hp)), "rewrite_module_tmps") for t in hp.rewrite_module_tmps]
 
     def update(self, inp: UpdateInputs) -> torch.Tensor:
+        """PMET's update for one site: :func:`pmet_solve` of ``inp.keys [d_in, m]`` and
+        ``inp.error [d_out, m] / inp.divisor`` (``divisor`` is ``sqrt(n - i)``:
+        ``sqrt_share``), mirroring EasyEdit ``pmet_main.execute_pmet``.
+
+        Returns:
+            ``[d_out, d_in]`` float64 update on ``inp.device``.
+        """
         keys = inp.keys.double().to(inp.device)
         resid = inp.error.double().to(inp.device) / inp.divisor
         return pmet_solve(keys, resid, inp.cov.to(inp.device), inp.hparams.mom2_update_weight, inp.protected)
