@@ -55,6 +55,7 @@ class Targets:
 
     @property
     def mode(self) -> str:
+        """The construction's name (``"spread"``, ``"replay"``, ``"blue"``, ...)."""
         return self.construction.name
 
     def measure_layer(self, step: int) -> int:

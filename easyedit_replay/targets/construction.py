@@ -58,6 +58,7 @@ class Construction:
 
     @property
     def suffix(self) -> str:
+        """The ``alg_name`` suffix: :attr:`name` in upper case (``"blue"`` -> ``"BLUE"``)."""
         return self.name.upper()
 
     @property
@@ -221,7 +222,12 @@ def mode_spec(spec) -> str:
 
 def anchor_layer(mode, layers: Sequence[int]) -> int:
     """The (single) anchor layer of a one-anchor construction: ``l_n`` for spreading,
-    ``l_1`` for replay. Raises ValueError for two-anchor constructions (BLUE)."""
+    ``l_1`` for replay.
+
+    Raises:
+        ValueError: a two-anchor construction (BLUE), or ``mode`` unknown or with
+            sequential options (from :func:`get_construction`).
+    """
     found = get_construction(mode).anchor_layers(layers)
     if len(found) != 1:
         raise ValueError(f"mode {mode!r} optimizes anchors at {found}; use Construction.anchor_layers")

@@ -75,6 +75,8 @@ class JointPlan:
     seconds: float = 0.0
 
     def info(self) -> dict:
+        """The plan's cost as plain numbers: ``{"iterations", "relative_residual",
+        "seconds"}`` (stored in :attr:`Targets.info` with a ``joint_`` prefix)."""
         return {"iterations": self.iterations, "relative_residual": self.relative_residual,
                 "seconds": self.seconds}
 

@@ -135,6 +135,8 @@ class Divide(Share):
     name: ClassVar[str] = "divide"
 
     def divisor(self, targets, step: int, site=None) -> float:
+        """``n - step`` (``sqrt(n - step)`` for PMET): EasyEdit's stock share
+        (``execute_memit``'s ``resid / (len(layers) - i)``)."""
         return layers_left(targets, step)
 
 
@@ -152,11 +154,14 @@ class Full(Share):
     alias: str = ""
 
     def configured(self, hparams) -> Share:
+        """:class:`Divide` when ``hparams.<alias>`` is ``"remaining"``, else ``Full()``
+        (a missing field counts as ``"full"``)."""
         if self.alias and getattr(hparams, self.alias, "full") == "remaining":
             return Divide()
         return Full()
 
     def divisor(self, targets, step: int, site=None) -> float:
+        """Always 1.0: the full local residual at every step."""
         return 1.0
 
 
@@ -182,12 +187,31 @@ class Tau(Share):
                               "must be a number in [0, 1] (0: full residual as FE, 1: divided as spreading)")
 
     def configured(self, hparams) -> Share:
+        """This share when ``tau`` is set, else ``Tau(hparams.replay_tau)`` (0.5 when the
+        field is missing).
+
+        Raises:
+            HyperParamsError: ``hparams.replay_tau`` outside ``[0, 1]``.
+        """
         return self if self.tau is not None else Tau(float(getattr(hparams, self.param, 0.5)))
 
     def with_param(self, value) -> Share:
+        """``Tau(float(value))``.
+
+        Raises:
+            HyperParamsError: ``value`` outside ``[0, 1]``.
+            ValueError / TypeError: ``value`` not convertible by ``float``.
+        """
         return Tau(float(value))
 
     def divisor(self, targets, step: int, site=None) -> float:
+        """``layers_left(targets, step) ** tau``: ``(n - step)^tau``, PMET
+        ``sqrt(n - step)^tau`` (ours: interpolates the paper's FE, tau 0, and stock
+        spreading, tau 1).
+
+        Raises:
+            ValueError: ``tau`` is None (the construction was not configured).
+        """
         if self.tau is None:
             raise ValueError("Tau(tau=None): configure the construction with the hparams first")
         return layers_left(targets, step) ** self.tau
@@ -222,6 +246,11 @@ class Capacity(Share):
     per_request: ClassVar[bool] = True
 
     def prepare(self, ctx: ShareContext) -> None:
+        """Set ``ctx.targets.capacity`` to :func:`capacities` (``{(layer, template): [R]}``).
+
+        Raises:
+            NumericalError: a capacity that is NaN (from :func:`capacities`).
+        """
         ctx.targets.capacity = capacities(ctx)
 
     def divisor(self, targets, step: int, site=None) -> torch.Tensor:
@@ -251,6 +280,12 @@ class Joint(Capacity):
     name: ClassVar[str] = "joint"
 
     def check(self, construction) -> None:
+        """Accept only a construction that plans from replay's ``l_1`` anchor.
+
+        Raises:
+            ValueError: ``construction`` is not ``anchors=("first",)``, ``replay=True``,
+                ``measure="own"``, ``edit="all"``.
+        """
         c = construction
         if c.anchors != ("first",) or not c.replay or c.measure != "own" or c.edit != "all":
             raise ValueError(f"Construction({c.name!r}): share 'joint' plans from replay's l_1 anchor and measures "
@@ -258,6 +293,8 @@ class Joint(Capacity):
                              f"edit='all'")
 
     def refusal(self, rule, hparams) -> Optional[str]:
+        """A message when ``rule`` edits anything but one site per layer whose target is
+        the block output (``layer_module_tmp``): PMET's two module-output sites; else None."""
         sites = rule.sites(hparams)
         if len(sites) != 1 or sites[0].target.template != hparams.layer_module_tmp:
             return (f"replay_joint plans changes of the block output (layer_module_tmp); this rule edits "
