@@ -144,6 +144,17 @@ def check_prompt_lengths(model, tok, reqs: Sequence[EditRequest]) -> None:
 
 
 def resolve_templates(model, tok, hparams, context_templates=None) -> List[List[str]]:
+    """The context templates of an edit: ``context_templates`` checked when given, else
+    sampled from the model with seed ``hparams.context_seed`` (0 when missing), as
+    EasyEdit's ``get_context_templates`` (:func:`~easyedit_replay.prompts.sample_context_templates`).
+
+    Returns:
+        Groups of templates with one ``{}`` each, ``[["{}"], [prefix + ". {}", ...]]``.
+
+    Raises:
+        RequestError: from :func:`~easyedit_replay.prompts.validate_templates`, injected
+            templates that are not non-empty groups of strings with one ``{}``.
+    """
     if context_templates is not None:
         return validate_templates(context_templates)
     return sample_context_templates(model, tok, seed=int(getattr(hparams, "context_seed", 0)))

@@ -193,7 +193,15 @@ def sample_context_templates(model, tok, seed: int = 0, length: int = 10, top_k:
 
 
 def validate_templates(templates) -> List[List[str]]:
-    """Check injected context templates: a list of non-empty groups of strings with one ``{}``."""
+    """Check injected context templates: a list of non-empty groups of strings with one ``{}``.
+
+    Returns:
+        The templates as a list of lists (each group copied).
+
+    Raises:
+        RequestError: not a non-empty list, a group that is a string or empty, or an entry
+            that is not a string with exactly one ``{}``.
+    """
     if not isinstance(templates, (list, tuple)) or not templates:
         raise RequestError("context_templates must be a non-empty list of lists of strings, e.g. [['{}'], ['The cat. {}']]")
     clean = []

@@ -86,7 +86,12 @@ def model_stats_name(model) -> str:
 
 
 def context_length(model) -> int:
-    """``npos`` as in EasyEdit's ``layer_stats`` (mistral: sliding window or 4096; qwen: <= 4096)."""
+    """``npos`` as in EasyEdit's ``layer_stats`` (mistral: sliding window or 4096; qwen: <= 4096).
+
+    Raises:
+        StatisticsError: the config names no context length (``n_positions`` /
+            ``max_position_embeddings``; :func:`~easyedit_replay.model_info.max_positions`).
+    """
     config = model.config
     npos = max_positions(model)
     if npos is None:
@@ -319,7 +324,12 @@ def collect_second_moments(model, tok, texts: Sequence[str], modules: Sequence[s
     stops after the deepest module. For each module: ``count`` = number of
     non-padding tokens, ``mom2`` = sum over them of ``k k^T`` in ``precision``.
 
-    Returns ``{module: (count, mom2 [d_in, d_in])}``.
+    Returns ``{module: (count, mom2 [d_in, d_in])}`` (``mom2`` on the CPU, in ``precision``;
+    the unnormalized sum, as EasyEdit's ``layer_stats`` accumulates it).
+
+    Raises:
+        HyperParamsError: a name in ``modules`` that is not a module of ``model``.
+        StatisticsError: no text gave a token.
     """
     dtype = getattr(torch, precision)
     for name in modules:

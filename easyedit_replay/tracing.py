@@ -23,7 +23,12 @@ class StopForward(Exception):
 
 
 def hidden_of(output):
-    """The hidden-state tensor of a module output (tensor, or first item of a tuple/list)."""
+    """The hidden-state tensor of a module output (tensor, or first item of a tuple/list):
+    ``[B, T, d]`` for a block or projection output.
+
+    Raises:
+        TypeError: ``output`` is neither a tensor nor a non-empty tuple/list starting with one.
+    """
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -41,6 +46,7 @@ def with_hidden(output, hidden: torch.Tensor):
 
 
 def module_names(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{name: module}`` for every submodule of ``model`` (``named_modules``, ``""`` the model)."""
     return dict(model.named_modules())
 
 
@@ -63,7 +69,12 @@ def resolve_module(model: nn.Module, name: str, field: str = "module") -> nn.Mod
 
 
 def resolve_parameter(model: nn.Module, name: str, field: str = "rewrite_module_tmp") -> nn.Parameter:
-    """The parameter called ``name`` (e.g. ``model.layers.4.mlp.down_proj.weight``)."""
+    """The parameter called ``name`` (e.g. ``model.layers.4.mlp.down_proj.weight``).
+
+    Raises:
+        HyperParamsError: no such module (naming ``field`` and close names), or the
+            module has no parameter of that name.
+    """
     params = dict(model.named_parameters())
     if name in params:
         return params[name]

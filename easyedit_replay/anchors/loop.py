@@ -252,7 +252,12 @@ class Bookkeeping:
                    objective.kl_factor if objective.adaptive_nll else None, objective.early_stop)
 
     def check_finite(self, loss: torch.Tensor, sites, it: int) -> None:
-        """Raises NumericalError naming the active requests whose ``loss [R]`` is not finite."""
+        """Check the per-request ``loss [R]`` at step ``it`` of the active requests.
+
+        Raises:
+            NumericalError: an active request's loss is NaN or infinite (the message names
+                the requests, the anchor ``sites`` and the step).
+        """
         if not torch.isfinite(loss[self.active.to(loss.device)]).all():
             bad = [i for i in range(len(self.active)) if self.active[i] and not torch.isfinite(loss[i])]
             raise NumericalError(f"anchor optimization at layer sites {sites}: non-finite loss for request(s) {bad} at step {it}")

@@ -60,18 +60,23 @@ def hparams_settings(hp) -> dict:
 
 
 def unedited_path(out: Path, n: int) -> Path:
+    """The unedited model's cell on the first ``n`` records: ``out/cells/unedited/n{n:05d}.json``."""
     return out / "cells" / "unedited" / f"n{n:05d}.json"
 
 
 def batch_path(out: Path, n: int, alg: str, mode: str) -> Path:
+    """One batch edit's cell: ``out/cells/batch/n{n:05d}/{alg}__{mode}.json``."""
     return out / "cells" / "batch" / f"n{n:05d}" / f"{alg}__{mode}.json"
 
 
 def series_dir(out: Path, b: int, total: int, alg: str, mode: str) -> Path:
+    """The folder of one sequential series (batches of ``b``, ``total`` edits):
+    ``out/cells/seq_b{b:04d}_n{total:05d}/{alg}__{mode}``."""
     return out / "cells" / f"seq_b{b:04d}_n{total:05d}" / f"{alg}__{mode}"
 
 
 def step_path(out: Path, b: int, total: int, alg: str, mode: str, step: int) -> Path:
+    """One step's cell of a sequential series: ``series_dir(...)/step{step:03d}.json``."""
     return series_dir(out, b, total, alg, mode) / f"step{step:03d}.json"
 
 

@@ -52,6 +52,7 @@ class Metric:
     labels: Mapping[str, str] = field(default_factory=dict)
 
     def label_in(self, group: str) -> str:
+        """The column header in ``group``: ``labels[group]`` where set, else :attr:`label`."""
         return self.labels.get(group, self.label)
 
 

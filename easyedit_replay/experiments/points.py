@@ -107,6 +107,7 @@ class Pair:
 
     @property
     def text(self) -> str:
+        """The pair as written in tables: ``"{mode}@{point} - spread@{against}"``."""
         return f"{self.mode}@{self.point} - spread@{self.against}"
 
     @property

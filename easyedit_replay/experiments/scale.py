@@ -84,6 +84,10 @@ class ScaleConfig(CompareConfig):
         return CompareConfig(**dict(values, modes=tuple(self.modes), batch_size=batch_size, sequential=sequential))
 
     def metric_settings(self) -> dict:
+        """The settings a cell's metrics depend on (``fluency``, ``fluency_tokens``,
+        ``target_accuracy``, ``n_boot``, ``seed``): part of each cell's settings, so
+        :func:`~easyedit_replay.experiments.cells.read_cell` refuses a cell computed under
+        other ones."""
         return {"fluency": self.fluency, "fluency_tokens": self.fluency_tokens,
                 "target_accuracy": self.target_accuracy, "n_boot": self.n_boot, "seed": self.seed}
 

@@ -114,6 +114,8 @@ def against_spread(per_edit_by_key: Dict[str, list], spread_by_key: Optional[Dic
 
 
 def batch_per_edit(found: dict, n: int) -> Dict[str, list]:
+    """``{"ALG/mode": per-edit rows}`` of the batch cells of ``n`` edits in ``found``
+    (:func:`~easyedit_replay.experiments.cells.collect_cells`); empty when there are none."""
     return {key: cell["run"]["per_edit"] for key, cell in found["batch"].get(n, {}).items()}
 
 
