@@ -52,6 +52,9 @@ class PostImportFinder:
     """Meta-path finder that only wraps the loader of the top-level ``easyeditor``."""
 
     def find_spec(self, fullname, path=None, target=None):
+        """For ``easyeditor`` (``HOST``) only: the spec the next finder on ``sys.meta_path``
+        gives, its loader wrapped so the plugin registers once the host module has run;
+        None for every other module (and when no other finder knows ``easyeditor``)."""
         if fullname != HOST:
             return None
         for finder in sys.meta_path:

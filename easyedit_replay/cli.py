@@ -175,6 +175,14 @@ def _load(args, prep: Prepared) -> Prepared:
 
 
 def cmd_compare(args) -> int:
+    """``compare``: edit the records with every algorithm and mode in one batch, independent
+    batches or sequentially, print the report table, and write ``--out`` / ``--json``.
+    Returns 0.
+
+    Raises:
+        ReplayError: bad ``--modes``, hyperparameters, data or records (from
+            :func:`_prepare`), or an edit that fails.
+    """
     from .experiments.report import render_report, write_outputs
     from .experiments.runner import CompareConfig, run_comparison
 
@@ -415,6 +423,14 @@ def cmd_export_model(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    """``stats``: compute (or read from the cache) the second moments ``C [d_in, d_in]`` of
+    every rewritten module of ``--hparams`` and print each one's shape and trace. Returns 0.
+
+    Raises:
+        HyperParamsError: a bad hparams file (:func:`~easyedit_replay.algorithms.load_hparams`).
+        ModelLoadError: the model cannot be loaded.
+        StatisticsError: from :func:`~easyedit_replay.stats.second_moments`.
+    """
     from .algorithms import load_hparams, rewrite_modules
     from .models import load_model
     from .stats import second_moments
@@ -604,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``easyedit-replay`` command: parse ``argv`` (default ``sys.argv[1:]``) and run the
+    subcommand. Returns its exit status; a :class:`~easyedit_replay.errors.ReplayError` is
+    printed as ``error: ...`` and gives 2 (other exceptions propagate; argparse exits on
+    bad arguments)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -73,9 +73,12 @@ class TargetAccuracy:
     edited_nll: torch.Tensor
 
     def mean_by_layer(self) -> List[float]:
+        """``[n_layers]``: :attr:`relative_error` ``[n_layers, R]`` averaged over requests."""
         return [float(x) for x in self.relative_error.mean(1)]
 
     def to_dict(self) -> Dict:
+        """JSON-ready lists: the fields, ``mean_by_layer`` and ``final_error`` (the last
+        layer's ``[R]`` row of :attr:`relative_error`)."""
         return {
             "mode": self.mode, "site": self.site, "layers": self.layers,
             "relative_error": self.relative_error.tolist(),

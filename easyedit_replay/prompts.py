@@ -104,7 +104,11 @@ def prepare_request(raw: dict, index: int = 0, leading_space: bool = True) -> Ed
 
 
 def prepare_requests(requests: Sequence[dict], leading_space: bool = True) -> List[EditRequest]:
-    """:func:`prepare_request` over a list; raises :class:`RequestError` for an empty list."""
+    """:func:`prepare_request` over a list (a single dict counts as a list of one).
+
+    Raises:
+        RequestError: an empty list, or a malformed request (from :func:`prepare_request`).
+    """
     if isinstance(requests, dict):
         requests = [requests]
     if not requests:

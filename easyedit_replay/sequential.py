@@ -271,6 +271,10 @@ class KeyProbes:
 
     @classmethod
     def of(cls, tok, batches: Sequence[EditedBatch]) -> "KeyProbes":
+        """The probes of ``batches`` in order (each request in each of its batch's context
+        templates, at the batch's ``fact_token``; :func:`~easyedit_replay.reads.template_probes`),
+        with one group ``(R, templates)`` per batch; :meth:`average` turns the
+        ``[len(probes), d]`` reads into ``[sum R, d]`` keys."""
         probes, groups = [], []
         for b in batches:
             probes += template_probes(tok, b.requests, b.templates, b.fact_token)
