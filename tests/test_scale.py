@@ -169,8 +169,9 @@ def test_sequential_bookkeeping(model_tok, stats_dir, demo_records, reference):
 @requires_shared
 def test_anchor_bank_lists_the_banked_zsre_anchors(capsys):
     """``easyedit-replay anchors info`` on the committed bank: the ZsRE 192 cells' anchors
-    (replay at layer 4, spread at layer 8, MEMIT YAML) are all there with their step
-    counts, and PMET's are not ZsRE's."""
+    (replay at layer 4, spread at layer 8, MEMIT YAML, bundled point) are all there with
+    their step counts, the paper point's are a group of their own (its anchors are other
+    cache keys), and PMET's are not ZsRE's."""
     from easyedit_replay.cli import main
 
     assert main(["anchors", "info", str(ROOT / "docs" / "results" / "anchors"),
@@ -178,9 +179,12 @@ def test_anchor_bank_lists_the_banked_zsre_anchors(capsys):
     out = capsys.readouterr().out
     # with the optimization steps the banked anchors took: on ZsRE the early stop
     # (loss < 0.05) rarely fires before the 25th step
-    assert "zsre-1k.json first 192: layer 4, 1 site(s), model 85845f37: 192 banked, 0 missing; steps 24.7/25, 178 of 192 ran all" in out
-    assert "zsre-1k.json first 192: layer 8, 1 site(s), model 85845f37: 192 banked, 0 missing; steps 24.8/25, 181 of 192 ran all" in out
-    assert "zsre-1k.json first 192: layer 4, 2 site(s), model 85845f37: 0 banked, 192 missing" in out
+    assert ("zsre-1k.json first 192: layer 4, 1 site(s), model 85845f37, clamp 4, v_lr 0.5, decay 0.001: 192 banked, "
+            "0 missing; steps 24.7/25, 178 of 192 ran all") in out
+    assert ("zsre-1k.json first 192: layer 8, 1 site(s), model 85845f37, clamp 4, v_lr 0.5, decay 0.001: 192 banked, "
+            "0 missing; steps 24.8/25, 181 of 192 ran all") in out
+    assert "zsre-1k.json first 192: layer 4, 2 site(s), model 85845f37, clamp 4, v_lr 0.5, decay 0.001: 0 banked, 192 missing" in out
+    assert "zsre-1k.json first 192: layer 8, 1 site(s), model 85845f37, clamp 0.75, v_lr 0.1, decay 0.5: " in out
 
 
 def test_anchors_commands_refuse_a_data_item_without_its_count(capsys):

@@ -106,7 +106,7 @@ def test_tune_help_states_the_defaults_tune_uses():
     assert f"mom2_update_weight values (default {tune.lambdas})" in text and tune.lambdas == "1000,5000,15000,30000"
     assert parser.parse_args(["compare"]).algs is None
     compare = " ".join(sub.choices["compare"].format_help().split())
-    assert "(default: every one with a bundled SmolLM2 YAML)" in compare
+    assert "(default: every one with a bundled YAML for --model, hparams/<ALG>_REPLAY/<model>.yaml; SmolLM2's without --model)" in compare
     # --point and --lambda: offered by compare, not by tune (whose grid axes replace them; still
     # parsed, so that tune refuses them naming --points and --lambdas); tune has no --n
     assert "--point {bundled,paper,host-fe} operating point" in compare and "--lambda LAMBDA override" in compare

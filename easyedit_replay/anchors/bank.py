@@ -9,7 +9,8 @@ instead of optimizing them again.
 each file's metadata (the key the cache stores and checks) and its scalar step count,
 never the anchors, so it is fast on thousands of files. Anchors are grouped by anchor
 layer, sites (one site: the MEMIT/EMMET/AlphaEdit YAML; two: PMET's attention and
-MLP outputs) and model fingerprint (the first 8 hex digits of the key's fingerprint
+MLP outputs), the anchor settings (clamp, ``v_lr``, decay: one group per operating
+point) and model fingerprint (the first 8 hex digits of the key's fingerprint
 of every weight: the unedited model has one, each batch of a sequential series after
 the first another). With ``--data FILE:N`` it says how many of the first N records
 of FILE have a banked anchor in each group, i.e. how much of a ``scale --n N`` run
@@ -74,14 +75,21 @@ def _request(description: dict) -> str:
 def read_keys(folder: Path):
     """``[(group, request, steps, max steps)]`` for every anchor file under ``folder``
     (:meth:`~easyedit_replay.anchors.store.AnchorStore.stored`); ``group`` is
-    ``"layer L, S site(s), model F"`` (``F``: the first 8 hex digits of the model
-    fingerprint), ``request`` the key's request part
+    ``"layer L, S site(s), model F, clamp C, v_lr R, decay W"`` (``F``: the first 8 hex
+    digits of the model fingerprint; ``C``, ``R``, ``W``: the anchor objective's
+    ``clamp_norm_factor``, ``v_lr`` and ``v_weight_decay``, so anchors made at different
+    operating points are separate groups, as they are separate cache keys), ``request`` the key's request part
     (:func:`~easyedit_replay.anchors.store.request_description`) as text, ``steps`` the
     optimization steps the anchor took and ``max steps`` its ``v_num_grad_steps``."""
     from .store import AnchorStore
 
-    return [(f"layer {key['layer']}, {len(key['sites'])} site(s), model {key['model'][:8]}", _request(key["request"]),
-             steps, int(key["hparams"]["v_num_grad_steps"]))
+    def group(key: dict) -> str:
+        hp = key["hparams"]
+        return (f"layer {key['layer']}, {len(key['sites'])} site(s), model {key['model'][:8]}, "
+                f"clamp {float(hp['clamp_norm_factor']):g}, v_lr {float(hp['v_lr']):g}, "
+                f"decay {float(hp['v_weight_decay']):g}")
+
+    return [(group(key), _request(key["request"]), steps, int(key["hparams"]["v_num_grad_steps"]))
             for _, key, steps in AnchorStore(folder).stored()]
 
 
