@@ -183,7 +183,8 @@ def test_anchor_bank_lists_the_banked_zsre_anchors(capsys):
             "0 missing; steps 24.7/25, 178 of 192 ran all") in out
     assert ("zsre-1k.json first 192: layer 8, 1 site(s), model 85845f37, clamp 4, v_lr 0.5, decay 0.001: 192 banked, "
             "0 missing; steps 24.8/25, 181 of 192 ran all") in out
-    assert "zsre-1k.json first 192: layer 4, 2 site(s), model 85845f37, clamp 4, v_lr 0.5, decay 0.001: 0 banked, 192 missing" in out
+    assert ("zsre-1k.json first 192: layer 4, 2 site(s), model 85845f37, clamp 4, v_lr 0.5, decay 0.001: 0 banked, "
+            "192 missing") in out
     assert "zsre-1k.json first 192: layer 8, 1 site(s), model 85845f37, clamp 0.75, v_lr 0.1, decay 0.5: " in out
 
 
@@ -347,6 +348,17 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
 
 
 
+def _markdown_table(text, title):
+    """``(header, rows)`` of the first markdown table at or after ``title`` in ``text``
+    (``title`` may be the table's own header line): each row its cells, stripped, the
+    separator line left out."""
+    lines = text[text.index(title):].splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")):]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]]
+    return rows[0], rows[2:]
+
+
 def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells():
     """The two tables of docs/results.md "Sequential 8 x 96 at the paper's point" are what
     ``report --points docs/results/scale_cf docs/results/scale_cf_paper`` gives from the
@@ -363,25 +375,20 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells()
     printed = points_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_paper"],
                               modes=["spread", "replay"])
 
-    def table(text, title):
-        lines = text[text.index(title):].splitlines()[1:]
-        lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")):]
-        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
-            (i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]]
-        return rows[2:]
-
     first = lambda v: v.split(" [")[0]  # noqa: E731
     printed = printed[printed.index("## Sequential"):]  # the one-batch kinds come first
-    cells = {(r[1], r[2], r[3]): r for r in table(printed, "## Sequential") if r[0] == "MEMIT"}
+    cells = {(r[1], r[2], r[3]): r for r in _markdown_table(printed, "## Sequential")[1] if r[0] == "MEMIT"}
     # MEMIT's rows only: AlphaEdit's sequential pairs join these tables once its paper-point series lands
-    retention = {(r[1], r[2]): r[3] for r in table(printed, "Retention, paired") if r[0] == "MEMIT"}
-    paired = {r[2]: r for r in table(printed, "Paired differences on the same edits")
+    retention = {(r[1], r[2]): r[3] for r in _markdown_table(printed, "Retention, paired")[1] if r[0] == "MEMIT"}
+    paired = {r[2]: r for r in _markdown_table(printed, "Paired differences on the same edits")[1]
               if r[0] == "MEMIT" and r[1] == "replay@paper - spread@bundled"}
-    kept = {point: {(r[1], r[2]): r[3] for r in table((ROOT / "docs" / "results" / folder / "report.md").read_text(),
-                                                      "Retention: efficacy Acc of each batch") if r[0] == "MEMIT"}
-            for point, folder in (("bundled", "scale_cf"), ("paper", "scale_cf_paper"))}
-    docs_cells = table(section, "Each point's cells")
-    docs_paired = table(section, "Replay at the paper's point minus spreading")
+    reports = {point: (ROOT / "docs" / "results" / folder / "report.md").read_text()
+               for point, folder in (("bundled", "scale_cf"), ("paper", "scale_cf_paper"))}
+    kept = {point: {(r[1], r[2]): r[3] for r in _markdown_table(text, "Retention: efficacy Acc of each batch")[1]
+                    if r[0] == "MEMIT"}
+            for point, text in reports.items()}
+    docs_cells = _markdown_table(section, "Each point's cells")[1]
+    docs_paired = _markdown_table(section, "Replay at the paper's point minus spreading")[1]
     assert len(docs_cells) == 8 and len(docs_paired) >= 5
     for row in docs_cells:
         for (mode, point), value in zip([("spread", "bundled"), ("replay", "bundled"), ("spread", "paper"),
@@ -415,17 +422,9 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
     report = (ROOT / "docs" / "results" / "scale_cf" / "report.md").read_text()
     report = report[report.index("\n## Sequential: 768 edits in batches of 96"):]
 
-    def table(text, title):
-        """The header and the rows of the first markdown table at or after ``title``."""
-        lines = text[text.index(title):].splitlines()
-        lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")):]
-        rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-                for line in lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]]
-        return rows[0], rows[2:]
-
     def memit(title, text=report):
         """``{(mode, edits made): {column: value}}`` of the MEMIT rows of a report table."""
-        header, rows = table(text, title)
+        header, rows = _markdown_table(text, title)
         return {(row[1], row[2]): dict(zip(header, row)) for row in rows if row[0] == "MEMIT"}
 
     first = lambda v: v.split(" [")[0]  # noqa: E731
@@ -434,7 +433,7 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
     kept = memit("Retention: efficacy Acc of each batch")
     kept_paired = memit("Retention, paired")
 
-    header, series = table(section, "| edits made | mode | eff. Acc | - spread | gen. Acc |")
+    header, series = _markdown_table(section, "| edits made | mode | eff. Acc | - spread | gen. Acc |")
     assert header == ["edits made", "mode", "eff. Acc", "- spread", "gen. Acc", "- spread", "DKL", "- spread",
                       "fluency", "batch 1 eff. Acc"]
     assert len(series) == 24
@@ -447,7 +446,7 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
                     else [paired[(mode, n)][c] for c in ("eff. Acc", "gen. Acc", "DKL")])
         assert [d_eff, d_gen, d_dkl] == expected, (n, mode)
 
-    header, retained = table(section, "| edits made | batch 1: refresh / spread |")
+    header, retained = _markdown_table(section, "| edits made | batch 1: refresh / spread |")
     assert header == ["edits made", "batch 1: refresh / spread", "batch 1: - spread", "fluency: - spread"]
     assert [row[0] for row in retained] == [str(96 * k) for k in range(1, 9)]
     for n, both, d_batch1, d_fluency in retained:
@@ -471,15 +470,10 @@ def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed
                               modes=["spread", "replay", "blue"])
     printed = printed[printed.index("## One batch of 192 edits"):printed.index("## Sequential")]
 
-    def table(text, header):
-        lines = text[text.index(header):].splitlines()
-        return [[c.strip() for c in line.strip("|").split("|")]
-                for line in lines[2:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]]
-
     first = lambda v: v.split(" [")[0]  # noqa: E731
-    cells = {(r[0], r[1], r[2]): r for r in table(printed, "| algorithm | mode | point |")}
-    pairs = {(r[0], r[1]): r[2:5] for r in table(printed, "| algorithm | difference |")}
-    docs = table(section, "| algorithm | mode | at bundled")
+    cells = {(r[0], r[1], r[2]): r for r in _markdown_table(printed, "| algorithm | mode | point |")[1]}
+    pairs = {(r[0], r[1]): r[2:5] for r in _markdown_table(printed, "| algorithm | difference |")[1]}
+    docs = _markdown_table(section, "| algorithm | mode | at bundled")[1]
     assert len(docs) == 9
     for alg, mode, bundled, paper, within_b, within_p, eff, gen, dkl in docs:
         for point, value in (("bundled", bundled), ("paper", paper)):
