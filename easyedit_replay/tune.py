@@ -597,12 +597,25 @@ def _paired_lines(rows: Sequence[dict], chosen: dict, windowed: bool = False) ->
             + ["", "Each at its own best admissible cell (rule item 5):", ""] + render_markdown(best).splitlines())
 
 
-def _anchor_norm_lines(meta: dict, windows: Sequence[str] = ()) -> List[str]:
+def _edit_span(windows: Sequence[str], rows: Sequence[dict]) -> Optional[Tuple[int, int]]:
+    """The first and last edit layer of a grid of one window: that window's ends, else
+    (a grid without window folders) the ends of the layers its spread and replay cells
+    changed (``update_norm``); None when there is no one such span."""
+    if len(windows) == 1:
+        return window_key(windows[0])
+    spans = {(min(layers), max(layers)) for r in rows if r["mode"] in ("spread", "replay")
+             for layers in [[k for k in r.get("update_norm", {}) if isinstance(k, int)]] if layers}
+    return spans.pop() if len(spans) == 1 else None
+
+
+def _anchor_norm_lines(meta: dict, windows: Sequence[str] = (), cells: Sequence[dict] = ()) -> List[str]:
     """The report's anchor-norm section: the table of :func:`anchor_norms` of the grid's
     records in the anchor store in use, for the grid's model; when the data file is
     absent, or the store holds none of the grid's anchors, a note saying so, where the
     anchors were looked for and how to point at the bank (also printed to stderr).
-    ``windows``: the grid's windows, named in the text when more than one."""
+    ``windows``: the grid's windows, named in the text when more than one; with one or
+    none, the text names the anchor layers of the grid's window (:func:`_edit_span` of
+    ``windows`` and ``cells``, the grid's rows)."""
     from .anchors.store import ENV_DIR, anchor_cache_dir
     from .data import load_records, parse_records
     from .experiments.tables import render_markdown
@@ -627,8 +640,13 @@ def _anchor_norm_lines(meta: dict, windows: Sequence[str] = ()) -> List[str]:
     rows = [["point", "anchor layer", "requests", "mean abs(delta) / abs(h)", "mean abs(delta)", "mean abs(h)"]]
     rows += [[r["point"], str(r["layer"]), str(r["n"]), f"{r['ratio']:.3f}", f"{r['delta']:.1f}", f"{r['h']:.1f}"]
              for r in norms]
-    which = ("Layer 4 is replay's anchor (the first edit layer), layer 8 spreading's (the last)" if len(windows) < 2
-             else f"A window's first layer is replay's anchor, its last spreading's (windows {', '.join(windows)})")
+    span = _edit_span(windows, cells) if len(windows) < 2 else None
+    if len(windows) > 1:
+        which = f"A window's first layer is replay's anchor, its last spreading's (windows {', '.join(windows)})"
+    elif span:
+        which = f"Layer {span[0]} is replay's anchor (the first edit layer), layer {span[1]} spreading's (the last)"
+    else:
+        which = "The first edit layer is replay's anchor, the last spreading's"
     return ["", "## Anchor norms", "", f"{which}; h = the layer's output at the subject's last token before "
             "editing, delta = the optimized change (its norm is clamped to clamp_norm_factor x abs(h)).",
             ""] + render_markdown(rows).splitlines()
@@ -727,7 +745,7 @@ def write_tuning_report(out_dir) -> Path:
         lines += ["", "## The whole grid", "", "Means over the edits of each cell (one batch); score = (eff. Acc + "
                   "gen. Acc) / 2; |dW| = Frobenius norm of each edit layer's weight change.", ""]
         lines += render_markdown([header] + [_row_text(r, windowed) for r in rows]).splitlines()
-        lines += _anchor_norm_lines(meta, windows)
+        lines += _anchor_norm_lines(meta, windows, rows)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "grid.json", json.dumps([{k: v for k, v in r.items() if not k.startswith("_")}
                                                      for r in rows], indent=1))

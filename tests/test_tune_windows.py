@@ -429,3 +429,35 @@ def test_report_notes_anchor_norms_it_cannot_find(tmp_path, monkeypatch, capsys)
     note = (f"Not reported: the grid's data file {tmp_path / 'gone.json'} is absent (the anchors are matched to its "
             "records). " + how.format(ROOT / "docs" / "results" / "anchors"))
     assert (out / "report.md").read_text().endswith(f"\n## Anchor norms\n\n{note}\n")
+
+
+def test_anchor_norms_name_the_grid_window_layers(tmp_path, monkeypatch):
+    """The anchor-norm section of a grid of one window names that window's ends as the
+    anchor layers (Gemma's 2-5: layers 2 and 5), with window folders (``--windows 2-5``)
+    and without (the layers the cells changed); it used to name SmolLM2's 4 and 8
+    whatever the grid's window."""
+    import easyedit_replay.tune as tune
+    from easyedit_replay.data import demo_path
+
+    store = tmp_path / "anchors"
+    store.mkdir()
+    monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(store))
+    norms = [{"point": "bundled", "layer": 2, "n": 4, "ratio": 4.0, "delta": 18.5, "h": 4.6}]
+    monkeypatch.setattr(tune, "anchor_norms", lambda *a, **k: norms)
+    out = tmp_path / "grid"
+    for mode in ("spread", "replay"):
+        _write_cell(out, "2-5", 5000, "MEMIT", mode, 0.8, 0.4, 0.10)
+    plan = out / "bundled" / "w2-5" / "lambda5000" / "scale.json"
+    plan.write_text(plan.read_text().replace('"synthetic"', json.dumps(str(demo_path()))))
+    gemma = "Layer 2 is replay's anchor (the first edit layer), layer 5 spreading's (the last)"
+    report = write_tuning_report(out).read_text()
+    assert gemma in report and "| bundled | 2 | 4 | 4.000 | 18.5 | 4.6 |" in report
+    # the same cells without window folders: the span of the layers they changed
+    flat = tmp_path / "flat"
+    shutil.copytree(out / "bundled" / "w2-5", flat / "bundled")
+    for path in (flat / "bundled" / "lambda5000" / "cells").rglob("*.json"):
+        cell = json.loads(path.read_text())
+        cell["run"]["analyses"] = [{"update_norm": {f"model.layers.{l}.mlp.down_proj.weight": 1.0
+                                                    for l in (2, 3, 4, 5)}}]
+        path.write_text(json.dumps(cell))
+    assert gemma in write_tuning_report(flat).read_text()
