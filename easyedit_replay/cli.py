@@ -51,11 +51,18 @@ class Prepared:
 
 
 def _overrides(args) -> dict:
-    """The hyperparameter overrides of the command-line options."""
+    """The hyperparameter overrides of the command-line options (validated with the YAML).
+
+    Raises:
+        ReplayError: ``--layers`` that is not comma-separated integers."""
     overrides = {"context_seed": args.seed} if args.seed is not None else {}
-    if args.layers:
-        overrides["layers"] = [int(x) for x in args.layers.split(",")]
-    if args.steps:
+    if args.layers is not None:
+        try:
+            overrides["layers"] = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise ReplayError(f"--layers {args.layers!r}: expected comma-separated layer indices, "
+                              f"e.g. 3,4,5,6,7") from None
+    if args.steps is not None:
         overrides["v_num_grad_steps"] = args.steps
     if args.no_anchor_cache:
         overrides["anchor_cache"] = False
@@ -82,6 +89,8 @@ def _hparams_by_alg(args, point: str):
         return {get_algorithm(hp.alg_name).base: hp}, args.stats_dir or hp.stats_dir
     model = bundled_model(args.model)  # --model without --hparams: that model's bundled YAMLs, or an error
     algs = args.algs.split(",") if args.algs else bundled_algorithms(model)
+    for alg in algs:
+        _check_alg(alg)
     by_alg = {}
     for alg in algs:
         path = default_hparams_path(model, f"{alg}_REPLAY", point)
@@ -90,6 +99,48 @@ def _hparams_by_alg(args, point: str):
                               f"pass --hparams")
         by_alg[alg] = load_hparams(path, **overrides)
     return by_alg, args.stats_dir or str(cache_root() / "stats")
+
+
+def _check_alg(alg: str) -> None:
+    """Refuse an ``--algs`` entry that is not a registered base algorithm (before looking for
+    its YAML, whose absence named the wrong fix).
+
+    Raises:
+        ReplayError: names the entry, the algorithms, and the closest one or the split of an
+            ``alg_name`` (``MEMIT_REPLAY``) into algorithm and construction."""
+    import difflib
+
+    from .algorithms import RULES, name_table
+
+    if alg in RULES:
+        return
+    found = name_table().get(alg)
+    if found is not None:
+        raise ReplayError(f"--algs {alg}: --algs takes base algorithms ({found.base}); the target construction "
+                          f"is --modes ({found.mode})")
+    close = [b for b in RULES if b.lower() == alg.lower()] or difflib.get_close_matches(alg, list(RULES), n=1)
+    raise ReplayError(f"--algs {alg}: not an algorithm of the plugin; use names from {', '.join(RULES)}"
+                      + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+def _check_modes(by_alg: Dict[str, object], modes: Tuple[str, ...]) -> None:
+    """Check every algorithm in every mode as its edit will (the mode's fields on the
+    hyperparameters, the construction's refusal of the rule, ``+refresh``'s limits), so that a
+    combination that cannot run is refused before the model loads, not when its turn comes.
+
+    Raises:
+        ReplayError: names the mode, the algorithm and the reason."""
+    from .algorithms import get_algorithm
+    from .editor import check_construction
+    from .experiments.runner import mode_hparams
+
+    for base, hp in by_alg.items():
+        for mode in modes:
+            try:
+                hp_mode, construction = mode_hparams(hp, base, mode)
+                check_construction(get_algorithm(hp_mode.alg_name).rule, hp_mode, construction)
+            except (ReplayError, ValueError) as exc:
+                raise ReplayError(f"--modes {mode} with {base}: {exc}") from None
 
 
 def _spellings(hparams) -> List[bool]:
@@ -123,8 +174,8 @@ def parse_modes(text: str, strict: bool = True) -> Tuple[str, ...]:
     :func:`~easyedit_replay.experiments.cells.check_modes` names an entry no cell has.
 
     Raises:
-        ReplayError: no entry; with ``strict``, an entry that is not a mode spec (both
-            name ``--modes``).
+        ReplayError: no entry; with ``strict``, an entry that is not a mode spec or a mode
+            given twice (all name ``--modes``).
     """
     from .targets import mode_spec
 
@@ -139,6 +190,9 @@ def parse_modes(text: str, strict: bool = True) -> Tuple[str, ...]:
             if strict:
                 raise ReplayError(f"--modes {text}: {exc}") from None
             modes.append(m)
+    twice = next((m for i, m in enumerate(modes) if m in modes[:i]), None)
+    if strict and twice:
+        raise ReplayError(f"--modes {text}: {twice} is given twice; give each mode once")
     return tuple(modes)
 
 
@@ -149,12 +203,21 @@ def _prepare(args, n: Optional[int], load: bool = True) -> Prepared:
     model loads (``model`` and ``tok`` None with ``load=False``).
 
     Raises:
-        ReplayError: bad ``--modes``, hyperparameters, data or records.
+        ReplayError: bad ``--modes`` (or a mode an algorithm cannot run, :func:`_check_modes`),
+            ``--batch-size``, ``--stats-dir``, hyperparameters, data or records.
     """
     from .data import load_records
 
     modes = parse_modes(args.modes)
+    if vars(args).get("batch_size") is not None and args.batch_size < 1:
+        raise ReplayError(f"--batch-size {args.batch_size}: expected a positive number of edits per batch")
     by_alg, stats_dir = _hparams_by_alg(args, args.point)
+    for hp in by_alg.values():  # the statistics folder the edits will use (run_comparison, run_scale set it)
+        try:
+            hp.replace(stats_dir=stats_dir)
+        except ReplayError as exc:
+            raise ReplayError(f"--stats-dir {stats_dir}: {exc}" if args.stats_dir else str(exc)) from None
+    _check_modes(by_alg, modes)
     # Fail fast: data, requests and modes (above) are checked before the model is loaded.
     records = load_records(args.data, n, records=parse_records(args.records))
     _validate(args, records, _spellings(by_alg.values()))
@@ -180,12 +243,14 @@ def cmd_compare(args) -> int:
     Returns 0.
 
     Raises:
-        ReplayError: bad ``--modes``, hyperparameters, data or records (from
-            :func:`_prepare`), or an edit that fails.
+        ReplayError: an ``--out`` that is a file; bad ``--modes``, ``--batch-size``,
+            hyperparameters, data or records (from :func:`_prepare`); or an edit that fails.
     """
     from .experiments.report import render_report, write_outputs
     from .experiments.runner import CompareConfig, run_comparison
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ReplayError(f"--out {args.out} is a file; give a folder for report.md and the plots")
     prep = _prepare(args, args.n)
     by_alg, records, model_name = prep.by_alg, prep.records, prep.model_name
     how = f"sequentially in batches of {args.batch_size or len(records)}" if args.sequential else (
@@ -253,16 +318,25 @@ def cmd_scale(args) -> int:
     ``--report-only``; the plan without a model with ``--plan-only``).
 
     Raises:
-        ReplayError: bad ``--n``; ``--sequential`` without ``--batch-size``; a sequential-only
-            option without ``--sequential`` (:func:`_refuse_sequential_only`); an ``--out`` that
-            holds cells at another operating point (:func:`~easyedit_replay.experiments.cells.check_out_point`);
-            and as :func:`_prepare`.
+        ReplayError: bad ``--n``; ``--sequential`` without ``--batch-size``, or a batch size or
+            ``--attribution`` step beyond the series (:func:`~easyedit_replay.experiments.scale.check_sizes`);
+            a sequential-only option without ``--sequential`` (:func:`_refuse_sequential_only`); an
+            ``--out`` that is a file, that holds cells at another operating point
+            (:func:`~easyedit_replay.experiments.cells.check_out_point`) or of another ``--data`` or
+            ``--records`` (:func:`~easyedit_replay.experiments.cells.check_out_data`), or, with
+            ``--report-only``, that holds no cells; and as :func:`_prepare`. All before the model loads.
     """
-    from .experiments.cells import check_out_point
+    from .experiments.cells import check_out_data, check_out_point
     from .experiments.report import write_scale_report
-    from .experiments.scale import ScaleConfig, record_plan, run_scale
+    from .experiments.scale import ScaleConfig, check_sizes, record_plan, run_scale
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ReplayError(f"--out {out} is a file; give the folder of the scale cells")
     if args.report_only:
+        if not (out / "scale.json").exists() and not (out / "cells").is_dir():
+            raise ReplayError(f"--out {out}: no scale cells here (no scale.json, no cells/); give the --out "
+                              f"folder of a scale run")
         print(write_scale_report(args.out))
         return 0
     sizes = parse_sizes(args.n)
@@ -275,9 +349,11 @@ def cmd_scale(args) -> int:
     cfg = ScaleConfig(sizes=sizes, modes=modes, sequential=args.sequential, batch_size=args.batch_size,
                       curve=args.curve, fluency=not args.no_fluency, target_accuracy=args.target_accuracy,
                       seed=args.seed or 0, progress=not args.quiet, attribution=attribution)
+    check_sizes(cfg, len(prep.records))  # the batch size and attribution steps, before the model loads
     meta = {"model": prep.model_name, "data": str(args.data or "demo"), "records": args.records or ":",
             "operating_point": sorted({hp.operating_point for hp in by_alg.values()})}
     check_out_point(args.out, meta["operating_point"])  # before the model loads
+    check_out_data(args.out, meta)
     what = (f"sequentially, {max(sizes)} edits in batches of {args.batch_size}" if args.sequential
             else f"one batch each of {', '.join(map(str, sizes))} edits")
     print(f"{', '.join(by_alg)} x {', '.join(modes)}; {what}; cells in {args.out}/cells", file=sys.stderr)
@@ -624,6 +700,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     subcommand. Returns its exit status; a :class:`~easyedit_replay.errors.ReplayError` is
     printed as ``error: ...`` and gives 2 (other exceptions propagate; argparse exits on
     bad arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # argparse reads `--records -96:` as a missing value: attach it
+        if argv[i] == "--records" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--records={argv[i + 1]}"]
+            break
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

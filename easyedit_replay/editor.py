@@ -338,12 +338,7 @@ def _memory(model, tok, hparams, setup: _Setup, targets: Targets) -> Optional[_M
     seq = setup.sequential
     if seq is None or not seq.refresh:
         return None
-    if any(s.target.template != hparams.layer_module_tmp for s in setup.sites):
-        raise HyperParamsError(f"sequential_refresh restores block-output states (layer_module_tmp); "
-                               f"{setup.rule.name}'s targets are module outputs. Use it with MEMIT, EMMET or AlphaEdit")
-    if setup.construction.share.per_request:
-        raise HyperParamsError(f"sequential_refresh: {setup.construction.name} sizes each request's share from "
-                               f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
+    check_construction(setup.rule, hparams, setup.construction)
     held = seq.earlier_states(targets.edit_layers)
     if held is None:
         return None
@@ -354,6 +349,28 @@ def _memory(model, tok, hparams, setup: _Setup, targets: Targets) -> Optional[_M
     restored = dataclasses.replace(targets, values=values, capacity=None, info={})
     return _Memory(restored, template_probes(tok, requests, setup.templates, hparams.fact_token),
                    bare_probes(tok, requests, hparams.fact_token))
+
+
+def check_construction(rule: Algorithm, hparams, construction: Construction) -> None:
+    """Refuse a construction the update rule cannot run with ``hparams``, from the
+    hyperparameters alone (no model): the construction's own refusal (``replay_joint``
+    refuses PMET) and ``sequential_refresh``'s limits. :func:`compute_edit` checks it, and
+    ``compare``/``scale`` for every algorithm and mode before the model loads.
+
+    Raises:
+        HyperParamsError: naming ``alg_name`` or ``sequential_refresh`` and the fix.
+    """
+    refusal = construction.refusal(rule, hparams)
+    if refusal:
+        raise HyperParamsError(f"alg_name {hparams.alg_name}: {refusal}")
+    if not hparams.sequential_refresh:
+        return
+    if any(s.target.template != hparams.layer_module_tmp for s in rule.sites(hparams)):
+        raise HyperParamsError(f"sequential_refresh restores block-output states (layer_module_tmp); "
+                               f"{rule.name}'s targets are module outputs. Use it with MEMIT, EMMET or AlphaEdit")
+    if construction.share.per_request:
+        raise HyperParamsError(f"sequential_refresh: {construction.name} sizes each request's share from "
+                               f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
 
 
 def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRecord:
@@ -479,9 +496,7 @@ def compute_edit(
     started = time.perf_counter()
     setup = _setup(model, tok, requests, hparams, construction, context_templates, progress, stats_dir, options)
     rule, reqs, templates, sites = setup.rule, setup.requests, setup.templates, setup.sites
-    refusal = setup.construction.refusal(rule, hparams)
-    if refusal:
-        raise HyperParamsError(f"alg_name {hparams.alg_name}: {refusal}")
+    check_construction(rule, hparams, setup.construction)
     anchors = _anchors(model, tok, hparams, setup, anchor, progress)
     targets = build_targets(model, tok, reqs, hparams, anchors, setup.construction, [s.target for s in sites],
                             setup.anchor_templates, rule.sqrt_share)

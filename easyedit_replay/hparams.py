@@ -78,6 +78,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
@@ -97,6 +99,7 @@ MOM2_DTYPES = ("float16", "float32", "float64", "bfloat16")
 # a stock YAML loads, read nowhere in the plugin (device: EasyEdit's BaseEditor places the model;
 # the plugin uses the devices of the model's modules). tests/test_docs.py keeps this list honest.
 EASYEDIT_ONLY_FIELDS = ("layer_selection", "mom2_adjustment", "device", "max_length", "batch_size", "model_parallel")
+LAYER_SELECTIONS = ("all", "random")  # EasyEdit's Literal for layer_selection
 
 
 def _to_float_if_numeric(config: dict) -> dict:
@@ -256,7 +259,7 @@ class ReplayHyperParams:
     def __post_init__(self) -> None:
         """Normalize YAML spellings once, at construction: ``25.0`` -> ``25`` for integer
         fields (YAML's ``5e1`` is a float). :meth:`validate` only checks."""
-        for name in INTEGER_FIELDS + ("v_loss_layer",):
+        for name in INTEGER_FIELDS + ("v_loss_layer", "context_seed", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 setattr(self, name, int(value))
@@ -266,9 +269,11 @@ class ReplayHyperParams:
 
         Raises:
             HyperParamsError: the first field whose value is out of range or of the wrong
-                type (``layers``, ``fact_token``, the positive / non-negative numbers,
-                ``mom2_dtype``, the replay and sequential fields, the module templates,
-                ``mom2_dataset``); the message names the field and the fix."""
+                type (``layers``, ``fact_token``, the positive / non-negative finite numbers,
+                ``model_name``, ``hparams_source``, ``context_seed``, ``stats_dir``,
+                the EasyEdit-compatibility fields EasyEdit reads, ``mom2_dtype``, the replay
+                and sequential fields, the module templates, ``mom2_dataset``); the message
+                names the field and the fix."""
         err = lambda name, fix: field_error(HyperParamsError, name, getattr(self, name), fix)  # noqa: E731
         if not isinstance(self.layers, (list, tuple)) or not self.layers:
             raise err("layers", "must be a non-empty list of layer indices, e.g. [4, 5, 6, 7, 8]")
@@ -294,6 +299,26 @@ class ReplayHyperParams:
                 raise err(name, "must be a non-negative number")
         if not isinstance(self.v_loss_layer, int) or isinstance(self.v_loss_layer, bool):
             raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise err("model_name", "must be the model's name, alias or directory, e.g. 'smollm2-135m'")
+        if self.hparams_source is not None and not isinstance(self.hparams_source, str):
+            raise err("hparams_source", "must be a string (where the values come from) or null")
+        if not isinstance(self.context_seed, int) or isinstance(self.context_seed, bool):
+            raise err("context_seed", "must be an integer (the seed of the context-template sampler), e.g. 0")
+        if not isinstance(self.stats_dir, (str, os.PathLike)) or not str(self.stats_dir):
+            raise err("stats_dir", "must be a folder path (the statistics cache), e.g. './data/stats'")
+        if os.path.isfile(self.stats_dir):
+            raise err("stats_dir", "is a file; give the folder of the statistics cache (created if missing)")
+        # EasyEdit-compatibility fields: the plugin does not read them, EasyEdit's BaseEditor does
+        for name in ("mom2_adjustment", "model_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise err(name, "must be true or false (read by EasyEdit)")
+        for name in ("batch_size", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise err(name, "must be a positive integer (read by EasyEdit)")
+        if self.layer_selection not in LAYER_SELECTIONS:
+            raise err("layer_selection", f"must be one of {list(LAYER_SELECTIONS)} (EasyEdit's values)")
         if self.mom2_dtype not in MOM2_DTYPES:
             raise err("mom2_dtype", f"must be one of {list(MOM2_DTYPES)}")
         if not isinstance(self.operating_point, str) or not self.operating_point:
@@ -345,7 +370,8 @@ class ReplayHyperParams:
         ``lm_head_module`` naming a module of ``model``.
 
         Raises:
-            HyperParamsError: a layer outside ``[0, num_layers)``, or a template that
+            HyperParamsError: a layer outside ``[0, num_layers)``, ``v_loss_layer`` before the
+                last edit layer (the anchor's loss would be read at the anchor layer), or a template that
                 names no module of ``model`` (the message names the field and the
                 closest module names).
         """
@@ -357,6 +383,10 @@ class ReplayHyperParams:
                 raise field_error(HyperParamsError, "layers", self.layers, f"the model has {n} layers (0..{n - 1})")
             if not 0 <= self.v_loss_layer < n:
                 raise field_error(HyperParamsError, "v_loss_layer", self.v_loss_layer, f"must be in 0..{n - 1} (usually {n - 1})")
+        if self.v_loss_layer < max(self.layers):
+            raise field_error(HyperParamsError, "v_loss_layer", self.v_loss_layer,
+                              f"must be at or after the last edit layer {max(self.layers)}: the anchor's NLL is read "
+                              f"at this layer's output" + (f" (usually the model's last layer, {n - 1})" if n else ""))
         for name in self.MODULE_TEMPLATES:
             value = getattr(self, name)
             for tmp in [value] if isinstance(value, str) else value:  # PMET's rewrite_module_tmps: a list
@@ -370,15 +400,15 @@ class ReplayHyperParams:
 
 
 def is_number(x) -> bool:
-    """A real number that is not a bool."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite real number that is not a bool (NaN and infinities are not)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def read_yaml(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
     """Read a hyperparameter YAML (``.yaml`` appended when missing): ``(mapping, path)``.
 
     Raises:
-        HyperParamsError: missing file or a YAML that is not a mapping.
+        HyperParamsError: missing file, invalid YAML syntax, or a YAML that is not a mapping.
     """
     source = str(path)
     if not source.endswith((".yaml", ".yml")):
@@ -388,6 +418,8 @@ def read_yaml(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
             config = yaml.safe_load(stream)
     except FileNotFoundError:
         raise HyperParamsError(f"hparams file {source!r} does not exist; pass the path of a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise HyperParamsError(f"{source}: not valid YAML ({' '.join(str(exc).split())}); fix the syntax") from None
     if not isinstance(config, dict):
         raise HyperParamsError(f"{source}: expected a mapping of hyperparameters, got {type(config).__name__}")
     return config, source

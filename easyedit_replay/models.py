@@ -289,11 +289,19 @@ def load_model(
         (the EOS token when the tokenizer has none) and right padding.
 
     Raises:
-        ModelLoadError: the alias's package is missing, or transformers cannot load it.
+        ModelLoadError: ``device`` is not a torch device or not on this machine, the
+            alias's package is missing, or transformers cannot load it.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(device, int):
+        device = f"cuda:{device}"
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"device {device!r} is not a torch device ({exc}); pass e.g. 'cpu', 'cuda' or "
+                             f"'cuda:1'") from None
     path = resolve_model_path(name_or_path)
     dtype = dtype or torch.float32
     try:
@@ -308,9 +316,11 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    if isinstance(device, int):
-        device = f"cuda:{device}"
-    model = model.to(device or "cpu").eval()
+    try:
+        model = model.to(device).eval()
+    except (RuntimeError, AssertionError) as exc:  # torch built without CUDA raises AssertionError
+        raise ModelLoadError(f"could not move model {name_or_path!r} to device {str(device)!r} ({exc}); "
+                             f"pass a device this machine has, e.g. 'cpu'") from None
     return model, tok
 
 

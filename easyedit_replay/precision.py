@@ -21,8 +21,9 @@ half-precision model:
 Layers outside the window (the embedding, layers before ``l_1``, the anchor
 loop's later layers and the head) run in the model dtype, so the extra memory is
 the window's float32 copy (5-6 layers of a 7B model: about 4 GB). The window
-exists only inside ``compute_edit``; the weights are cast back bit-identically
-(the float32 copies hold the half-precision values, and every write inside
+exists only inside ``compute_edit``; the weights are cast back bit-identically,
+each tensor to its own dtype (the float32 copies hold the half-precision values, a
+tensor the model keeps in float32 stays float32, and every write inside
 ``compute_edit`` is undone before the cast back).
 """
 
@@ -84,6 +85,11 @@ def float32_window(model, hparams):
         exit_module = resolve_module(model, hparams.layer_module_tmp.format(stop + 1), "layer_module_tmp")
     else:
         exit_module = resolve_module(model, hparams.ln_f_module, "ln_f_module")
+    # each floating tensor's own dtype, so a tensor kept in float32 (a norm of a model with
+    # ``_keep_in_fp32_modules``) is not cast down to the model dtype on the way back
+    kept = [(module, table, key, t.dtype) for layer in window for module in layer.modules()
+            for table in ("_parameters", "_buffers") for key, t in getattr(module, table).items()
+            if t is not None and t.is_floating_point()]
     handles = []
     try:
         for layer in window:
@@ -94,8 +100,12 @@ def float32_window(model, hparams):
     finally:
         for h in handles:
             h.remove()
-        for layer in window:
-            layer.to(dtype)
+        for module, table, key, own in kept:
+            t = getattr(module, table)[key]
+            if table == "_parameters":
+                t.data = t.data.to(own)
+            else:
+                module._buffers[key] = t.to(own)
 
 
 def in_float32_window(fn):

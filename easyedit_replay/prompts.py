@@ -57,12 +57,16 @@ def prepare_request(raw: dict, index: int = 0, leading_space: bool = True) -> Ed
     (or in another casing, in which case the prompt's casing becomes the subject).
 
     Raises:
-        RequestError: missing/non-string ``prompt``, ``subject`` or ``target_new``;
-            empty ``target_new``; subject absent from the prompt.
+        RequestError: missing/non-string ``prompt``, ``subject`` or ``target_new`` (a
+            ZsRE record, ``src``/``alt``, is named as one); empty ``target_new``; subject
+            absent from the prompt.
     """
     where = f"requests[{index}]"
     if not isinstance(raw, dict):
         raise RequestError(f"{where} is a {type(raw).__name__}; each request must be a dict with prompt, subject, target_new")
+    if "prompt" not in raw and "src" in raw and "alt" in raw:
+        raise field_error(RequestError, "prompt", None, "this is a ZsRE record (src, alt): load the file with "
+                          "easyedit_replay.data.load_records, or pass prompt=src and target_new=alt", where)
     for key in ("prompt", "subject", "target_new"):
         if key not in raw:
             raise field_error(RequestError, key, None, f"add the {key!r} field (EasyEdit request format)", where)
@@ -107,10 +111,13 @@ def prepare_requests(requests: Sequence[dict], leading_space: bool = True) -> Li
     """:func:`prepare_request` over a list (a single dict counts as a list of one).
 
     Raises:
-        RequestError: an empty list, or a malformed request (from :func:`prepare_request`).
+        RequestError: an empty list, a string, or a malformed request (from :func:`prepare_request`).
     """
     if isinstance(requests, dict):
         requests = [requests]
+    if isinstance(requests, str):
+        raise RequestError("requests is a str; pass a list of EasyEdit request dicts "
+                           "(prompt, subject, target_new), or one such dict")
     if not requests:
         raise RequestError("requests is empty; pass at least one EasyEdit request dict")
     return [prepare_request(r, i, leading_space) for i, r in enumerate(requests)]

@@ -8,6 +8,8 @@ applies: tests/test_docs.py)."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +106,120 @@ def test_help_says_how_stats_checks_and_what_algs_defaults_to():
                 "hparams/<ALG>_REPLAY/<model>.yaml; SmolLM2's without --model)") in _help(sub[(cmd,)])
     scale = _help(sub[("scale",)])
     assert "(expensive: reads every context template to the loss layer again)" in scale and "dear" not in scale
+
+
+# ----------------------------------------------------------------------------- bad input, before the model loads
+
+
+class _WouldLoad(Exception):
+    """Raised in place of loading the model: the input passed every check."""
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """``cli._load`` raises :class:`_WouldLoad` instead of loading a model, so a check that is
+    missing shows as that exception, never as a run."""
+    import easyedit_replay.cli as cli
+
+    def refuse(args, prep):
+        raise _WouldLoad(prep)
+
+    monkeypatch.setattr(cli, "_load", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    # parsed with int() (a traceback), or silently ignored when empty or 0
+    (["--layers", "4,x"], "--layers '4,x': expected comma-separated layer indices, e.g. 3,4,5,6,7"),
+    (["--layers", ""], "--layers '': expected comma-separated layer indices, e.g. 3,4,5,6,7"),
+    (["--steps", "0"], "hparams.v_num_grad_steps = 0: must be a positive integer"),
+    (["--lambda", "nan"], "hparams.mom2_update_weight = nan: must be a non-negative number"),
+    (["--stats-dir", __file__], f"--stats-dir {__file__}: hparams.stats_dir = '{__file__}': is a file"),
+    # accepted, then chunked by 0 or a negative size
+    (["--batch-size", "0"], "--batch-size 0: expected a positive number of edits per batch"),
+    (["--batch-size", "-2", "--sequential"], "--batch-size -2: expected a positive number of edits per batch"),
+    # named a YAML path that does not exist, not the algorithm
+    (["--algs", "memit"], "--algs memit: not an algorithm of the plugin; use names from MEMIT, PMET, EMMET, "
+                          "AlphaEdit (did you mean 'MEMIT'?)"),
+    (["--algs", "MEMIT_REPLAY"], "--algs MEMIT_REPLAY: --algs takes base algorithms (MEMIT); the target "
+                                 "construction is --modes (replay)"),
+    # made the same cells twice
+    (["--modes", "spread,replay,replay_tau=0.5,replay_tau=0.50"],
+     "--modes spread,replay,replay_tau=0.5,replay_tau=0.50: replay_tau=0.5 is given twice; give each mode once"),
+    # refused only at the edit of that mode, after the model loaded and the earlier modes ran
+    (["--algs", "MEMIT", "--modes", "spread,replay+refresh+rekeyed"],
+     "--modes replay+refresh+rekeyed with MEMIT: hparams.sequential_refresh = True: restores the earlier edits"),
+    (["--algs", "MEMIT,PMET", "--modes", "spread,replay+refresh"],
+     "--modes replay+refresh with PMET: sequential_refresh restores block-output states (layer_module_tmp); "
+     "PMET's targets are module outputs"),
+    (["--algs", "MEMIT", "--modes", "replay_capacity+refresh"],
+     "--modes replay_capacity+refresh with MEMIT: sequential_refresh: replay_capacity sizes each request's share"),
+    (["--algs", "PMET", "--modes", "spread,replay_joint"], "--modes replay_joint with PMET: alg_name PMET_REPLAY_JOINT: "),
+])
+def test_compare_refuses_bad_input_before_the_model_loads(no_model, capsys, argv, message):
+    """Each of these passed ``compare``'s checks (or crashed with a traceback) and failed, if at
+    all, after the model loaded; now an error naming the flag, exit 2, no model."""
+    assert main(["compare", "--n", "2", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}"), err
+
+
+def test_compare_refuses_an_out_that_is_a_file(no_model, tmp_path, capsys):
+    """``compare --out FILE`` ran every edit and crashed writing the report."""
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    assert main(["compare", "--n", "2", "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"error: --out {a_file} is a file; give a folder for report.md and the plots\n"
+
+
+def test_records_take_a_negative_start(no_model):
+    """``--records -2:`` (the help's example for the last records) was refused by argparse as a
+    missing argument; it selects the last two records."""
+    with pytest.raises(_WouldLoad) as info:
+        main(["compare", "--records", "-2:"])
+    assert [r["case_id"] for r in info.value.args[0].records] == [22, 23]
+
+
+def _plan(out: Path, data: str, records: str = ":"):
+    out.mkdir(parents=True)
+    (out / "scale.json").write_text(json.dumps({"planned": [], "meta": {
+        "model": "smollm2-135m", "data": data, "records": records, "operating_point": ["bundled"]}}))
+
+
+def test_scale_refuses_bad_input_before_the_model_loads(no_model, tmp_path, capsys):
+    """A batch size above the series, an attribution step past it, an --out that is a file, and
+    an --out holding cells of another data file or records range were checked after the model
+    loaded (the last two after ``scale.json`` had been rewritten with the new data)."""
+    out = tmp_path / "s"
+    base = ["scale", "--plan-only", "--algs", "MEMIT", "--n", "4", "--out", str(out)]
+    assert main(base + ["--sequential", "--batch-size", "10"]) == 2
+    assert capsys.readouterr().err == "error: --batch-size 10: a sequential run needs a batch size in 1..4 (the largest --n)\n"
+    assert main(base + ["--sequential", "--batch-size", "2", "--attribution", "9"]) == 2
+    assert capsys.readouterr().err.startswith("error: --attribution 9: steps of a --sequential series")
+    assert not out.exists()
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    assert main(["scale", "--plan-only", "--algs", "MEMIT", "--n", "4", "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"error: --out {a_file} is a file; give the folder of the scale cells\n"
+    _plan(out, "../shared/data/counterfact/counterfact-val.json")
+    before = (out / "scale.json").read_text()
+    assert main(base) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {out} holds cells of --data ../shared/data/counterfact/counterfact-val.json --records : "
+        f"(this run: --data demo --records :); pass those, or another --out\n")
+    assert (out / "scale.json").read_text() == before
+    other = tmp_path / "t"
+    _plan(other, "demo", "0:8")
+    assert main(["scale", "--plan-only", "--algs", "MEMIT", "--n", "4", "--out", str(other), "--records=4:12"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {other} holds cells of --data demo --records 0:8 ")
+    assert main(["scale", "--plan-only", "--algs", "MEMIT", "--n", "4", "--out", str(other), "--records", "0:8"]) == 0
+
+
+def test_scale_report_only_refuses_an_out_without_cells(tmp_path, capsys):
+    """``scale --report-only`` on a mistyped --out created the folder and wrote an empty report."""
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    for out in (missing, empty):
+        assert main(["scale", "--report-only", "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: --out {out}: no scale cells here (no scale.json, no cells/); "
+                                           f"give the --out folder of a scale run\n")
+    assert not missing.exists() and list(empty.iterdir()) == []

@@ -110,6 +110,28 @@ def test_window_is_float32_inside_and_restored_bit_identically(half_models, hpar
         assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
 
 
+def test_window_restores_each_tensors_own_dtype(hparams):
+    """A bf16 model that keeps some tensors of the window in float32 (a norm, as models with
+    ``_keep_in_fp32_modules`` do): the window cast every window tensor back to bf16, so any
+    edit, and any edit that failed, rounded those tensors and changed their dtype."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=10, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=64)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    norm = model.model.layers[4].input_layernorm
+    norm.float()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))  # values bf16 does not hold
+    norm.register_buffer("scale", torch.tensor([1.0 + 2 ** -12]))  # a float32 buffer
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with float32_window(model, hparams):
+        assert model.model.layers[5].mlp.down_proj.weight.dtype == torch.float32
+    for n, p in model.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+    assert norm.scale.dtype == torch.float32 and norm.scale.item() == 1.0 + 2 ** -12
+
+
 def _updates_per_mode(model, tok, hp, modes, records, templates):
     """``{mode: plan.updates}``, the anchors shared across the modes, as in ``compare``."""
     pool, out = {}, {}

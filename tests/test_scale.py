@@ -235,6 +235,9 @@ def test_an_out_folder_keeps_its_operating_point(tmp_path, capsys):
     results = ROOT / "docs" / "results"
     out = tmp_path / "paper"
     shutil.copytree(results / "scale_cf_paper", out)
+    recorded = json.loads((out / "scale.json").read_text())  # plans of the demo edits (--data is checked too)
+    recorded["meta"]["data"] = "demo"
+    (out / "scale.json").write_text(json.dumps(recorded, indent=1))
     before = {name: (out / name).read_bytes() for name in ("scale.json", "report.md")}
     plan = ["scale", "--plan-only", "--n", "8", "--algs", "MEMIT", "--modes", "spread", "--out", str(out)]
     for argv in (plan + ["--point", "bundled"], plan):  # bundled: also the default
@@ -243,7 +246,7 @@ def test_an_out_folder_keeps_its_operating_point(tmp_path, capsys):
                                            f"paper or another --out\n")
         assert {name: (out / name).read_bytes() for name in before} == before
     with pytest.raises(ReplayError, match="holds cells at paper"):
-        run_scale(None, None, [{}] * 8, {"MEMIT": _hparams(None, "MEMIT")}, _batch_cfg(), out)
+        run_scale(None, None, [{}] * 8, {"MEMIT": _hparams(str(tmp_path / "stats"), "MEMIT")}, _batch_cfg(), out)
     assert {name: (out / name).read_bytes() for name in before} == before
     assert main(plan + ["--point", "paper"]) == 0
     assert json.loads((out / "scale.json").read_text())["meta"]["operating_point"] == ["paper"]

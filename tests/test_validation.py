@@ -47,6 +47,23 @@ GOOD = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiff
         ({"replay_share": "half"}, "replay_share", "must be one of"),
         ({"rewrite_module_tmp": "model.layers.mlp"}, "rewrite_module_tmp", "one {}"),
         ({"alg_name": "ROME_REPLAY"}, "alg_name", "not an easyedit-replay algorithm"),
+        # bad input that loaded, or crashed later with an error naming no field
+        ({"v_lr": float("nan")}, "v_lr", "positive"),
+        ({"kl_factor": float("inf")}, "kl_factor", "non-negative"),
+        ({"mom2_update_weight": "nan"}, "mom2_update_weight", "non-negative"),
+        ({"model_name": 5}, "model_name", "must be the model's name"),
+        ({"hparams_source": 3}, "hparams_source", "must be a string"),
+        ({"context_seed": "x"}, "context_seed", "must be an integer"),
+        ({"context_seed": 1.5}, "context_seed", "must be an integer"),
+        ({"stats_dir": 5}, "stats_dir", "must be a folder path"),
+        ({"stats_dir": __file__}, "stats_dir", "is a file"),
+        ({"model_parallel": "no"}, "model_parallel", "true or false"),
+        ({"mom2_adjustment": "maybe"}, "mom2_adjustment", "true or false"),
+        ({"batch_size": 0}, "batch_size", "positive integer"),
+        ({"max_length": "long"}, "max_length", "positive integer"),
+        ({"layer_selection": "some"}, "layer_selection", "must be one of"),
+        ({"alg_name": "MEMIT"}, "alg_name", "stock EasyEdit's MEMIT; set alg_name: MEMIT_REPLAY"),
+        ({"alg_name": "memit_replay"}, "alg_name", "did you mean 'MEMIT_REPLAY'?"),
     ],
 )
 def test_hparams_rules(hparams, changes, field, message):
@@ -68,11 +85,22 @@ def test_hparams_missing_file():
         load_hparams("no/such/file.yaml")
 
 
+def test_hparams_yaml_syntax_error(tmp_path):
+    """A YAML that does not parse raised yaml's ParserError, not a HyperParamsError naming the file."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("alg_name: MEMIT_REPLAY\nlayers: [4, 5\n")
+    with pytest.raises(HyperParamsError, match=f"{bad}: not valid YAML .*line 3"):
+        load_hparams(bad)
+
+
 @pytest.mark.parametrize(
     "changes, field, message",
     [
         ({"layers": [3, 30]}, "layers", "the model has 30 layers"),
         ({"v_loss_layer": 31}, "v_loss_layer", "must be in 0..29"),
+        # read the anchor's loss at the anchor layer (EasyEdit's max(v_loss_layer, layer)), silently
+        ({"v_loss_layer": 2}, "v_loss_layer", "must be at or after the last edit layer 8: the anchor's NLL is read "
+                                              "at this layer's output (usually the model's last layer, 29)"),
         ({"rewrite_module_tmp": "model.layers.{}.mlp.down"}, "rewrite_module_tmp", "closest names"),
         ({"layer_module_tmp": "transformer.h.{}"}, "layer_module_tmp", "not a module"),
         ({"ln_f_module": "model.ln_f"}, "ln_f_module", "not a module"),
@@ -101,12 +129,19 @@ def test_hparams_against_the_model(model_tok, hparams, demo_records, changes, fi
         ({**GOOD, "prompt": 42}, "prompt", "must be a string"),
         ({**GOOD, "subject": ["Eiffel Tower"]}, "subject", "must be a string"),
         ({**GOOD, "prompt": "The {} and {} are"}, "prompt", "exactly once"),
+        ({"subject": "Eiffel Tower", "src": "Where is the Eiffel Tower?", "alt": "Rome"}, "prompt",
+         "a ZsRE record (src, alt): load the file with easyedit_replay.data.load_records"),
     ],
 )
 def test_request_rules(record, field, message):
     with pytest.raises(RequestError) as info:
         prepare_requests([GOOD, record])
     assert f"requests[1].{field}" in str(info.value) and message in str(info.value)
+
+
+def test_requests_as_a_string_names_the_list():
+    with pytest.raises(RequestError, match="requests is a str; pass a list of EasyEdit request dicts"):
+        prepare_requests("The Eiffel Tower is located in the city of")
 
 
 def test_subject_in_another_casing_is_accepted():
@@ -174,6 +209,17 @@ def test_malformed_records_never_change_a_weight(model_tok, hparams, record, pos
 # ----------------------------------------------------------------------------- model and numerics
 
 
+def test_unknown_device_is_refused_before_the_model_loads(monkeypatch):
+    """``load_model(device="tpu")`` (``--device tpu``) loaded the model, then raised torch's
+    RuntimeError; now a ModelLoadError naming the device, before any file is read."""
+    import easyedit_replay.models as models
+    from easyedit_replay.errors import ModelLoadError
+
+    monkeypatch.setattr(models, "resolve_model_path", lambda name: pytest.fail("the model was looked up"))
+    with pytest.raises(ModelLoadError, match=r"device 'tpu' is not a torch device .*pass e.g. 'cpu', 'cuda'"):
+        models.load_model("smollm2-135m", device="tpu")
+
+
 def test_left_padding_tokenizer_and_missing_pad_token(model_tok, hparams, templates, demo_records):
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=2, layers=[4, 6])
@@ -201,6 +247,32 @@ def test_non_finite_update_is_caught_before_any_write(model_tok, hparams, templa
     first = f"model.layers.{hparams.layers[0]}.mlp.down_proj.weight"
     with pytest.raises(NumericalError, match=f"non-finite update of {first}"):
         apply_edit(model, tok, demo_records[:1], with_fields(hparams, v_num_grad_steps=1), context_templates=templates)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("raised", [RuntimeError("a failure at the second layer"), KeyboardInterrupt()])
+def test_failure_after_a_layer_was_written_restores_it(model_tok, hparams, templates, demo_records, monkeypatch,
+                                                       raised):
+    """An edit that fails at layer 5 after layer 4's update was written (an error, or Ctrl-C)
+    leaves every weight bit-identical: the transaction, not only the checks before the write."""
+    from easyedit_replay.algorithms.memit import MEMIT
+
+    model, tok = model_tok
+    before = snapshot(model)
+    first = "model.layers.4.mlp.down_proj.weight"
+    original, written = MEMIT.update, []
+
+    def update(self, inp):
+        if inp.step == 1:
+            written.append(not torch.equal(model.get_parameter(first), before[first]))
+            raise raised
+        return original(self, inp)
+
+    monkeypatch.setattr(MEMIT, "update", update)
+    with pytest.raises(type(raised)):
+        apply_edit(model, tok, demo_records[:1], with_fields(hparams, v_num_grad_steps=2, layers=[4, 5]),
+                   context_templates=templates)
+    assert written == [True]  # layer 4 was edited when layer 5 failed
     assert_unchanged(model, before)
 
 

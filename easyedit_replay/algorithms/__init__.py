@@ -78,13 +78,39 @@ def get_algorithm(alg_name: str) -> Registered:
     """Look up ``alg_name``.
 
     Raises:
-        HyperParamsError: an unknown name (the message lists the known ones).
+        HyperParamsError: an unknown name (the message lists the known ones, and names
+            the plugin's spelling of a stock EasyEdit name or of a misspelled one).
     """
     found = name_table().get(str(alg_name))
     if found is None:
         raise HyperParamsError(f"hparams.alg_name = {alg_name!r} is not an easyedit-replay algorithm; "
-                               f"use one of {algorithm_names()}")
+                               f"{_alg_name_hint(str(alg_name))}use one of {algorithm_names()}")
     return found
+
+
+def _alg_name_hint(alg_name: str) -> str:
+    """The fix for an unknown ``alg_name``: a stock EasyEdit name (``MEMIT``, ``MEMIT-FE``)
+    takes a construction suffix; a name in another casing or misspelled, the closest one of
+    its algorithm; another algorithm (``ROME``), the plugin's four."""
+    import difflib
+    import re
+
+    head, *tail = re.split(r"[-_]", alg_name, maxsplit=1)
+    base = {b.lower(): b for b in RULES}.get(head.lower())
+    if base is None:
+        close = difflib.get_close_matches(head, list(RULES), n=1, cutoff=0.8)
+        if not close:
+            return f"{head!r} is not an algorithm of the plugin ({', '.join(RULES)}); "
+        base = close[0]
+    if not tail:
+        return (f"{alg_name!r} is stock EasyEdit's {base}; set alg_name: {base}_REPLAY (forward replay) or "
+                f"{base}_SPREAD (the stock construction); ")
+    if tail[0].upper() == "FE":
+        return f"EasyEdit's {alg_name} is forward estimation, this plugin's {base}_REPLAY; set alg_name: {base}_REPLAY; "
+    names = [n for n in algorithm_names() if n.startswith(f"{base}_")]
+    close = [n for n in names if n.lower() == alg_name.lower()] or difflib.get_close_matches(
+        f"{base}_{tail[0].upper()}", names, n=1, cutoff=0.85)
+    return f"did you mean {close[0]!r}? Or " if close else ""
 
 
 def hparams_class_for(alg_name: str):

@@ -27,7 +27,7 @@ import torch
 
 from ..anchors.objective import Objective
 from ..errors import HyperParamsError, field_error
-from ..hparams import ReplayHyperParams
+from ..hparams import ReplayHyperParams, is_number
 from ..targets import TargetSite
 from .base import Algorithm, Site, UpdateInputs
 
@@ -84,7 +84,7 @@ class PMETHyperParams(ReplayHyperParams):
             raise field_error(HyperParamsError, "target_leading_space", self.target_leading_space,
                               "must be true, false or null (null: EasyEdit's rule, a space only for GPT models)")
         f = self.nll_loss_factor
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
+        if not is_number(f) or f <= 0:
             raise field_error(HyperParamsError, "nll_loss_factor", f, "must be a positive number (stock: 1)")
 
     def validate_for_model(self, model) -> None:

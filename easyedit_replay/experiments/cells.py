@@ -239,6 +239,43 @@ def check_out_point(out_dir, points: Sequence[str]) -> None:
                           f"or another --out")
 
 
+def _records_spelling(text) -> tuple:
+    """``--records`` as ``((start, stop), ...)``, ``":"`` and ``"0:"`` alike (a spelling that
+    does not parse is kept as it is)."""
+    from ..data import parse_records
+
+    try:
+        ranges = parse_records(str(text))
+    except ReplayError:
+        return (str(text),)
+    return tuple((r.start or 0, r.stop) for r in ((ranges,) if isinstance(ranges, slice) else ranges))
+
+
+def check_out_data(out_dir, meta: dict) -> None:
+    """Refuse to plan or make cells of ``meta["data"]`` / ``meta["records"]`` (this run's
+    ``--data`` and ``--records``) in a ``scale --out`` folder whose ``scale.json`` records
+    another data file or range, before the model loads and before ``scale.json`` is
+    rewritten (its cells would fail their settings check one by one). The same file under
+    another spelling (a relative and an absolute path) is the same data; a recorded path
+    that does not resolve from here is left to the cells' own check of their records.
+
+    Raises:
+        ReplayError: names ``--out``, the data and records it holds, and this run's.
+    """
+    plan = Path(out_dir) / "scale.json"
+    if not plan.exists():
+        return
+    held = json.loads(plan.read_text()).get("meta") or {}
+    data, records = held.get("data"), held.get("records")
+    both_files = data and os.path.isfile(data) and os.path.isfile(meta["data"])
+    other_data = data and data != meta["data"] and not _same_file(data, meta["data"]) and (
+        both_files or "demo" in (data, meta["data"]))
+    other_records = records and _records_spelling(records) != _records_spelling(meta["records"])
+    if other_data or other_records:
+        raise ReplayError(f"--out {out_dir} holds cells of --data {data} --records {records} (this run: --data "
+                          f"{meta['data']} --records {meta['records']}); pass those, or another --out")
+
+
 def missing_cells(out_dir, found: Optional[dict] = None) -> List[dict]:
     """Planned cells (``scale.json``) with no finished cell file."""
     out = Path(out_dir)
