@@ -15,6 +15,7 @@ end every touched weight is restored and the updates are returned.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 import dataclasses
@@ -354,11 +355,14 @@ def _memory(model, tok, hparams, setup: _Setup, targets: Targets) -> Optional[_M
 def check_construction(rule: Algorithm, hparams, construction: Construction) -> None:
     """Refuse a construction the update rule cannot run with ``hparams``, from the
     hyperparameters alone (no model): the construction's own refusal (``replay_joint``
-    refuses PMET) and ``sequential_refresh``'s limits. :func:`compute_edit` checks it, and
-    ``compare``/``scale`` for every algorithm and mode before the model loads.
+    refuses PMET) and the limits of ``sequential_refresh`` and its weight (the rule's
+    :meth:`~easyedit_replay.algorithms.base.Algorithm.refresh_weight_refusal`).
+    :func:`compute_edit` checks it, and ``compare``/``scale`` for every algorithm and mode
+    before the model loads.
 
     Raises:
-        HyperParamsError: naming ``alg_name`` or ``sequential_refresh`` and the fix.
+        HyperParamsError: naming ``alg_name``, ``sequential_refresh`` or
+            ``sequential_refresh_weight`` and the fix.
     """
     refusal = construction.refusal(rule, hparams)
     if refusal:
@@ -371,13 +375,29 @@ def check_construction(rule: Algorithm, hparams, construction: Construction) -> 
     if construction.share.per_request:
         raise HyperParamsError(f"sequential_refresh: {construction.name} sizes each request's share from "
                                f"its own capacity; use it with spread, replay, replay_remaining or replay_tau")
+    if hparams.sequential_refresh_weight != 1:
+        refusal = rule.refresh_weight_refusal(hparams)
+        if refusal:
+            raise HyperParamsError(f"sequential_refresh_weight = {hparams.sequential_refresh_weight!r} with "
+                                   f"{rule.name}: {refusal}")
+
+
+def _weigh_rows(rows: torch.Tensor, last: int, weight: float) -> torch.Tensor:
+    """``rows`` ``[m, d]`` with its ``last`` rows multiplied by ``sqrt(weight)`` (in float64,
+    cast back to ``rows``' dtype): the earlier edits' keys and residuals of a
+    ``sequential_refresh`` solve, so its normal equations weigh them ``weight`` times."""
+    scale = torch.ones(rows.shape[0], 1, dtype=torch.float64, device=rows.device)
+    scale[rows.shape[0] - last:] = math.sqrt(weight)
+    return (rows.double() * scale).to(rows.dtype)
 
 
 def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRecord:
     """One rewritten site of edit layer ``layer`` (``step``-th edited): keys ``[R, d_in]`` (mean
     over context templates) and the current state ``[R, d_out]`` at the measure layer in one
     forward pass -> residual (the construction's local error / divisor) -> the rule's update
-    -> write ``W = W_orig + update`` (in the weight's dtype). Stores the update and the
+    -> write ``W = W_orig + update`` (in the weight's dtype). With ``sequential_refresh`` the
+    earlier edits' keys and residuals are the last rows of the solve, multiplied by
+    ``sqrt(sequential_refresh_weight)`` when that weight is not 1 (:func:`_weigh_rows`). Stores the update and the
     residual in ``loop``; returns the site's diagnostics.
 
     Raises:
@@ -426,6 +446,9 @@ def _edit_site(loop: _EditLoop, step: int, layer: int, si: int, site) -> LayerRe
                                           loop.hparams.clamp_norm_factor)
         divisor = 1.0
         _check_finite(rule_error, f"post-norm residual at layer {layer}")
+    if restored and loop.hparams.sequential_refresh_weight != 1:  # weighted rows: w K_old K_old^T, w R_old K_old^T
+        solve_keys, rule_error = (_weigh_rows(t, restored, loop.hparams.sequential_refresh_weight)
+                                  for t in (solve_keys, rule_error))
     upd = setup.rule.update(UpdateInputs(
         step=step, layer=layer, site_index=si, weight_name=wname, keys=solve_keys.T, error=rule_error.T,
         divisor=divisor, cov=setup.covs[rewrite], hparams=loop.hparams, state=setup.state, device=weight.device,

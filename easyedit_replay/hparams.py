@@ -72,6 +72,13 @@ bit-identical to an edit without them):
   record does not hold: the rest holds the same edits), with
   ``sequential_keys: stock`` and a construction that shares the residual uniformly
   (not ``replay_capacity``/``replay_joint``).
+- ``sequential_refresh_weight`` (default 1): the weight ``w`` of those earlier rows in
+  the least-squares solve (their keys and residuals enter it multiplied by
+  ``sqrt(w)``: ``w K_old K_old^T`` and ``w R_old K_old^T`` in the normal equations);
+  ``w > 1`` holds the earlier edits more firmly at the cost of the new batch's fit
+  (``w -> inf``: hard constraints, the limit AlphaEdit's null-space projection is for
+  the keys it preserves). A positive finite number; a value other than 1 needs
+  ``sequential_refresh: true`` (mode spec ``+refresh=W``).
 """
 
 from __future__ import annotations
@@ -168,6 +175,7 @@ class ReplayHyperParams:
     sequential_keys: str = "stock"
     norm_anchor: bool = False
     sequential_refresh: bool = False
+    sequential_refresh_weight: float = 1.0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -338,6 +346,12 @@ class ReplayHyperParams:
         if self.sequential_refresh and self.sequential_keys != "stock":
             raise err("sequential_refresh", f"restores the earlier edits, which sequential_keys "
                       f"{self.sequential_keys!r} holds at their current outputs; set one of them, not both")
+        problem = refresh_weight_problem(self.sequential_refresh_weight)
+        if problem:
+            raise err("sequential_refresh_weight", problem)
+        if self.sequential_refresh_weight != 1 and self.sequential_refresh is not True:
+            raise err("sequential_refresh_weight", "weighs the earlier edits' rows that sequential_refresh adds; "
+                      "set sequential_refresh: true as well (mode spec: +refresh=W), or leave it at 1")
         if self.replay_share not in REPLAY_SHARES:
             raise err("replay_share", f"must be one of {list(REPLAY_SHARES)}")
         if not is_number(self.replay_tau) or not 0 <= self.replay_tau <= 1:
@@ -397,6 +411,15 @@ class ReplayHyperParams:
         lm = resolve_module(model, self.lm_head_module, "lm_head_module")
         if getattr(lm, "weight", None) is None:
             raise field_error(HyperParamsError, "lm_head_module", self.lm_head_module, "must name a module with a weight (the unembedding)")
+
+
+def refresh_weight_problem(value) -> Optional[str]:
+    """What is wrong with ``value`` as ``sequential_refresh_weight`` (the fix to name),
+    or None for a positive finite number (a ``+refresh=W`` mode spec is checked here too)."""
+    if not is_number(value) or value <= 0:
+        return ("must be a positive finite number: the weight of the earlier edits' rows in the solve "
+                "(1: as much as the new batch's rows, as plain +refresh; larger holds them more firmly), e.g. 4")
+    return None
 
 
 def is_number(x) -> bool:

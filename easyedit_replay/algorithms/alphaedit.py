@@ -16,8 +16,9 @@ Per edit layer, in float32 as stock:
   replaced by ``sum K_old K_old^T`` of the earlier edits' keys re-read on the current
   model (:mod:`easyedit_replay.sequential`); the stock cache is still kept.
 - ``sequential_refresh`` (ours, off by default): the earlier edits of the model's
-  sequential record join ``K`` and ``R`` as rows restoring the states they reached,
-  and in the solve ``cache`` is replaced by its untracked part ``U``: the ``K K^T`` of
+  sequential record join ``K`` and ``R`` as rows restoring the states they reached
+  (multiplied by ``sqrt(w)``, ``w = sequential_refresh_weight``, when ``w != 1``: ``P (K
+  K^T + w K_old K_old^T + U)``, ``P (K R^T + w K_old R_old^T)``), and in the solve ``cache`` is replaced by its untracked part ``U``: the ``K K^T`` of
   the cached edits the record does not hold (edits made before the record began, or
   batches left out of it), so the recorded edits are not counted twice and the others
   keep their protection. ``U`` is the cache as it was before the first recorded batch,
@@ -342,7 +343,8 @@ class AlphaEdit(Algorithm):
         the editor transposes it onto the weight). With ``inp.protected`` (re-keyed
         protection) that Gram matrix, in float32, stands in for ``cache``. With
         ``inp.restored`` (``sequential_refresh``) the recorded earlier edits are the last
-        columns of ``K`` and ``R``, and ``cache`` is replaced by its untracked part ``U``
+        columns of ``K`` and ``R`` (already multiplied by ``sqrt(sequential_refresh_weight)``
+        by the editor when that is not 1), and ``cache`` is replaced by its untracked part ``U``
         (``state.untracked``: the cached ``K K^T`` of edits the sequential record does not
         hold); the recorded edits' edit-time keys leave the solve, which holds them at
         their current keys. With no untracked part nothing is added (bit-identical to

@@ -44,9 +44,10 @@ class UpdateInputs:
     :mod:`easyedit_replay.sequential`), or None: the rule's stock solve, unchanged.
 
     ``restored``: how many of the last columns of ``keys`` and ``error`` are earlier
-    edits restored by ``hparams.sequential_refresh`` (0: none). MEMIT, EMMET and PMET
-    solve them as ordinary rows; a rule that keeps the keys of its own edits (AlphaEdit's
-    sequential cache) keeps only the first ``m - restored``.
+    edits restored by ``hparams.sequential_refresh`` (0: none), already multiplied by
+    ``sqrt(hparams.sequential_refresh_weight)`` (not touched at the default 1). MEMIT
+    and EMMET solve them as ordinary rows; a rule that keeps the keys of its own edits
+    (AlphaEdit's sequential cache) keeps only the first ``m - restored``.
     """
 
     step: int
@@ -135,6 +136,13 @@ class Algorithm:
         keys = keys.double()
         solved = torch.linalg.solve(hp.mom2_update_weight * cov.double().to(keys.device), keys)
         return (keys * solved).sum(dim=0)
+
+    def refresh_weight_refusal(self, hp) -> Optional[str]:
+        """Why this rule with ``hp`` cannot weigh the earlier edits' rows of a
+        ``sequential_refresh`` solve by ``hp.sequential_refresh_weight`` (not 1), or None
+        when it can. Default None: a least-squares solve (MEMIT's ridge, AlphaEdit's
+        projected one) takes row weights as ``sqrt(w)`` on each row's key and residual."""
+        return None
 
     def finalize(self, model, tok, hp, state, context) -> Optional[Any]:
         """Called with every update written, before weights are restored; returns

@@ -134,6 +134,22 @@ class EMMET(Algorithm):
         q = (keys * torch.linalg.solve(c, keys)).sum(dim=0)
         return q / hp.emmet_lambda if hp.emmet_lambda else torch.full_like(q, math.inf)
 
+    def refresh_weight_refusal(self, hp) -> Optional[str]:
+        """EMMET's solve with ``emmet_lambda > 0`` is the least-squares problem ``min tr(dW C'
+        dW^T) + (1 / emmet_lambda) sum_j |dW k_j - r_j|^2`` (its normal equations
+        ``dW (emmet_lambda C' + K K^T) = R K^T`` give the closed form by the push-through
+        identity), so a row weight ``w`` (``sqrt(w)`` on the row's key and residual) is
+        that row's constraint relaxed by ``emmet_lambda / w`` instead of
+        ``emmet_lambda``. With ``emmet_lambda = 0`` every row is an exact equality
+        constraint and a weight cancels out of the solve (``D^-1`` absorbs it): refused.
+
+        Source: ours (EMMET's equality-constrained objective, Gupta et al., 2024, with
+        EasyEdit ``execute_emmet``'s ``emmet_lambda`` relaxation)."""
+        if hp.emmet_lambda == 0:
+            return ("with emmet_lambda 0 every row of EMMET's solve is an exact equality constraint, and a "
+                    "row weight cancels out; set emmet_lambda > 0 (stock 0.1) or leave the weight at 1")
+        return None
+
     def update(self, inp: UpdateInputs) -> torch.Tensor:
         """EMMET's update for one site: :func:`emmet_solve` of ``inp.keys [d_in, m]`` and
         ``inp.error [d_out, m] / inp.divisor`` (mirrors EasyEdit ``execute_emmet``).
