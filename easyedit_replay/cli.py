@@ -125,8 +125,9 @@ def _check_alg(alg: str) -> None:
 
 def _check_modes(by_alg: Dict[str, object], modes: Tuple[str, ...]) -> None:
     """Check every algorithm in every mode as its edit will (the mode's fields on the
-    hyperparameters, the construction's refusal of the rule, ``+refresh``'s limits), so that a
-    combination that cannot run is refused before the model loads, not when its turn comes.
+    hyperparameters, the construction's refusal of the rule, the limits of ``+refresh`` and
+    its weight), so that a combination that cannot run is refused before the model loads,
+    not when its turn comes.
 
     Raises:
         ReplayError: names the mode, the algorithm and the reason."""
@@ -561,8 +562,9 @@ def _common_options(c, algs: Optional[Tuple[str, ...]] = None, grid: bool = Fals
     c.add_argument("--modes", default="spread,replay",
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
                         "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
-                        "replay_capacity, replay_joint; '+option' adds a sequential-editing option: +refresh, "
-                        "+old_keys, +rekeyed, +norm_anchor (e.g. replay+refresh; default: spread,replay)")
+                        "replay_capacity, replay_joint; '+option' adds a sequential-editing option: +refresh "
+                        "(or +refresh=4 to weight the earlier edits' rows 4), +old_keys, +rekeyed, +norm_anchor "
+                        "(e.g. replay+refresh; default: spread,replay)")
     c.add_argument("--point", default="bundled", choices=OPERATING_POINTS,
                    help=argparse.SUPPRESS if grid else "operating point of the bundled YAMLs: bundled (default), "
                    "paper (the FE authors' anchor settings), host-fe (EasyEdit's MEMIT-FE); see hparams/README.md")

@@ -57,16 +57,28 @@ without them):
     of cached edits this record does not hold, stays in it:
     :func:`~easyedit_replay.algorithms.alphaedit.alphaedit_untracked`). PMET's targets
     are module outputs.
+``sequential_refresh_weight``
+    The weight ``w`` of those earlier rows (default 1: as much as the new batch's rows).
+    Their keys and residuals enter the solve multiplied by ``sqrt(w)``, so its normal
+    equations hold ``w K_old K_old^T`` and ``w R_old K_old^T``: MEMIT's ``(lambda C + K
+    K^T + w K_old K_old^T)``, AlphaEdit's ``P (K K^T + w K_old K_old^T + U)``, EMMET's
+    relaxation ``emmet_lambda / w`` for those rows (refused with ``emmet_lambda = 0``,
+    where every row is an exact constraint and a weight cancels). ``w -> inf`` makes the
+    earlier edits hard constraints, as AlphaEdit's null-space projection makes the
+    preserved keys' outputs. At 1 nothing is multiplied (bit-identical to ``+refresh``).
 
 The options compose with every target construction. ``replay_capacity`` and
 ``replay_joint`` size their shares from the rule's capacity without the protected keys.
 
 Registered options (:data:`SEQUENTIAL_OPTIONS`) name these settings in a mode spec:
 ``replay+rekeyed`` is the replay construction with ``sequential_keys: rekeyed``
-(``scale --sequential --modes spread,replay,replay+rekeyed``).
+(``scale --sequential --modes spread,replay,replay+rekeyed``). An option may take one
+number, which sets one more field (its ``param``): ``replay+refresh=4`` is
+``sequential_refresh: true`` with ``sequential_refresh_weight: 4``; ``+refresh`` alone
+leaves the weight at 1.
 
 Where one more design plugs in: a hyperparameter field (off by default) plus a
-:func:`register_sequential_option`, and its code at one of the two points where
+:func:`register_sequential_option` (with ``param`` and ``check`` for a numeric value), and its code at one of the two points where
 :func:`~easyedit_replay.editor.compute_edit` consults this module: the targets
 before the layer loop (:meth:`SequentialContext.adjust_targets`) or the earlier keys
 a site's solve protects (:meth:`SequentialContext.protected`).
@@ -78,11 +90,12 @@ import logging
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import HyperParamsError
+from .hparams import refresh_weight_problem
 from .prompts import EditRequest
 from .reads import Probe, average_over_templates, bare_probes, read_at_lookup, template_probes
 from .tracing import resolve_parameter
@@ -105,27 +118,51 @@ class SequentialOption:
         name: the suffix after ``+`` in a mode spec.
         overrides: hyperparameter fields and values it sets.
         summary: one line for help texts.
+        param: the hyperparameter a spec ``+name=value`` sets to the number ``value``
+            (``refresh=4``: ``sequential_refresh_weight``), empty if the option takes
+            none. The option alone leaves it at its default.
+        check: for an option with ``param``: what is wrong with a value (the fix to
+            name), or None when it is valid.
     """
 
     name: str
     overrides: Mapping[str, Any]
     summary: str
+    param: str = ""
+    check: Optional[Callable[[float], Optional[str]]] = None
 
 
 SEQUENTIAL_OPTIONS: Dict[str, SequentialOption] = {}
 
 
 def register_sequential_option(option: SequentialOption) -> SequentialOption:
-    """Make ``option`` usable in mode specs (``"<construction>+<option.name>"``).
+    """Make ``option`` usable in mode specs (``"<construction>+<option.name>"``, and
+    ``"+<option.name>=<number>"`` when it has a ``param``).
 
     Raises:
-        ValueError: a name with ``+``, ``=`` or ``,`` in it, or no overrides.
+        ValueError: a name with ``+``, ``=``, ``,``, ``/`` or spaces in it, no overrides,
+            or a ``param`` that is not a hyperparameter with a numeric default (or that
+            its overrides also set).
     """
     if not option.name or any(c in option.name for c in "+=,/ ") or not option.overrides:
         raise ValueError(f"SequentialOption({option.name!r}): a name without '+', '=', ',', '/' or spaces, "
                          f"and at least one hyperparameter override")
+    if option.param and (not isinstance(_param_default(option.param), (int, float))
+                         or option.param in option.overrides):
+        raise ValueError(f"SequentialOption({option.name!r}).param = {option.param!r}: must name a "
+                         f"hyperparameter with a numeric default that its overrides do not set")
     SEQUENTIAL_OPTIONS[option.name] = option
     return option
+
+
+def _param_default(name: str) -> Any:
+    """The dataclass default of hyperparameter ``name`` (None when there is none)."""
+    from dataclasses import MISSING, fields
+
+    from .hparams import ReplayHyperParams
+
+    found = next((f.default for f in fields(ReplayHyperParams) if f.name == name), None)
+    return None if found is MISSING else found
 
 
 for _option in (
@@ -136,27 +173,83 @@ for _option in (
     SequentialOption("norm_anchor", {"norm_anchor": True},
                      "targets rescaled to the layer's norm anchor (NAS)"),
     SequentialOption("refresh", {"sequential_refresh": True},
-                     "earlier edits restored to the states they reached, as rows of every later solve"),
+                     "earlier edits restored to the states they reached, as rows of every later solve "
+                     "(refresh=W: those rows weighted W)",
+                     param="sequential_refresh_weight", check=refresh_weight_problem),
 ):
     register_sequential_option(_option)
 
 
-def parse_options(names: Sequence[str]) -> Dict[str, Any]:
-    """The hyperparameter overrides of the registered options ``names``.
+def format_number(value: float) -> str:
+    """The canonical spelling of a mode spec's number: ``%g`` (``4.0`` -> ``4``, ``0.250`` ->
+    ``0.25``, ``1e6`` -> ``1e06``: no ``+``, which separates options), or where ``%g``
+    would round it the integer or ``repr`` (``1234567``, ``0.1234567``)."""
+    value = float(value)
+    short = f"{value:g}".replace("e+", "e")
+    if float(short) == value:
+        return short
+    return str(int(value)) if value.is_integer() else repr(value).replace("e+", "e")
+
+
+def _split_option(text: str) -> Tuple[SequentialOption, Optional[float]]:
+    """``"refresh=4"`` -> ``(the refresh option, 4.0)``; ``"rekeyed"`` -> ``(..., None)``.
 
     Raises:
-        ValueError: an unknown name, or two options that set one field differently.
+        ValueError: an unknown name, a value for an option without a parameter, or a
+            value that is not a number or that the option's ``check`` refuses.
+    """
+    name, eq, raw = text.strip().partition("=")
+    option = SEQUENTIAL_OPTIONS.get(name.strip())
+    if option is None:
+        raise ValueError(f"option {name.strip()!r} is not a sequential option; use one of {list(SEQUENTIAL_OPTIONS)}")
+    if not eq:
+        return option, None
+    if not option.param:
+        raise ValueError(f"option {option.name!r} takes no value; write '+{option.name}'")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"option {option.name}={raw.strip()!r}: not a number (e.g. {option.name}=4)") from None
+    problem = option.check(value) if option.check else None
+    if problem:
+        raise ValueError(f"option {option.name}={raw.strip()}: {option.param} {problem}")
+    return option, value
+
+
+def parse_options(names: Sequence[str]) -> Dict[str, Any]:
+    """The hyperparameter overrides of the registered options ``names`` (``"rekeyed"``,
+    ``"refresh=4"``: an option's number sets its ``param``).
+
+    Raises:
+        ValueError: an unknown name, a value the option does not take or refuses, an
+            option given twice, or two options that set one field differently.
     """
     out: Dict[str, Any] = {}
-    for name in names:
-        option = SEQUENTIAL_OPTIONS.get(name.strip())
-        if option is None:
-            raise ValueError(f"option {name!r} is not a sequential option; use one of {list(SEQUENTIAL_OPTIONS)}")
-        for key, value in option.overrides.items():
+    seen = set()
+    for text in names:
+        option, value = _split_option(text)
+        if option.name in seen:
+            raise ValueError(f"option {option.name!r} is given twice; give it once")
+        seen.add(option.name)
+        sets = dict(option.overrides, **({option.param: value} if value is not None else {}))
+        for key, value in sets.items():
             if key in out and out[key] != value:
                 raise ValueError(f"options set {key} to both {out[key]!r} and {value!r}; keep one of them")
             out[key] = value
     return out
+
+
+def option_spec(text: str) -> str:
+    """The canonical spelling of one option of a mode spec (``" refresh = 4.0"`` ->
+    ``"refresh=4"``; ``"refresh=1"``, the value the option alone means, -> ``"refresh"``).
+
+    Raises:
+        ValueError: as :func:`parse_options`.
+    """
+    option, value = _split_option(text)
+    if value is None or value == _param_default(option.param):
+        return option.name
+    return f"{option.name}={format_number(value)}"
 
 
 # ----------------------------------------------------------------------------- the record

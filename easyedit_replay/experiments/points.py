@@ -295,7 +295,8 @@ def pair_refusal(cell: dict, reference: dict) -> Optional[str]:
 
 def _mode_fields(mode: str) -> set:
     """The hyperparameters a mode spec sets (:func:`~easyedit_replay.targets.parse_mode`:
-    ``replay_tau=0.25``'s ``replay_tau``, ``+refresh``'s ``sequential_refresh``); none for
+    ``replay_tau=0.25``'s ``replay_tau``, ``+refresh``'s ``sequential_refresh``, and
+    ``+refresh=4``'s ``sequential_refresh_weight`` with it); none for
     a construction not registered in this process."""
     from ..targets import parse_mode
 

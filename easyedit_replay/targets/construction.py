@@ -172,7 +172,9 @@ def parse_mode(spec) -> Tuple[Construction, Dict[str, object]]:
     construction with a ``param`` (the value sets the construction's parameter and goes
     to that hyperparameter, its YAML alias), each optionally followed by ``+option``
     for registered sequential-editing options (``"replay+rekeyed"``,
-    ``"replay_tau=0.25+norm_anchor"``; :data:`easyedit_replay.sequential.SEQUENTIAL_OPTIONS`).
+    ``"replay_tau=0.25+norm_anchor"``; :data:`easyedit_replay.sequential.SEQUENTIAL_OPTIONS`),
+    an option with a ``param`` optionally with a number (``"replay+refresh=4"``: also
+    ``sequential_refresh_weight: 4``).
 
     Returns:
         ``(construction, {hyperparameter: value})``: the construction with the spec's
@@ -180,9 +182,10 @@ def parse_mode(spec) -> Tuple[Construction, Dict[str, object]]:
         for a bare name).
 
     Raises:
-        ValueError: an unknown name or option, a value for a construction without a
-            parameter, or a value that is not a number.
-        HyperParamsError: a value out of the parameter's range.
+        ValueError: an unknown name or option, a value for a construction or option
+            without a parameter, a value that is not a number, or an option's value out
+            of its range.
+        HyperParamsError: a construction's value out of the parameter's range.
     """
     from ..sequential import parse_options
 
@@ -209,14 +212,18 @@ def parse_mode(spec) -> Tuple[Construction, Dict[str, object]]:
 
 def mode_spec(spec) -> str:
     """The canonical spelling of a mode spec (``" replay_tau=0.250"`` -> ``"replay_tau=0.25"``,
-    ``"replay + rekeyed"`` -> ``"replay+rekeyed"``).
+    ``"replay + rekeyed"`` -> ``"replay+rekeyed"``, ``"replay+refresh=4.0"`` ->
+    ``"replay+refresh=4"``, ``"replay+refresh=1"`` -> ``"replay+refresh"``: an option's
+    value equal to what the option alone means is left out).
 
     Raises:
         ValueError: as :func:`parse_mode`.
     """
+    from ..sequential import format_number, option_spec
+
     c, params = parse_mode(spec)
-    options = [o.strip() for o in str(spec).split("+")[1:]]
-    value = f"={params[c.param]:g}" if c.param and c.param in params else ""
+    options = [option_spec(o) for o in str(spec).split("+")[1:]]
+    value = f"={format_number(params[c.param])}" if c.param and c.param in params else ""
     return c.name + value + "".join(f"+{o}" for o in options)
 
 
