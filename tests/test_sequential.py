@@ -1,8 +1,9 @@
 """Sequential editing on the real model (2-4 edits, 2 anchor steps): the options
 (``sequential_keys``, ``norm_anchor``) are bit-identical to an edit without them when
 off, the model's record of earlier batches and its key drift, re-keyed and edit-time
-key protection, norm-anchored targets, and every candidate through ``scale
---sequential`` with a stop and a resume."""
+key protection, norm-anchored targets, ``+refresh`` and its row weight
+(``+refresh=W``), and every candidate through ``scale --sequential`` with a stop and a
+resume."""
 
 from __future__ import annotations
 
@@ -349,6 +350,161 @@ def test_refresh_refusals(model_tok, stats_dir, demo_records, fresh):
         with pytest.raises(HyperParamsError, match=match):
             compute_edit(model, tok, demo_records[:2], hp, mode, context_templates=TEMPLATES)
         assert all(torch.equal(before[n], p) for n, p in params.items())
+
+
+def test_refresh_weight_specs_and_validation(stats_dir, tmp_path):
+    """``+refresh=W`` sets ``sequential_refresh`` and ``sequential_refresh_weight``, spelled
+    canonically (``refresh=4.0`` -> ``refresh=4``, ``refresh=1`` -> ``refresh``); a weight
+    that is not a positive finite number, a value for an option without one, and a weight
+    without ``sequential_refresh`` are refused naming the field and the fix; EMMET with
+    ``emmet_lambda: 0`` (exact constraints, a weight cancels) is refused before the model
+    loads; a cell of ``replay+refresh=4`` is written and collected under that mode."""
+    from easyedit_replay.cli import _check_modes, parse_modes
+    from easyedit_replay.errors import ReplayError
+
+    assert parse_mode("replay+refresh=4")[1] == {"sequential_refresh": True, "sequential_refresh_weight": 4.0}
+    assert parse_mode("replay+refresh")[1] == {"sequential_refresh": True}  # the weight left at its default 1
+    assert parse_mode("replay_tau=0.5+norm_anchor+refresh=0.25")[1] == {
+        "replay_tau": 0.5, "norm_anchor": True, "sequential_refresh": True, "sequential_refresh_weight": 0.25}
+    assert mode_spec("replay + refresh = 4.0") == "replay+refresh=4"
+    assert mode_spec("replay+refresh=1.0") == "replay+refresh"
+    assert mode_spec("spread+refresh=1e6") == "spread+refresh=1e06"  # no '+': it separates options
+    assert mode_spec("spread+refresh=1234567") == "spread+refresh=1234567"  # %g would round it
+    for spec in ("spread+refresh=1e6", "spread+refresh=1234567", "replay+refresh=0.1234567"):
+        assert parse_mode(mode_spec(spec)) == parse_mode(spec), spec
+    assert parse_modes("spread, replay+refresh=4.0,replay+refresh") == ("spread", "replay+refresh=4", "replay+refresh")
+    range_fix = "option refresh={}: sequential_refresh_weight must be a positive finite number"
+    for value in ("0", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=range_fix.format(value)):
+            parse_mode(f"replay+refresh={value}")
+    with pytest.raises(ValueError, match="option refresh='x': not a number \\(e.g. refresh=4\\)"):
+        parse_mode("replay+refresh=x")
+    with pytest.raises(ValueError, match="option 'rekeyed' takes no value; write '\\+rekeyed'"):
+        parse_mode("replay+rekeyed=2")
+    with pytest.raises(ValueError, match="option 'refresh' is given twice"):
+        parse_mode("replay+refresh+refresh=2")
+    with pytest.raises(ValueError, match="param = 'sequential_refresh'"):
+        sequential.register_sequential_option(sequential.SequentialOption(
+            "bad", {"sequential_refresh": True}, "x", param="sequential_refresh"))
+    assert "bad" not in sequential.SEQUENTIAL_OPTIONS
+
+    with pytest.raises(HyperParamsError, match="sequential_refresh_weight = 2: .*set sequential_refresh: true"):
+        _hp(stats_dir, "MEMIT", sequential_refresh_weight=2)
+    for value in (0, -1.0, float("nan"), float("inf"), True, "four"):
+        with pytest.raises(HyperParamsError, match="sequential_refresh_weight = .*positive finite number"):
+            _hp(stats_dir, "MEMIT", sequential_refresh=True, sequential_refresh_weight=value)
+    assert _hp(stats_dir, "MEMIT", sequential_refresh=True, sequential_refresh_weight=4).sequential_refresh_weight == 4
+
+    emmet = {"EMMET": _hp(stats_dir, "EMMET", emmet_lambda=0)}
+    _check_modes(emmet, ("replay+refresh",))  # at weight 1 the stock relaxation does not matter
+    with pytest.raises(ReplayError, match="--modes replay\\+refresh=4 with EMMET: sequential_refresh_weight = 4.0 "
+                                          "with EMMET: with emmet_lambda 0 every row"):
+        _check_modes(emmet, ("replay+refresh=4",))
+    _check_modes({"EMMET": _hp(stats_dir, "EMMET"), "MEMIT": _hp(stats_dir, "MEMIT"),
+                  "AlphaEdit": _hp(stats_dir, "AlphaEdit")}, ("spread+refresh=4", "replay+refresh=4"))
+
+    path = cells.step_path(tmp_path, 2, 4, "MEMIT", "replay+refresh=4", 1)
+    assert path.parent.name == "MEMIT__replay+refresh=4"
+    cells.write_cell(path, {"kind": "sequential", "alg": "MEMIT", "mode": "replay+refresh=4", "batch_size": 2,
+                            "total": 4, "step": 1}, {})
+    assert list(cells.collect_cells(tmp_path)["sequential"][(2, 4)]) == ["MEMIT/replay+refresh=4"]
+
+
+def test_emmet_row_weights_are_a_relaxation():
+    """EMMET's solve with columns multiplied by ``sqrt(w)`` is the weighted least squares
+    ``R W K^T (K W K^T + emmet_lambda C')^-1`` (so a weight relaxes those rows' constraint
+    to ``emmet_lambda / w``), and with ``emmet_lambda = 0`` the weights cancel (why a weight
+    is refused there)."""
+    from easyedit_replay.algorithms.emmet import emmet_solve
+
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_out, m = 8, 5, 4
+    a = torch.randn(d_in, 3 * d_in, generator=gen, dtype=torch.float64)
+    cov = a @ a.T / (3 * d_in)
+    keys = torch.randn(d_in, m, generator=gen, dtype=torch.float64)
+    resid = torch.randn(d_out, m, generator=gen, dtype=torch.float64)
+    w = torch.tensor([1.0, 1.0, 4.0, 4.0], dtype=torch.float64)  # the last two: earlier edits, weighted 4
+    scaled = emmet_solve(keys * w.sqrt(), resid * w.sqrt(), cov, 1.0, 0, 0.1)
+    weighted = resid @ torch.diag(w) @ keys.T @ torch.linalg.inv(keys @ torch.diag(w) @ keys.T + 0.1 * cov)
+    assert torch.allclose(scaled, weighted, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(scaled, emmet_solve(keys, resid, cov, 1.0, 0, 0.1), rtol=1e-3)
+    exact = emmet_solve(keys, resid, cov, 1.0, 0, 0)
+    assert torch.allclose(emmet_solve(keys * w.sqrt(), resid * w.sqrt(), cov, 1.0, 0, 0), exact, rtol=1e-8, atol=1e-10)
+
+
+def _refreshed(model, tok, records, hp, mode="replay"):
+    """Edit ``records[:2]`` then ``records[2:4]`` with ``hp`` (``sequential_refresh``) into a
+    fresh record, weights restored after. Returns both plans, the mean distance of the
+    first batch's states at every edit layer after both batches to the states the record
+    holds for them (what the second solve restores), the rule's ``(keys, error, restored)``
+    at each site of the second batch, the ``(rows, weight)`` of every :func:`_weigh_rows`
+    call, and AlphaEdit's cache after each batch ``{weight: (after 1, after 2)}``."""
+    from unittest import mock
+
+    from easyedit_replay import editor
+
+    sequential.reset_sequential_state(model)
+    reset_alphaedit_cache(model)
+    rule = get_algorithm(hp.alg_name).rule
+    seen, weighed = [], []
+    real_update, real_weigh = rule.update, editor._weigh_rows
+
+    def spy(inp):
+        seen.append((inp.keys.clone(), inp.error.clone(), inp.restored))
+        return real_update(inp)
+
+    def weigh(*args):
+        weighed.append(args[1:])
+        return real_weigh(*args)
+
+    params = {n: resolve_parameter(model, n) for n in weight_names(hp)}
+    with mock.patch.object(rule, "update", spy), mock.patch.object(editor, "_weigh_rows", weigh), \
+            weight_transaction(params, restore_always=True):
+        first = compute_edit(model, tok, records[:2], hp, mode, context_templates=TEMPLATES)
+        apply_plan(model, first, hp)
+        assert not weighed  # nothing earlier in the first batch's solve
+        cache = alphaedit_cache(model)
+        del seen[:]
+        second = compute_edit(model, tok, records[2:4], hp, mode, context_templates=TEMPLATES)
+        apply_plan(model, second, hp)
+        now = _block_states(model, tok, first.requests, hp)
+        cache = {n: (c, alphaedit_cache(model)[n]) for n, c in cache.items()}
+    recorded = torch.stack([first.sequential.states[layer] for layer in hp.layers])
+    gap = float((now - recorded).norm(dim=-1).mean())
+    return first, second, gap, seen, weighed, cache
+
+
+@pytest.mark.parametrize("alg", ["MEMIT", "AlphaEdit"])
+def test_refresh_weight_holds_the_earlier_edits(model_tok, stats_dir, demo_records, fresh, alg):
+    """``sequential_refresh_weight`` (real model, layers 7-8, 2 + 2 edits): at 1 the edit is
+    plain ``+refresh`` bit for bit and nothing is multiplied; at 100 the first batch is
+    unchanged (nothing earlier), the second batch's first solve gets its own rows as at 1
+    and the earlier rows times 10 (``sqrt(100)``), exactly; the earlier batch's residual
+    to the states it reached, after the second batch, is smaller (MEMIT: under half),
+    and AlphaEdit's cache still grows by the second batch's own 2 keys only, unweighted."""
+    model, tok = model_tok
+    base = dict(layers=(7, 8), sequential_refresh=True)
+    plain = _refreshed(model, tok, demo_records, _hp(stats_dir, alg, **base))
+    one = _refreshed(model, tok, demo_records, _hp(stats_dir, alg, **base, sequential_refresh_weight=1.0))
+    heavy = _refreshed(model, tok, demo_records, _hp(stats_dir, alg, **base, sequential_refresh_weight=100))
+    names = sorted(plain[0].updates)
+    for k in (0, 1):
+        assert all(torch.equal(plain[k].updates[n], one[k].updates[n]) for n in names)
+    assert not plain[4] and not one[4]  # _weigh_rows only at w != 1: on keys and residuals of every site
+    assert heavy[4] == [(2, 100)] * (2 * len(names)), heavy[4]
+    assert all(torch.equal(plain[0].updates[n], heavy[0].updates[n]) for n in names)
+    assert not any(torch.equal(plain[1].updates[n], heavy[1].updates[n]) for n in names)
+    (k1, e1, r1), (k100, e100, r100) = plain[3][0], heavy[3][0]  # the first edit layer: same model, same reads
+    assert r1 == r100 == 2 and k1.shape[1] == 4
+    assert torch.equal(k100[:, :2], k1[:, :2]) and torch.equal(e100[:, :2], e1[:, :2])
+    assert torch.equal(k100[:, 2:], k1[:, 2:] * 10) and torch.equal(e100[:, 2:], e1[:, 2:] * 10)
+    assert heavy[2] < (0.5 if alg == "MEMIT" else 0.8) * plain[2], (heavy[2], plain[2])
+    if alg == "AlphaEdit":  # the cache grows by the second batch's own keys, unweighted, not by the earlier rows
+        for (keys, _, _), n in zip(heavy[3], names):
+            after_first, after_second = heavy[5][n]
+            own = keys[:, :2].float()
+            assert torch.allclose(after_second - after_first, own @ own.T, atol=1e-4), n
+        assert all(torch.isfinite(heavy[1].updates[n]).all() for n in names)
 
 
 def test_attribution_steps_are_checked_before_the_model_loads(tmp_path, capsys):
