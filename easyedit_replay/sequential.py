@@ -78,8 +78,9 @@ number, which sets one more field (its ``param``): ``replay+refresh=4`` is
 leaves the weight at 1.
 
 Where one more design plugs in: a hyperparameter field (off by default) plus a
-:func:`register_sequential_option` (with ``param`` and ``check`` for a numeric value), and its code at one of the two points where
-:func:`~easyedit_replay.editor.compute_edit` consults this module: the targets
+:func:`register_sequential_option` (with ``param`` and ``check`` for a numeric value),
+and its code at one of the two points where :func:`~easyedit_replay.editor.compute_edit`
+consults this module: the targets
 before the layer loop (:meth:`SequentialContext.adjust_targets`) or the earlier keys
 a site's solve protects (:meth:`SequentialContext.protected`).
 """

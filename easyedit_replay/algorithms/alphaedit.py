@@ -18,10 +18,11 @@ Per edit layer, in float32 as stock:
 - ``sequential_refresh`` (ours, off by default): the earlier edits of the model's
   sequential record join ``K`` and ``R`` as rows restoring the states they reached
   (multiplied by ``sqrt(w)``, ``w = sequential_refresh_weight``, when ``w != 1``: ``P (K
-  K^T + w K_old K_old^T + U)``, ``P (K R^T + w K_old R_old^T)``), and in the solve ``cache`` is replaced by its untracked part ``U``: the ``K K^T`` of
-  the cached edits the record does not hold (edits made before the record began, or
-  batches left out of it), so the recorded edits are not counted twice and the others
-  keep their protection. ``U`` is the cache as it was before the first recorded batch,
+  K^T + w K_old K_old^T + U)``, ``P (K R^T + w K_old R_old^T)``), and in the solve
+  ``cache`` is replaced by its untracked part ``U``: the ``K K^T`` of the cached edits
+  the record does not hold (edits made before the record began, or batches left out
+  of it), so the recorded edits are not counted twice and the others keep their
+  protection. ``U`` is the cache as it was before the first recorded batch,
   plus the keys of later batches that did not join the record; with nothing untracked
   the solve is that of ``K K^T`` alone, bit for bit. The cache kept for later batches
   grows by this batch's own keys only.
