@@ -362,8 +362,9 @@ def _markdown_table(text, title):
     return rows[0], rows[2:]
 
 
-def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells():
-    """The two tables of docs/results.md "Sequential 8 x 96 at the paper's point" are what
+@pytest.mark.parametrize("alg", ["MEMIT", "AlphaEdit"])
+def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells(alg):
+    """The two tables of docs/results.md "Sequential 8 x 96 at the paper's point (ALG)" are what
     ``report --points docs/results/scale_cf docs/results/scale_cf_paper`` gives from the
     committed cells (the first batch's efficacy Acc from each folder's committed report.md):
     each point's efficacy Acc / DKL / first batch's efficacy Acc, and the
@@ -372,7 +373,7 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells()
     from easyedit_replay.experiments.points import points_markdown
 
     results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index("\n### Sequential 8 x 96 at the paper's point")
+    start = results.index(f"\n### Sequential 8 x 96 at the paper's point ({alg})")
     ends = [results.find(mark, start + 1) for mark in ("\n## ", "\n### ")]
     section = results[start:min([e for e in ends if e > 0], default=len(results))]
     printed = points_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_paper"],
@@ -380,19 +381,18 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells()
 
     first = lambda v: v.split(" [")[0]  # noqa: E731
     printed = printed[printed.index("## Sequential"):]  # the one-batch kinds come first
-    cells = {(r[1], r[2], r[3]): r for r in _markdown_table(printed, "## Sequential")[1] if r[0] == "MEMIT"}
-    # MEMIT's rows only: AlphaEdit's sequential pairs join these tables once its paper-point series lands
-    retention = {(r[1], r[2]): r[3] for r in _markdown_table(printed, "Retention, paired")[1] if r[0] == "MEMIT"}
+    cells = {(r[1], r[2], r[3]): r for r in _markdown_table(printed, "## Sequential")[1] if r[0] == alg}
+    retention = {(r[1], r[2]): r[3] for r in _markdown_table(printed, "Retention, paired")[1] if r[0] == alg}
     paired = {r[2]: r for r in _markdown_table(printed, "Paired differences on the same edits")[1]
-              if r[0] == "MEMIT" and r[1] == "replay@paper - spread@bundled"}
+              if r[0] == alg and r[1] == "replay@paper - spread@bundled"}
     reports = {point: (ROOT / "docs" / "results" / folder / "report.md").read_text()
                for point, folder in (("bundled", "scale_cf"), ("paper", "scale_cf_paper"))}
     kept = {point: {(r[1], r[2]): r[3] for r in _markdown_table(text, "Retention: efficacy Acc of each batch")[1]
-                    if r[0] == "MEMIT"}
+                    if r[0] == alg}
             for point, text in reports.items()}
     docs_cells = _markdown_table(section, "Each point's cells")[1]
     docs_paired = _markdown_table(section, "Replay at the paper's point minus spreading")[1]
-    assert len(docs_cells) == 8 and len(docs_paired) >= 5
+    assert len(docs_cells) == 8 and docs_paired
     for row in docs_cells:
         for (mode, point), value in zip([("spread", "bundled"), ("replay", "bundled"), ("spread", "paper"),
                                          ("replay", "paper")], row[1:]):
