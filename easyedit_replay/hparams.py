@@ -285,7 +285,7 @@ class ReplayHyperParams:
         err = lambda name, fix: field_error(HyperParamsError, name, getattr(self, name), fix)  # noqa: E731
         if not isinstance(self.layers, (list, tuple)) or not self.layers:
             raise err("layers", "must be a non-empty list of layer indices, e.g. [4, 5, 6, 7, 8]")
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
+        if not all(is_integer(x) for x in self.layers):
             raise err("layers", "must contain integers only")
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
             raise err("layers", f"must be strictly increasing; use {sorted(set(self.layers))}")
@@ -296,8 +296,7 @@ class ReplayHyperParams:
         if self.fact_token not in FACT_TOKENS:
             raise err("fact_token", f"must be one of {list(FACT_TOKENS)}")
         for name in INTEGER_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_positive_integer(getattr(self, name)):
                 raise err(name, "must be a positive integer")
         for name in ("v_lr", "clamp_norm_factor"):
             if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
@@ -305,13 +304,13 @@ class ReplayHyperParams:
         for name in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
             if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise err(name, "must be a non-negative number")
-        if not isinstance(self.v_loss_layer, int) or isinstance(self.v_loss_layer, bool):
+        if not is_integer(self.v_loss_layer):
             raise err("v_loss_layer", "must be an integer layer index (usually the last layer)")
         if not isinstance(self.model_name, str) or not self.model_name:
             raise err("model_name", "must be the model's name, alias or directory, e.g. 'smollm2-135m'")
         if self.hparams_source is not None and not isinstance(self.hparams_source, str):
             raise err("hparams_source", "must be a string (where the values come from) or null")
-        if not isinstance(self.context_seed, int) or isinstance(self.context_seed, bool):
+        if not is_integer(self.context_seed):
             raise err("context_seed", "must be an integer (the seed of the context-template sampler), e.g. 0")
         if not isinstance(self.stats_dir, (str, os.PathLike)) or not str(self.stats_dir):
             raise err("stats_dir", "must be a folder path (the statistics cache), e.g. './data/stats'")
@@ -322,8 +321,7 @@ class ReplayHyperParams:
             if not isinstance(getattr(self, name), bool):
                 raise err(name, "must be true or false (read by EasyEdit)")
         for name in ("batch_size", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_positive_integer(getattr(self, name)):
                 raise err(name, "must be a positive integer (read by EasyEdit)")
         if self.layer_selection not in LAYER_SELECTIONS:
             raise err("layer_selection", f"must be one of {list(LAYER_SELECTIONS)} (EasyEdit's values)")
@@ -425,6 +423,16 @@ def refresh_weight_problem(value) -> Optional[str]:
 def is_number(x) -> bool:
     """A finite real number that is not a bool (NaN and infinities are not)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_integer(x) -> bool:
+    """An int that is not a bool (YAML's ``true`` is not a layer index or a seed)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_positive_integer(x) -> bool:
+    """An :func:`is_integer` above 0 (a step count, a batch size, a length)."""
+    return is_integer(x) and x > 0
 
 
 def read_yaml(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
