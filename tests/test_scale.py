@@ -416,7 +416,9 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
     the first batch's efficacy Acc) from its "Sequential", "Paired differences, sequential"
     and "Retention" tables, and the retention / fluency table (the first batch's efficacy Acc
     of ``replay+refresh`` and spreading, their paired difference, and the paired fluency) from
-    its "Retention", "Retention, paired" and "Paired differences, sequential" tables. A
+    its "Retention", "Retention, paired" and "Paired differences, sequential" tables; and the
+    ``+refresh=4`` table (one row per step its cells have: efficacy Acc, DKL and the first
+    batch's efficacy Acc, each with its pair against spreading, beside ``+refresh``'s). A
     number copied wrong, or a cell rerun without docs/results.md updated, fails here
     (``scale --out docs/results/scale_cf --report-only`` rewrites the report from the cells)."""
     results = (ROOT / "docs" / "results.md").read_text()
@@ -456,6 +458,20 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
         assert both == f"{kept[('replay+refresh', n)]['batch 1']} / {kept[('spread', n)]['batch 1']}", n
         assert d_batch1 == kept_paired[("replay+refresh", n)]["batch 1"], n
         assert d_fluency == paired[("replay+refresh", n)]["fluency"], n
+
+    # the `+refresh=4` confirmation: one row per step its committed cells have, each value with its pair
+    header, weighted = _markdown_table(section, "| edits made | eff. Acc (- spread) | DKL (- spread) |")
+    assert header == ["edits made", "eff. Acc (- spread)", "DKL (- spread)", "batch 1 (- spread)",
+                      "`+refresh` (`w` 1): eff. Acc / DKL / batch 1"]
+    assert [row[0] for row in weighted] == sorted((n for mode, n in cells if mode == "replay+refresh=4"), key=int)
+    for n, eff, dkl, batch1, unweighted in weighted:
+        mode = "replay+refresh=4"
+        assert eff == f"{first(cells[(mode, n)]['eff. Acc'])} ({paired[(mode, n)]['eff. Acc']})", n
+        assert dkl == f"{first(cells[(mode, n)]['DKL'])} ({paired[(mode, n)]['DKL']})", n
+        assert batch1 == f"{kept[(mode, n)]['batch 1']} ({kept_paired[(mode, n)]['batch 1']})", n
+        refresh = cells[("replay+refresh", n)]
+        assert unweighted == (f"{first(refresh['eff. Acc'])} / {first(refresh['DKL'])} / "
+                              f"{kept[('replay+refresh', n)]['batch 1']}"), n
 
 
 def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells():
