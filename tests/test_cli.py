@@ -30,7 +30,8 @@ def test_report_refuses_options_that_would_do_nothing(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == (
         f"error: report --out {out}: --out writes the --allocation report of a compare results.json (report.md "
-        "and plots) or the --points markdown; without them it would write nothing (drop --out, or add --allocation)\n")
+        "and plots) or the --points / --models markdown; without them it would write nothing (drop --out, or add "
+        "--allocation)\n")
     assert not out.exists()
     assert main(["report", str(compare), "--markdown", "--reference", "paper"]) == 2
     assert capsys.readouterr().err == (

@@ -211,7 +211,7 @@ def test_the_help_names_every_subcommand_and_when_an_option_applies():
     report = _help(sub["report"])
     assert "--reference REFERENCE only with --points: the point spreading is compared at" in report
     assert ("--out OUT only with --allocation (also write report.md and the two allocation plots into this folder) "
-            "or --points (also write the markdown to this file)") in report
+            "or --points / --models (also write the markdown to this file)") in report
     assert "--curve --sequential: evaluate all edits so far after every batch" in _help(sub["scale"])
 
 

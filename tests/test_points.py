@@ -1,7 +1,8 @@
-"""``easyedit-replay report --points``: ``scale`` cells side by side across operating points
-(:mod:`easyedit_replay.experiments.points`), on copies of the committed CounterFact cells
-of ``docs/results/scale_cf`` (the copy at ``paper`` identical but for its
-``operating_point``). No model is loaded; the tests read JSON."""
+"""``easyedit-replay report --points`` and ``report --models``: ``scale`` cells side by side
+across operating points or models (:mod:`easyedit_replay.experiments.points`), on copies of
+the committed CounterFact cells of ``docs/results/scale_cf`` (the copy at ``paper``
+identical but for its ``operating_point``; the copy of ``gemma3-270m`` relabelled to that
+model and its layers). No model is loaded; the tests read JSON."""
 
 from __future__ import annotations
 
@@ -488,3 +489,186 @@ def test_the_plan_names_its_points_as_a_string_or_a_list(tmp_path):
     with pytest.raises(ReplayError, match="its scale.json names the points bundled, paper; cannot tell"):
         read_point(folder)
     assert "\nOperating point: bundled, paper (`scale --point`" in write_scale_report(folder, n_boot=N_BOOT).read_text()
+
+
+# ----------------------------------------------------------------------------- report --models
+
+GEMMA = "gemma3-270m"
+BATCH = ("MEMIT__spread", "MEMIT__replay", "MEMIT__blue")
+
+
+def _committed(n, run):
+    return json.loads((CELLS / "batch" / f"n{n:05d}" / f"{run}.json").read_text())
+
+
+def _as_gemma(replay_is_blue=False, records=None):
+    """An ``edit`` of :func:`_folder` that makes a copy a ``gemma3-270m`` cell: its model
+    name, its edit layers and the layers of its |dW| moved up by 6 (layers 10-14);
+    ``replay_is_blue``: a one-batch replay cell takes the committed blue cell's rows and
+    summary (so its pair against spreading is not SmolLM2's); ``records``: another records digest."""
+    def edit(path, cell):
+        hp = cell["settings"]["hparams"]
+        hp["model_name"], hp["layers"] = GEMMA, [layer + 6 for layer in hp["layers"]]
+        if records:
+            cell["settings"]["records"] = records
+        if cell["kind"] != "batch":
+            return
+        if replay_is_blue and cell["mode"] == "replay":
+            cell["run"] = _committed(cell["n"], "MEMIT__blue")["run"]
+        for a in cell["run"]["analyses"]:
+            a["update_norm"] = {f"model.layers.{int(k.split('.')[2]) + 6}.mlp.down_proj.weight": v
+                                for k, v in a["update_norm"].items()}
+    return edit
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    """``smollm2-135m`` (the committed cells: one batch of 48, MEMIT spread, replay and
+    blue; the 8 x 96 series, MEMIT spread and replay steps 1-2) and ``gemma3-270m`` (the
+    same cells relabelled, its one-batch replay holding the blue cell's rows; no blue)."""
+    series = {"MEMIT__spread": 2, "MEMIT__replay": 2}
+    smol = _folder(tmp_path / "smol", None, series, BATCH)
+    gemma = _folder(tmp_path / "gemma", None, series, BATCH[:2], edit=_as_gemma(replay_is_blue=True))
+    return smol, gemma
+
+
+def test_models_side_by_side_and_paired_within_each_model(two_models):
+    """``report --models``: one row per algorithm, mode and model; pairs ``mode@M -
+    spread@M`` within each model only, each the paired difference of its own per-edit
+    rows (Gemma's replay here holds the blue cell's rows); each model's |dW| table at its
+    own layers; Gemma's weights named Q4_K_M dequantized in the header."""
+    from easyedit_replay.experiments.points import MODELS, models_markdown, read_models, single_point_runs
+    from easyedit_replay.experiments.statistics import paired_difference
+    from easyedit_replay.models import weights_note
+
+    groups = read_models(two_models)
+    assert [(g.group, g.axis) for g in groups] == [("smollm2-135m", MODELS), (GEMMA, MODELS)]
+    one = ("batch", 48)
+    rows = side_by_side_table(groups, one)
+    assert rows[0][:4] == ["algorithm", "mode", "model", "eff. Acc"]
+    assert [r[:4] for r in rows[1:]] == [["MEMIT", "spread", "smollm2-135m", "0.92 [0.83, 0.98]"],
+                                         ["MEMIT", "spread", GEMMA, "0.92 [0.83, 0.98]"],
+                                         ["MEMIT", "replay", "smollm2-135m", "0.98 [0.94, 1.00]"],
+                                         ["MEMIT", "replay", GEMMA, "0.92 [0.83, 0.98]"],
+                                         ["MEMIT", "blue", "smollm2-135m", "0.92 [0.83, 0.98]"]]
+    assert single_point_runs(groups, one) == [("MEMIT", "blue", "smollm2-135m")]
+
+    found = pairs(groups, one, n_boot=N_BOOT)
+    assert [q.text for q in found] == ["replay@smollm2-135m - spread@smollm2-135m", f"replay@{GEMMA} - spread@{GEMMA}",
+                                       "blue@smollm2-135m - spread@smollm2-135m"]
+    assert not [q for q in found if q.reason]
+    spread, replay, blue = (_committed(48, run)["run"]["per_edit"] for run in BATCH)
+    for metric in ("efficacy_exact", "fluency"):
+        assert _stats(found, f"replay@{GEMMA} - spread@{GEMMA}", None).stats[metric] \
+            == paired_difference(blue, spread, metric, N_BOOT, 0)
+        assert _stats(found, "replay@smollm2-135m - spread@smollm2-135m", None).stats[metric] \
+            == paired_difference(replay, spread, metric, N_BOOT, 0)
+    assert _stats(found, f"replay@{GEMMA} - spread@{GEMMA}", None).stats["efficacy_exact"][0] == pytest.approx(0.0)
+    assert _stats(found, "replay@smollm2-135m - spread@smollm2-135m", None).stats["efficacy_exact"][0] \
+        == pytest.approx((sum(r["efficacy_exact"] for r in replay) - sum(r["efficacy_exact"] for r in spread)) / 48)
+    seq = pairs(groups, SEQ, n_boot=N_BOOT)
+    assert [(q.text, q.made) for q in seq] == [(f"replay@{m} - spread@{m}", made) for m in ("smollm2-135m", GEMMA)
+                                               for made in (96, 192)]
+    assert [len(q.retention) for q in seq] == [1, 2, 1, 2]
+
+    updates, _ = norm_tables(groups, one, only=GEMMA)
+    assert updates[0] == ["algorithm", "mode", "model"] + [f"|dW| layer {l}" for l in range(10, 15)]
+    assert [r[:3] for r in updates[1:]] == [["MEMIT", "spread", GEMMA], ["MEMIT", "replay", GEMMA]]
+    assert updates[2][3:] == ["54.2", "-", "-", "-", "60.9"]  # the blue cell's |dW| at layers 4 and 8, moved to 10, 14
+    assert norm_tables(groups, one, only="smollm2-135m")[0][0][3] == "|dW| layer 4"
+
+    assert "Q4_K_M" in weights_note(GEMMA) and weights_note(GEMMA.upper()) == weights_note(GEMMA)
+    assert weights_note(str(two_models[1])) == ""
+    text = models_markdown(two_models, n_boot=N_BOOT)
+    assert text.startswith("# `scale` cells across models\n\n"
+                           f"- `smollm2-135m`: {two_models[0]} (weights: {weights_note('smollm2-135m')})\n"
+                           f"- `{GEMMA}`: {two_models[1]} (weights: the Q4_K_M quantization, dequantized to float32, "
+                           "not Google's bfloat16 release)\n")
+    assert "No pair crosses models" in text and "spread@smollm2-135m - spread@" not in text
+    assert "Not paired" not in text and "Missing pairs" not in text
+    assert ("Evaluated at one model only (no other model to compare the run with; its rows and its pairs against "
+            "spreading are shown): MEMIT/blue at smollm2-135m.") in text
+    assert text.count(f"`{GEMMA}`:\n") == 2 and text.count("`smollm2-135m`:\n") == 2  # |dW| tables, 2 kinds
+    assert "Retention, paired:" in text and f"| MEMIT | replay@{GEMMA} - spread@{GEMMA} | 192 |" in text
+
+
+def test_report_models_command_and_its_refusals(two_models, tmp_path, capsys):
+    """``report --models A B --out FILE`` prints the report and writes it (naming the
+    operating point scale.json records); one folder, ``--points`` with it, a SOURCE,
+    ``--allocation``, ``--reference``, two folders of one model, folders with no kind of
+    cell in common or with one on other records, a folder as ``--out`` and a mode no cell
+    has are each refused with exit 2, naming the option and the fix."""
+    from easyedit_replay.cli import main
+
+    smol, gemma = map(str, two_models)
+    update_plan(two_models[1], [], {"model": GEMMA, "operating_point": ["bundled"]})
+    out = tmp_path / "models.md"
+    assert main(["report", "--models", smol, gemma, "--modes", "spread,replay", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text()
+    assert f"- `{GEMMA}`: {gemma} (operating point bundled; weights: the Q4_K_M" in printed
+    assert "| MEMIT | blue |" not in printed
+
+    other = _folder(tmp_path / "smol2", None, batch=BATCH)
+    only192 = _folder(tmp_path / "g192", None, batch=BATCH[:2], n=192, edit=_as_gemma())
+    moved = _folder(tmp_path / "grec", None, batch=BATCH[:2], edit=_as_gemma(records="0" * 32))
+    refused = {
+        (smol,): f"report --models {smol}: one folder; --models sets the scale folders of two or more models side "
+                 "by side (e.g. report --models docs/results/scale_cf docs/results/scale_cf_gemma3); one folder's "
+                 "tables: report DIR --markdown",
+        (smol, gemma, "--points", smol): "report --points and --models: give one of them (--points: one model's "
+                                         "folders at several operating points; --models: the folders of several "
+                                         "models)",
+        (smol, gemma, "--allocation"): "report --models DIR [DIR ...] takes the scale --out folders after --models; "
+                                       "no SOURCE, no --allocation",
+        (smol, gemma, "--reference", "paper"): "report --models --reference paper: --reference is the point --points "
+                                               "compares spreading at; --models pairs within each model (drop "
+                                               "--reference)",
+        (smol, str(other)): f"report --models: {smol} and {other} are both of model smollm2-135m "
+                            "(settings.hparams.model_name); give one folder per model (one model's operating points: "
+                            "report --points)",
+        (smol, str(only192)): f"report --models: {smol} and {only192} have no kind of cell in common "
+                              f"(smollm2-135m: one batch of 48 edits, sequential: 768 edits in batches of 96; {GEMMA}: "
+                              f"one batch of 192 edits); run `scale` for {GEMMA} with the --data, --records and --n "
+                              f"(or --batch-size) of {smol}",
+        (smol, str(moved)): f"report --models: {smol} and {moved} hold one batch of 48 edits on other records "
+                            f"(settings.records 29b80cb5 vs 00000000); run `scale` for {GEMMA} with the --data and "
+                            f"--records of {smol}",
+        (smol, gemma, "--out", str(tmp_path)): f"report --models --out {tmp_path}: a folder; --out takes the markdown "
+                                               f"file to write, e.g. {tmp_path / 'models.md'}",
+        (smol, gemma, "--modes", "bogus"): "report --models --modes bogus: 'bogus' names no mode of the cells; the "
+                                           "modes present are spread, replay, blue",
+    }
+    for given, message in refused.items():
+        assert main(["report", "--models", *given]) == 2, given
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", f"error: {message}\n"), given
+    assert main(["report", smol, "--models", gemma, smol]) == 2
+    assert capsys.readouterr().err.startswith("error: report --models DIR [DIR ...] takes the scale --out folders")
+
+
+def test_a_models_folder_has_one_known_model(tmp_path):
+    """A folder whose cells name two models, or none (and no model in scale.json), is
+    refused naming ``settings.hparams.model_name``; with no cell, scale.json's model is its model."""
+    from easyedit_replay.experiments.points import read_model
+
+    def half_gemma(path, cell):
+        if "replay" in str(path):
+            _as_gemma()(path, cell)
+
+    mixed = _folder(tmp_path / "mixed", None, batch=BATCH[:2], edit=half_gemma)
+    with pytest.raises(ReplayError, match=r"more than one model \(settings.hparams.model_name: gemma3-270m, "
+                                          r"smollm2-135m\); give each model a folder of its own"):
+        read_model(mixed)
+
+    def unnamed(path, cell):
+        del cell["settings"]["hparams"]["model_name"]
+
+    with pytest.raises(ReplayError, match="1 of its cells lack settings.hparams.model_name"):
+        read_model(_folder(tmp_path / "unnamed", None, batch=BATCH[:1], edit=unnamed))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReplayError, match="it has no cells, and no scale.json; cannot tell its model"):
+        read_model(empty)
+    update_plan(empty, [{"kind": "batch", "n": 48, "alg": "MEMIT", "mode": "spread"}], {"model": GEMMA})
+    assert read_model(empty).group == GEMMA

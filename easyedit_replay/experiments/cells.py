@@ -196,11 +196,17 @@ def plan_points(meta: Optional[dict]) -> Tuple[str, ...]:
     return (named,) if isinstance(named, str) else tuple(named)
 
 
+def plan_meta(out_dir) -> dict:
+    """The ``meta`` of ``out_dir/scale.json`` (``model``, ``data``, ``records``,
+    ``operating_point``: :func:`update_plan`); empty when the folder has no ``scale.json``."""
+    plan = Path(out_dir) / "scale.json"
+    return (json.loads(plan.read_text()).get("meta") or {}) if plan.exists() else {}
+
+
 def recorded_points(out_dir) -> Tuple[str, ...]:
     """The operating points ``out_dir/scale.json`` names (:func:`plan_points` of its
     ``meta``); empty when the folder has no ``scale.json``."""
-    plan = Path(out_dir) / "scale.json"
-    return plan_points(json.loads(plan.read_text()).get("meta") if plan.exists() else None)
+    return plan_points(plan_meta(out_dir))
 
 
 def cell_points(found: dict) -> Tuple[Tuple[str, ...], int]:
@@ -210,6 +216,15 @@ def cell_points(found: dict) -> Tuple[Tuple[str, ...], int]:
     cells = edit_cells(found)
     return (tuple(sorted({c["operating_point"] for c in cells if c.get("operating_point")})),
             sum(1 for c in cells if not c.get("operating_point")))
+
+
+def folder_points(out_dir, found: dict) -> List[str]:
+    """The operating points a ``scale --out`` folder holds, sorted: its cells'
+    ``operating_point`` (:func:`cell_points` of ``found``, its :func:`collect_cells`)
+    and, when a cell lacks the field or there is no cell, the points its ``scale.json``
+    names (:func:`recorded_points`); empty when it records none."""
+    named, unnamed = cell_points(found)
+    return sorted(set(named) | (set(recorded_points(out_dir)) if unnamed or not named else set()))
 
 
 def check_out_point(out_dir, points: Sequence[str]) -> None:
@@ -230,8 +245,7 @@ def check_out_point(out_dir, points: Sequence[str]) -> None:
         return
     found = collect_cells(out)
     named, unnamed = cell_points(found)
-    planned = recorded_points(out)
-    held = sorted(set(named) | (set(planned) if unnamed or not named else set()))
+    held = folder_points(out, found)
     if held and held != sorted(set(points)):
         what = "cells" if named or unnamed else "a plan (scale.json)"
         asked = ", ".join(sorted(set(points)))
@@ -262,10 +276,7 @@ def check_out_data(out_dir, meta: dict) -> None:
     Raises:
         ReplayError: names ``--out``, the data and records it holds, and this run's.
     """
-    plan = Path(out_dir) / "scale.json"
-    if not plan.exists():
-        return
-    held = json.loads(plan.read_text()).get("meta") or {}
+    held = plan_meta(out_dir)
     data, records = held.get("data"), held.get("records")
     both_files = data and os.path.isfile(data) and os.path.isfile(meta["data"])
     other_data = data and data != meta["data"] and not _same_file(data, meta["data"]) and (
