@@ -569,7 +569,8 @@ def _common_options(c, algs: Optional[Tuple[str, ...]] = None, grid: bool = Fals
     c.add_argument("--model", help="model alias, directory or hub name (default: the YAML's model_name); without "
                    "--hparams, the bundled YAMLs named after it are used (hparams/<ALG>_REPLAY/<name>.yaml)")
     c.add_argument("--data", help="edits in EasyEdit's CounterFact or ZsRE format (default: bundled demo edits)")
-    c.add_argument("--seed", type=int, help="context-template and bootstrap seed (default: the YAML's context_seed)")
+    c.add_argument("--seed", type=int, help="seed of the context templates (default: the YAML's context_seed) and of "
+                   "the bootstrap intervals (default 0)")
     c.add_argument("--modes", default="spread,replay",
                    help="comma-separated target constructions: spread, replay, blue, onelayer, nodiv, "
                         "replay_remaining, replay_tau (or replay_tau=0.25 to set its exponent), "
@@ -580,16 +581,18 @@ def _common_options(c, algs: Optional[Tuple[str, ...]] = None, grid: bool = Fals
                    help=argparse.SUPPRESS if grid else "operating point of the bundled YAMLs: bundled (default), "
                    "paper (the FE authors' anchor settings), host-fe (EasyEdit's MEMIT-FE); see hparams/README.md")
     c.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float, help=argparse.SUPPRESS if grid else
-                   "override mom2_update_weight (the covariance weight lambda)")
+                   "override mom2_update_weight (the covariance weight lambda; default: the YAML's) for MEMIT, PMET "
+                   "and EMMET; AlphaEdit's solve regularizes with L2 and does not read it")
     slices = ("START:END (e.g. 1823:1919, or -96: for the last 96; ranges separated by commas are taken in order, "
               "e.g. 1823:1919,1535:1823)")
     c.add_argument("--records", help=f"the tuning split: this slice of --data, {slices}, every record edited in "
                    "each cell; default: the whole file" if grid else
                    f"use this slice of --data before --n, {slices}; default: from the first record")
-    c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7")
-    c.add_argument("--steps", type=int, help="override v_num_grad_steps")
+    c.add_argument("--layers", help="override the edit layers, e.g. 3,4,5,6,7 (default: the YAML's layers)")
+    c.add_argument("--steps", type=int, help="override v_num_grad_steps (default: the YAML's)")
     c.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
-    c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for bundled YAMLs)")
+    c.add_argument("--stats-dir", help="statistics cache (default: the cache root's stats/ for bundled YAMLs, the "
+                   "YAML's stats_dir with --hparams)")
     c.add_argument("--no-anchor-cache", action="store_true",
                    help="optimize every anchor afresh; neither read nor write the anchor disk cache")
     c.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu, cuda, cuda:1 (default cpu)")
@@ -605,10 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="edit the same requests with spread and replay; print the metrics")
     _common_options(c)
-    c.add_argument("--n", type=int, help="use the first N edits")
-    c.add_argument("--batch-size", type=int, help="edits per batch (default: all in one batch)")
+    c.add_argument("--n", type=int, help="use the first N edits (default: all of --data; the bundled demo set has 24)")
+    c.add_argument("--batch-size", type=int, help="edits per batch (default: all in one batch); without --sequential "
+                   "each batch is edited from the original weights")
     c.add_argument("--sequential", action="store_true", help="apply the batches one after another to the same model")
-    c.add_argument("--out", help="directory for report.md, results.json and PNG plots")
+    c.add_argument("--out", help="directory for report.md, results.json and PNG plots (default: none, the tables "
+                   "are only printed)")
     c.add_argument("--json", help="write all per-edit numbers to this file")
     c.add_argument("--no-target-accuracy", action="store_true", help="skip the per-layer target diagnostics")
     c.set_defaults(func=cmd_compare)
@@ -621,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "the largest is the number of edits and the others where they are evaluated")
     sc.add_argument("--sequential", action="store_true", help="edit the first max(--n) records in batches of "
                     "--batch-size, one after another on the same model")
-    sc.add_argument("--batch-size", type=int, help="edits per batch of a --sequential run")
+    sc.add_argument("--batch-size", type=int, help="edits per batch of a --sequential run (required with it)")
     sc.add_argument("--curve", action="store_true", help="--sequential: evaluate all edits so far after every batch")
     sc.add_argument("--target-accuracy", action="store_true", help="also measure the per-layer target error "
                     "(expensive: reads every context template to the loss layer again)")
@@ -643,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--points", default=",".join(OPERATING_POINTS), help="comma-separated operating points "
                    "(default %(default)s)")
     t.add_argument("--lambdas", default="1000,5000,15000,30000", help="comma-separated mom2_update_weight values "
-                   "(default %(default)s)")
+                   "(default %(default)s; AlphaEdit's solve does not read them: its cells repeat across lambda)")
     t.add_argument("--windows", help="also sweep the edit window: contiguous inclusive layer ranges separated by "
                    "commas, e.g. 1-4,2-5,4-7 (or explicit layer lists separated by ';', e.g. 1,2,3,4;2,3,4,5); "
                    "must include the YAMLs' window (the rule's reference); each window's cells go to "

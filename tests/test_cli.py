@@ -109,6 +109,29 @@ def test_help_says_how_stats_checks_and_what_algs_defaults_to():
     assert "(expensive: reads every context template to the loss layer again)" in scale and "dear" not in scale
 
 
+def test_help_states_the_defaults_and_where_an_option_is_not_read():
+    """The options a newcomer meets state their defaults: how many edits ``compare`` makes
+    without ``--n`` (the bundled demo set's real size), that it writes nothing without ``--out``,
+    what ``--seed`` seeds (the bootstrap's default is 0, not the YAML's context_seed), that
+    AlphaEdit does not read ``--lambda`` (its solve regularizes with L2), that ``scale
+    --sequential`` needs ``--batch-size``, and ``anchors bank``'s ``--point`` and ``--shard``."""
+    from easyedit_replay.data import load_records
+
+    sub = dict(_commands(build_parser()))
+    compare, scale, bank = (_help(sub[words]) for words in [("compare",), ("scale",), ("anchors", "bank")])
+    assert (f"--n N use the first N edits (default: all of --data; the bundled demo set has "
+            f"{len(load_records())})") in compare
+    assert "--out OUT directory for report.md, results.json and PNG plots (default: none, the tables are only " \
+           "printed)" in compare
+    for text in (compare, scale):
+        assert ("--seed SEED seed of the context templates (default: the YAML's context_seed) and of the bootstrap "
+                "intervals (default 0)") in text
+        assert "for MEMIT, PMET and EMMET; AlphaEdit's solve regularizes with L2 and does not read it" in text
+    assert "--batch-size BATCH_SIZE edits per batch of a --sequential run (required with it)" in scale
+    assert "--point POINT operating point of the bundled YAML: bundled (default), paper or host-fe" in bank
+    assert "(1 <= j <= k; default 1/1, every request)" in bank
+
+
 # ----------------------------------------------------------------------------- bad input, before the model loads
 
 

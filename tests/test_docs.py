@@ -17,7 +17,8 @@ DOCS = ROOT / "docs"
 # Documents whose fenced commands must use existing CLI options (CHANGELOG.md may name removed ones).
 COMMAND_DOCS = [README, ROOT / "CONTRIBUTING.md", ROOT / "hparams" / "README.md", *sorted(DOCS.glob("*.md")),
                 *sorted(DOCS.glob("results/*/README.md"))]
-LINK_DOCS = COMMAND_DOCS + [ROOT / "CHANGELOG.md"]
+# ... and the committed reports, whose links are their plots
+LINK_DOCS = COMMAND_DOCS + [ROOT / "CHANGELOG.md", *sorted(set(DOCS.glob("results/**/*.md")) - set(COMMAND_DOCS))]
 README_MAX_LINES = 200
 
 

@@ -79,3 +79,21 @@ def test_one_formatter():
     assert fmt((0.5, 0.25, 0.75)) == "0.50 [0.25, 0.75]" and fmt((0.5, 0.25, 0.75), 3) == "0.500 [0.250, 0.750]"
     assert fmt((None, None, None)) == "-" and fmt((-0.1, -0.2, 0.0), signed=True) == "-0.10 [-0.20, +0.00]"
     assert marked((0.1, 0.05, 0.2)) == "+0.10 [+0.05, +0.20]*" and marked((0.1, -0.05, 0.2)).endswith("]")
+
+
+def test_a_comparison_says_what_its_modes_and_edit_time_are(tmp_path):
+    """The terminal table and report.md of a compare run (the committed docs/results/cf48_all)
+    carry the note on their rows once: what spread and replay are, and that the edit time
+    counts statistics and anchors computed on first use (so it is no speed comparison)."""
+    import json
+
+    from easyedit_replay.experiments.report import ROWS_NOTE, render_report, write_outputs
+
+    from .conftest import ROOT
+
+    results = json.loads((ROOT / "docs" / "results" / "cf48_all" / "results.json").read_text())
+    text = render_report(results)
+    assert text.endswith(ROWS_NOTE) and "edit time s" in text[:-len(ROWS_NOTE)]
+    report = write_outputs(results, tmp_path, "cf48")["report"].read_text()
+    assert report.count(ROWS_NOTE) == 1 and "| edit time s |" in report
+    assert "spread: stock backward spreading" in ROWS_NOTE and "first use" in ROWS_NOTE

@@ -103,7 +103,7 @@ def test_tune_help_states_the_defaults_tune_uses():
     text = " ".join(sub.choices["tune"].format_help().split())
     assert "comma-separated base algorithms (default: MEMIT,EMMET,AlphaEdit)" in text
     assert "every one with a bundled" not in text
-    assert f"mom2_update_weight values (default {tune.lambdas})" in text and tune.lambdas == "1000,5000,15000,30000"
+    assert f"mom2_update_weight values (default {tune.lambdas};" in text and tune.lambdas == "1000,5000,15000,30000"
     assert parser.parse_args(["compare"]).algs is None
     compare = " ".join(sub.choices["compare"].format_help().split())
     assert "(default: every one with a bundled YAML for --model, hparams/<ALG>_REPLAY/<model>.yaml; SmolLM2's without --model)" in compare

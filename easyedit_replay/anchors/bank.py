@@ -203,16 +203,19 @@ def add_subcommands(sub, default_hparams: Callable[..., Path]) -> None:
     i.set_defaults(func=_cmd_info)
     b = asub.add_parser("bank", help="optimize the anchors of the first N records into the anchor cache, one "
                         "shard per process")
-    b.add_argument("--data", required=True, metavar="FILE:N", help="an edit file and how many of its first records")
+    b.add_argument("--data", required=True, metavar="FILE:N", help="an edit file and how many of its first records to bank")
     b.add_argument("--alg", default="MEMIT", help="base algorithm of the bundled SmolLM2 YAML (default MEMIT; "
                    "EMMET and AlphaEdit share its anchors)")
     b.add_argument("--hparams", help="a plugin YAML instead of the bundled one")
-    b.add_argument("--point", default="bundled", help="operating point of the bundled YAML (bundled, paper, host-fe)")
+    b.add_argument("--point", default="bundled", help="operating point of the bundled YAML: bundled (default), paper or "
+                   "host-fe")
     b.add_argument("--records", help="take the first N records of this slice of FILE, START:END (as compare "
                    "--records)")
     b.add_argument("--modes", default="spread,replay", help="constructions whose anchors to bank (default "
                    "spread,replay)")
-    b.add_argument("--shard", default="1/1", help="j/k: this process takes every k-th request, from the j-th")
-    b.add_argument("--bank", help="anchor folder (default: $EASYEDIT_REPLAY_ANCHOR_CACHE or the user cache)")
+    b.add_argument("--shard", default="1/1", help="j/k: this process takes every k-th request, from the j-th (1 <= j "
+                   "<= k; default 1/1, every request)")
+    b.add_argument("--bank", help="anchor folder (default: $EASYEDIT_REPLAY_ANCHOR_CACHE, else the cache "
+                   "root's anchors/, ~/.cache/easyedit_replay/anchors)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=lambda args: _cmd_bank(args, default_hparams))

@@ -40,8 +40,17 @@ from .tables import (
 # ----------------------------------------------------------------------------- compare
 
 
+# What the rows of a comparison are: the terminal (:func:`render_report`) and report.md (:func:`write_outputs`)
+# say it under their tables.
+ROWS_NOTE = ("mode: the target construction (spread: stock backward spreading, anchor at l_n; replay: forward "
+             "replay, the paper's FE, anchor at l_1; the others: docs/method.md). edit time s: seconds to compute and "
+             "apply the edit, including covariance statistics and anchors computed on first use; anchors found in the "
+             "anchor cache (e.g. EMMET's after MEMIT's) make it shorter, so it is no speed comparison "
+             "(docs/performance.md).")
+
+
 def render_report(results) -> str:
-    """The four tables of a comparison as plain text (terminal)."""
+    """The four tables of a comparison as plain text (terminal), then :data:`ROWS_NOTE`."""
     return "\n\n".join([
         "the paper's metrics (Success: P(new) > P(true); Acc: exact match under greedy decoding; "
         "DKL / Top-k: next-token distribution on neighbourhood prompts vs the unedited model)",
@@ -53,6 +62,7 @@ def render_report(results) -> str:
         render_text(analysis_rows(results, "residual_ratio")),
         "cosine of each layer's own output change with the change it causes at l_n (the paper's Table 1)",
         render_text(analysis_rows(results, "passive_cosine")),
+        ROWS_NOTE,
     ])
 
 
@@ -81,7 +91,7 @@ def write_outputs(results, out_dir, title: str) -> Dict[str, Path]:
              "z^{l_n}). Mean over edits.", "",
              "## Passive cosine (the paper's Table 1)", "", render_markdown(analysis_rows(results, "passive_cosine")),
              "", "Cosine between a layer's own output change and the change it causes at l_n. Mean over edits.", "",
-             "Cells of the first two tables: mean over edits [95% bootstrap interval].", ""]
+             "Cells of the first two tables: mean over edits [95% bootstrap interval].", "", ROWS_NOTE, ""]
     for name, p in plots.items():
         if p:
             files[name] = p
