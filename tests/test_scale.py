@@ -735,3 +735,37 @@ def test_recompute_summaries_finds_the_cells_and_the_report_of_any_folder_given(
         "line 1 column 19 (char 18))",
         f"{listed}: left as it is: not a cell: a JSON list, not an object"]
     assert {p: p.read_bytes() for p in cells} == before
+
+
+def test_results_gemma_table_is_the_tool_output_of_the_committed_cells():
+    """The table of docs/results.md "A second model family: Gemma 3 270M" is what ``report
+    --models docs/results/scale_cf docs/results/scale_cf_gemma3`` gives from the committed
+    cells: per one-batch size both models have, algorithm and mode, each model's efficacy
+    Acc / generalization Acc / DKL and its ``mode - spread`` pairs on the same edits. A
+    number no cell backs, or a size both models have without its rows, fails here."""
+    from easyedit_replay.experiments.points import models_markdown
+
+    results = (ROOT / "docs" / "results.md").read_text()
+    start = results.index("\n## A second model family: Gemma 3 270M")
+    section = results[start:]
+    printed = models_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_gemma3"],
+                              modes=["spread", "replay", "blue"])
+    first = lambda v: v.split(" [")[0]  # noqa: E731
+    models = ("smollm2-135m", "gemma3-270m")
+    expected = []
+    for kind in printed.split("\n## One batch of ")[1:]:
+        n = kind.split(" ", 1)[0]
+        header, rows = _markdown_table(kind, "| algorithm | mode | model |")
+        cells = {(r[0], r[1], r[2]): dict(zip(header, r)) for r in rows}
+        header, rows = _markdown_table(kind, "Paired differences on the same edits")
+        paired = {(r[0], r[1]): dict(zip(header, r)) for r in rows}
+        for alg, mode in sorted({(a, m) for a, m, _ in cells}, key=lambda am: (am[0] != "MEMIT", 
+                                                                               ("spread", "replay", "blue").index(am[1]))):
+            row = [n, alg, mode] + [" / ".join(first(cells[(alg, mode, m)][k]) for k in ("eff. Acc", "gen. Acc", "DKL"))
+                                    for m in models]
+            for key in ("eff. Acc", "gen. Acc", "DKL"):
+                row += ["" if mode == "spread" else paired[(alg, f"{mode}@{m} - spread@{m}")][key] for m in models]
+            expected.append(row)
+    header, documented = _markdown_table(section, "| n | algorithm | mode | SmolLM2:")
+    assert len(header) == 11 and expected
+    assert documented == expected
