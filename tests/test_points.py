@@ -672,3 +672,31 @@ def test_a_models_folder_has_one_known_model(tmp_path):
         read_model(empty)
     update_plan(empty, [{"kind": "batch", "n": 48, "alg": "MEMIT", "mode": "spread"}], {"model": GEMMA})
     assert read_model(empty).group == GEMMA
+
+
+def test_a_kind_two_later_models_share_is_checked_for_its_records(tmp_path):
+    """Three folders: a kind that the first folder lacks but the second and third hold (the
+    8 x 96 series) is paired within each model and set side by side, so it must be on the
+    same records in both; the third folder's series on other records is refused, naming
+    the second folder (the first to hold the series), the kind and the two digests."""
+    from easyedit_replay.experiments.points import read_models
+
+    def as_model(name, records=None):
+        def edit(path, cell):
+            cell["settings"]["hparams"]["model_name"] = name
+            if records and cell["kind"] != "batch":
+                cell["settings"]["records"] = records
+        return edit
+
+    series = {"MEMIT__spread": 1, "MEMIT__replay": 1}
+    smol = _folder(tmp_path / "smol", None, batch=BATCH[:2])
+    gemma = _folder(tmp_path / "gemma", None, series, BATCH[:2], edit=_as_gemma())
+    other = _folder(tmp_path / "other", None, series, BATCH[:2], edit=as_model("other-model", records="0" * 32))
+    with pytest.raises(ReplayError) as refused:
+        read_models([smol, gemma, other])
+    assert str(refused.value) == (
+        f"report --models: {gemma} and {other} hold sequential: 768 edits in batches of 96 on other records "
+        f"(settings.records 54abf96c vs 00000000); run `scale` for other-model with the --data and --records "
+        f"of {gemma}")
+    same = _folder(tmp_path / "same", None, series, BATCH[:2], edit=as_model("other-model"))
+    assert [g.group for g in read_models([smol, gemma, same])] == ["smollm2-135m", GEMMA, "other-model"]

@@ -281,8 +281,9 @@ def _kind_records(found: dict, kind: tuple) -> List[str]:
 
 def read_models(sources: Sequence) -> List[GroupCells]:
     """:func:`read_model` of every folder, in the order given, each folder holding a kind
-    of cell (:func:`_kinds`) that the first also holds, and every kind both hold on the
-    same records (the same ``settings["records"]`` digest).
+    of cell (:func:`_kinds`) that the first also holds, and every kind that two folders
+    hold on the same records in both (the same ``settings["records"]`` digest; each
+    folder is checked against the first folder that holds the kind).
 
     Raises:
         ReplayError: one folder; those of :func:`read_model`; two folders of one model
@@ -305,21 +306,22 @@ def read_models(sources: Sequence) -> List[GroupCells]:
         models[m.group] = m
     groups = list(models.values())
     first = groups[0]
+    holders: Dict[tuple, GroupCells] = {k: first for k in _kinds(first.found)}  # the first folder with each kind
     for g in groups[1:]:
-        common = [k for k in _kinds(g.found) if k in _kinds(first.found)]
-        if not common:
+        if not [k for k in _kinds(g.found) if k in _kinds(first.found)]:
             held = "; ".join(f"{m.group}: {', '.join(_where(k) for k in _kinds(m.found)) or 'no cell'}"
                              for m in (first, g))
             raise ReplayError(f"report --models: {first.source} and {g.source} have no kind of cell in common "
                               f"({held}); run `scale` for {g.group} with the --data, --records and --n (or "
                               f"--batch-size) of {first.source}")
-        for k in common:
-            a, b = _kind_records(first.found, k), _kind_records(g.found, k)
+        for k in _kinds(g.found):
+            held_by = holders.setdefault(k, g)
+            a, b = _kind_records(held_by.found, k), _kind_records(g.found, k)
             if a != b:
-                raise ReplayError(f"report --models: {first.source} and {g.source} hold {_where(k)} on other "
+                raise ReplayError(f"report --models: {held_by.source} and {g.source} hold {_where(k)} on other "
                                   f"records (settings.records {', '.join(d[:8] for d in a)} vs "
                                   f"{', '.join(d[:8] for d in b)}); run `scale` for {g.group} with the --data "
-                                  f"and --records of {first.source}")
+                                  f"and --records of {held_by.source}")
     return groups
 
 
