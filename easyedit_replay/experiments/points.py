@@ -259,9 +259,8 @@ def read_model(source) -> GroupCells:
     if unnamed:
         raise ReplayError(f"report --models {source}: {unnamed} of its cells lack settings.hparams.model_name; "
                           f"cannot tell their model (rerun them with `scale`, which records it)")
-    models = sorted({_model_of(c) for c in cells})
-    if not cells and plan_meta(path).get("model"):
-        models = [plan_meta(path)["model"]]
+    planned = plan_meta(path).get("model")
+    models = sorted({_model_of(c) for c in cells}) if cells else [planned] if planned else []
     if not models:
         raise ReplayError(f"report --models {source}: it has no cells, and "
                           f"{'its scale.json names no model' if (path / 'scale.json').exists() else 'no scale.json'}; "
@@ -307,8 +306,9 @@ def read_models(sources: Sequence) -> List[GroupCells]:
     groups = list(models.values())
     first = groups[0]
     holders: Dict[tuple, GroupCells] = {k: first for k in _kinds(first.found)}  # the first folder with each kind
+    first_kinds = set(holders)
     for g in groups[1:]:
-        if not [k for k in _kinds(g.found) if k in _kinds(first.found)]:
+        if not first_kinds.intersection(_kinds(g.found)):
             held = "; ".join(f"{m.group}: {', '.join(_where(k) for k in _kinds(m.found)) or 'no cell'}"
                              for m in (first, g))
             raise ReplayError(f"report --models: {first.source} and {g.source} have no kind of cell in common "
