@@ -418,7 +418,8 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
     of ``replay+refresh`` and spreading, their paired difference, and the paired fluency) from
     its "Retention", "Retention, paired" and "Paired differences, sequential" tables; and the
     ``+refresh=4`` table (one row per step its cells have: efficacy Acc, DKL and the first
-    batch's efficacy Acc, each with its pair against spreading, beside ``+refresh``'s). A
+    batch's efficacy Acc, each with its pair against spreading, beside ``+refresh``'s), and the
+    ``spread+refresh`` control's table (the same, with fluency, beside ``replay+refresh``'s). A
     number copied wrong, or a cell rerun without docs/results.md updated, fails here
     (``scale --out docs/results/scale_cf --report-only`` rewrites the report from the cells)."""
     results = (ROOT / "docs" / "results.md").read_text()
@@ -472,6 +473,21 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
         refresh = cells[("replay+refresh", n)]
         assert unweighted == (f"{first(refresh['eff. Acc'])} / {first(refresh['DKL'])} / "
                               f"{kept[('replay+refresh', n)]['batch 1']}"), n
+
+    # the `spread+refresh` control: one row per step its committed cells have, each value with its pair
+    header, control = _markdown_table(section, "| edits made | spread+refresh: eff. Acc (- spread) |")
+    assert header == ["edits made", "spread+refresh: eff. Acc (- spread)", "DKL (- spread)", "batch 1 (- spread)",
+                      "fluency (- spread)", "`replay+refresh`: eff. Acc / DKL / batch 1"]
+    mode = "spread+refresh"
+    assert [row[0] for row in control] == sorted((n for m, n in cells if m == mode), key=int)
+    for n, eff, dkl, batch1, fluency, replayed in control:
+        assert eff == f"{first(cells[(mode, n)]['eff. Acc'])} ({paired[(mode, n)]['eff. Acc']})", n
+        assert dkl == f"{first(cells[(mode, n)]['DKL'])} ({paired[(mode, n)]['DKL']})", n
+        assert batch1 == f"{kept[(mode, n)]['batch 1']} ({kept_paired[(mode, n)]['batch 1']})", n
+        assert fluency == f"{first(cells[(mode, n)]['fluency'])} ({paired[(mode, n)]['fluency']})", n
+        refresh = cells[("replay+refresh", n)]
+        assert replayed == (f"{first(refresh['eff. Acc'])} / {first(refresh['DKL'])} / "
+                            f"{kept[('replay+refresh', n)]['batch 1']}"), n
 
 
 def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells():
