@@ -410,7 +410,7 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells(a
 
 
 def test_results_refresh_tables_are_the_committed_scale_cf_report():
-    """The two tables of docs/results.md "Sequential: `+refresh` on the reported 8 x 96" are
+    """The tables of docs/results.md "Sequential: `+refresh` on the reported 8 x 96" are
     copied from the committed ``docs/results/scale_cf/report.md``: the series table (efficacy
     Acc, generalization Acc, DKL and fluency of all edits made, their paired ``- spread``, and
     the first batch's efficacy Acc) from its "Sequential", "Paired differences, sequential"
