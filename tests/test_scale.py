@@ -460,34 +460,30 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
         assert d_batch1 == kept_paired[("replay+refresh", n)]["batch 1"], n
         assert d_fluency == paired[("replay+refresh", n)]["fluency"], n
 
-    # the `+refresh=4` confirmation: one row per step its committed cells have, each value with its pair
-    header, weighted = _markdown_table(section, "| edits made | eff. Acc (- spread) | DKL (- spread) |")
-    assert header == ["edits made", "eff. Acc (- spread)", "DKL (- spread)", "batch 1 (- spread)",
-                      "`+refresh` (`w` 1): eff. Acc / DKL / batch 1"]
-    assert [row[0] for row in weighted] == sorted((n for mode, n in cells if mode == "replay+refresh=4"), key=int)
-    for n, eff, dkl, batch1, unweighted in weighted:
-        mode = "replay+refresh=4"
-        assert eff == f"{first(cells[(mode, n)]['eff. Acc'])} ({paired[(mode, n)]['eff. Acc']})", n
-        assert dkl == f"{first(cells[(mode, n)]['DKL'])} ({paired[(mode, n)]['DKL']})", n
-        assert batch1 == f"{kept[(mode, n)]['batch 1']} ({kept_paired[(mode, n)]['batch 1']})", n
-        refresh = cells[("replay+refresh", n)]
-        assert unweighted == (f"{first(refresh['eff. Acc'])} / {first(refresh['DKL'])} / "
-                              f"{kept[('replay+refresh', n)]['batch 1']}"), n
+    def with_pair(mode, n, column):
+        """``value (pair)``: a cell's value and its paired ``- spread``, as the tables print them."""
+        if column == "batch 1":
+            return f"{kept[(mode, n)]['batch 1']} ({kept_paired[(mode, n)]['batch 1']})"
+        return f"{first(cells[(mode, n)][column])} ({paired[(mode, n)][column]})"
 
-    # the `spread+refresh` control: one row per step its committed cells have, each value with its pair
-    header, control = _markdown_table(section, "| edits made | spread+refresh: eff. Acc (- spread) |")
-    assert header == ["edits made", "spread+refresh: eff. Acc (- spread)", "DKL (- spread)", "batch 1 (- spread)",
-                      "fluency (- spread)", "`replay+refresh`: eff. Acc / DKL / batch 1"]
-    mode = "spread+refresh"
-    assert [row[0] for row in control] == sorted((n for m, n in cells if m == mode), key=int)
-    for n, eff, dkl, batch1, fluency, replayed in control:
-        assert eff == f"{first(cells[(mode, n)]['eff. Acc'])} ({paired[(mode, n)]['eff. Acc']})", n
-        assert dkl == f"{first(cells[(mode, n)]['DKL'])} ({paired[(mode, n)]['DKL']})", n
-        assert batch1 == f"{kept[(mode, n)]['batch 1']} ({kept_paired[(mode, n)]['batch 1']})", n
-        assert fluency == f"{first(cells[(mode, n)]['fluency'])} ({paired[(mode, n)]['fluency']})", n
-        refresh = cells[("replay+refresh", n)]
-        assert replayed == (f"{first(refresh['eff. Acc'])} / {first(refresh['DKL'])} / "
-                            f"{kept[('replay+refresh', n)]['batch 1']}"), n
+    refresh_cell = lambda n: (f"{first(cells[('replay+refresh', n)]['eff. Acc'])} / "  # noqa: E731
+                              f"{first(cells[('replay+refresh', n)]['DKL'])} / {kept[('replay+refresh', n)]['batch 1']}")
+    # the `+refresh=4` confirmation and the `spread+refresh` control: one row per step their committed cells
+    # have, each value with its pair, beside `replay+refresh`'s
+    for mode, title, header_expected, columns in (
+            ("replay+refresh=4", "| edits made | eff. Acc (- spread) | DKL (- spread) |",
+             ["edits made", "eff. Acc (- spread)", "DKL (- spread)", "batch 1 (- spread)",
+              "`+refresh` (`w` 1): eff. Acc / DKL / batch 1"], ("eff. Acc", "DKL", "batch 1")),
+            ("spread+refresh", "| edits made | spread+refresh: eff. Acc (- spread) |",
+             ["edits made", "spread+refresh: eff. Acc (- spread)", "DKL (- spread)", "batch 1 (- spread)",
+              "fluency (- spread)", "`replay+refresh`: eff. Acc / DKL / batch 1"],
+             ("eff. Acc", "DKL", "batch 1", "fluency"))):
+        header, rows = _markdown_table(section, title)
+        assert header == header_expected, mode
+        assert [row[0] for row in rows] == sorted((n for m, n in cells if m == mode), key=int), mode
+        for n, *values, beside in rows:
+            assert values == [with_pair(mode, n, c) for c in columns], (mode, n)
+            assert beside == refresh_cell(n), (mode, n)
 
 
 def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells():
