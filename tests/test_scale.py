@@ -486,20 +486,27 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
             assert beside == refresh_cell(n), (mode, n)
 
 
-def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells():
-    """The table of docs/results.md "One batch of 192 at the paper's point" is what
-    ``report --points docs/results/scale_cf docs/results/scale_cf_paper --modes
-    spread,replay,blue`` gives for one batch of 192: each point's efficacy Acc /
-    generalization Acc / DKL, ``mode - spread`` within each point, and ``mode@paper -
-    spread@bundled``; a number no cell backs fails here."""
+@pytest.mark.parametrize("heading, end, folders", [
+    ("### One batch of 192 at the paper's point", "\n`report --points` sets the cells", ("scale_cf", "scale_cf_paper")),
+    ("### ZsRE: one batch of 192 at the paper's point", "\n## ", ("scale_zsre", "scale_zsre_paper")),
+], ids=["counterfact", "zsre"])
+def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells(heading, end, folders):
+    """The tables of docs/results.md "One batch of 192 at the paper's point" (CounterFact) and
+    "ZsRE: one batch of 192 at the paper's point" are what ``report --points
+    docs/results/<bundled folder> docs/results/<paper folder> --modes spread,replay,blue``
+    gives for one batch of 192: each point's efficacy Acc / generalization Acc / DKL,
+    ``mode - spread`` within each point, and ``mode@paper - spread@bundled``; a number no
+    cell backs fails here."""
     from easyedit_replay.experiments.points import points_markdown
 
     results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index("\n### One batch of 192 at the paper's point")
-    section = results[start:results.index("\n`report --points` sets the cells", start)]
-    printed = points_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_paper"],
+    start = results.index("\n" + heading)
+    section = results[start:results.index(end, start + 1)]
+    printed = points_markdown([ROOT / "docs" / "results" / folder for folder in folders],
                               modes=["spread", "replay", "blue"])
-    printed = printed[printed.index("## One batch of 192 edits"):printed.index("## Sequential")]
+    start = printed.index("## One batch of 192 edits")
+    end = printed.find("\n## ", start)
+    printed = printed[start:end if end >= 0 else None]
 
     first = lambda v: v.split(" [")[0]  # noqa: E731
     cells = {(r[0], r[1], r[2]): r for r in _markdown_table(printed, "| algorithm | mode | point |")[1]}
