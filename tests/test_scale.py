@@ -466,8 +466,10 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
             return f"{kept[(mode, n)]['batch 1']} ({kept_paired[(mode, n)]['batch 1']})"
         return f"{first(cells[(mode, n)][column])} ({paired[(mode, n)][column]})"
 
-    refresh_cell = lambda n: (f"{first(cells[('replay+refresh', n)]['eff. Acc'])} / "  # noqa: E731
-                              f"{first(cells[('replay+refresh', n)]['DKL'])} / {kept[('replay+refresh', n)]['batch 1']}")
+    def refresh_cell(n):
+        """``replay+refresh``'s ``eff. Acc / DKL / batch 1`` at ``n`` edits made, as the tables print it."""
+        cell = cells[("replay+refresh", n)]
+        return f"{first(cell['eff. Acc'])} / {first(cell['DKL'])} / {kept[('replay+refresh', n)]['batch 1']}"
     # the `+refresh=4` confirmation and the `spread+refresh` control: one row per step their committed cells
     # have, each value with its pair, beside `replay+refresh`'s
     for mode, title, header_expected, columns in (
@@ -504,9 +506,9 @@ def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed
     section = results[start:results.index(end, start + 1)]
     printed = points_markdown([ROOT / "docs" / "results" / folder for folder in folders],
                               modes=["spread", "replay", "blue"])
-    start = printed.index("## One batch of 192 edits")
-    end = printed.find("\n## ", start)
-    printed = printed[start:end if end >= 0 else None]
+    begin = printed.index("## One batch of 192 edits")
+    after = printed.find("\n## ", begin)  # the next kind of cell, if the report has one
+    printed = printed[begin:after if after >= 0 else None]
 
     first = lambda v: v.split(" [")[0]  # noqa: E731
     cells = {(r[0], r[1], r[2]): r for r in _markdown_table(printed, "| algorithm | mode | point |")[1]}
