@@ -336,9 +336,7 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
     import subprocess
     import sys
 
-    results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index("\n## Results at scale")
-    section = results[start:results.index("\n## ", start + 1)]
+    section = _results_section("## Results at scale")
     rows = [line for line in section.splitlines() if re.match(r"\| \d+ \| [A-Za-z]+ \| [a-z_]+ \|", line)]
     assert len(rows) >= 40, "the scale tables of docs/results.md were not found"
     printed = set()
@@ -349,6 +347,16 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
         printed |= set(text.splitlines())
     assert [row for row in rows if row not in printed] == []
 
+
+
+def _results_section(heading, ends=("\n## ",)):
+    """docs/results.md from the line ``heading`` (a markdown heading, without its leading
+    newline) up to the first of ``ends`` after it, or to the end of the page when none
+    follows; raises ValueError when the heading is missing."""
+    results = (ROOT / "docs" / "results.md").read_text()
+    start = results.index("\n" + heading)
+    stops = [results.find(end, start + 1) for end in ends]
+    return results[start:min([stop for stop in stops if stop >= 0], default=len(results))]
 
 
 def _markdown_table(text, title):
@@ -372,10 +380,7 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells(a
     number no cell backs, or a cell added without the docs updated, fails here."""
     from easyedit_replay.experiments.points import points_markdown
 
-    results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index(f"\n### Sequential 8 x 96 at the paper's point ({alg})")
-    ends = [results.find(mark, start + 1) for mark in ("\n## ", "\n### ")]
-    section = results[start:min([e for e in ends if e > 0], default=len(results))]
+    section = _results_section(f"### Sequential 8 x 96 at the paper's point ({alg})", ("\n## ", "\n### "))
     printed = points_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_paper"],
                               modes=["spread", "replay"])
 
@@ -422,9 +427,7 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
     ``spread+refresh`` control's table (the same, with fluency, beside ``replay+refresh``'s). A
     number copied wrong, or a cell rerun without docs/results.md updated, fails here
     (``scale --out docs/results/scale_cf --report-only`` rewrites the report from the cells)."""
-    results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index("\n### Sequential: `+refresh` on the reported 8 x 96")
-    section = results[start:results.index("\n#", start + 1)]
+    section = _results_section("### Sequential: `+refresh` on the reported 8 x 96", ("\n#",))
     report = (ROOT / "docs" / "results" / "scale_cf" / "report.md").read_text()
     report = report[report.index("\n## Sequential: 768 edits in batches of 96"):]
 
@@ -501,9 +504,7 @@ def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed
     cell backs fails here."""
     from easyedit_replay.experiments.points import points_markdown
 
-    results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index("\n" + heading)
-    section = results[start:results.index(end, start + 1)]
+    section = _results_section(heading, (end,))
     printed = points_markdown([ROOT / "docs" / "results" / folder for folder in folders],
                               modes=["spread", "replay", "blue"])
     begin = printed.index("## One batch of 192 edits")
@@ -766,9 +767,7 @@ def test_results_gemma_table_is_the_tool_output_of_the_committed_cells():
     number no cell backs, or a size both models have without its rows, fails here."""
     from easyedit_replay.experiments.points import models_markdown
 
-    results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index("\n## A second model family: Gemma 3 270M")
-    section = results[start:]
+    section = _results_section("## A second model family: Gemma 3 270M", ())  # the page's last section
     printed = models_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_gemma3"],
                               modes=["spread", "replay", "blue"])
     first = lambda v: v.split(" [")[0]  # noqa: E731
