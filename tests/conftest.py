@@ -27,6 +27,16 @@ def load_script(name: str):
     return module
 
 
+def results_section(heading: str, ends=("\n## ",)) -> str:
+    """docs/results.md from the line ``heading`` (a markdown heading, without its leading
+    newline) up to the first of ``ends`` after it, or to the end of the page when none
+    follows; raises ValueError when the heading is missing."""
+    results = (ROOT / "docs" / "results.md").read_text()
+    start = results.index("\n" + heading)
+    stops = [results.find(end, start + 1) for end in ends]
+    return results[start:min([stop for stop in stops if stop >= 0], default=len(results))]
+
+
 requires_shared = pytest.mark.skipif(
     not SHARED_DATA.exists(), reason=f"../shared/data is absent ({SHARED_DATA}); it exists in CI and in the team's checkouts"
 )

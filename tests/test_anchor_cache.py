@@ -134,6 +134,54 @@ def test_changed_inputs_miss(model_tok, hparams, demo_records, anchor_dir, caplo
     assert not misses(hp, reqs)  # restored weights: the first file is found again
 
 
+def test_recorded_fingerprint_serves_the_anchors_banked_for_the_recorded_weights(model_tok, hparams, demo_records,
+                                                                                   anchor_dir, caplog):
+    """A resumed series on another machine: weights whose bytes differ from the recorded
+    ones by one ulp miss the bank, but inside ``recorded_as(model, recorded)`` they are
+    served the anchors banked for the recorded weights (the same delta), and only the
+    weights as they were at entry: a write inside the block, and the block's end, key
+    by the weights' own fingerprint again."""
+    from easyedit_replay.anchors.store import anchor_fingerprint, model_fingerprint, recorded_as
+
+    model, tok = model_tok
+    hp = with_fields(hparams, v_num_grad_steps=2)
+    reqs = prepare_requests(demo_records[:1])
+    recorded_fp = model_fingerprint(model)
+    banked = _optimize(model, tok, hp, reqs)
+
+    def loaded(expected):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="easyedit_replay.anchors"):
+            got = _optimize(model, tok, hp, reqs)
+        assert f"{expected} loaded from the cache, {1 - expected} optimized" in caplog.text
+        return got
+
+    w = model.get_parameter("model.layers.20.mlp.up_proj.weight")
+    before = w[0, :2].clone()
+    try:
+        with torch.no_grad():
+            w[0, 0] = torch.nextafter(before[0], before[0] + 1)  # one ulp: float rounding's size
+        rounded_fp = model_fingerprint(model)
+        assert rounded_fp != recorded_fp
+        loaded(0)  # another machine's bytes: a miss
+        with recorded_as(model, recorded_fp) as changed:
+            assert changed and anchor_fingerprint(model) == recorded_fp
+            assert torch.equal(loaded(1).delta, banked.delta)
+            with torch.no_grad():
+                w[0, 1] += 1e-3  # the next batch's write: its weights are its own
+            assert anchor_fingerprint(model) == model_fingerprint(model) != recorded_fp
+            loaded(0)
+        assert anchor_fingerprint(model) == model_fingerprint(model)
+        with recorded_as(model, None) as changed:
+            assert not changed
+    finally:
+        with torch.no_grad():
+            w[0, :2] = before
+        forget_fingerprints(model)
+    with recorded_as(model, recorded_fp) as changed:
+        assert not changed  # the weights are the recorded ones: nothing to alias
+
+
 def test_bad_files_are_reported_and_replaced(model_tok, hparams, demo_records, anchor_dir, caplog):
     model, tok = model_tok
     hp = with_fields(hparams, v_num_grad_steps=2)

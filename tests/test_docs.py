@@ -10,7 +10,7 @@ import re
 import shlex
 from pathlib import Path
 
-from .conftest import ROOT
+from .conftest import ROOT, results_section
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
@@ -76,10 +76,9 @@ def test_readme_headline_table_is_read_off_docs_results():
     """Each cell of the README's results table is replay's paired difference (efficacy /
     generalization / DKL) in docs/results.md: CounterFact one batch at 48, 192 and 768,
     and the sequential 8 x 96 series at 768 edits made ("not run" where there is no row)."""
-    results = (DOCS / "results.md").read_text()
-    one_batch = _results_rows(results[results.index("### Measured: CounterFact one batch"):results.index("\nZsRE:")])
-    sequential = _results_rows(results[results.index("### Sequential: 768 edits as 8 x 96"):
-                                       results.index("\n## Sharing the replayed residual")])
+    one_batch = _results_rows(results_section("### Measured: CounterFact one batch", ("\nZsRE:",)))
+    sequential = _results_rows(results_section("### Sequential: 768 edits as 8 x 96",
+                                               ("\n## Sharing the replayed residual",)))
     readme = README.read_text()
     table = readme[readme.index("<!-- headline table"):].split("\n\n")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| algorithm")]

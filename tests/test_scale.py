@@ -5,6 +5,7 @@ records, and the sequential bookkeeping (edits evaluated, AlphaEdit's key cache)
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from easyedit_replay.algorithms import load_hparams
 from easyedit_replay.cli import default_hparams_path
 from easyedit_replay.experiments.scale import ScaleConfig, run_scale
 
-from .conftest import ROOT, SHARED_DATA, load_script, requires_shared
+from .conftest import ROOT, SHARED_DATA, load_script, requires_shared, results_section
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +107,48 @@ def test_stopped_run_resumes_to_the_same_cells(model_tok, stats_dir, demo_record
     report = (tmp_path / "report.md").read_text()
     assert "Missing cells" not in report and "One batch of 2 edits" in report and "Sequential: 4 edits" in report
     assert "![scale](scale_metrics.png)" in report and (tmp_path / "n00002" / "results.json").exists()
+
+
+def test_series_resumed_on_another_machine_keys_anchors_under_the_recorded_fingerprint(
+        model_tok, stats_dir, demo_records, reference, tmp_path, caplog):
+    """A series whose first step was recorded on other bytes (its cell's fingerprint is
+    another machine's): the resumed run re-applies it, finds its update norms equal to the
+    cell's (float rounding at most, :func:`scale.redo_drift`), keys the next step's anchors
+    under the recorded fingerprint (the anchor file's key names it), and writes the same
+    cells as the uninterrupted run."""
+    import os
+    import shutil
+
+    from safetensors import safe_open
+
+    model, tok = model_tok
+    series = "cells/seq_b0002_n00004/AlphaEdit__spread"
+    (tmp_path / series).mkdir(parents=True)
+    step1 = json.loads((reference / series / "step001.json").read_text())
+    other = "0" * len(step1["fingerprint"])
+    (tmp_path / series / "step001.json").write_text(json.dumps({**step1, "fingerprint": other}))
+    anchors = tmp_path / "anchors"
+    shutil.copytree(os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"], anchors)  # the bank as the first machine left it
+    os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"], previous = str(anchors), os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"]
+    try:
+        with caplog.at_level(logging.INFO):
+            run_scale(model, tok, demo_records[:4], {"AlphaEdit": _hparams(stats_dir, "AlphaEdit")}, _seq_cfg(),
+                      tmp_path, report=False)
+    finally:
+        os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"] = previous
+    assert "step 1 re-applied to weights that differ from the recorded ones by float rounding" in caplog.text
+    assert "differs from the recorded one" not in caplog.text
+    keyed = set()
+    for path in anchors.rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            keyed.add(json.loads(f.metadata()["key"])["model"])
+    assert other in keyed  # step 2's anchors, under the fingerprint the cell recorded
+    step2 = f"{series}/step002.json"
+    assert _timeless(json.loads((tmp_path / step2).read_text())) == _timeless(
+        json.loads((reference / step2).read_text()))
+    assert scale.redo_drift({"w": 1.0}, {"w": 1.0 + 1e-7}) < scale.REDO_TOLERANCE < scale.redo_drift(
+        {"w": 1.0}, {"w": 1.01})
+    assert scale.redo_drift({"w": 1.0}, None) is None and scale.redo_drift({"w": 1.0}, {"v": 1.0}) is None
 
 
 def test_nested_prefix_cell_equals_compare(model_tok, stats_dir, demo_records, reference):
@@ -336,7 +379,7 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
     import subprocess
     import sys
 
-    section = _results_section("## Results at scale")
+    section = results_section("## Results at scale")
     rows = [line for line in section.splitlines() if re.match(r"\| \d+ \| [A-Za-z]+ \| [a-z_]+ \|", line)]
     assert len(rows) >= 40, "the scale tables of docs/results.md were not found"
     printed = set()
@@ -347,16 +390,6 @@ def test_results_scale_tables_are_the_tool_output_of_the_committed_cells():
         printed |= set(text.splitlines())
     assert [row for row in rows if row not in printed] == []
 
-
-
-def _results_section(heading, ends=("\n## ",)):
-    """docs/results.md from the line ``heading`` (a markdown heading, without its leading
-    newline) up to the first of ``ends`` after it, or to the end of the page when none
-    follows; raises ValueError when the heading is missing."""
-    results = (ROOT / "docs" / "results.md").read_text()
-    start = results.index("\n" + heading)
-    stops = [results.find(end, start + 1) for end in ends]
-    return results[start:min([stop for stop in stops if stop >= 0], default=len(results))]
 
 
 def _markdown_table(text, title):
@@ -380,7 +413,7 @@ def test_results_paper_point_tables_are_the_tool_output_of_the_committed_cells(a
     number no cell backs, or a cell added without the docs updated, fails here."""
     from easyedit_replay.experiments.points import points_markdown
 
-    section = _results_section(f"### Sequential 8 x 96 at the paper's point ({alg})", ("\n## ", "\n### "))
+    section = results_section(f"### Sequential 8 x 96 at the paper's point ({alg})", ("\n## ", "\n### "))
     printed = points_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_paper"],
                               modes=["spread", "replay"])
 
@@ -427,7 +460,7 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
     ``spread+refresh`` control's table (the same, with fluency, beside ``replay+refresh``'s). A
     number copied wrong, or a cell rerun without docs/results.md updated, fails here
     (``scale --out docs/results/scale_cf --report-only`` rewrites the report from the cells)."""
-    section = _results_section("### Sequential: `+refresh` on the reported 8 x 96", ("\n#",))
+    section = results_section("### Sequential: `+refresh` on the reported 8 x 96", ("\n#",))
     report = (ROOT / "docs" / "results" / "scale_cf" / "report.md").read_text()
     report = report[report.index("\n## Sequential: 768 edits in batches of 96"):]
 
@@ -504,7 +537,7 @@ def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed
     cell backs fails here."""
     from easyedit_replay.experiments.points import points_markdown
 
-    section = _results_section(heading, (end,))
+    section = results_section(heading, (end,))
     printed = points_markdown([ROOT / "docs" / "results" / folder for folder in folders],
                               modes=["spread", "replay", "blue"])
     begin = printed.index("## One batch of 192 edits")
@@ -767,7 +800,7 @@ def test_results_gemma_table_is_the_tool_output_of_the_committed_cells():
     number no cell backs, or a size both models have without its rows, fails here."""
     from easyedit_replay.experiments.points import models_markdown
 
-    section = _results_section("## A second model family: Gemma 3 270M", ())  # the page's last section
+    section = results_section("## A second model family: Gemma 3 270M", ())  # the page's last section
     printed = models_markdown([ROOT / "docs" / "results" / "scale_cf", ROOT / "docs" / "results" / "scale_cf_gemma3"],
                               modes=["spread", "replay", "blue"])
     first = lambda v: v.split(" [")[0]  # noqa: E731

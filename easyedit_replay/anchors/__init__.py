@@ -13,4 +13,4 @@
 
 from .loop import AnchorResult, cache_keys, frozen_parameters, optimize_anchors  # noqa: F401
 from .objective import Objective, target_nll  # noqa: F401
-from .store import in_process  # noqa: F401
+from .store import in_process, recorded_as  # noqa: F401

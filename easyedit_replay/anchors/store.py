@@ -22,6 +22,12 @@ everything its anchor depends on:
   tokenizer misses);
 - :data:`FORMAT_VERSION`.
 
+A sequential series resumed on another machine re-applies the batches a stopped run
+finished; the weights it reaches may differ from the recorded ones by float rounding, so
+their fingerprint differs too. Within :func:`recorded_as` the weights are keyed under
+the fingerprint the series recorded for them (``scale``'s step cells), and the anchors
+banked for the recorded weights are served to the re-applied ones.
+
 Left out on purpose: ``anchor_batch_size`` and the loop variant (from the anchor
 layer or full forward). Both only change float rounding (batched vs per-request
 anchors agree to about 1e-3 of the delta norm, see ``tests/test_anchor.py``), so
@@ -67,6 +73,8 @@ ENV_DIR = "EASYEDIT_REPLAY_ANCHOR_CACHE"
 
 # model -> {parameter name: ((id, data_ptr, _version), digest)}
 _PARAM_DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# fingerprint of weights as they are -> the recorded fingerprint they stand for (recorded_as)
+_RECORDED: Dict[str, str] = {}
 
 
 def anchor_cache_dir() -> Path:
@@ -113,6 +121,35 @@ def forget_fingerprints(model=None) -> None:
         _PARAM_DIGESTS.pop(model, None)
 
 
+def anchor_fingerprint(model) -> str:
+    """The fingerprint that keys anchors of ``model``'s weights as they are now: the one
+    an open :func:`recorded_as` block gives them, else :func:`model_fingerprint`."""
+    actual = model_fingerprint(model)
+    return _RECORDED.get(actual, actual)
+
+
+@contextmanager
+def recorded_as(model, fingerprint: Optional[str]) -> Iterator[bool]:
+    """Within the block, key the anchors of ``model``'s weights as they are at entry under
+    ``fingerprint`` (a fingerprint a run recorded for these weights, made on another
+    machine or build where float rounding gave other bytes), so the anchors banked for the
+    recorded weights are served to these. Weights written inside the block (a later batch)
+    are keyed by their own fingerprint again. ``fingerprint`` None or equal to the
+    weights' own: no change. Yields whether the key was changed.
+
+    Used by ``scale`` to re-apply the finished steps of a sequential series
+    (:func:`~easyedit_replay.experiments.runner.edit_in_batches`, ``recorded``)."""
+    actual = model_fingerprint(model)
+    if fingerprint is None or fingerprint == actual:
+        yield False
+        return
+    _RECORDED[actual] = fingerprint
+    try:
+        yield True
+    finally:
+        _RECORDED.pop(actual, None)
+
+
 def _config_json(model) -> str:
     config = getattr(model, "config", None)
     data = config.to_dict() if hasattr(config, "to_dict") else {}
@@ -133,9 +170,10 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, model) -> "ModelIdentity":
-        """The identity of ``model`` as its weights are now."""
+        """The identity of ``model`` as its weights are now (the fingerprint
+        :func:`anchor_fingerprint`: a recorded one inside :func:`recorded_as`)."""
         param = next(model.parameters())
-        return cls(model_fingerprint(model), hashlib.blake2b(_config_json(model).encode(), digest_size=16).hexdigest(),
+        return cls(anchor_fingerprint(model), hashlib.blake2b(_config_json(model).encode(), digest_size=16).hexdigest(),
                    str(param.dtype), param.device.type)
 
 
@@ -309,13 +347,13 @@ _ACTIVE: List[MemoryLayer] = []  # the open in_process blocks, innermost last
 @contextmanager
 def in_process(model) -> Iterator[MemoryLayer]:
     """Within the block, anchors optimized or read on ``model``'s weights as they are now
-    (its :func:`model_fingerprint` at entry) are kept in memory under their cache keys and
+    (its :func:`anchor_fingerprint` at entry) are kept in memory under their cache keys and
     served from there before the disk store is asked, also with the disk store off
     (``compare`` and ``scale`` share the unedited model's anchors across constructions and
     algorithms this way). Anchors of other weights (later batches of a sequential run) are
     not kept. Yields the :class:`MemoryLayer` (empty; entries can be put in ahead).
     Blocks nest; the innermost whose weights match is used."""
-    layer = MemoryLayer(model_fingerprint(model))
+    layer = MemoryLayer(anchor_fingerprint(model))
     _ACTIVE.append(layer)
     try:
         yield layer

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..anchors import in_process
+from ..anchors import in_process, recorded_as
 from ..diagnostics import norm_report, passive_cosines, residual_ratios, target_accuracy
 from ..editor import apply_plan, compute_edit, resolve_templates, weight_transaction
 from ..evaluate import Evaluation, evaluate_records, greedy_generate, ngram_entropy
@@ -89,19 +89,21 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, construction: Constr
 
     Returns:
         ``{"rows": {i: partial per-edit row}, "analysis": dict | None, "accuracy": dict |
-        None, "seconds": compute + apply, "diagnostic_seconds": target accuracy}``.
+        None, "seconds": compute + apply, "diagnostic_seconds": target accuracy,
+        "update_norm": {weight name: |dW| (Frobenius)}}`` (``update_norm`` also without
+        ``diagnose``; with it, ``analysis["update_norm"]`` is the same dict).
     """
     batch = [records[i] for i in idx]
     start = time.perf_counter()
     plan = compute_edit(model, tok, batch, hp, construction, context_templates=templates, progress=cfg.progress)
     apply_plan(model, plan, hp)
     out = {"rows": {}, "analysis": None, "accuracy": None, "seconds": time.perf_counter() - start,
-           "diagnostic_seconds": 0.0}
+           "diagnostic_seconds": 0.0, "update_norm": {r.weight_name: r.update_norm for r in plan.records}}
     if not diagnose:
         return out
     ratios, cosines = residual_ratios(plan), passive_cosines(plan)
     out["analysis"] = {"batch": number, "requests": list(idx),
-                       "update_norm": {r.weight_name: r.update_norm for r in plan.records},
+                       "update_norm": out["update_norm"],
                        "residual_ratio": {str(l): v.tolist() for l, v in ratios.items()},
                        "passive_cosine": {str(l): v.tolist() for l, v in cosines.items()}}
     if plan.targets.info:  # construction-specific cost (replay_joint: seconds, iterations)
@@ -129,8 +131,9 @@ def edit_batch(model, tok, records, idx: Sequence[int], hp, construction: Constr
 
 def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, construction: Construction,
                     cfg: CompareConfig, templates, on_step: Callable[[int, Sequence[int], Dict], None], params=None,
-                    redo: int = 0, on_redo: Optional[Callable[[int, Sequence[int]], None]] = None,
-                    norm_reference: Optional[Dict[str, float]] = None, finish: Optional[Callable[[], None]] = None):
+                    redo: int = 0, on_redo: Optional[Callable[[int, Sequence[int], Dict], None]] = None,
+                    norm_reference: Optional[Dict[str, float]] = None, finish: Optional[Callable[[], None]] = None,
+                    recorded: Sequence[Optional[str]] = ()):
     """The batch-and-sequence loop: edit ``records[i] for i in steps[k]`` for each ``k``
     with :func:`edit_batch`, from the original weights (``cfg.sequential`` False: each
     batch is undone after its ``on_step``) or on top of the batches before it
@@ -141,7 +144,13 @@ def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, con
             :func:`edit_batch`'s dict), while the model holds it: evaluate, write a cell.
         params: ``{weight name: parameter}`` the edit writes (default: from ``hp``).
         redo: the first ``redo`` steps re-apply batches a stopped run finished (no
-            diagnostics, no ``on_step``; ``on_redo(k, idx)`` instead).
+            diagnostics, no ``on_step``; ``on_redo(k, idx, step)`` instead, ``step``
+            :func:`edit_batch`'s dict without the analyses).
+        recorded: per step ``k``, the fingerprint a stopped run recorded for the weights
+            before it (None: none recorded, as before the first step); step ``k``'s
+            anchors are keyed under it (:func:`~easyedit_replay.anchors.store.recorded_as`),
+            so a series resumed on another machine, whose re-applied weights differ from
+            the recorded ones by float rounding, is served the anchors banked for them.
         norm_reference: handed to :func:`edit_batch` for the steps that are made.
         finish: called after the last batch, before the weights are restored
             (``compare``'s final evaluation of a sequential run).
@@ -151,11 +160,12 @@ def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, con
     params = params if params is not None else {n: resolve_parameter(model, n) for n in weight_names(hp)}
     with weight_transaction(params, restore_always=True):
         for k, idx in enumerate(steps):
-            with weight_transaction(params, restore_always=not cfg.sequential):
+            with weight_transaction(params, restore_always=not cfg.sequential), \
+                    recorded_as(model, recorded[k] if k < len(recorded) else None):
                 if k < redo:
-                    edit_batch(model, tok, records, idx, hp, construction, cfg, templates, k, diagnose=False)
+                    step = edit_batch(model, tok, records, idx, hp, construction, cfg, templates, k, diagnose=False)
                     if on_redo is not None:
-                        on_redo(k, idx)
+                        on_redo(k, idx, step)
                     continue
                 step = edit_batch(model, tok, records, idx, hp, construction, cfg, templates, k,
                                   norm_reference=norm_reference)

@@ -27,7 +27,13 @@ options - is an error naming the cell, never reused) and loads the anchors from 
 anchor disk cache, so a run that stopped (a time limit, Ctrl-C, a crash) resumes where
 it stopped. A sequential series resumes by re-applying its finished steps (anchors
 from the disk cache, no evaluation) and checks the model fingerprint against the one
-recorded; the first unfinished step then runs as in an uninterrupted run.
+recorded; the first unfinished step then runs as in an uninterrupted run. On another
+machine the re-applied weights can differ from the recorded ones by float rounding:
+each step's anchors are then keyed under the recorded fingerprint
+(:func:`~easyedit_replay.anchors.store.recorded_as`), so the banked anchors still serve,
+and each re-applied update is checked against its cell's update norms
+(:func:`redo_drift`; beyond :data:`REDO_TOLERANCE` a warning says the code or the
+inputs changed).
 
 :func:`~easyedit_replay.experiments.report.write_scale_report` turns every cell found
 into ``report.md``, the plots and one ``n<N>/results.json`` per size in ``compare``'s format.
@@ -156,6 +162,21 @@ def alphaedit_cache_ranks(model, tol: float = 1e-6) -> Dict[str, int]:
     return ranks
 
 
+REDO_TOLERANCE = 1e-3  # largest relative |dW| difference a re-applied step may show against its cell
+
+
+def redo_drift(update_norm: Dict[str, float], recorded: Optional[Dict[str, float]]) -> Optional[float]:
+    """Largest relative difference between a re-applied step's per-weight update norms
+    ``update_norm`` (``{weight name: |dW|}``, :func:`~easyedit_replay.experiments.runner.edit_batch`)
+    and the ones its cell recorded (``analysis["update_norm"]``); None when the cell has
+    none or names other weights. Float rounding gives about 1e-6; a change to the code or
+    the inputs gives far more than :data:`REDO_TOLERANCE`."""
+    if not recorded or set(recorded) != set(update_norm):
+        return None
+    return max(abs(float(update_norm[w]) - float(recorded[w])) / max(abs(float(recorded[w])), 1e-12)
+               for w in recorded)
+
+
 @dataclass
 class _Series:
     """One sequential series being made: what its per-step callbacks share."""
@@ -174,14 +195,23 @@ class _Series:
     rows: Dict[int, dict] = field(default_factory=dict)
     snapshots: Dict[int, Dict[str, object]] = field(default_factory=dict)  # weights right after each step
 
-    def redone(self, k: int, idx) -> None:
-        """A finished step re-applied: its rows back, its fingerprint checked."""
+    def redone(self, k: int, idx, step: dict) -> None:
+        """A finished step re-applied: its rows back, its fingerprint and its update norms
+        checked against the step's cell (:func:`redo_drift`)."""
         from ..anchors.store import model_fingerprint
 
         self.rows.update({int(i): r for i, r in self.done[k]["batch_rows"].items()})
         if model_fingerprint(self.ctx.model) != self.done[k]["fingerprint"]:
-            log.warning("%s step %d re-applied to different weights than recorded (float rounding?); "
-                        "the steps after it continue from these weights", self.run.text, k + 1)
+            drift = redo_drift(step["update_norm"], (self.done[k].get("analysis") or {}).get("update_norm"))
+            if drift is None or drift > REDO_TOLERANCE:
+                log.warning("%s step %d re-applied with an update that differs from the recorded one (largest "
+                            "relative |dW| difference %s, tolerance %g): the code or the inputs changed since the "
+                            "step was made; the steps after it continue from these weights", self.run.text, k + 1,
+                            "unknown" if drift is None else f"{drift:.2e}", REDO_TOLERANCE)
+            else:
+                log.info("%s step %d re-applied to weights that differ from the recorded ones by float rounding "
+                         "(largest relative |dW| difference %.2e); anchors are keyed under the recorded weights",
+                         self.run.text, k + 1, drift)
         self._snapshot(k)
 
     def made(self, k: int, idx, step: dict) -> None:
@@ -223,7 +253,8 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
     track_sequential(ctx.model)  # record every batch's keys: the key drift reads them
     try:
         edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, construction, ccfg, ctx.templates[run.alg],
-                        series.made, params=params, redo=len(done), on_redo=series.redone, norm_reference=series.norms)
+                        series.made, params=params, redo=len(done), on_redo=series.redone, norm_reference=series.norms,
+                        recorded=[None] + [cell["fingerprint"] for cell in done])
     finally:
         reset_sequential_state(ctx.model)
 
