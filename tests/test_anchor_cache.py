@@ -166,6 +166,8 @@ def test_recorded_fingerprint_serves_the_anchors_banked_for_the_recorded_weights
         loaded(0)  # another machine's bytes: a miss
         with recorded_as(model, recorded_fp) as changed:
             assert changed and anchor_fingerprint(model) == recorded_fp
+            with recorded_as(model, "f" * len(recorded_fp)):  # an inner block's alias, undone on leaving
+                assert anchor_fingerprint(model) == "f" * len(recorded_fp)
             assert torch.equal(loaded(1).delta, banked.delta)
             with torch.no_grad():
                 w[0, 1] += 1e-3  # the next batch's write: its weights are its own

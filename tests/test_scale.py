@@ -109,13 +109,15 @@ def test_stopped_run_resumes_to_the_same_cells(model_tok, stats_dir, demo_record
     assert "![scale](scale_metrics.png)" in report and (tmp_path / "n00002" / "results.json").exists()
 
 
+@pytest.mark.parametrize("update_changed", [False, True], ids=["float-rounding", "update-changed"])
 def test_series_resumed_on_another_machine_keys_anchors_under_the_recorded_fingerprint(
-        model_tok, stats_dir, demo_records, reference, tmp_path, caplog):
+        model_tok, stats_dir, demo_records, reference, tmp_path, caplog, monkeypatch, update_changed):
     """A series whose first step was recorded on other bytes (its cell's fingerprint is
-    another machine's): the resumed run re-applies it, finds its update norms equal to the
-    cell's (float rounding at most, :func:`scale.redo_drift`), keys the next step's anchors
-    under the recorded fingerprint (the anchor file's key names it), and writes the same
-    cells as the uninterrupted run."""
+    another machine's). When the re-applied update matches the cell's norms
+    (:func:`scale.redo_drift`), the next step's anchors are keyed under the recorded
+    fingerprint (the anchor file's key names it); when the cell's norms say the update
+    changed, a warning says so and the next step keys its anchors by its own weights.
+    Either way the resumed run writes the uninterrupted run's cells."""
     import os
     import shutil
 
@@ -126,30 +128,31 @@ def test_series_resumed_on_another_machine_keys_anchors_under_the_recorded_finge
     (tmp_path / series).mkdir(parents=True)
     step1 = json.loads((reference / series / "step001.json").read_text())
     other = "0" * len(step1["fingerprint"])
-    (tmp_path / series / "step001.json").write_text(json.dumps({**step1, "fingerprint": other}))
+    step1["fingerprint"] = other
+    if update_changed:
+        norms = step1["analysis"]["update_norm"]
+        step1["analysis"]["update_norm"] = {w: 1.01 * v for w, v in norms.items()}
+    (tmp_path / series / "step001.json").write_text(json.dumps(step1))
     anchors = tmp_path / "anchors"
     shutil.copytree(os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"], anchors)  # the bank as the first machine left it
-    os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"], previous = str(anchors), os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"]
-    try:
-        with caplog.at_level(logging.INFO):
-            run_scale(model, tok, demo_records[:4], {"AlphaEdit": _hparams(stats_dir, "AlphaEdit")}, _seq_cfg(),
-                      tmp_path, report=False)
-    finally:
-        os.environ["EASYEDIT_REPLAY_ANCHOR_CACHE"] = previous
-    assert "step 1 re-applied to weights that differ from the recorded ones by float rounding" in caplog.text
-    assert "differs from the recorded one" not in caplog.text
+    monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(anchors))
+    with caplog.at_level(logging.INFO):
+        run_scale(model, tok, demo_records[:4], {"AlphaEdit": _hparams(stats_dir, "AlphaEdit")}, _seq_cfg(),
+                  tmp_path, report=False)
+    rounding = "step 1 re-applied to weights that differ from the recorded ones by float rounding"
+    changed = "step 1 re-applied with an update that differs from the recorded one"
+    assert (changed in caplog.text, rounding in caplog.text) == (update_changed, not update_changed)
     keyed = set()
     for path in anchors.rglob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
             keyed.add(json.loads(f.metadata()["key"])["model"])
-    assert other in keyed  # step 2's anchors, under the fingerprint the cell recorded
+    assert (other in keyed) == (not update_changed)  # step 2's anchors, under the recorded fingerprint or not
     step2 = f"{series}/step002.json"
     assert _timeless(json.loads((tmp_path / step2).read_text())) == _timeless(
         json.loads((reference / step2).read_text()))
     assert scale.redo_drift({"w": 1.0}, {"w": 1.0 + 1e-7}) < scale.REDO_TOLERANCE < scale.redo_drift(
         {"w": 1.0}, {"w": 1.01})
     assert scale.redo_drift({"w": 1.0}, None) is None and scale.redo_drift({"w": 1.0}, {"v": 1.0}) is None
-
 
 def test_nested_prefix_cell_equals_compare(model_tok, stats_dir, demo_records, reference):
     """The n = 2 cell of ``--n 1,2`` is ``compare --n 2``: the same per-edit numbers,

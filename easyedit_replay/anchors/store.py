@@ -134,20 +134,30 @@ def recorded_as(model, fingerprint: Optional[str]) -> Iterator[bool]:
     ``fingerprint`` (a fingerprint a run recorded for these weights, made on another
     machine or build where float rounding gave other bytes), so the anchors banked for the
     recorded weights are served to these. Weights written inside the block (a later batch)
-    are keyed by their own fingerprint again. ``fingerprint`` None or equal to the
-    weights' own: no change. Yields whether the key was changed.
+    are keyed by their own fingerprint again. ``fingerprint`` None (nothing hashed) or
+    equal to the weights' own: no change. Blocks nest; leaving one restores the alias the
+    enclosing block gave. Yields whether the key was changed.
 
-    Used by ``scale`` to re-apply the finished steps of a sequential series
-    (:func:`~easyedit_replay.experiments.runner.edit_in_batches`, ``recorded``)."""
-    actual = model_fingerprint(model)
-    if fingerprint is None or fingerprint == actual:
+    The alias is a promise by the caller that these weights ARE the recorded ones up to
+    float rounding: ``scale`` gives it only while every re-applied step of a sequential
+    series matched its cell (:func:`~easyedit_replay.experiments.scale.redo_drift`;
+    :func:`~easyedit_replay.experiments.runner.edit_in_batches`, ``recorded``)."""
+    if fingerprint is None:
         yield False
         return
+    actual = model_fingerprint(model)
+    if fingerprint == actual:
+        yield False
+        return
+    previous = _RECORDED.get(actual)
     _RECORDED[actual] = fingerprint
     try:
         yield True
     finally:
-        _RECORDED.pop(actual, None)
+        if previous is None:
+            _RECORDED.pop(actual, None)
+        else:
+            _RECORDED[actual] = previous
 
 
 def _config_json(model) -> str:
@@ -160,7 +170,8 @@ def _config_json(model) -> str:
 @dataclass(frozen=True)
 class ModelIdentity:
     """The part of an anchor's key that names the model: ``fingerprint``
-    (:func:`model_fingerprint`), ``config`` (a digest of the config without its path),
+    (:func:`anchor_fingerprint`: :func:`model_fingerprint`, or the recorded one inside
+    :func:`recorded_as`), ``config`` (a digest of the config without its path),
     ``dtype`` and ``device`` (type) of its first parameter."""
 
     fingerprint: str
@@ -321,7 +332,7 @@ def _mismatch(key: CacheKey, meta: dict, tensors: dict, n_sites: int, hidden: in
 
 class MemoryLayer:
     """Entries kept in this process under their :class:`CacheKey`, for the weights whose
-    :func:`model_fingerprint` is ``fingerprint`` (anchors of other weights are neither
+    :func:`anchor_fingerprint` is ``fingerprint`` (anchors of other weights are neither
     served nor kept)."""
 
     def __init__(self, fingerprint: str):

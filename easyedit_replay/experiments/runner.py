@@ -151,6 +151,7 @@ def edit_in_batches(model, tok, records, steps: Sequence[Sequence[int]], hp, con
             anchors are keyed under it (:func:`~easyedit_replay.anchors.store.recorded_as`),
             so a series resumed on another machine, whose re-applied weights differ from
             the recorded ones by float rounding, is served the anchors banked for them.
+            Read at each step, so ``on_redo`` may clear the entries of later steps.
         norm_reference: handed to :func:`edit_batch` for the steps that are made.
         finish: called after the last batch, before the weights are restored
             (``compare``'s final evaluation of a sequential run).

@@ -170,7 +170,9 @@ def redo_drift(update_norm: Dict[str, float], recorded: Optional[Dict[str, float
     ``update_norm`` (``{weight name: |dW|}``, :func:`~easyedit_replay.experiments.runner.edit_batch`)
     and the ones its cell recorded (``analysis["update_norm"]``); None when the cell has
     none or names other weights. Float rounding gives about 1e-6; a change to the code or
-    the inputs gives far more than :data:`REDO_TOLERANCE`."""
+    the inputs gives far more than :data:`REDO_TOLERANCE`. What it cannot see: a change
+    that keeps every weight's update norm (one number per weight), and a change to the
+    anchor optimization alone, since a re-applied step is served the banked anchors."""
     if not recorded or set(recorded) != set(update_norm):
         return None
     return max(abs(float(update_norm[w]) - float(recorded[w])) / max(abs(float(recorded[w])), 1e-12)
@@ -192,22 +194,28 @@ class _Series:
     attribution: List[int]
     reference: Optional[Evaluation] = None
     norms: Dict[str, float] = None
+    recorded: List[Optional[str]] = field(default_factory=list)  # edit_in_batches' ``recorded``, per step
     rows: Dict[int, dict] = field(default_factory=dict)
     snapshots: Dict[int, Dict[str, object]] = field(default_factory=dict)  # weights right after each step
 
     def redone(self, k: int, idx, step: dict) -> None:
         """A finished step re-applied: its rows back, its fingerprint and its update norms
-        checked against the step's cell (:func:`redo_drift`)."""
+        checked against the step's cell (:func:`redo_drift`). Where the fingerprint differs
+        and the update does not match (or the cell has no norms), the later steps' anchors
+        are no longer keyed under the recorded fingerprints (``recorded`` cleared from
+        step ``k + 1`` on): they are optimized on the weights as they are."""
         from ..anchors.store import model_fingerprint
 
         self.rows.update({int(i): r for i, r in self.done[k]["batch_rows"].items()})
         if model_fingerprint(self.ctx.model) != self.done[k]["fingerprint"]:
             drift = redo_drift(step["update_norm"], (self.done[k].get("analysis") or {}).get("update_norm"))
             if drift is None or drift > REDO_TOLERANCE:
+                self.recorded[k + 1:] = [None] * len(self.recorded[k + 1:])
                 log.warning("%s step %d re-applied with an update that differs from the recorded one (largest "
                             "relative |dW| difference %s, tolerance %g): the code or the inputs changed since the "
-                            "step was made; the steps after it continue from these weights", self.run.text, k + 1,
-                            "unknown" if drift is None else f"{drift:.2e}", REDO_TOLERANCE)
+                            "step was made; the steps after it continue from these weights and optimize their "
+                            "own anchors", self.run.text, k + 1, "unknown" if drift is None else f"{drift:.2e}",
+                            REDO_TOLERANCE)
             else:
                 log.info("%s step %d re-applied to weights that differ from the recorded ones by float rounding "
                          "(largest relative |dW| difference %.2e); anchors are keyed under the recorded weights",
@@ -245,7 +253,8 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
         return
     hp, construction = ctx.hparams(run)
     params = {name: resolve_parameter(ctx.model, name) for name in weight_names(hp)}
-    series = _Series(ctx, run, hp, steps, settings, paths, done, params, attribution)
+    series = _Series(ctx, run, hp, steps, settings, paths, done, params, attribution,
+                     recorded=[None] + [cell["fingerprint"] for cell in done])
     ccfg = cfg.compare_config(batch_size=b, sequential=True)
     series.reference = ctx.baseline(total)  # on the unedited weights, before the first batch is applied
     series.norms = output_norms(ctx.model, ctx.tok, ctx.records[:total], hp, norm_modules(hp))  # unedited, too
@@ -254,7 +263,7 @@ def _sequential_series(ctx: _Context, run: RunKey) -> None:
     try:
         edit_in_batches(ctx.model, ctx.tok, ctx.records, steps, hp, construction, ccfg, ctx.templates[run.alg],
                         series.made, params=params, redo=len(done), on_redo=series.redone, norm_reference=series.norms,
-                        recorded=[None] + [cell["fingerprint"] for cell in done])
+                        recorded=series.recorded)
     finally:
         reset_sequential_state(ctx.model)
 
