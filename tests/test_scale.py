@@ -527,15 +527,16 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
             assert beside == refresh_cell(n), (mode, n)
 
 
-@pytest.mark.parametrize("heading, end, folders", [
-    ("### One batch of 192 at the paper's point", "\n`report --points` sets the cells", ("scale_cf", "scale_cf_paper")),
-    ("### ZsRE: one batch of 192 at the paper's point", "\n## ", ("scale_zsre", "scale_zsre_paper")),
-], ids=["counterfact", "zsre"])
-def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells(heading, end, folders):
+@pytest.mark.parametrize("heading, end, folders, n", [
+    ("### One batch of 192 at the paper's point", "\n`report --points` sets the cells", ("scale_cf", "scale_cf_paper"),
+     192),
+    ("### ZsRE: one batch of 192 at the paper's point", "\n## ", ("scale_zsre", "scale_zsre_paper"), 192),
+], ids=["counterfact-192", "zsre-192"])
+def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells(heading, end, folders, n):
     """The tables of docs/results.md "One batch of 192 at the paper's point" (CounterFact) and
     "ZsRE: one batch of 192 at the paper's point" are what ``report --points
     docs/results/<bundled folder> docs/results/<paper folder> --modes spread,replay,blue``
-    gives for one batch of 192: each point's efficacy Acc / generalization Acc / DKL,
+    gives for one batch of ``n``: each point's efficacy Acc / generalization Acc / DKL,
     ``mode - spread`` within each point, and ``mode@paper - spread@bundled``; a number no
     cell backs fails here."""
     from easyedit_replay.experiments.points import points_markdown
@@ -543,7 +544,7 @@ def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed
     section = results_section(heading, (end,))
     printed = points_markdown([ROOT / "docs" / "results" / folder for folder in folders],
                               modes=["spread", "replay", "blue"])
-    begin = printed.index("## One batch of 192 edits")
+    begin = printed.index(f"## One batch of {n} edits")
     after = printed.find("\n## ", begin)  # the next kind of cell, if the report has one
     printed = printed[begin:after if after >= 0 else None]
 
