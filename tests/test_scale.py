@@ -530,11 +530,13 @@ def test_results_refresh_tables_are_the_committed_scale_cf_report():
 @pytest.mark.parametrize("heading, end, folders, n", [
     ("### One batch of 192 at the paper's point", "\n`report --points` sets the cells", ("scale_cf", "scale_cf_paper"),
      192),
+    ("### One batch of 768 at the paper's point", "\n### ", ("scale_cf", "scale_cf_paper"), 768),
     ("### ZsRE: one batch of 192 at the paper's point", "\n## ", ("scale_zsre", "scale_zsre_paper"), 192),
-], ids=["counterfact-192", "zsre-192"])
+], ids=["counterfact-192", "counterfact-768", "zsre-192"])
 def test_results_paper_point_one_batch_table_is_the_tool_output_of_the_committed_cells(heading, end, folders, n):
-    """The tables of docs/results.md "One batch of 192 at the paper's point" (CounterFact) and
-    "ZsRE: one batch of 192 at the paper's point" are what ``report --points
+    """The tables of docs/results.md "One batch of 192 at the paper's point" and "One batch
+    of 768 at the paper's point" (CounterFact), and "ZsRE: one batch of 192 at the paper's
+    point", are what ``report --points
     docs/results/<bundled folder> docs/results/<paper folder> --modes spread,replay,blue``
     gives for one batch of ``n``: each point's efficacy Acc / generalization Acc / DKL,
     ``mode - spread`` within each point, and ``mode@paper - spread@bundled``; a number no
