@@ -16,7 +16,7 @@ from easyedit_replay.errors import ReplayError
 from easyedit_replay.prompts import prepare_requests
 from easyedit_replay.tune import EVALUATION_PREFIX, SCREENING_SPLITS, TUNING_SPLITS, pick
 
-from .conftest import SHARED_DATA, requires_shared
+from .conftest import ROOT, SHARED_DATA, requires_shared
 from .test_core import with_fields
 
 ALGS = ("MEMIT", "PMET", "EMMET", "AlphaEdit")
@@ -116,6 +116,19 @@ def test_tuning_split_is_disjoint_from_evaluation_prefixes(name, folder):
     screening = load_records(path, records=parse_records(SCREENING_SPLITS[name]))
     assert [key(r) for r in screening[: end - start]] == [key(r) for r in tuning]  # the tuning split comes first
     assert not {key(r) for r in screening} & {key(r) for r in evaluation}
+
+
+@pytest.mark.parametrize("grid, name", [("tune_cf", "counterfact-val.json"), ("tune_zsre", "zsre-1k.json")])
+def test_committed_grids_ran_on_the_tuning_split(grid, name):
+    """Every cell folder of a committed operating-point grid (docs/results/tune_cf, and
+    docs/results/tune_zsre, the ZsRE check) names its data file and that file's
+    TUNING_SPLITS range in its ``meta``: the grids saw no evaluated record."""
+    plans = sorted((ROOT / "docs" / "results" / grid).glob("*/lambda*/scale.json"))
+    assert plans, grid
+    start, end = TUNING_SPLITS[name]
+    for plan in plans:
+        meta = json.loads(plan.read_text())["meta"]
+        assert (meta["data"].rsplit("/", 1)[-1], meta["records"]) == (name, f"{start}:{end}"), plan
 
 
 def _row(point, lam, alg, mode, eff, gen, dkl):

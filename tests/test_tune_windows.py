@@ -381,15 +381,17 @@ def test_readme_gemma_grid_is_on_the_tuning_split():
 # ----------------------------------------------------------------------------- no windows: unchanged
 
 
-def test_report_without_windows_is_unchanged(tmp_path, monkeypatch):
-    """``tune --report-only`` on the committed SmolLM2 grid (docs/results/tune_cf, no
-    windows) rewrites report.md and grid.json byte for byte."""
-    committed = ROOT / "docs" / "results" / "tune_cf"
+@pytest.mark.parametrize("grid", ["tune_cf", "tune_zsre"])
+def test_report_without_windows_is_unchanged(tmp_path, monkeypatch, grid):
+    """``tune --report-only`` on a committed SmolLM2 grid without windows (docs/results/
+    tune_cf, and tune_zsre, the ZsRE check of the operating points) rewrites report.md
+    and grid.json byte for byte."""
+    committed = ROOT / "docs" / "results" / grid
     meta = json.loads((committed / "bundled" / "lambda5000" / "scale.json").read_text())["meta"]
     if not Path(meta["data"]).exists():
         pytest.skip(f"the grid's data file {meta['data']} is absent (its anchor norms need it)")
     monkeypatch.setenv("EASYEDIT_REPLAY_ANCHOR_CACHE", str(ROOT / "docs" / "results" / "anchors"))
-    out = tmp_path / "tune_cf"
+    out = tmp_path / grid
     shutil.copytree(committed, out, ignore=shutil.ignore_patterns("*.lock"))
     write_tuning_report(out)
     for name in ("report.md", "grid.json"):
